@@ -1,0 +1,1 @@
+"""SLURM launcher: render sbatch scripts, submit, requeue on preemption; local multi-process runs."""
