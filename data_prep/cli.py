@@ -1,0 +1,202 @@
+"""`plait prep`: shard image-text or video-text corpora into WebDataset tars, then verify, repair, merge.
+
+Only parses flags into `data_prep.options` and calls the stage functions. User mistakes raise ValueError or
+FileNotFoundError with a one-line message; `plait` turns them into `plait: error: ...` (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from data_prep.options import (ENCODE_FORMATS, FRAME_SAMPLING, INPUT_FORMATS, RESIZE_MODES, FetchOptions,
+                               ImageOptions, JobOptions, SourceOptions, VideoOptions)
+
+LAYOUT = """\
+output layout (S = shard number, {S:05d}):
+  S.tar            per sample: {key}.jpg|png|webp, {key}.txt (caption), {key}.json (caption, url, key, status,
+                   width, height, original_width, original_height, sha256, kept columns), {key}.cls if labelled;
+                   video: {key}.f0000.jpg, {key}.f0001.jpg, ... in time order, {key}.txt, {key}.json (fps,
+                   duration, frame timestamps, original size, sha256, status). Keys = input position (9 digits).
+  S.idx.json       byte offset of each sample's first tar member (O(1) resume inside a shard)
+  S.parquet        one record per input row: status ok/rejected, reason, key, shard, url, sha256, sizes
+  S_stats.json     counts and reasons; written last = the shard is done (resume skips it)
+  sizes.json       {"S.tar": num_samples} (open_clip convention); manifest.json (shards, bytes, sha256, totals)
+  samples.parquet  every input row once: ok + rejected == input rows
+Every file is written under a temporary name and renamed when complete: kill -9 never leaves a partial shard.
+Rerun the same command to resume. On SLURM: one array task per --task-index (or SLURM_ARRAY_TASK_ID), then
+`plait prep merge OUTPUT`."""
+
+
+def _csv_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _rgb(value: str) -> tuple[int, int, int]:
+    parts = _csv_list(value)
+    if len(parts) != 3 or not all(p.isdigit() and int(p) <= 255 for p in parts):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected R,G,B with values 0..255")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults printed after each option, and the layout epilog kept as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,repair,merge}")
+
+    p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
+                       description="Turn image-text (or video-text) rows into WebDataset shards.", epilog=LAYOUT)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, help="table (parquet, csv/tsv[.gz], jsonl/json, txt of URLs), folder "
+                   "of images with sidecar .txt captions, or a named dataset folder; local path or fsspec URL")
+    g.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
+                   help="auto = from the file extension; yfcc100m = the YFCC100M metadata dump (tab-separated, "
+                   "no header); webvid = WebVid CSV (videoid, contentUrl, duration, page_dir, name); "
+                   "fashion-mnist = the idx gz files of --split (a JSON array input is loaded whole)")
+    g.add_argument("--url-col", default="url", help="column with the URL or path (webvid: contentUrl)")
+    g.add_argument("--caption-col", default="caption", help="column with the caption; 'none' for no caption "
+                   "(webvid: name)")
+    g.add_argument("--extra-cols", type=_csv_list, default=(), help="comma-separated columns kept in {key}.json")
+    g.add_argument("--split", default="train", choices=("train", "test"), help="fashion-mnist split")
+    g.add_argument("--yfcc-caption", type=_csv_list, default=("title", "description"),
+                   help="yfcc100m caption parts, in order: title, description, tags")
+    g.add_argument("--start-col", default=None, help="video: column with the window start in seconds")
+    g.add_argument("--end-col", default=None, help="video: column with the window end in seconds")
+
+    g = p.add_argument_group("image processing")
+    g.add_argument("--image-size", type=int, default=256, help="target size in pixels (see --resize-mode)")
+    g.add_argument("--resize-mode", default="keep_ratio", choices=RESIZE_MODES,
+                   help="keep_ratio: shorter side to --image-size; keep_ratio_largest: longer side; center_crop: "
+                   "shorter side then a centred square; border: longer side then padded to a square; no: as is")
+    g.add_argument("--upscale", action="store_true", help="also enlarge images smaller than the target "
+                   "(default: never upscale)")
+    g.add_argument("--encode-format", default="jpg", choices=ENCODE_FORMATS, help="image format in the shards")
+    g.add_argument("--encode-quality", type=int, default=95, help="jpg/webp quality")
+    g.add_argument("--no-keep-original", action="store_true", help="re-encode even JPEGs that already fit "
+                   "(default: their original bytes are kept untouched)")
+    g.add_argument("--background", type=_rgb, default=(255, 255, 255),
+                   help="R,G,B behind transparent pixels and border padding")
+    g.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
+    g.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="reject images with a larger "
+                   "long/short side ratio")
+    g.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="reject larger images "
+                   "(decompression bombs) before decoding them")
+    g.add_argument("--max-caption-length", type=int, default=4096, help="reject longer captions (characters)")
+    g.add_argument("--allow-empty-caption", action="store_true", help="keep rows whose caption is empty")
+
+    g = p.add_argument_group("fetching")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds for one whole http transfer")
+    g.add_argument("--retries", type=int, default=2, help="retries of timeouts, 429, 5xx, connection errors")
+    g.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each time")
+    g.add_argument("--max-retry-after", type=float, default=30.0, help="longest Retry-After (s) to wait for")
+    g.add_argument("--max-per-host", type=int, default=8, help="concurrent requests per host and process")
+    g.add_argument("--threads", type=int, default=16, help="download threads per process")
+    g.add_argument("--max-bytes", type=int, default=64 << 20, help="reject larger downloads")
+    g.add_argument("--user-agent-token", default=None, help="contact info appended to the user agent")
+    g.add_argument("--allow-private-addresses", action="store_true", help="allow loopback/private/link-local "
+                   "addresses (local test servers only: refused by default)")
+    g.add_argument("--ignore-opt-outs", action="store_true", help="do not drop samples whose server sends "
+                   "X-Robots-Tag noai/noimageai/noindex/noimageindex")
+
+    g = p.add_argument_group("video (implied by --input-format webvid)")
+    g.add_argument("--video", action="store_true", help="rows are videos: sample frames with PyAV")
+    g.add_argument("--frame-sampling", default="uniform", choices=FRAME_SAMPLING,
+                   help="uniform: --num-frames spread over the video; fps: --fps frames per second; "
+                   "keyframes: keyframes only")
+    g.add_argument("--num-frames", type=int, default=8, help="frames per video (uniform)")
+    g.add_argument("--fps", type=float, default=1.0, help="frames per second (fps sampling)")
+    g.add_argument("--max-duration", type=float, default=math.inf, help="seconds of video read at most")
+    g.add_argument("--max-frames", type=int, default=256, help="frames per video at most (fps, keyframes)")
+    g.add_argument("--frames-as-samples", action="store_true", help="write one image-text sample per frame "
+                   "(caption, frame index, timestamp) instead of one sample per video")
+
+    g = p.add_argument_group("output and distribution")
+    g.add_argument("--output", required=True, help="output folder, local path or fsspec URL")
+    g.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per shard")
+    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (same sha256 of the bytes)")
+    g.add_argument("--dedup-against", default=None, help="samples.parquet of an earlier dataset: drop its images")
+    g.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
+    g.add_argument("--task-index", type=int, default=None, help="this task of a job array (default: "
+                   "SLURM_ARRAY_TASK_ID, else a single local run that also merges)")
+    g.add_argument("--num-tasks", type=int, default=None, help="tasks in the job array (default: "
+                   "SLURM_ARRAY_TASK_COUNT)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("verify", help="check a dataset: tars, counts, sha256, decodable images",
+                       formatter_class=fmt)
+    p.add_argument("output", help="dataset folder")
+    p.add_argument("--decode-fraction", type=float, default=0.05, help="fraction of images to decode")
+    p = sub.add_parser("repair", help="retry transient failures (timeouts, 429/5xx, connection errors) into new "
+                       "shards", formatter_class=fmt)
+    p.add_argument("output", help="dataset folder")
+    p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("merge", help="write sizes.json and manifests once every array task is done",
+                       formatter_class=fmt)
+    p.add_argument("output", help="dataset folder")
+    return parser
+
+
+def job_options(a: argparse.Namespace) -> JobOptions:
+    caption_col = None if (a.caption_col or "").lower() in ("", "none") else a.caption_col
+    fmt = a.input_format
+    source = SourceOptions(input=a.input, input_format=fmt, url_col=a.url_col, caption_col=caption_col,
+                           extra_cols=a.extra_cols, split=a.split, yfcc_caption=a.yfcc_caption,
+                           start_col=a.start_col, end_col=a.end_col)
+    fetch = FetchOptions(timeout_s=a.timeout, retries=a.retries, backoff_s=a.backoff,
+                         max_retry_after_s=a.max_retry_after, max_per_host=a.max_per_host, threads=a.threads,
+                         max_bytes=a.max_bytes, user_agent_token=a.user_agent_token,
+                         allow_private=a.allow_private_addresses, respect_optouts=not a.ignore_opt_outs)
+    image = ImageOptions(image_size=a.image_size, resize_mode=a.resize_mode, upscale=a.upscale,
+                         encode_format=a.encode_format, encode_quality=a.encode_quality, background=a.background,
+                         min_image_size=a.min_image_size, max_aspect_ratio=a.max_aspect_ratio,
+                         max_pixels=a.max_pixels, keep_original_jpeg=not a.no_keep_original,
+                         max_caption_length=a.max_caption_length, allow_empty_caption=a.allow_empty_caption)
+    video = VideoOptions(enabled=a.video or fmt == "webvid", sampling=a.frame_sampling, num_frames=a.num_frames,
+                         fps=a.fps, max_duration_s=a.max_duration, max_frames=a.max_frames,
+                         per_frame_samples=a.frames_as_samples)
+    return JobOptions(output=a.output, source=source, fetch=fetch, image=image, video=video,
+                      samples_per_shard=a.samples_per_shard, dedup=not a.no_dedup, dedup_against=a.dedup_against)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.command == "shard":
+        from data_prep.plan import resolve_task
+        from data_prep.run import run_local, run_task
+        if a.processes < 1:
+            raise ValueError(f"--processes {a.processes}: must be >= 1")
+        opts = job_options(a)
+        task_index, num_tasks = resolve_task(a.task_index, a.num_tasks, os.environ)
+        explicit = a.task_index is not None or "SLURM_ARRAY_TASK_ID" in os.environ
+        if explicit:
+            run_task(opts, a.processes, task_index, num_tasks, progress=not a.no_progress)
+        else:
+            run_local(opts, a.processes, progress=not a.no_progress)
+        return 0
+    if a.command == "merge":
+        from data_prep.merge import merge
+        from data_prep.run import format_summary
+        print(format_summary(merge(a.output)))
+        return 0
+    if a.command == "verify":
+        from data_prep.verify import verify
+        problems = verify(a.output, decode_fraction=a.decode_fraction)
+        for line in problems:
+            print(line)
+        print("ok" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    if a.command == "repair":
+        from data_prep.repair import repair
+        repair(a.output, processes=a.processes, progress=not a.no_progress)
+        return 0
+    raise AssertionError(a.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

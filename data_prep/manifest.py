@@ -1,0 +1,86 @@
+"""Per-sample records (one parquet row per input row) and the dataset manifests written by `merge`.
+
+Per shard `S.parquet` columns (RECORD_SCHEMA): key, row (input position), shard, status ("ok" or "rejected"),
+reason (null when ok), transient (true for failures `repair` retries: timeouts, 429/5xx, connection errors),
+url (credentials removed), sha256 of the original bytes, width, height, original_width, original_height, bytes.
+
+Dataset files (written by `merge` once every shard is done):
+  sizes.json       {"00000.tar": num_samples, ...}: open_clip's convention, read by the loader.
+  manifest.json    shards (name, num_samples, bytes, sha256), totals (input rows, ok, rejected), top reasons.
+  samples.parquet  all shards' records; a row retried by `repair` keeps only its latest record, so
+                   ok + rejected == input rows always.
+"""
+from __future__ import annotations
+
+import io
+from collections import Counter
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.writer import OutputDir, reason_kind
+
+RECORD_SCHEMA = pa.schema([
+    ("key", pa.string()), ("row", pa.int64()), ("shard", pa.int32()), ("status", pa.string()),
+    ("reason", pa.string()), ("transient", pa.bool_()), ("url", pa.string()), ("sha256", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+    ("original_height", pa.int32()), ("bytes", pa.int64()),
+])
+
+
+def record(key: str, row: int, shard: int, url: str | None) -> dict[str, Any]:
+    rec = {name: None for name in RECORD_SCHEMA.names}
+    rec.update(key=key, row=row, shard=shard, url=url, status="ok", transient=False)
+    return rec
+
+
+def write_shard_records(out: OutputDir, name: str, records: list[dict[str, Any]]) -> None:
+    table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out.write_bytes(name, buf.getvalue())
+
+
+def read_records(out: OutputDir, name: str, columns: list[str] | None = None) -> pa.Table:
+    with out.fs.open(out.path(name), "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int]) -> dict[str, Any]:
+    """sizes.json, manifest.json and samples.parquet from the finished shards' stats and records."""
+    from data_prep.writer import shard_name
+
+    shard_ids = sorted(shard_ids)
+    stats = [out.read_json(f"{shard_name(s)}_stats.json") for s in shard_ids]
+    # a repaired row appears in its original shard and in a later repair shard: the latest record wins
+    latest: dict[int, int] = {}
+    for s in shard_ids:
+        for row in read_records(out, f"{shard_name(s)}.parquet", ["row"]).column("row").to_pylist():
+            latest[row] = s
+    reasons: Counter[str] = Counter()
+    num_ok = num_rejected = 0
+    with out.open_atomic("samples.parquet") as f, pq.ParquetWriter(f, RECORD_SCHEMA) as writer:
+        for s in shard_ids:
+            table = read_records(out, f"{shard_name(s)}.parquet")
+            keep = [latest[r] == s for r in table.column("row").to_pylist()]
+            table = table.filter(pa.array(keep, pa.bool_()))
+            writer.write_table(table)
+            for status, reason in zip(table.column("status").to_pylist(), table.column("reason").to_pylist()):
+                if status == "ok":
+                    num_ok += 1
+                else:
+                    num_rejected += 1
+                    reasons[reason_kind(reason)] += 1
+    sizes = {st["tar"]: st["num_ok"] for st in stats}
+    out.write_json("sizes.json", sizes)
+    summary = {
+        "format": "plait-dataset/1",
+        "num_shards": len(stats), "num_input_rows": len(latest), "num_ok": num_ok, "num_rejected": num_rejected,
+        "reasons": dict(reasons.most_common()),
+        "shards": [{"name": st["tar"], "num_samples": st["num_ok"], "bytes": st["bytes"], "sha256": st["sha256"]}
+                   for st in stats],
+    }
+    assert num_ok == sum(sizes.values()), "per-sample manifest and shard stats disagree"
+    out.write_json("manifest.json", summary)
+    return summary

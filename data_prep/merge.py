@@ -1,0 +1,89 @@
+"""`merge`: once every task is done, dedup across shards and write the dataset manifests.
+
+Completeness comes from the task markers (`_tasks/task-I-of-N.json`, written by each task after it streamed the
+whole input, holding the total shard count) and the repair markers (`_repairs/*.json`); every expected shard must
+have its stats file, else merge names the missing ones and stops.
+
+Exact dedup across shards is done here, not in the workers, because which copy survives must not depend on
+which process got there first: the sample with the lowest input position wins, the others are removed from their
+shards (rewritten atomically) and recorded as `duplicate (of KEY)`. Shards without duplicates are not touched.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import defaultdict
+from typing import Any
+
+from data_prep import manifest
+from data_prep.options import JobOptions
+from data_prep.writer import OutputDir, Sample, shard_name, write_shard
+
+
+def read_plan(out: OutputDir) -> JobOptions:
+    if not out.exists("_plan.json"):
+        raise FileNotFoundError(f"{out.url!r}: not a plait dataset folder (no _plan.json)")
+    return JobOptions.from_dict(out.read_json("_plan.json"))
+
+
+def expected_shards(out: OutputDir) -> list[int]:
+    markers = [out.read_json(f"_tasks/{n}") for n in out.glob("_tasks/task-*.json")]
+    by_count: dict[int, dict[int, dict]] = defaultdict(dict)
+    for m in markers:
+        by_count[m["num_tasks"]][m["task_index"]] = m
+    complete = [tasks for n, tasks in by_count.items() if len(tasks) == n]
+    if not complete:
+        have = {n: sorted(t) for n, t in by_count.items()}
+        raise ValueError(f"{out.url!r}: not all tasks have finished (finished task indices by task count: {have})")
+    num = next(iter(complete[0].values()))["num_shards"]
+    shards = set(range(num))
+    for name in out.glob("_repairs/repair-*.json"):
+        shards.update(out.read_json(f"_repairs/{name}")["shards"])
+    return sorted(shards)
+
+
+def merge(output: str) -> dict[str, Any]:
+    out = OutputDir(output)
+    opts = read_plan(out)
+    shards = expected_shards(out)
+    missing = [shard_name(s) for s in shards if not out.exists(f"{shard_name(s)}_stats.json")]
+    if missing:
+        raise ValueError(f"{output!r}: shards not finished: {', '.join(missing[:20])}"
+                         f"{' ...' if len(missing) > 20 else ''} (rerun the tasks that own them)")
+    if opts.dedup:
+        dedup_across_shards(out, shards)
+    return manifest.write_dataset_manifests(out, shards)
+
+
+def dedup_across_shards(out: OutputDir, shards: list[int]) -> int:
+    first: dict[str, tuple[int, str]] = {}
+    losers: dict[int, dict[str, str]] = defaultdict(dict)
+    tables = [manifest.read_records(out, f"{shard_name(s)}.parquet", ["key", "row", "shard", "status", "sha256"])
+              for s in shards]
+    ok = [(r, k, s, h) for t in tables for k, r, s, st, h in zip(*(t.column(c).to_pylist() for c in
+          ("key", "row", "shard", "status", "sha256"))) if st == "ok" and h]
+    for row, key, shard, sha in sorted(ok):
+        if sha in first:
+            losers[shard][key] = first[sha][1]
+        else:
+            first[sha] = (row, key)
+    for shard, dropped in losers.items():
+        _drop_samples(out, shard, dropped)
+    return sum(len(d) for d in losers.values())
+
+
+def _drop_samples(out: OutputDir, shard_id: int, dropped: dict[str, str]) -> None:
+    name = shard_name(shard_id)
+    members: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+    with tarfile.open(fileobj=io.BytesIO(out.read_bytes(f"{name}.tar"))) as tar:
+        for info in tar:
+            key, ext = info.name.split(".", 1)
+            if key not in dropped:
+                members[key].append((ext, tar.extractfile(info).read()))
+    records = manifest.read_records(out, f"{name}.parquet").to_pylist()
+    for rec in records:
+        if rec["key"] in dropped:
+            rec.update(status="rejected", reason=f"duplicate (of {dropped[rec['key']]})", transient=False)
+    stats = out.read_json(f"{name}_stats.json")
+    out.remove(f"{name}_stats.json")  # not done while being rewritten: a crash here is redone by resume
+    write_shard(out, shard_id, [Sample(k, m) for k, m in members.items()], records, stats["num_input_rows"])

@@ -1,0 +1,193 @@
+"""Image processing: decode, EXIF orientation, mode conversion, resize, encode, filters, caption cleanup.
+
+Every rejection is a `Reject(reason)` raised from here and turned into data (a manifest row) by the caller; the
+reasons are short fixed phrases followed by details, so that `merge` can count them (`top reject reasons`).
+
+Speed: when a JPEG is downscaled, `Image.draft` lets libjpeg decode at 1/2, 1/4 or 1/8 size (never below the
+target), which skips most of the IDCT work; an image that already fits, is an upright RGB JPEG and should be a
+JPEG keeps its original bytes (no decode of pixels, no re-encode, no generation loss).
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import unicodedata
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_prep.options import ImageOptions
+
+_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_ORIENTATION = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)
+_HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
+
+
+class Reject(Exception):
+    """A row that must not become a sample; `transient` marks failures `repair` may retry."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+@dataclass
+class Encoded:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+def clean_caption(raw: str | bytes | None, opts: ImageOptions, required: bool = True) -> str:
+    """Unicode NFC, control characters and runs of whitespace to one space; rejects empty/long/undecodable."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Reject("caption is not valid UTF-8") from None
+    text = unicodedata.normalize("NFC", raw or "")
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    text = " ".join(text.split())
+    if not text and required and not opts.allow_empty_caption:
+        raise Reject("empty caption")
+    if len(text) > opts.max_caption_length:
+        raise Reject(f"caption too long ({len(text)} > {opts.max_caption_length} characters)")
+    return text
+
+
+def target_geometry(width: int, height: int, opts: ImageOptions) -> tuple[float, tuple[int, int] | None]:
+    """(scale, final canvas) for an upright image: scale <= 1 unless upscaling is allowed; canvas is the crop or
+    border size (None: the resized image itself)."""
+    size, mode = opts.image_size, opts.resize_mode
+    if mode == "no":
+        return 1.0, None
+    short, long = min(width, height), max(width, height)
+    scale = size / (short if mode in ("keep_ratio", "center_crop") else long)
+    if not opts.upscale:
+        scale = min(scale, 1.0)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if mode == "center_crop":
+        return scale, (min(size, new_w), min(size, new_h))
+    if mode == "border":
+        return scale, (size, size)
+    return scale, None
+
+
+def process_image(data: bytes | None, opts: ImageOptions,
+                  pixels: tuple[str, tuple[int, int], bytes] | None = None) -> Encoded:
+    if pixels is not None:
+        img = Image.frombytes(*pixels)
+        fmt, orientation = None, 1
+    else:
+        img = _open(data)
+        fmt = img.format
+        try:
+            orientation = img.getexif().get(_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block must not lose the image
+            orientation = 1
+        if orientation not in range(1, 9):
+            orientation = 1
+    stored_w, stored_h = img.size
+    if stored_w * stored_h > opts.max_pixels:
+        raise Reject(f"decompression bomb ({stored_w}x{stored_h} > {opts.max_pixels} pixels)")
+    width, height = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
+    check_geometry(width, height, opts)
+    scale, canvas = target_geometry(width, height, opts)
+
+    if (opts.keep_original_jpeg and fmt == "JPEG" and img.mode == "RGB" and orientation == 1 and scale == 1.0
+            and canvas in (None, (width, height)) and opts.encode_format == "jpg"
+            and getattr(img, "n_frames", 1) == 1):
+        return Encoded(data, "jpg", width, height, width, height)
+
+    if fmt == "JPEG" and scale < 1.0:
+        img.draft("RGB", (math.ceil(stored_w * scale), math.ceil(stored_h * scale)))
+    try:
+        img.load()
+        img = to_rgb(img, opts.background)
+    except Reject:
+        raise
+    except OSError as e:
+        msg = str(e)
+        raise Reject("truncated image" if "truncated" in msg else f"decode error: {msg[:200]}") from None
+    except (ValueError, SyntaxError, IndexError, struct.error, Image.DecompressionBombError) as e:
+        raise Reject(f"decode error: {type(e).__name__}: {str(e)[:200]}") from None
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img) or img
+    img = resize(img, scale, canvas, width, height, opts.background)
+    return Encoded(encode(img, opts), opts.encode_format, img.width, img.height, width, height)
+
+
+def check_geometry(width: int, height: int, opts: ImageOptions) -> None:
+    if min(width, height) < max(1, opts.min_image_size):
+        raise Reject(f"image too small ({width}x{height} < {opts.min_image_size})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > opts.max_aspect_ratio:
+        raise Reject(f"aspect ratio too large ({ratio:.1f} > {opts.max_aspect_ratio:g})")
+
+
+def resize(img: Image.Image, scale: float, canvas: tuple[int, int] | None, width: int, height: int,
+           background: tuple[int, int, int]) -> Image.Image:
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if img.size != new_size:
+        img = img.resize(new_size, Image.Resampling.LANCZOS)
+    if canvas is None or canvas == img.size:
+        return img
+    cw, ch = canvas
+    if cw <= img.width and ch <= img.height:  # center crop
+        left, top = (img.width - cw) // 2, (img.height - ch) // 2
+        return img.crop((left, top, left + cw, top + ch))
+    out = Image.new("RGB", canvas, background)  # border
+    out.paste(img, ((cw - img.width) // 2, (ch - img.height) // 2))
+    return out
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on `background`."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def encode(img: Image.Image, opts: ImageOptions) -> bytes:
+    buf = io.BytesIO()
+    fmt = _PIL_FORMAT[opts.encode_format]
+    kwargs = {"quality": opts.encode_quality} if fmt in ("JPEG", "WEBP") else {"compress_level": 6}
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _open(data: bytes | None) -> Image.Image:
+    if not data:
+        raise Reject("empty file")
+    head = data[:256].lstrip().lower()
+    if head.startswith(_HTML_MARKERS):
+        raise Reject("not an image: HTML or XML document")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise Reject(f"decompression bomb ({str(e)[:120]})") from None
+        except UnidentifiedImageError:
+            raise Reject("not an image: unrecognised format") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise Reject(f"decode error: {str(e)[:200]}") from None

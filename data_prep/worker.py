@@ -1,0 +1,123 @@
+"""One work unit: (shard id, rows) -> a finished shard. Runs in a worker process; everything it needs is picklable.
+
+Stages per row, in order: reader's own verdict (e.g. a YFCC video row), caption cleanup, fetch (threaded for
+remote URLs, in input order), sha256 + exact dedup (within the shard here; across shards in `merge`; against an
+earlier dataset's manifest if asked), decode/resize/encode (images) or frame sampling (video), sample assembly.
+Each stage may raise `Reject`; the reason becomes the row's manifest record, so nothing is lost or crashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from data_prep import manifest
+from data_prep.fetch import Fetcher, redact
+from data_prep.options import JobOptions
+from data_prep.plan import sample_key
+from data_prep.process import Reject, clean_caption, process_image
+from data_prep.sources import Row
+from data_prep.writer import OutputDir, Sample, write_shard
+
+_progress = None  # multiprocessing.Value('q') of processed rows, set by the pool initializer
+_earlier_hashes: dict[str, frozenset[str]] = {}
+
+
+def init_worker(progress) -> None:
+    global _progress
+    _progress = progress
+
+
+def _tick(n: int = 1) -> None:
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress.value += n
+
+
+def earlier_hashes(path: str | None) -> frozenset[str]:
+    """sha256 of the ok samples of an earlier dataset (its samples.parquet), loaded once per process."""
+    if not path:
+        return frozenset()
+    if path not in _earlier_hashes:
+        import pyarrow.parquet as pq
+        import fsspec
+        if not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+            raise FileNotFoundError(f"--dedup-against {path!r}: no such manifest")
+        with fsspec.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["status", "sha256"])
+        _earlier_hashes[path] = frozenset(h for s, h in zip(t.column("status").to_pylist(),
+                                                            t.column("sha256").to_pylist()) if s == "ok" and h)
+    return _earlier_hashes[path]
+
+
+def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, Any]:
+    out = OutputDir(opts.output)
+    fetcher = Fetcher(opts.fetch)
+    earlier = earlier_hashes(opts.dedup_against)
+    caption_required = opts.source.caption_col is not None and opts.source.input_format not in ("txt",)
+    records: list[dict[str, Any]] = []
+    samples: list[Sample] = []
+    seen: dict[str, str] = {}
+
+    captions: dict[int, str] = {}
+    to_fetch: list[Row] = []
+    for row in rows:
+        rec = manifest.record(sample_key(row.index), row.index, shard_id, redact(row.url))
+        records.append(rec)
+        try:
+            if row.skip_reason:
+                raise Reject(row.skip_reason)
+            if row.pixels is None and not row.url:
+                raise Reject("missing url")
+            captions[row.index] = clean_caption(row.caption, opts.image, required=caption_required)
+            to_fetch.append(row)
+        except Reject as r:
+            _reject(rec, r)
+            _tick()
+    by_row = {rec["row"]: rec for rec in records}
+
+    fetched = fetcher.fetch_many(None if r.pixels is not None else r.url for r in to_fetch)
+    for row, data in zip(to_fetch, fetched):
+        rec = by_row[row.index]
+        try:
+            if isinstance(data, Reject):
+                raise data
+            original = data if row.pixels is None else row.pixels[2]
+            sha = hashlib.sha256(original).hexdigest()
+            rec["sha256"] = sha
+            if opts.dedup and sha in seen:
+                raise Reject(f"duplicate (of {seen[sha]})")
+            if sha in earlier:
+                raise Reject("duplicate of an earlier dataset")
+            samples.extend(_make_samples(opts, row, rec, data, captions[row.index], sha))
+            seen[sha] = rec["key"]
+        except Reject as r:
+            _reject(rec, r)
+        _tick()
+    return write_shard(out, shard_id, samples, records, len(rows))
+
+
+def _reject(rec: dict[str, Any], r: Reject) -> None:
+    rec.update(status="rejected", reason=r.reason, transient=r.transient)
+
+
+def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
+                  sha: str) -> list[Sample]:
+    meta = {"key": rec["key"], "caption": caption, "url": rec["url"], "status": "success", "sha256": sha,
+            **row.extra}
+    if opts.video.enabled:
+        from data_prep.video import video_samples
+        return video_samples(opts, row, rec, data, caption, meta)
+    enc = process_image(data, opts.image, pixels=row.pixels)
+    rec.update(width=enc.width, height=enc.height, original_width=enc.original_width,
+               original_height=enc.original_height, bytes=len(enc.data))
+    meta.update(width=enc.width, height=enc.height, original_width=enc.original_width,
+                original_height=enc.original_height)
+    return [Sample(rec["key"], [(enc.ext, enc.data), *text_members(caption, meta)])]
+
+
+def text_members(caption: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
+    members = [("txt", caption.encode()), ("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())]
+    if isinstance(meta.get("cls"), int):
+        members.append(("cls", str(meta["cls"]).encode()))  # webdataset / clip_benchmark label convention
+    return members
