@@ -105,7 +105,7 @@ def render_train(job: TrainJob) -> str:
         job=job,
         res=res,
         script_path=job.run_dir / "job.sbatch",
-        node_command=node_command(job),
+        node_script=shlex.quote(f'\n    trap "" USR1\n    exec {node_command(job)}\n'),
         srun_container=srun_container_options(job.container, job.run_dir, gpus=res.gpus_per_node > 0),
     )
 
