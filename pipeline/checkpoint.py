@@ -1,0 +1,97 @@
+"""Atomic, weights-only-safe training checkpoints: collects `state_dict`s, writes a temp dir, renames.
+
+Layout of `RUN_DIR/checkpoints/step-00001000/`:
+  model.safetensors     unwrapped model (no `module.` / `_orig_mod.` prefixes)
+  optimizer.pt          optimizer and scheduler state
+  trainer.pt            step, samples seen, schedule signature, resolved config (TOML text)
+  rank-00000.pt ...     per-rank RNG states and loader state
+Every .pt loads with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strips wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`) so open_clip can load the keys."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value.detach().contiguous().cpu()
+    return out
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate()),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(_literal(state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _literal(text: str):
+    import ast
+    return ast.literal_eval(text)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints, oldest first (temp dirs of interrupted writes are ignored)."""
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                      and (p / "trainer.pt").exists())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def staging_dir(self, step: int) -> Path:
+        path = self.root / f".tmp-{PREFIX}{step:08d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_rank_state(self, step: int, rank: int, state: dict) -> None:
+        torch.save(state, self.staging_dir(step) / f"rank-{rank:05d}.pt")
+
+    def write_main_state(self, step: int, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
+        staging = self.staging_dir(step)
+        save_file(clean_state_dict(model_state), staging / "model.safetensors")
+        torch.save(optim_state, staging / "optimizer.pt")
+        torch.save(trainer_state, staging / "trainer.pt")
+
+    def publish(self, step: int) -> Path:
+        """Renames the staging dir once every rank has written; then prunes old checkpoints (main rank only)."""
+        final = self.root / f"{PREFIX}{step:08d}"
+        if final.exists():
+            shutil.rmtree(final)
+        self.staging_dir(step).rename(final)
+        for old in self.complete()[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path, rank: int) -> dict:
+        return {"model": load_file(path / "model.safetensors"),
+                "optim": torch.load(path / "optimizer.pt", weights_only=True),
+                "trainer": torch.load(path / "trainer.pt", weights_only=True),
+                "rank": torch.load(path / f"rank-{rank:05d}.pt", weights_only=True)}

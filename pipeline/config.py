@@ -1,0 +1,334 @@
+"""Typed run configuration: dataclass sections, TOML presets, `--set a.b=v` overrides, validated once.
+
+Each field carries its documentation as a string literal right under it; `field_docs` reads those literals
+from the source so that `plait train --help-config` and error messages show the same words as this file.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raises the user-facing error for a bad value; `key` is the dotted config key."""
+    if not ok:
+        raise ValueError(f"config key {key!r}: {message}")
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field restricted to `choices`; the allowed values appear in errors and in --help."""
+    return field(default=default, metadata={"choices": choices})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "fmnist-vit"
+    """A named size from plait's registry (`pipeline/models/sizes.py`, e.g. fmnist-vit, tiny) or any open_clip
+    model name (ViT-B-32, ViT-S-32-alt, ...). Weights start random: no hub downloads."""
+    patch_dropout: float = 0.0
+    """Fraction of image patches dropped in the image tower at train time (open_clip's patch_dropout).
+    Prefer objective.flip_mask_ratio, which also serves the MAE decoder."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (open_clip's set_grad_checkpointing)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_shards: str = ""
+    """Training shards: a brace-expanded path or fsspec URL (`data/{00000..00009}.tar`), several joined with
+    `::`, each optionally weighted as `spec@weight` for mixing."""
+    mode: str = choice("exact", "exact", "resampled")
+    """exact: every sample once per epoch across all ranks and workers. resampled: shards drawn with
+    replacement, for huge datasets and short virtual epochs."""
+    batch_size: int = 256
+    """Samples per process per step (the global batch is batch_size x processes x accum_steps)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 2000
+    """Samples held in each worker's shuffle buffer (0 disables sample shuffling)."""
+    seed: int = 0
+    """Seed of the data order: the order is a pure function of (seed, epoch, topology)."""
+    epoch_samples: int = 0
+    """Resampled mode only: samples per virtual epoch across all ranks (0: the dataset size)."""
+    max_bad_fraction: float = 0.01
+    """Fail the run when more than this fraction of samples cannot be decoded."""
+    video_frames: int = 0
+    """Video shards: 0 reads one random frame per video as an image; T>0 yields T frames per sample."""
+
+    def __post_init__(self):
+        require(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
+        require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    contrastive: float = 1.0
+    """Weight of the symmetric InfoNCE (CLIP) loss; 0 disables it."""
+    siglip: float = 0.0
+    """Weight of the SigLIP sigmoid loss; 0 disables it."""
+    same_modality_negatives: bool = False
+    """Add the seed's same-modality negatives (t_i, t_j) and (v_i, v_j) to the InfoNCE denominators."""
+    flip_mask_ratio: float = 0.0
+    """FLIP: fraction of image patches masked in the contrastive forward (the tower sees only the rest)."""
+    flip_unmasked_steps: int = 0
+    """FLIP: final steps trained without masking (FLIP's unmasked tuning phase)."""
+    mae: float = 0.0
+    """Weight of masked-image reconstruction (MAE decoder on the FLIP-visible tokens); needs flip_mask_ratio > 0."""
+    mlm: float = 0.0
+    """Weight of masked language modeling on the text tower."""
+    mlm_mask_ratio: float = 0.15
+    """Fraction of text tokens masked for MLM (BERT 80/10/10 replacement)."""
+    autoencoder: float = 0.0
+    """Weight of the seed's multimodal autoencoder (L = L_txt + L_img from a fused joint embedding)."""
+    fusion: str = choice("concat", "concat", "bilinear", "attention")
+    """Fusion of the autoencoder's joint embedding."""
+    adversarial: float = 0.0
+    """Weight of adversarial modality alignment (a discriminator on the embeddings, gradient reversal)."""
+    adversarial_warmup_steps: int = 0
+    """Steps over which the adversarial weight ramps up from 0."""
+
+    def __post_init__(self):
+        for name in ("contrastive", "siglip", "mae", "mlm", "autoencoder", "adversarial"):
+            require(getattr(self, name) >= 0, f"objective.{name}", "weights must be >= 0")
+        require(0 <= self.flip_mask_ratio < 1, "objective.flip_mask_ratio", "must lie in [0, 1)")
+        require(0 < self.mlm_mask_ratio < 1, "objective.mlm_mask_ratio", "must lie in (0, 1)")
+        require(self.mae == 0 or self.flip_mask_ratio > 0, "objective.mae",
+                "needs objective.flip_mask_ratio > 0 (MAE reconstructs the patches FLIP masks)")
+        total = self.contrastive + self.siglip + self.mae + self.mlm + self.autoencoder
+        require(total > 0, "objective", "every objective weight is 0: nothing would train")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.1
+    """AdamW weight decay; never applied to norms, biases, embeddings' scales or the logit scale."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warm-up steps before the schedule."""
+    schedule: str = choice("cosine", "cosine", "constant")
+    """Learning-rate schedule after warm-up, a pure function of the step."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Directory of the run: resolved config, checkpoints, metrics, report."""
+    steps: int = 1000
+    """Total optimizer steps; the LR schedule spans them."""
+    max_time_s: float = 0.0
+    """Stop (after a checkpoint) once training has run this many seconds; 0: no limit."""
+    device: str = choice("auto", "auto", "cpu")
+    """auto: the accelerator's choice (GPU when present); cpu: force CPU (gloo for several processes)."""
+    precision: str = choice("fp32", "fp32", "bf16", "fp16")
+    """fp32, bf16 autocast (CPU and GPU), or fp16 with a gradient scaler (GPU only)."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step; contrastive negatives span the whole accumulated batch."""
+    compile: bool = False
+    """Wrap the model with torch.compile (checkpoints stay prefix-free)."""
+    seed: int = 0
+    """Seed of model initialisation and of every random choice in the loop."""
+    log_every: int = 10
+    """Steps between metric records (JSONL, TensorBoard)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0: only at the end, on preemption and on max_time_s."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are removed once a newer one is complete)."""
+    eval_every: int = 0
+    """Steps between evaluations on eval.* data; 0: only at the end."""
+
+    def __post_init__(self):
+        require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+        require(self.accum_steps >= 1, "train.accum_steps", "must be >= 1")
+        require(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    zeroshot_shards: str = ""
+    """Labelled shards for zero-shot classification (samples need a `cls` field)."""
+    classnames: tuple[str, ...] = ()
+    """Class names, indexed by the shards' `cls` label."""
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    """Prompt templates; `{}` is replaced by a class name; class embeddings average over templates."""
+    retrieval_shards: str = ""
+    """Shards for image<->text retrieval (R@1/5/10); empty disables retrieval."""
+    batch_size: int = 512
+    """Samples per batch during evaluation."""
+    max_samples: int = 0
+    """Evaluate at most this many samples per task; 0: all."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The towers and their size."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The streaming loader."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Which losses train, with which weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: steps, precision, checkpoints, logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during and after training."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
+    """Reads a TOML preset (optional), applies `a.b=value` overrides, validates, returns a frozen config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(cls, data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """`a.b=v`: v is parsed as a TOML value (numbers, booleans, lists, quoted strings), else taken as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part} is a value, not a section")
+    node[leaf] = value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from nested dicts; unknown keys and bad values raise ValueError naming the key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise ValueError(f"unknown config key {prefix}{unknown[0]!r} in {where}; known keys: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {key!r} is a section; got {value!r}")
+            values[name] = from_dict(hint, value, key + ".")
+            continue
+        value = _coerce(key, hint, value)
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+        (item_type, _) = typing.get_args(hint)
+        return tuple(_coerce(key, item_type, v) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"config key {key!r} expects true or false, got {value!r}")
+    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, hint)):
+        raise ValueError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts (tuples as lists), ready for TOML/JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Writes the resolved config as TOML; `--config` on that file reproduces the run's settings."""
+    Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Maps each field of a dataclass to the string literal written right under it in the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One help line per key: `section.key = default  (choices)  doc`."""
+    lines, docs = [], field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"[{prefix}{f.name}]  {docs.get(f.name, '')}")
+            lines += describe(hints[f.name], prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f"  (one of {', '.join(map(str, choices))})" if choices else ""
+        doc = " ".join(docs.get(f.name, "").split())
+        lines.append(f"  {prefix}{f.name} = {default!r}{extra}\n      {doc}")
+    return lines

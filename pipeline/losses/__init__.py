@@ -1,0 +1,1 @@
+"""One objective per module; each returns a scalar loss from the model's feature dict."""

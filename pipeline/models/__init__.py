@@ -1,0 +1,1 @@
+"""Towers (open_clip modules) and the heads that live beside them."""
