@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resources(prep, multi_node=False)
     prep.add_argument("--tasks", dest="num_tasks", type=int, required=True, help="number of array tasks")
     prep.add_argument("--throttle", type=int, help="at most this many tasks at once (the %% in --array)")
-    prep.add_argument("--output-dir", required=True, help="dataset directory the merge job finalizes")
+    prep.add_argument("--output-dir", help="dataset directory the merge job finalizes (default: the shard "
+                                           "args' --output)")
 
     resubmit = sub.add_parser("resubmit", help="rerun failed prep array tasks, then the merge again")
     resubmit.add_argument("run_dir", type=Path)
@@ -136,10 +137,22 @@ def cmd_train(args: argparse.Namespace, payload: list[str]) -> int:
     return 0
 
 
+def _output_of(payload: list[str]) -> str | None:
+    for i, arg in enumerate(payload):
+        if arg == "--output" and i + 1 < len(payload):
+            return payload[i + 1]
+        if arg.startswith("--output="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def cmd_prep(args: argparse.Namespace, payload: list[str]) -> int:
     container = _container(args)
+    output_dir = args.output_dir or _output_of(payload)
+    if not output_dir:
+        raise ValueError("prep needs the dataset directory: pass --output DIR in the shard args (after --)")
     job = PrepJob(
-        run_dir=args.run_dir.resolve(), output_dir=args.output_dir, prep_args=tuple(payload),
+        run_dir=args.run_dir.resolve(), output_dir=output_dir, prep_args=tuple(payload),
         num_tasks=args.num_tasks, throttle=args.throttle, resources=_resources(args),
         job_name=args.job_name or "plait-prep", python=_python(args, container), container=container)
     array_script, merge_script = render.render_prep_array(job), render.render_prep_merge(job)

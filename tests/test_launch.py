@@ -59,9 +59,10 @@ def test_rendered_scripts_are_valid_bash(capsys, tmp_path):
     scripts = [_dry_run(GPU_2NODE_ARGV, capsys),
                _dry_run(["train", "--run-dir", str(tmp_path), "--cpu", "--nodes", "2", "--procs-per-node", "2",
                          "--no-requeue", "--dry-run", "--", "--config", "a b.toml"], capsys),
-               _dry_run(["prep", "--run-dir", str(tmp_path), "--tasks", "8", "--throttle", "3", "--output-dir",
-                         "/data/out", "--container", "nvcr.io/team/plait:1", "--dry-run", "--", "--input", "x"],
-                        capsys)]
+               _dry_run(["prep", "--run-dir", str(tmp_path), "--tasks", "8", "--throttle", "3",
+                         "--container", "nvcr.io/team/plait:1", "--dry-run", "--", "--input", "x", "--output",
+                         "/data/out"], capsys)]
+    assert "data_prep.cli merge /data/out" in scripts[-1]
     for script in scripts:
         proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
@@ -130,6 +131,7 @@ def test_prep_scripts(tmp_path):
     (["train", "--run-dir", "r", "--sbatch", "mail-type=END", "--dry-run"], "--sbatch 'mail-type=END'"),
     (["train", "--run-dir", "r", "--max-restarts", "-1", "--dry-run"], "--max-restarts"),
     (["prep", "--run-dir", "r", "--tasks", "0", "--output-dir", "o", "--dry-run"], "--tasks must be >= 1"),
+    (["prep", "--run-dir", "r", "--tasks", "2", "--dry-run", "--", "--input", "x"], "--output DIR"),
     (["status", "/nonexistent/run"], "no job was submitted"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, capsys):

@@ -1,0 +1,154 @@
+"""`plait launch` against a real single-machine SLURM cluster (munged, slurmctld, two slurmd).
+
+The cluster is started once for this module under a temporary directory and stopped by PID
+afterwards (tests/slurm_cluster.py). Without SLURM (and no way to install it) every test here
+is skipped with the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import cli, slurm
+
+try:
+    from slurm_cluster import SlurmCluster
+except ImportError:  # tests/ imported as a package
+    from tests.slurm_cluster import SlurmCluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = SlurmCluster.start_or_skip(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(cluster, monkeypatch):
+    """Client commands find the test cluster; jobs (which inherit this environment) find the repo."""
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.chdir(REPO)
+    return cluster
+
+
+def _records(run_dir: Path, kind: str) -> list[str]:
+    return [r.job_id for r in slurm.read_records(run_dir) if r.kind == kind]
+
+
+def _wait_array(cluster: SlurmCluster, array_id: str, timeout_s: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = slurm.job_states(array_id)
+        if states and all(s.split()[0] not in slurm.ACTIVE_STATES for s in states.values()):
+            return states
+        time.sleep(0.5)
+    raise TimeoutError(f"array {array_id} still running: {states}\n{cluster.tail_logs()}")
+
+
+def _log_tail(run_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("*.out")))
+
+
+# ---- data prep: job array + merge, with a failed task resubmitted alone ----
+
+def _image_folder(root: Path, num_images: int) -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(num_images):
+        # Distinct, deterministic pictures: a gradient whose direction and colour depend on i.
+        image = Image.linear_gradient("L").resize((48 + i % 5, 40)).rotate(i * 23, expand=True)
+        image = Image.merge("RGB", (image, image.point(lambda v: (v + 9 * i) % 256), image.transpose(0)))
+        image.save(root / f"img{i:03d}.png")
+        (root / f"img{i:03d}.txt").write_text(f"a test picture number {i}")
+    return root
+
+
+def _dataset_contents(out: Path) -> dict[str, bytes]:
+    """Every file of a dataset folder, tars as their members, so two runs can be compared exactly."""
+    contents = {}
+    for path in sorted(out.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = str(path.relative_to(out))
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    contents[f"{rel}:{member.name}"] = tar.extractfile(member).read()
+        else:
+            contents[rel] = path.read_bytes()
+    return contents
+
+
+def _comparable(contents: dict[str, bytes]) -> dict:
+    # Task markers say which split produced the shards, and the plan names its output folder:
+    # both differ by construction (1 task vs 3, two folders). Everything else must be identical.
+    kept: dict = {k: v for k, v in contents.items() if not k.startswith("_tasks/")}
+    plan = json.loads(kept.pop("_plan.json"))
+    plan.pop("output")
+    kept["_plan.json"] = plan
+    return kept
+
+
+def test_prep_array_with_resubmitted_task_matches_local_run(slurm_env, tmp_path):
+    cluster = slurm_env
+    images = _image_folder(tmp_path / "images", 30)
+    shard_args = ["--input", str(images), "--input-format", "folder", "--samples-per-shard", "5",
+                  "--image-size", "32", "--processes", "1", "--no-progress"]
+
+    local_out = tmp_path / "local"
+    subprocess.run([sys.executable, "-m", "data_prep.cli", "shard", *shard_args, "--output", str(local_out)],
+                   check=True, cwd=REPO, timeout=300)
+
+    run_dir, slurm_out = tmp_path / "prep-run", tmp_path / "slurm"
+    allow = tmp_path / "allow-task-1"
+    # Task 1 fails on its first attempt (as after a node crash), until `allow` exists.
+    fail_once = f'[ "${{SLURM_ARRAY_TASK_ID:-}}" != 1 ] || [ -e {allow} ] || {{ echo "task 1 fails"; exit 3; }}'
+    assert cli.main(["prep", "--run-dir", str(run_dir), "--tasks", "3", "--throttle", "2",
+                     "--setup", fail_once, "--", *shard_args, "--output", str(slurm_out)]) == 0
+    (array_id,), (merge_id,) = _records(run_dir, "prep-array"), _records(run_dir, "prep-merge")
+    assert "#SBATCH --array=0-2%2" in (run_dir / "prep.sbatch").read_text()
+
+    states = _wait_array(cluster, array_id, 120)
+    assert {k: v.split()[0] for k, v in states.items()} == {
+        f"{array_id}_0": "COMPLETED", f"{array_id}_1": "FAILED", f"{array_id}_2": "COMPLETED"}, _log_tail(run_dir)
+    merge = cluster.wait_job(merge_id, 60)
+    assert merge["JobState"] == "CANCELLED", "the merge must not run after a failed task"
+    assert not (slurm_out / "manifest.json").exists()
+
+    allow.touch()
+    assert cli.main(["resubmit", str(run_dir)]) == 0  # finds the failed task itself
+    arrays, merges = _records(run_dir, "prep-array"), _records(run_dir, "prep-merge")
+    assert len(arrays) == len(merges) == 2
+    assert set(_wait_array(cluster, arrays[1], 120)) == {f"{arrays[1]}_1"}  # task 1 alone
+    assert cluster.wait_job(merges[1], 120)["JobState"] == "COMPLETED", _log_tail(run_dir)
+
+    local, sharded = _dataset_contents(local_out), _dataset_contents(slurm_out)
+    assert sum(".tar:" in k and k.endswith(".txt") for k in local) == 30  # every picture made it in
+    assert _comparable(sharded) == _comparable(local)
+
+
+def test_status_and_cancel(slurm_env, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # A job held in the queue: status must show it pending, cancel must remove it.
+    assert cli.main(["train", "--run-dir", str(run_dir), "--cpu", "--sbatch=--hold", "--", "--config", "none"]) == 0
+    (job_id,) = _records(run_dir, "train")
+    capsys.readouterr()
+    assert cli.main(["status", str(run_dir)]) == 0
+    assert f"train       {job_id}" in capsys.readouterr().out and "PENDING" in slurm.job_states(job_id)[job_id]
+    assert cli.main(["cancel", str(run_dir)]) == 0
+    assert f"cancelled {job_id}" in capsys.readouterr().out
+    assert slurm_env.wait_job(job_id, 30)["JobState"] == "CANCELLED"
+    assert cli.main(["cancel", str(run_dir)]) == 0
+    assert "nothing to cancel" in capsys.readouterr().out
