@@ -103,7 +103,8 @@ def process_image(data: bytes | None, opts: ImageOptions,
 
     if (opts.keep_original_jpeg and fmt == "JPEG" and img.mode == "RGB" and orientation == 1 and scale == 1.0
             and canvas in (None, (width, height)) and opts.encode_format == "jpg"
-            and getattr(img, "n_frames", 1) == 1):
+            and getattr(img, "n_frames", 1) == 1 and data.rstrip(b"\0\r\n").endswith(b"\xff\xd9")):
+        # no pixel decode here: a JPEG that lost its end-of-image marker (truncated) takes the decode path below
         return Encoded(data, "jpg", width, height, width, height)
 
     if fmt == "JPEG" and scale < 1.0:
@@ -159,7 +160,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
         import numpy as np
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)).convert("RGB")
     if mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (*background, 255))

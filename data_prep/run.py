@@ -63,27 +63,7 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
     stream = counted(rows if rows is not None else read_rows(opts.source))
     units = ((s, r) for s, r in work_units(stream, opts.samples_per_shard, task_index, num_tasks) if s not in done)
     started = time.monotonic()
-    bar = _progress_bar(progress)
-    finished: list[dict[str, Any]] = []
-
-    if processes <= 1:
-        for shard_id, unit in units:
-            finished.append(build_shard(opts, shard_id, unit))
-            _update(bar, finished, started)
-    else:
-        counter_value = mp.get_context("spawn").Value("q", 0)
-        with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=init_worker,
-                                 initargs=(counter_value,)) as pool:
-            pending = set()
-            for shard_id, unit in units:
-                pending.add(pool.submit(build_shard, opts, shard_id, unit))
-                while len(pending) >= 2 * processes:
-                    pending = _collect(pending, finished, bar, started, counter_value)
-            while pending:
-                pending = _collect(pending, finished, bar, started, counter_value)
-    if bar is not None:
-        bar.close()
-
+    finished = build_units(opts, units, processes, progress)
     total_shards = num_shards(counter["rows"], opts.samples_per_shard)
     marker = marker or f"_tasks/task-{task_index:05d}-of-{num_tasks:05d}.json"
     out.write_json(marker, {"task_index": task_index, "num_tasks": num_tasks, "num_input_rows": counter["rows"],
@@ -92,6 +72,33 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
     log(f"task {task_index}/{num_tasks}: built {len(built)} shard(s), {len(done)} already done, "
         f"{sum(st['num_ok'] for st in finished)} samples in {time.monotonic() - started:.1f}s")
     return {"shards": finished, "num_input_rows": counter["rows"], "num_shards": total_shards}
+
+
+def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], processes: int = 1,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Builds each (shard id, rows) unit into a shard, in worker processes when processes > 1."""
+    started = time.monotonic()
+    bar = _progress_bar(progress)
+    finished: list[dict[str, Any]] = []
+    if processes <= 1:
+        for shard_id, unit in units:
+            finished.append(build_shard(opts, shard_id, unit))
+            _update(bar, finished, started)
+    else:
+        ctx = mp.get_context("spawn")  # no fork of a parent holding pyarrow/tqdm threads
+        counter_value = ctx.Value("q", 0)
+        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=init_worker,
+                                 initargs=(counter_value,)) as pool:
+            pending: set = set()
+            for shard_id, unit in units:
+                pending.add(pool.submit(build_shard, opts, shard_id, unit))
+                while len(pending) >= 2 * processes:
+                    pending = _collect(pending, finished, bar, started, counter_value)
+            while pending:
+                pending = _collect(pending, finished, bar, started, counter_value)
+    if bar is not None:
+        bar.close()
+    return finished
 
 
 def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -114,6 +113,29 @@ class _HashingWriter:
         return self.size
 
 
+_END_OF_ARCHIVE = 10240  # two zero blocks, padded to tar's 20-block record, as tarfile and GNU tar write
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A ustar header with fixed metadata (mode 0444, mtime 0, uid/gid 0).
+
+    Written by hand because tarfile.addfile builds each header through generic TarInfo copies at ~100 us per
+    member, which dominated small-image shards (4 members per sample)."""
+    raw = name.encode()
+    assert len(raw) <= 100, f"tar member name too long: {name!r}"
+    header = bytearray(512)
+    header[0:len(raw)] = raw
+    header[100:108] = b"0000444\0"
+    header[108:116] = header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
 
@@ -134,13 +156,14 @@ def write_shard(out: OutputDir, shard_id: int, samples: list[Sample], records: l
     offsets = []
     with out.open_atomic(f"{name}.tar") as raw:
         hw = _HashingWriter(raw)
-        with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                offsets.append(tar.offset)
-                for ext, payload in sample.members:
-                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                    info.size, info.mode, info.mtime = len(payload), 0o444, 0
-                    tar.addfile(info, io.BytesIO(payload))
+        for sample in samples:
+            offsets.append(hw.size)
+            for ext, payload in sample.members:
+                hw.write(tar_header(f"{sample.key}.{ext}", len(payload)))
+                hw.write(payload)
+                if len(payload) % 512:
+                    hw.write(bytes(512 - len(payload) % 512))
+        hw.write(bytes(_END_OF_ARCHIVE))
     out.write_json(f"{name}.idx.json", {"format": "plait-tar-index/1", "keys": [s.key for s in samples],
                                          "offsets": offsets, "tar_bytes": hw.size})
     manifest.write_shard_records(out, f"{name}.parquet", records)
