@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url-col", default="url", help="column with the URL or path (webvid: contentUrl)")
     g.add_argument("--caption-col", default="caption", help="column with the caption; 'none' for no caption "
                    "(webvid: name)")
-    g.add_argument("--extra-cols", type=_csv_list, default=(), help="comma-separated columns kept in {key}.json")
+    g.add_argument("--extra-cols", type=_csv_list, default="", help="comma-separated columns kept in {key}.json")
     g.add_argument("--split", default="train", choices=("train", "test"), help="fashion-mnist split")
-    g.add_argument("--yfcc-caption", type=_csv_list, default=("title", "description"),
+    g.add_argument("--yfcc-caption", type=_csv_list, default="title,description",
                    help="yfcc100m caption parts, in order: title, description, tags")
     g.add_argument("--start-col", default=None, help="video: column with the window start in seconds")
     g.add_argument("--end-col", default=None, help="video: column with the window end in seconds")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encode-quality", type=int, default=95, help="jpg/webp quality")
     g.add_argument("--no-keep-original", action="store_true", help="re-encode even JPEGs that already fit "
                    "(default: their original bytes are kept untouched)")
-    g.add_argument("--background", type=_rgb, default=(255, 255, 255),
+    g.add_argument("--background", type=_rgb, default="255,255,255",
                    help="R,G,B behind transparent pixels and border padding")
     g.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
     g.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="reject images with a larger "

@@ -1,0 +1,95 @@
+"""Input formats (streamed), fashion-mnist as a named format, and the --help a new user reads."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_prep.cli import main
+from data_prep.options import SourceOptions
+from data_prep.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, fashion_mnist_caption, read_rows,
+                               with_article)
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _rows(path, **kw):
+    return list(read_rows(SourceOptions(input=str(path), **kw)))
+
+
+def test_table_formats_give_the_same_rows(tmp_path):
+    recs = [{"url": f"/img/{i}.jpg", "caption": f"cap {i}", "src": "x"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "t.parquet", row_group_size=2)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    csv_text = "url,caption,src\n" + "".join(f"{r['url']},{r['caption']},x\n" for r in recs)
+    with gzip.open(tmp_path / "t.csv.gz", "wt") as f:
+        f.write(csv_text)
+    (tmp_path / "t.tsv").write_text(csv_text.replace(",", "\t"))
+    expected = [(i, f"/img/{i}.jpg", f"cap {i}", {"src": "x"}) for i in range(5)]
+    for name in ("t.parquet", "t.jsonl", "t.csv.gz", "t.tsv"):
+        rows = _rows(tmp_path / name, extra_cols=("src",))
+        got = [(r.index, r.url, r.caption.decode() if isinstance(r.caption, bytes) else r.caption, r.extra)
+               for r in rows]
+        assert got == expected, name
+    (tmp_path / "u.txt").write_text("http://a/1.jpg\n\nhttp://a/2.jpg\n")
+    assert [r.url for r in _rows(tmp_path / "u.txt")] == ["http://a/1.jpg", "http://a/2.jpg"]
+    with pytest.raises(ValueError, match="no column 'link'"):
+        _rows(tmp_path / "t.parquet", url_col="link")
+    with pytest.raises(FileNotFoundError, match="no such"):
+        _rows(tmp_path / "missing.csv")
+
+
+def test_yfcc100m_dump(tmp_path):
+    def line(i, title, desc, tags, marker):
+        cols = [str(i), f"{1000 + i}", "hash", "nsid", "nick", "2010", "2011", "cam", title, desc, tags, "", "", "",
+                "", "page", f"http://farm.example/{i}.jpg", "CC-BY", "lic", "s", "f", "sec", "so", "jpg", marker]
+        return "\t".join(cols) + "\n"
+
+    path = tmp_path / "yfcc100m_dataset.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(line(0, "Golden+Gate", "At+sunset%21", "bridge,sf", "0"))
+        f.write(line(1, "A+clip", "", "", "1"))
+    rows = _rows(path, input_format="yfcc100m", yfcc_caption=("title", "description", "tags"))
+    assert rows[0].caption == "Golden Gate. At sunset!. bridge, sf"
+    assert rows[0].url == "http://farm.example/0.jpg" and rows[0].extra["photo_id"] == "1000"
+    assert rows[1].skip_reason == "yfcc row is a video (marker 1)"
+
+
+def test_fashion_mnist_named_format(tmp_path):
+    out = tmp_path / "fm"
+    main(["shard", "--input", FMNIST, "--input-format", "fashion-mnist", "--split", "test", "--output", str(out),
+          "--samples-per-shard", "4000", "--processes", "2", "--no-progress"])
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 4000, "00001.tar": 4000, "00002.tar": 2000}
+    with tarfile.open(out / "00000.tar") as tar:
+        names = tar.getnames()[:4]
+        assert names == ["000000000.jpg", "000000000.txt", "000000000.json", "000000000.cls"]
+        img = Image.open(io.BytesIO(tar.extractfile(names[0]).read()))
+        meta = json.loads(tar.extractfile(names[2]).read())
+        cls = int(tar.extractfile(names[3]).read())
+        caption = tar.extractfile(names[1]).read().decode()
+    assert img.size == (28, 28) and img.mode == "RGB"  # never upscaled
+    assert meta["cls"] == cls and meta["label"] == FASHION_MNIST_CLASSES[cls]
+    assert caption == fashion_mnist_caption(0, cls) and with_article(FASHION_MNIST_CLASSES[cls]) in caption
+    assert {fashion_mnist_caption(i, 9) for i in range(50)} == {t.format("an ankle boot")
+                                                                 for t in FASHION_MNIST_TEMPLATES}
+    assert main(["verify", str(out)]) == 0
+    with pytest.raises(FileNotFoundError, match="missing"):
+        main(["shard", "--input", str(tmp_path), "--input-format", "fashion-mnist", "--output", str(tmp_path / "x")])
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--input-format", "--resize-mode", "--allow-private-addresses", "--task-index", "--num-frames",
+                 "(default: 256)", "sizes.json", "kill -9"):
+        assert flag in text
+    with pytest.raises(ValueError, match="--resize-mode"):
+        from data_prep.options import ImageOptions
+        ImageOptions(resize_mode="stretch")
