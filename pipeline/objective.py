@@ -18,6 +18,10 @@ class Objective(nn.Module):
         self.cfg = cfg
         self.contrastive = ContrastiveLoss(world.rank, world.world_size) if cfg.contrastive else None
 
+    def augment(self, batch: dict, step: int) -> dict:
+        """Adds the step's masks to the batch (none yet: a no-op)."""
+        return batch
+
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict, step: int):
         losses: dict[str, torch.Tensor] = {}
         if self.contrastive is not None:

@@ -17,9 +17,12 @@ class PlaitModel(nn.Module):
         self.clip = clip
         self.heads = nn.ModuleDict(heads or {})
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        # image [B, 3, H, W], text [B, L] -> features [B, D] each, logit_scale [] (exp'd)
-        out = self.clip(image, text)
+    def forward(self, batch: dict | torch.Tensor, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        # batch: {"image": [B, 3, H, W], "text": [B, L], ...} (or image, text positionally during the switch)
+        # -> features [B, D] each, logit_scale [] (exp'd)
+        if not isinstance(batch, dict):
+            batch = {"image": batch, "text": text}
+        out = self.clip(batch["image"], batch["text"])
         return {"image_features": out["image_features"], "text_features": out["text_features"],
                 "logit_scale": out["logit_scale"], **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {})}
 
