@@ -74,7 +74,8 @@ def target_geometry(width: int, height: int, opts: ImageOptions) -> tuple[float,
         scale = min(scale, 1.0)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     if mode == "center_crop":
-        return scale, (min(size, new_w), min(size, new_h))
+        side = min(size, new_w, new_h)  # a square even when the image is smaller than the target
+        return scale, (side, side)
     if mode == "border":
         return scale, (size, size)
     return scale, None
