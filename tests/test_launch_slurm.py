@@ -152,3 +152,70 @@ def test_status_and_cancel(slurm_env, tmp_path, capsys):
     assert slurm_env.wait_job(job_id, 30)["JobState"] == "CANCELLED"
     assert cli.main(["cancel", str(run_dir)]) == 0
     assert "nothing to cancel" in capsys.readouterr().out
+
+
+# ---- training: 2 nodes x 2 CPU processes, and a preemption/requeue cycle ----
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train-data")
+    images = _image_folder(root / "images", 64)
+    subprocess.run([sys.executable, "-m", "data_prep.cli", "shard", "--input", str(images), "--input-format",
+                    "folder", "--samples-per-shard", "8", "--image-size", "32", "--processes", "1", "--no-progress",
+                    "--output", str(root / "shards")], check=True, cwd=REPO, timeout=300)
+    return f"{root}/shards/{{00000..00007}}.tar"
+
+
+def _train_args(shards: str, steps: int) -> list[str]:
+    # 64 samples, 4 processes x batch 4: 4 steps per epoch. Workers 0: two cores for four ranks.
+    settings = {"model.name": "fmnist-vit", "data.train_shards": shards, "data.batch_size": 4,
+                "data.num_workers": 0, "data.shuffle_buffer": 0, "optim.warmup_steps": 2, "train.steps": steps,
+                "train.log_every": 1}
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints, f"no checkpoint in {run_dir}"
+    return load_file(checkpoints[-1] / "model.safetensors")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_two_node_training_matches_local_four_process_run(slurm_env, train_shards, tmp_path):
+    import torch
+
+    steps = 8
+    local_dir = tmp_path / "local"
+    started = time.monotonic()
+    local = subprocess.run([sys.executable, "-m", "launch.cli", "local", "--nproc", "4", "--cpu", "--",
+                            *_train_args(train_shards, steps), "--set", f"train.run_dir={local_dir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_s = time.monotonic() - started
+
+    run_dir = tmp_path / "slurm"
+    started = time.monotonic()
+    assert cli.main(["train", "--run-dir", str(run_dir), "--nodes", "2", "--procs-per-node", "2", "--cpu",
+                     "--", *_train_args(train_shards, steps)]) == 0
+    (job_id,) = _records(run_dir, "train")
+    job = slurm_env.wait_job(job_id, 300)
+    slurm_s = time.monotonic() - started
+    log = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", log[-5000:]
+    print(f"\n2-node job: {slurm_s:.1f}s submit-to-done; local 4-process run {local_s:.1f}s")
+
+    assert job["NodeList"] == "n[1-2]" and "training finished" in log
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == [f"rank-{r:05d}.pt" for r in range(4)]
+    remote_metrics, local_metrics = _metrics(run_dir), _metrics(local_dir)
+    assert [m["samples_seen"] for m in remote_metrics] == [16 * s for s in range(1, steps + 1)]  # world size 4
+    assert [m["loss"] for m in remote_metrics] == pytest.approx([m["loss"] for m in local_metrics], rel=1e-5)
+    remote, here = _final_weights(run_dir), _final_weights(local_dir)
+    assert remote.keys() == here.keys()
+    for name in here:
+        torch.testing.assert_close(remote[name], here[name], rtol=1e-5, atol=1e-6, msg=name)
