@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import signal
 import sys
@@ -99,6 +100,11 @@ def run(cfg: Config, resume: str | None = None) -> dict:
             checkpointer.publish(step)
         accelerator.wait_for_everyone()
 
+    # Transitional (objectives issue): PlaitModel.forward moves to forward(batch) and Objective gains augment().
+    dict_forward = len(inspect.signature(accelerator.unwrap_model(model).forward).parameters) == 1
+    augment = objective.augment if hasattr(objective, "augment") else (lambda batch, step: batch)
+    counters = stream.counters if hasattr(stream, "counters") else dict
+
     log = metrics.MetricsLog(run_dir, enabled=world.is_main)
     stop = StopFlag()
     started = time.monotonic()
@@ -111,8 +117,9 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
         t_compute = time.perf_counter()
 
+        batch = augment(batch, step)
         with accelerator.autocast():
-            outputs = model(batch["image"], batch["text"])
+            outputs = model(batch) if dict_forward else model(batch["image"], batch["text"])
             loss, losses, report = objective(outputs, batch, step)
         accelerator.backward(loss)
         grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -130,7 +137,8 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = {"step": step, "samples_seen": samples_seen, "loss": loss.item(),
                       **{f"loss/{k}": v.item() for k, v in losses.items()}, **report,
-                      "lr": scheduler.get_last_lr()[0], **window.summary(world.world_size)}
+                      "lr": scheduler.get_last_lr()[0], **window.summary(world.world_size),
+                      **{f"data/{k}": v for k, v in counters().items()}}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             log.write(record)
