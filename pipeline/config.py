@@ -48,8 +48,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_shards: str = ""
-    """Training shards: a brace-expanded path or fsspec URL (`data/{00000..00009}.tar`), several joined with
-    `::`, each optionally weighted as `spec@weight` for mixing."""
+    """Training shards: a brace-expanded path or fsspec URL (`data/{00000..00009}.tar`, `s3://b/{0..99}.tar`),
+    several datasets joined with `::`, each optionally weighted as `spec@weight` (its share of the samples,
+    resampled mode only). Sample counts come from sizes.json beside the shards (or per-shard *_stats.json)."""
     mode: str = choice("exact", "exact", "resampled")
     """exact: every sample once per epoch across all ranks and workers. resampled: shards drawn with
     replacement, for huge datasets and short virtual epochs."""
@@ -58,7 +59,9 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 2000
-    """Samples held in each worker's shuffle buffer (0 disables sample shuffling)."""
+    """Samples each worker shuffles together: it reads a block of this many raw samples, permutes it by
+    (seed, epoch, worker, block) and decodes in that order; 0 disables sample shuffling (shards are still
+    shuffled). Resuming re-reads at most one block of raw bytes and decodes nothing it skips."""
     seed: int = 0
     """Seed of the data order: the order is a pure function of (seed, epoch, topology)."""
     epoch_samples: int = 0
@@ -66,48 +69,82 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """Fail the run when more than this fraction of samples cannot be decoded."""
     video_frames: int = 0
-    """Video shards: 0 reads one random frame per video as an image; T>0 yields T frames per sample."""
+    """Video shards: 0 reads one random frame per video as an image; T>0 yields T frames per sample
+    (`frames` [B,T,3,H,W], one random frame per equal segment, same crop for all frames of a clip)."""
+    draft: bool = True
+    """Decode JPEGs stored much larger than the model's input at 1/2, 1/4 or 1/8 scale (PIL Image.draft),
+    never below the model's image size."""
+    resume_mismatch: str = choice("error", "error", "next_epoch")
+    """When a checkpoint's data order cannot be continued (seed, batch size, processes, workers or dataset size
+    changed): error, or next_epoch (continue at the start of the next epoch)."""
 
     def __post_init__(self):
         require(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
         require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in [0, 1]")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
+        require(self.epoch_samples >= 0, "data.epoch_samples", f"must be >= 0, got {self.epoch_samples}")
+        require(self.video_frames >= 0, "data.video_frames", f"must be >= 0, got {self.video_frames}")
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
     contrastive: float = 1.0
     """Weight of the symmetric InfoNCE (CLIP) loss; 0 disables it."""
-    siglip: float = 0.0
-    """Weight of the SigLIP sigmoid loss; 0 disables it."""
     same_modality_negatives: bool = False
     """Add the seed's same-modality negatives (t_i, t_j) and (v_i, v_j) to the InfoNCE denominators."""
+    max_logit_scale: float = 100.0
+    """Clamp of the learnable inverse temperature 1/tau (CLIP: 100), applied in the forward and after each step."""
+    siglip: float = 0.0
+    """Weight of the SigLIP sigmoid loss; 0 disables it. Adds a learnable logit bias to the model (init -10)."""
+    siglip_exchange: str = choice("bidir", "bidir", "shift", "reduce", "gather")
+    """How SigLIP's text features travel between ranks (open_clip's SigLipLoss dist_impl): bidir/shift pass
+    neighbours' blocks around the ring, so no rank ever holds the global logit matrix."""
     flip_mask_ratio: float = 0.0
     """FLIP: fraction of image patches masked in the contrastive forward (the tower sees only the rest)."""
     flip_unmasked_steps: int = 0
-    """FLIP: final steps trained without masking (FLIP's unmasked tuning phase)."""
+    """FLIP: final steps trained without masking (FLIP's unmasked tuning phase); needs the run's step count."""
     mae: float = 0.0
     """Weight of masked-image reconstruction (MAE decoder on the FLIP-visible tokens); needs flip_mask_ratio > 0."""
+    mae_decoder_width: int = 128
+    """Width of the MAE decoder's transformer."""
+    mae_decoder_layers: int = 2
+    """Blocks of the MAE decoder's transformer."""
+    mae_norm_pix: bool = True
+    """MAE targets are each patch's pixels normalised by the patch's own mean and variance."""
     mlm: float = 0.0
-    """Weight of masked language modeling on the text tower."""
+    """Weight of masked language modeling on the text tower (bidirectional pass, head tied to the embedding)."""
     mlm_mask_ratio: float = 0.15
-    """Fraction of text tokens masked for MLM (BERT 80/10/10 replacement)."""
+    """Fraction of each caption's tokens masked for MLM (BERT 80/10/10 replacement; at least one token)."""
     autoencoder: float = 0.0
     """Weight of the seed's multimodal autoencoder (L = L_txt + L_img from a fused joint embedding)."""
     fusion: str = choice("concat", "concat", "bilinear", "attention")
-    """Fusion of the autoencoder's joint embedding."""
+    """Fusion of the autoencoder's joint embedding: concatenation, low-rank bilinear pooling, cross-attention."""
+    fusion_dim: int = 256
+    """Width of the autoencoder's joint embedding."""
+    bilinear_rank: int = 128
+    """Rank of the factorised bilinear fusion."""
     adversarial: float = 0.0
     """Weight of adversarial modality alignment (a discriminator on the embeddings, gradient reversal)."""
     adversarial_warmup_steps: int = 0
-    """Steps over which the adversarial weight ramps up from 0."""
+    """Steps over which the reversed gradient reaching the towers ramps up from 0 (the discriminator trains
+    at full strength from the start)."""
+    adversarial_hidden: int = 256
+    """Hidden width of the modality discriminator."""
 
     def __post_init__(self):
         for name in ("contrastive", "siglip", "mae", "mlm", "autoencoder", "adversarial"):
             require(getattr(self, name) >= 0, f"objective.{name}", "weights must be >= 0")
         require(0 <= self.flip_mask_ratio < 1, "objective.flip_mask_ratio", "must lie in [0, 1)")
+        require(self.flip_unmasked_steps >= 0, "objective.flip_unmasked_steps", "must be >= 0")
         require(0 < self.mlm_mask_ratio < 1, "objective.mlm_mask_ratio", "must lie in (0, 1)")
         require(self.mae == 0 or self.flip_mask_ratio > 0, "objective.mae",
                 "needs objective.flip_mask_ratio > 0 (MAE reconstructs the patches FLIP masks)")
+        require(self.max_logit_scale >= 1, "objective.max_logit_scale", "must be >= 1")
+        for name in ("mae_decoder_width", "mae_decoder_layers", "fusion_dim", "bilinear_rank", "adversarial_hidden"):
+            require(getattr(self, name) > 0, f"objective.{name}", "must be positive")
+        require(self.adversarial_warmup_steps >= 0, "objective.adversarial_warmup_steps", "must be >= 0")
         total = self.contrastive + self.siglip + self.mae + self.mlm + self.autoencoder
         require(total > 0, "objective", "every objective weight is 0: nothing would train")
 

@@ -4,29 +4,135 @@ Only `clip` is exported in open_clip format; heads (decoders, discriminators) ar
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ObjectiveConfig
-from pipeline.models.towers import build_clip
+from pipeline.models.discriminator import ModalityDiscriminator
+from pipeline.models.fusion import FusionAutoencoder
+from pipeline.models.mae_decoder import MaeDecoder
+from pipeline.models.masking import random_keep
+from pipeline.models.mlm_head import MlmHead
+from pipeline.models.towers import (build_clip, check_text_transformer, check_vit, encode_image_tokens,
+                                    encode_text_tokens)
+
+# SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10, so that the start is not swamped by negatives.
+SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS = math.log(10), -10.0
 
 
 class PlaitModel(nn.Module):
-    def __init__(self, clip: nn.Module, heads: dict[str, nn.Module] | None = None):
+    """forward(batch) -> dict: image_features/text_features [B, D] (L2-normalised), logit_scale [] (exp'd,
+    clamped), logit_bias [] (SigLIP), and per enabled head its tensors (see each head). Masks come in the batch
+    from Objective.augment: image_mask_ratio (FLIP/MAE), mlm_input/mlm_mask_token/mlm_labels (MLM),
+    adversarial_scale (gradient reversal ramp)."""
+
+    def __init__(self, clip: nn.Module, heads: dict[str, nn.Module] | None = None, max_logit_scale: float = 100.0,
+                 uses_logit_scale: bool = True):
         super().__init__()
         self.clip = clip
         self.heads = nn.ModuleDict(heads or {})
+        self.max_logit_scale = max_logit_scale
+        self.uses_logit_scale = uses_logit_scale
 
     def forward(self, batch: dict | torch.Tensor, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        # batch: {"image": [B, 3, H, W], "text": [B, L], ...} (or image, text positionally during the switch)
-        # -> features [B, D] each, logit_scale [] (exp'd)
-        if not isinstance(batch, dict):
+        if not isinstance(batch, dict):  # model(image, text): the loop's call form before the batch contract
             batch = {"image": batch, "text": text}
-        out = self.clip(batch["image"], batch["text"])
-        return {"image_features": out["image_features"], "text_features": out["text_features"],
-                "logit_scale": out["logit_scale"], **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {})}
+        image, text = batch["image"], batch["text"]                 # [B, 3, H, W], [B, L]
+        clip, heads = self.clip, self.heads
+        out: dict[str, torch.Tensor] = {}
+
+        ratio = float(batch.get("image_mask_ratio", 0.0))
+        keep = None
+        if ratio > 0:
+            grid = clip.visual.grid_size
+            keep = random_keep(image.shape[0], grid[0] * grid[1], ratio, device=image.device)  # [B, K]
+            out["image_keep"] = keep
+        attention_fusion = "autoencoder" in heads and heads["autoencoder"].fusion_type == "attention"
+        if keep is not None or attention_fusion:
+            image_embed, image_tokens = encode_image_tokens(clip.visual, image, keep)  # [B, E], [B, 1 + K, W]
+        else:
+            image_embed, image_tokens = clip.encode_image(image), None
+        if attention_fusion:
+            text_embed, text_tokens = encode_text_tokens(clip, text)            # [B, E], [B, L, W]
+        else:
+            text_embed, text_tokens = clip.encode_text(text), None
+
+        out["image_features"] = F.normalize(image_embed, dim=-1)
+        out["text_features"] = F.normalize(text_embed, dim=-1)
+        out["logit_scale"] = clip.logit_scale.exp().clamp(max=self.max_logit_scale)
+        if clip.logit_bias is not None:
+            out["logit_bias"] = clip.logit_bias
+
+        unused = [] if self.uses_logit_scale else [clip.logit_scale]
+        if "mae" in heads:
+            if keep is not None:
+                out.update(heads["mae"](image_tokens, keep, image))
+            else:  # FLIP's unmasked phase: nothing to reconstruct
+                unused.append(heads["mae"])
+        if "mlm" in heads:
+            if "mlm_input" in batch:
+                out.update(self._mlm(batch))
+            else:
+                unused.append(heads["mlm"])
+        if "autoencoder" in heads:
+            out.update(heads["autoencoder"](text_embed, image_embed, image, text, clip.token_embedding,
+                                            image_tokens=image_tokens, text_tokens=text_tokens))
+        if "adversarial" in heads:
+            out.update(heads["adversarial"](out["image_features"], out["text_features"],
+                                            float(batch.get("adversarial_scale", 1.0))))
+        if unused:
+            # Parameters left out of this step still get a (zero) gradient: DDP without find_unused_parameters
+            # fails on parameters that take no part in the loss.
+            out["unused"] = sum(p.sum() * 0.0 for m in unused for p in ([m] if isinstance(m, nn.Parameter)
+                                                                         else m.parameters()))
+        return out
+
+    def _mlm(self, batch: dict) -> dict[str, torch.Tensor]:
+        clip, head = self.clip, self.heads["mlm"]
+        ids, labels = batch["mlm_input"], batch["mlm_labels"]      # [B, L] each
+        embeddings = head.embed(clip.token_embedding, ids, batch["mlm_mask_token"])  # [B, L, W]
+        _, hidden = encode_text_tokens(clip, batch["text"], embeddings=embeddings, bidirectional=True)
+        chosen = labels >= 0                                       # [B, L]
+        return {"mlm_logits": head(hidden[chosen], clip.token_embedding), "mlm_targets": labels[chosen]}  # [M, V], [M]
 
 
 def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
-    """The towers from an open_clip model config, with the heads `objective` asks for."""
-    return PlaitModel(build_clip(model_cfg))
+    """The towers from an open_clip model config, with the heads `objective` asks for.
+
+    With SigLIP enabled, `init_logit_bias` (and SigLIP's initial scale) are written into `model_cfg` itself,
+    in place, because open_clip can load a checkpoint with a logit bias only when its config declares one.
+    """
+    if objective.siglip and "init_logit_bias" not in model_cfg:
+        model_cfg["init_logit_bias"] = SIGLIP_INIT_LOGIT_BIAS
+        if not objective.contrastive:
+            model_cfg["init_logit_scale"] = SIGLIP_INIT_LOGIT_SCALE
+    clip = build_clip(model_cfg)
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    heads: dict[str, nn.Module] = {}
+    if objective.flip_mask_ratio or objective.mae:
+        check_vit(clip, "objective.flip_mask_ratio")
+    if objective.mae:
+        visual = clip.visual
+        heads["mae"] = MaeDecoder(visual.transformer.width, visual.grid_size[0] * visual.grid_size[1],
+                                  visual.patch_size[0], objective.mae_decoder_width, objective.mae_decoder_layers,
+                                  heads=max(1, objective.mae_decoder_width // 32))
+    if objective.mlm:
+        check_text_transformer(clip, "objective.mlm")
+        heads["mlm"] = MlmHead(clip.transformer.width, clip.vocab_size)
+    if objective.autoencoder:
+        # The text decoder's output layer is tied to the token embedding of open_clip's own text tower.
+        check_text_transformer(clip, "objective.autoencoder")
+        if objective.fusion == "attention":
+            check_vit(clip, "objective.fusion = attention")
+        image_size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
+        image_width = clip.visual.transformer.width if objective.fusion == "attention" else 0
+        heads["autoencoder"] = FusionAutoencoder(
+            objective.fusion, model_cfg["embed_dim"], objective.fusion_dim, image_size, text.get("context_length", 77),
+            image_width, clip.transformer.width, clip.vocab_size, objective.bilinear_rank)
+    if objective.adversarial:
+        heads["adversarial"] = ModalityDiscriminator(model_cfg["embed_dim"], objective.adversarial_hidden)
+    return PlaitModel(clip, heads, objective.max_logit_scale,
+                      uses_logit_scale=bool(objective.contrastive or objective.siglip))

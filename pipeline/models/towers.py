@@ -50,3 +50,83 @@ def encode(clip: nn.Module, images: torch.Tensor | None = None, texts: torch.Ten
     if texts is not None:
         out.append(clip.encode_text(texts, normalize=True))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token-level forwards. open_clip's towers return only pooled features and have no "encode these patches"
+# entry point, so these functions replay their submodules step by step; with nothing masked they equal
+# clip.encode_image / clip.encode_text exactly (tests/test_models.py checks that).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_vit(clip: nn.Module, why: str) -> None:
+    """FLIP/MAE/attention fusion need open_clip's own ViT image tower (not timm, not ModifiedResNet)."""
+    if not isinstance(getattr(clip, "visual", None), open_clip.transformer.VisionTransformer):
+        raise ValueError(f"{why} needs an open_clip ViT image tower; this model has {type(clip.visual).__name__}")
+
+
+def check_text_transformer(clip: nn.Module, why: str) -> None:
+    """MLM/attention fusion read the text tower's tokens: only open_clip's built-in text transformer has them here."""
+    if not isinstance(clip, open_clip.CLIP):
+        raise ValueError(f"{why} needs open_clip's built-in text tower; this model has an HF text tower")
+
+
+def encode_image_tokens(visual: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None):
+    """A ViT forward over the visible patches only (FLIP): the cost scales with the number kept.
+
+    images [B, 3, H, W]; keep [B, K] long indices into the N = (H/p)(W/p) patches, or None for all.
+    Returns pooled [B, E] (projected, not normalised) and tokens [B, 1 + K, W] (after ln_post, class token first).
+    """
+    x = visual.conv1(images)                                   # [B, W, gh, gw]
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, N, W]
+    pos = visual.positional_embedding.to(x.dtype)               # [1 + N, W]
+    x = x + pos[1:]                                             # [B, N, W]
+    if keep is not None:
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, W]
+    cls = (visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)  # [B, 1, W]
+    x = torch.cat([cls, x], dim=1)                              # [B, 1 + K, W]
+    x = visual.ln_pre(x)
+    x = visual.transformer(x)                                   # [B, 1 + K, W]
+    if visual.attn_pool is None and not visual.final_ln_after_pool:
+        # open_clip normalises every token before pooling: keep those tokens for the decoders.
+        x = visual.ln_post(x)
+        pooled, _ = visual._global_pool(x)                       # [B, W]
+    else:
+        pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj                           # [B, E]
+    return pooled, x
+
+
+def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
+    """True at positions after the end-of-text token (the highest id in each row, open_clip's convention)."""
+    positions = torch.arange(text.shape[1], device=text.device)  # [L]
+    return positions[None, :] > text.argmax(dim=-1, keepdim=True)  # [B, L]
+
+
+def encode_text_tokens(clip: nn.Module, text: torch.Tensor, embeddings: torch.Tensor | None = None,
+                       bidirectional: bool = False):
+    """The text tower's forward returning pooled [B, E] and tokens [B, L, W] (after ln_final).
+
+    `embeddings` [B, L, W] replaces the token embedding lookup (MLM swaps in its mask embedding there);
+    `bidirectional` drops the causal mask and masks padding keys instead (the MLM pass).
+    """
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(text).to(cast_dtype) if embeddings is None else embeddings.to(cast_dtype)  # [B, L, W]
+    x = x + clip.positional_embedding.to(cast_dtype)
+    if bidirectional:
+        heads = clip.transformer.resblocks[0].attn.num_heads
+        pad = text_padding_mask(text)                            # [B, L] keys to ignore
+        mask = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, float("-inf"))
+        mask = mask[:, None, None, :].expand(-1, heads, text.shape[1], -1)  # [B, heads, L, L]
+        attn_mask = mask.reshape(-1, text.shape[1], text.shape[1])          # [B * heads, L, L]
+    else:
+        attn_mask = clip.attn_mask
+    x = clip.transformer(x, attn_mask=attn_mask)
+    x = clip.ln_final(x)                                        # [B, L, W]
+    pooled = open_clip.transformer.text_global_pool(x, text, clip.text_pool_type,
+                                                    eos_token_id=getattr(clip, "text_eos_id", None))
+    if clip.text_projection is not None:
+        pooled = clip.text_projection(pooled) if isinstance(clip.text_projection, nn.Linear) \
+            else pooled @ clip.text_projection                  # [B, E]
+    return pooled, x

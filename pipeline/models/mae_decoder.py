@@ -1,0 +1,41 @@
+"""MAE decoder: reconstructs the masked patches from the visible tokens of the FLIP forward (one encoder pass)."""
+from __future__ import annotations
+
+import torch
+from open_clip.transformer import Transformer
+from torch import nn
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, p * p * C], patches in the ViT's row-major order."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)                 # [B, C, gh, p, gw, p]
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+class MaeDecoder(nn.Module):
+    """A light transformer over [visible tokens + mask tokens] in patch order, predicting each patch's pixels."""
+
+    def __init__(self, encoder_width: int, num_patches: int, patch_size: int, width: int = 128, layers: int = 2,
+                 heads: int = 4):
+        super().__init__()
+        self.num_patches, self.patch_size = num_patches, patch_size
+        self.embed = nn.Linear(encoder_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(0.02 * torch.randn(num_patches + 1, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio=4.0)
+        self.norm = nn.LayerNorm(width)
+        self.pred = nn.Linear(width, patch_size * patch_size * 3)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        # tokens [B, 1 + K, We] (class token first), keep [B, K], images [B, 3, H, W]
+        B, K = keep.shape
+        x = self.embed(tokens)                                             # [B, 1 + K, Wd]
+        full = self.mask_token.to(x.dtype).expand(B, self.num_patches, -1).clone()  # [B, N, Wd]
+        full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])  # visible tokens in place
+        x = torch.cat([x[:, :1], full], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + N, Wd]
+        x = self.norm(self.transformer(x))
+        pred = self.pred(x[:, 1:])                                         # [B, N, p * p * 3]
+        mask = torch.ones(B, self.num_patches, dtype=torch.bool, device=keep.device).scatter(1, keep, False)
+        return {"mae_pred": pred, "mae_target": patchify(images, self.patch_size), "mae_mask": mask}
