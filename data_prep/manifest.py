@@ -2,7 +2,8 @@
 
 Per shard `S.parquet` columns (RECORD_SCHEMA): key, row (input position), shard, status ("ok" or "rejected"),
 reason (null when ok), transient (true for failures `repair` retries: timeouts, 429/5xx, connection errors),
-url (credentials removed), sha256 of the original bytes, width, height, original_width, original_height, bytes.
+url (credentials removed), sha256 of the original bytes, width, height, original_width, original_height, bytes,
+num_samples (samples this row put in the tar: 1, or one per frame with --frames-as-samples, 0 if rejected).
 
 Dataset files (written by `merge` once every shard is done):
   sizes.json       {"00000.tar": num_samples, ...}: open_clip's convention, read by the loader.
@@ -25,13 +26,13 @@ RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("shard", pa.int32()), ("status", pa.string()),
     ("reason", pa.string()), ("transient", pa.bool_()), ("url", pa.string()), ("sha256", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
-    ("original_height", pa.int32()), ("bytes", pa.int64()),
+    ("original_height", pa.int32()), ("bytes", pa.int64()), ("num_samples", pa.int32()),
 ])
 
 
 def record(key: str, row: int, shard: int, url: str | None) -> dict[str, Any]:
     rec = {name: None for name in RECORD_SCHEMA.names}
-    rec.update(key=key, row=row, shard=shard, url=url, status="ok", transient=False)
+    rec.update(key=key, row=row, shard=shard, url=url, status="ok", transient=False, num_samples=0)
     return rec
 
 
@@ -59,28 +60,30 @@ def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int]) -> dict[st
         for row in read_records(out, f"{shard_name(s)}.parquet", ["row"]).column("row").to_pylist():
             latest[row] = s
     reasons: Counter[str] = Counter()
-    num_ok = num_rejected = 0
+    num_ok = num_rejected = num_samples = 0
     with out.open_atomic("samples.parquet") as f, pq.ParquetWriter(f, RECORD_SCHEMA) as writer:
         for s in shard_ids:
             table = read_records(out, f"{shard_name(s)}.parquet")
             keep = [latest[r] == s for r in table.column("row").to_pylist()]
             table = table.filter(pa.array(keep, pa.bool_()))
             writer.write_table(table)
-            for status, reason in zip(table.column("status").to_pylist(), table.column("reason").to_pylist()):
+            for status, reason, n in zip(*(table.column(c).to_pylist() for c in ("status", "reason", "num_samples"))):
                 if status == "ok":
                     num_ok += 1
+                    num_samples += n
                 else:
                     num_rejected += 1
                     reasons[reason_kind(reason)] += 1
-    sizes = {st["tar"]: st["num_ok"] for st in stats}
+    sizes = {st["tar"]: st["num_samples"] for st in stats}
     out.write_json("sizes.json", sizes)
     summary = {
         "format": "plait-dataset/1",
         "num_shards": len(stats), "num_input_rows": len(latest), "num_ok": num_ok, "num_rejected": num_rejected,
+        "num_samples": num_samples,
         "reasons": dict(reasons.most_common()),
-        "shards": [{"name": st["tar"], "num_samples": st["num_ok"], "bytes": st["bytes"], "sha256": st["sha256"]}
+        "shards": [{"name": st["tar"], "num_samples": st["num_samples"], "bytes": st["bytes"], "sha256": st["sha256"]}
                    for st in stats],
     }
-    assert num_ok == sum(sizes.values()), "per-sample manifest and shard stats disagree"
+    assert num_samples == sum(sizes.values()), "per-sample manifest and shard stats disagree"
     out.write_json("manifest.json", summary)
     return summary

@@ -83,7 +83,8 @@ def _drop_samples(out: OutputDir, shard_id: int, dropped: dict[str, str]) -> Non
     records = manifest.read_records(out, f"{name}.parquet").to_pylist()
     for rec in records:
         if rec["key"] in dropped:
-            rec.update(status="rejected", reason=f"duplicate (of {dropped[rec['key']]})", transient=False)
+            rec.update(status="rejected", reason=f"duplicate (of {dropped[rec['key']]})", transient=False,
+                       num_samples=0)
     stats = out.read_json(f"{name}_stats.json")
     out.remove(f"{name}_stats.json")  # not done while being rewritten: a crash here is redone by resume
     write_shard(out, shard_id, [Sample(k, m) for k, m in members.items()], records, stats["num_input_rows"])

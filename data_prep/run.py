@@ -70,7 +70,7 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
                             "num_shards": total_shards, "seconds": round(time.monotonic() - started, 3)})
     built = sorted(st["shard"] for st in finished)
     log(f"task {task_index}/{num_tasks}: built {len(built)} shard(s), {len(done)} already done, "
-        f"{sum(st['num_ok'] for st in finished)} samples in {time.monotonic() - started:.1f}s")
+        f"{sum(st['num_samples'] for st in finished)} samples in {time.monotonic() - started:.1f}s")
     return {"shards": finished, "num_input_rows": counter["rows"], "num_shards": total_shards}
 
 
@@ -113,8 +113,8 @@ def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,
 def format_summary(summary: dict[str, Any], top: int = 8) -> str:
     n = summary["num_input_rows"]
     rate = summary["num_ok"] / n if n else 0.0
-    lines = [f"{summary['num_ok']} samples in {summary['num_shards']} shard(s) from {n} input rows "
-             f"({rate:.1%} ok, {summary['num_rejected']} rejected)"]
+    lines = [f"{summary['num_samples']} samples in {summary['num_shards']} shard(s) from {n} input rows "
+             f"({summary['num_ok']} ok = {rate:.1%}, {summary['num_rejected']} rejected)"]
     for reason, count in Counter(summary["reasons"]).most_common(top):
         lines.append(f"  {count:>8}  {reason}")
     return "\n".join(lines)

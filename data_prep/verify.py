@@ -95,7 +95,7 @@ def _check_shard(out: OutputDir, entry: dict, size_entry: int | None, every: int
 def _check_records(out: OutputDir, summary: dict) -> list[str]:
     if not out.exists("samples.parquet"):
         return ["samples.parquet: missing"]
-    table = manifest.read_records(out, "samples.parquet", ["row", "status"])
+    table = manifest.read_records(out, "samples.parquet", ["row", "status", "num_samples"])
     rows, status = table.column("row").to_pylist(), table.column("status").to_pylist()
     problems = []
     if len(rows) != len(set(rows)):
@@ -106,6 +106,7 @@ def _check_records(out: OutputDir, summary: dict) -> list[str]:
     if len(rows) != summary["num_input_rows"] or num_ok != summary["num_ok"]:
         problems.append(f"samples.parquet: {len(rows)} rows / {num_ok} ok, manifest.json says "
                         f"{summary['num_input_rows']} / {summary['num_ok']}")
-    if num_ok != sum(s["num_samples"] for s in summary["shards"]):
+    in_tars = sum(n for s, n in zip(status, table.column("num_samples").to_pylist()) if s == "ok")
+    if in_tars != sum(s["num_samples"] for s in summary["shards"]):
         problems.append("samples.parquet: ok rows differ from the samples in the shards")
     return problems

@@ -110,7 +110,7 @@ def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
         return video_samples(opts, row, rec, data, caption, meta)
     enc = process_image(data, opts.image, pixels=row.pixels)
     rec.update(width=enc.width, height=enc.height, original_width=enc.original_width,
-               original_height=enc.original_height, bytes=len(enc.data))
+               original_height=enc.original_height, bytes=len(enc.data), num_samples=1)
     meta.update(width=enc.width, height=enc.height, original_width=enc.original_width,
                 original_height=enc.original_height)
     return [Sample(rec["key"], [(enc.ext, enc.data), *text_members(caption, meta)])]

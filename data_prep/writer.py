@@ -168,9 +168,10 @@ def write_shard(out: OutputDir, shard_id: int, samples: list[Sample], records: l
                                          "offsets": offsets, "tar_bytes": hw.size})
     manifest.write_shard_records(out, f"{name}.parquet", records)
     reasons = Counter(reason_kind(r["reason"]) for r in records if r["status"] != "ok")
+    num_ok = sum(1 for r in records if r["status"] == "ok")
     stats = {"format": "plait-shard/1", "shard": shard_id, "tar": f"{name}.tar", "num_input_rows": num_input_rows,
-             "num_ok": len(samples), "num_rejected": num_input_rows - len(samples),
+             "num_samples": len(samples), "num_ok": num_ok, "num_rejected": num_input_rows - num_ok,
              "reasons": dict(sorted(reasons.items())), "bytes": hw.size, "sha256": hw.sha.hexdigest()}
-    assert sum(1 for r in records if r["status"] == "ok") == len(samples), "manifest and tar disagree"
+    assert sum(r["num_samples"] for r in records if r["status"] == "ok") == len(samples), "manifest and tar disagree"
     out.write_json(f"{name}_stats.json", stats)
     return stats
