@@ -287,7 +287,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ValueError(f"unknown config key {prefix}{unknown[0]!r} in {where}; known keys: {', '.join(fields)}")
+        raise ValueError(f"unknown config key {prefix + unknown[0]!r} in {where}; known keys: {', '.join(fields)}")
     values = {}
     for name, value in data.items():
         key, hint = prefix + name, hints[name]
