@@ -1,82 +1,276 @@
-"""The streaming training loader: WebDataset stages from shard specs to device-ready batches."""
+"""The streaming training loader: shard specs in, equal-count train-ready batches out, resumable in O(1).
+
+Design (see pipeline/sharding.py for the assignment itself):
+
+* One torch DataLoader per epoch over `_EpochDataset`; each worker computes its own slot's pieces (shard,
+  first sample, last sample) from (seed, epoch, topology): no coordination, no shared state.
+* A worker reads its pieces (pipeline/tarseek.py, webdataset's tar stages), shuffles them in blocks of
+  `data.shuffle_buffer` raw samples, decodes (pipeline/transforms.py), and batches with webdataset's `batched`.
+  Blocks replace webdataset's reservoir `shuffle` because a reservoir's content depends on the whole history
+  of the stream: resuming it exactly would mean replaying the epoch. A block only depends on (seed, epoch,
+  slot, block number), so a resumed worker reads one block of raw bytes and decodes nothing it skips.
+* The DataLoader hands out batches round-robin over its workers, so the main process knows which worker
+  produced the c-th batch of the epoch (sharding.consumed_per_worker): the whole loader state is
+  (epoch, batches consumed in the epoch). To resume, each worker starts at its own consumed count, and the
+  worker-to-slot mapping is rotated by c % workers so the round-robin continues with the right worker.
+* Augmentation randomness is reseeded per batch from (seed, epoch, slot, batch number): a resumed run yields
+  bit-identical batches. A bad sample (corrupt image, missing caption, truncated shard) is counted and replaced
+  by a copy of the worker's last good one, so batch counts never change; above `data.max_bad_fraction` the run
+  fails loudly.
+"""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import logging
+from collections import Counter
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import sharding
 from pipeline.config import DataConfig
 from pipeline.distributed import World
+from pipeline.shardspec import ShardSet, parse_spec
+from pipeline.tarseek import Bad, read_piece
+from pipeline.transforms import SampleDecoder
 
-IMAGE_KEYS = "jpg;jpeg;png;webp"
+log = logging.getLogger("plait.data")
 
-
-def expand_shards(spec: str) -> list[str]:
-    """Brace-expanded shard URLs of a spec; `a::b` joins several."""
-    if not spec:
-        raise ValueError("config key 'data.train_shards' is empty: point it at shards, e.g. data/{00000..00009}.tar")
-    urls = wds.shardlists.expand_urls(spec)
-    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
-    if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
-    return urls
+BAD_KINDS = ("decode_error", "missing_field", "short_shard", "unreadable_shard")
+COUNTER_KINDS = ("samples",) + BAD_KINDS
+# Below this many samples a rank does not judge the bad fraction (one early bad sample is not a 1% rate);
+# the end of every epoch is judged regardless.
+MIN_SAMPLES_FOR_BAD_CHECK = 1000
 
 
-def count_samples(urls: list[str]) -> int:
-    """Exact sample count from the shards' sizes.json (open_clip's convention)."""
-    total = 0
-    for folder in sorted({str(Path(u).parent) for u in urls}):
-        sizes_path = Path(folder) / "sizes.json"
-        if not sizes_path.exists():
-            raise FileNotFoundError(f"{sizes_path} not found: shard sample counts are needed for exact epochs")
-        sizes = json.loads(sizes_path.read_text())
-        total += sum(sizes[Path(u).name] for u in urls if str(Path(u).parent) == folder)
-    return total
+def topology(world: World, num_workers: int) -> sharding.Topology:
+    if world.world_size % world.num_nodes:
+        raise ValueError(f"{world.world_size} processes do not split evenly over {world.num_nodes} nodes")
+    return sharding.Topology(world.num_nodes, world.world_size // world.num_nodes, max(1, num_workers))
+
+
+def block_shuffle(items: Iterator, block: int, seed: int, epoch: int, slot: int, first_block: int,
+                  skip: int) -> Iterator:
+    """Items in blocks of `block`, each block permuted by (seed, epoch, slot, block number); the first `skip`
+    items of the first block's permuted order are dropped (resume inside a block)."""
+    number = first_block
+    while True:
+        chunk = [x for _, x in zip(range(block), items)]
+        if not chunk:
+            return
+        order = np.random.default_rng([seed, epoch, slot, number]).permutation(len(chunk)) if block > 1 else [0]
+        for i in order[skip:]:
+            yield chunk[i]
+        skip, number = 0, number + 1
+
+
+class _Warner:
+    """Logs the first few bad samples of each kind, then only every power of two (rate-limited)."""
+
+    def __init__(self):
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, bad: Bad, slot: int) -> None:
+        self.seen[bad.kind] += 1
+        n = self.seen[bad.kind]
+        if n <= 3 or (n & (n - 1)) == 0:
+            log.warning("bad sample #%d of kind %s in worker slot %d: %s", n, bad.kind, slot, bad.detail)
+
+
+class _EpochDataset(IterableDataset):
+    """The batches of one epoch for one rank; each DataLoader worker yields its slot's batches."""
+
+    def __init__(self, stream: "TrainStream", epoch: int, consumed: int):
+        self.stream, self.epoch, self.consumed = stream, epoch, consumed
+
+    def __iter__(self) -> Iterator[dict]:
+        s, topo = self.stream, self.stream.topology
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.consumed) % topo.workers_per_rank
+        slot = topo.slot(s.world.rank, worker)
+        done = sharding.consumed_per_worker(self.consumed, s.batches_per_epoch, topo.workers_per_rank)[worker]
+        return s.slot_batches(self.epoch, slot, done * s.cfg.batch_size, worker)
 
 
 class TrainStream:
-    """An endless iterator of batches, epoch after epoch, with equal batch counts on every rank."""
+    """An endless iterator of batches, epoch after epoch, with equal batch counts on every rank.
 
-    def __init__(self, cfg: DataConfig, world: World, image_transform: Callable, tokenize: Callable):
-        self.cfg, self.world = cfg, world
-        self.urls = expand_shards(cfg.train_shards)
-        self.num_samples = count_samples(self.urls)
-        global_batch = cfg.batch_size * world.world_size
-        self.batches_per_epoch = self.num_samples // global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.num_samples} samples cannot fill one global batch of {global_batch}")
-        self.image_transform, self.tokenize = image_transform, tokenize
-        self.epoch = 0
+    Batches: `image` float [B,3,H,W] (or `frames` [B,T,3,H,W] with data.video_frames=T>0), `text` long [B,L],
+    and `__key__` (list of sample keys) when `with_keys`. `collate_hook(batch) -> batch` runs in the workers
+    after collation (e.g. masks for masked modeling)."""
 
-    def _loader(self, epoch: int) -> wds.WebLoader:
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.detshuffle(bufsize=len(self.urls), seed=self.cfg.seed, epoch=epoch),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.shuffle(self.cfg.shuffle_buffer) if self.cfg.shuffle_buffer else wds.filters.identity,
-            wds.decode("pil", handler=wds.warn_and_continue),
-            wds.to_tuple(IMAGE_KEYS, "txt", handler=wds.warn_and_continue),
-            wds.map_tuple(self.image_transform, lambda t: self.tokenize([t])[0]),
-            wds.batched(self.cfg.batch_size, partial=False),
-        )
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.cfg.num_workers,
-                               persistent_workers=False)
-        # Repeat the stream so that every rank yields exactly batches_per_epoch batches (no DDP hang).
-        return loader.repeat(2).with_epoch(self.batches_per_epoch)
+    def __init__(self, cfg: DataConfig, world: World, image_transform: Callable, tokenize: Callable,
+                 with_keys: bool = False, collate_hook: Callable[[dict], dict] | None = None):
+        self.cfg, self.world, self.tokenize = cfg, world, tokenize
+        self.with_keys, self.collate_hook = with_keys, collate_hook
+        self.decoder = SampleDecoder(image_transform, cfg.video_frames, cfg.draft)
+        self.shards: ShardSet = parse_spec(cfg.train_shards)
+        self.topology = topology(world, cfg.num_workers)
+        self.num_samples = self.shards.num_samples
+        if cfg.mode == "exact":
+            if len(set(self.shards.weights)) > 1:
+                raise ValueError("data.train_shards: mixing weights (`spec@weight`) need data.mode=resampled; "
+                                 "an exact epoch reads every sample once")
+            sharding.check_exact(len(self.shards.urls), self.topology)
+            epoch_samples = self.num_samples
+        else:
+            epoch_samples = cfg.epoch_samples or self.num_samples
+            self.probabilities = self.shards.shard_probabilities()
+        self.batches_per_epoch = sharding.batches_per_rank(epoch_samples, cfg.batch_size, self.topology)
+        self.epoch, self.consumed = 0, 0
+        self._base: Counter[str] = Counter()       # counts of DataLoaders that finished (or of the checkpoint)
+        self._live: dict[int, torch.Tensor] = {}    # slot -> cumulative counts of the running DataLoader
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    # ---------------------------------------------------------------- the main process
+    def __iter__(self) -> Iterator[dict]:
         while True:
-            for images, texts in self._loader(self.epoch):
-                yield {"image": images, "text": texts}
-            self.epoch += 1
+            if self.consumed < self.batches_per_epoch:
+                yield from self._epoch()
+            self._check_bad(final=True)
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _epoch(self) -> Iterator[dict]:
+        dataset = _EpochDataset(self, self.epoch, self.consumed)
+        if self.cfg.num_workers == 0:
+            batches = _rng_isolated(iter(dataset))
+        else:
+            # Own generator: the DataLoader draws worker base seeds from it, not from the loop's global RNG.
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                      pin_memory=torch.cuda.is_available(),
+                                      generator=torch.Generator().manual_seed(self.cfg.seed)))
+        try:
+            for batch in batches:
+                slot = int(batch.pop("_slot"))
+                self._live[slot] = batch.pop("_counts")
+                self.consumed += 1
+                self._check_bad()
+                yield batch
+        finally:
+            self._base.update(self._live_counts())
+            self._live = {}
+        if self.consumed != self.batches_per_epoch:
+            raise RuntimeError(f"epoch {self.epoch} ended after {self.consumed} of {self.batches_per_epoch} "
+                               f"batches on rank {self.world.rank}: the loader broke its batch-count invariant")
+
+    def _live_counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for counts in self._live.values():
+            total.update({k: int(v) for k, v in zip(COUNTER_KINDS, counts.tolist()) if v})
+        return total
+
+    def counters(self) -> dict[str, int]:
+        """Samples decoded and bad samples by kind on this rank since the start of training (for the log)."""
+        total = self._base + self._live_counts()
+        out = {k: total.get(k, 0) for k in COUNTER_KINDS}
+        out["bad"] = sum(out[k] for k in BAD_KINDS)
+        return out
+
+    def _check_bad(self, final: bool = False) -> None:
+        c = self.counters()
+        seen = c["samples"] + c["bad"]
+        if c["bad"] and (final or seen >= MIN_SAMPLES_FOR_BAD_CHECK) and c["bad"] > self.cfg.max_bad_fraction * seen:
+            kinds = ", ".join(f"{k} {c[k]}" for k in BAD_KINDS if c[k])
+            raise RuntimeError(f"data: {c['bad']} of {seen} samples were bad on rank {self.world.rank} ({kinds}), "
+                               f"above data.max_bad_fraction={self.cfg.max_bad_fraction}; see the warnings above")
+
+    def _signature(self) -> dict:
+        return {"mode": self.cfg.mode, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size,
+                "num_ranks": self.topology.num_ranks, "workers": self.topology.workers_per_rank,
+                "num_samples": self.num_samples, "batches_per_epoch": self.batches_per_epoch}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        return {"epoch": self.epoch, "consumed": self.consumed, "counters": dict(self._base + self._live_counts()),
+                "signature": self._signature()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
+        self.epoch, self.consumed = int(state["epoch"]), int(state.get("consumed", 0))
+        self._base, self._live = Counter(state.get("counters", {})), {}
+        saved = state.get("signature")
+        if saved is not None and saved != self._signature():
+            diff = {k: (saved.get(k), v) for k, v in self._signature().items() if saved.get(k) != v}
+            if self.cfg.resume_mismatch == "error":
+                raise ValueError(f"cannot resume the data order: {diff} (saved, now) changed since the checkpoint; "
+                                 f"set data.resume_mismatch=next_epoch to continue from the next epoch instead")
+            log.warning("data order changed since the checkpoint %s: continuing at epoch %d", diff, self.epoch + 1)
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    # ---------------------------------------------------------------- inside a worker
+    def slot_pieces(self, epoch: int, slot: int) -> list[sharding.Piece]:
+        quota = int(sharding.slot_quotas(self.topology, self.cfg.batch_size, self.batches_per_epoch)[slot])
+        if self.cfg.mode == "exact":
+            return sharding.exact_pieces(self.shards.sizes, self.topology, self.cfg.batch_size, self.cfg.seed,
+                                         epoch, slot)
+        return sharding.resampled_pieces(self.shards.sizes, self.probabilities, self.cfg.seed, epoch, slot, quota)
+
+    def slot_batches(self, epoch: int, slot: int, done: int, worker: int) -> Iterator[dict]:
+        """The batches of `slot` in `epoch` after its first `done` samples (a multiple of the batch size)."""
+        block = max(1, self.cfg.shuffle_buffer)
+        first_block = done // block
+        pieces = sharding.skip(self.slot_pieces(epoch, slot), first_block * block)
+        raw = (s for p in pieces for s in read_piece(self.shards.urls[p.shard], p.start, p.stop))
+        shuffled = block_shuffle(raw, block, self.cfg.seed, epoch, slot, first_block, done - first_block * block)
+        counts = torch.zeros(len(COUNTER_KINDS), dtype=torch.long)
+        examples = self._decoded(shuffled, epoch, slot, done, counts)
+        batcher = wds.filters.batched(self.cfg.batch_size, collation_fn=self._collate, partial=False)
+        for batch in batcher(examples):
+            batch["_slot"], batch["_counts"] = torch.tensor(slot), counts.clone()
+            yield batch
+
+    def _decoded(self, items: Iterator, epoch: int, slot: int, position: int, counts: torch.Tensor) -> Iterator[dict]:
+        """Decoded examples; a bad one is counted and replaced by the last good one (or the next, at the start)."""
+        warn, last_good, pending = _Warner(), None, 0
+        batch_size, seed = self.cfg.batch_size, self.cfg.seed
+        for item in items:
+            if position % batch_size == 0:  # per-batch seed: resumed batches are bit-identical
+                torch.manual_seed(hash((seed, epoch, slot, position // batch_size)) & 0x7FFF_FFFF_FFFF)
+            rng = np.random.default_rng([seed, epoch, slot, position, 2])
+            position += 1
+            if not isinstance(item, Bad):
+                try:
+                    example = self.decoder(item, rng)
+                except KeyError as exn:
+                    item = Bad("missing_field", f"{item.get('__url__')}:{item.get('__key__')}: {exn}")
+                except Exception as exn:  # PIL raises many types for corrupt images
+                    item = Bad("decode_error", f"{item.get('__url__')}:{item.get('__key__')}: "
+                                               f"{type(exn).__name__}: {exn}")
+            if isinstance(item, Bad):
+                counts[COUNTER_KINDS.index(item.kind)] += 1
+                warn(item, slot)
+                if last_good is None:
+                    pending += 1
+                else:
+                    yield last_good
+                continue
+            counts[0] += 1
+            last_good = example
+            for _ in range(pending + 1):
+                yield example
+            pending = 0
+        if pending:
+            raise RuntimeError(f"data: every one of the {pending} samples read by worker slot {slot} in epoch "
+                               f"{epoch} was bad; see the warnings above")
+
+    def _collate(self, examples: list[dict]) -> dict:
+        batch = {"text": self.tokenize([e["caption"] for e in examples])}  # [B,L]
+        key = "frames" if "frames" in examples[0] else "image"
+        batch[key] = torch.stack([e[key] for e in examples])  # [B,3,H,W] or [B,T,3,H,W]
+        if self.with_keys:
+            batch["__key__"] = [e["__key__"] for e in examples]
+        return self.collate_hook(batch) if self.collate_hook else batch
+
+
+def _rng_isolated(batches: Iterator[dict]) -> Iterator[dict]:
+    """Without workers, decoding runs in the training process: keep its per-batch reseeding away from the
+    loop's own torch RNG (masks, dropout)."""
+    while True:
+        state = torch.get_rng_state()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield batch
+

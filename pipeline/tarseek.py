@@ -1,0 +1,144 @@
+"""Read samples [start, stop) of a tar shard without decoding, or even reading, the samples before `start`.
+
+Positioning costs O(1) with plait's member index (`S.idx.json`, written by data_prep/writer.py: byte offset of
+each sample's first tar header) and otherwise O(members before start) 512-byte header reads plus seeks over the
+payloads (img2dataset and other tars without an index). The samples themselves come from webdataset's own
+`tar_file_iterator` and `group_by_keys` stages, started at that byte offset.
+
+Files are opened with fsspec rather than webdataset's `gopen` because gopen streams http through a `curl` pipe
+(no seeking) and knows no s3/gs; fsspec files are seekable on every backend (ranged requests for http and
+object stores).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import fsspec
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+_BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members; the header walk must too
+
+
+@dataclass(frozen=True)
+class Bad:
+    """Stands in the stream for a sample that could not be read or decoded; `kind` is the counter's name."""
+
+    kind: str
+    detail: str
+
+
+def _raise(exn: Exception) -> bool:
+    raise exn
+
+
+def open_url(url: str):
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, "rb")
+
+
+@lru_cache(maxsize=64)
+def sample_offsets(url: str) -> tuple[int, ...] | None:
+    """Byte offsets of the samples of `url` from its plait index `S.idx.json`, or None when there is none."""
+    if not url.endswith(".tar"):
+        return None
+    try:
+        with open_url(url[: -len(".tar")] + ".idx.json") as f:
+            index = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if index.get("format") != "plait-tar-index/1":
+        return None
+    return tuple(index["offsets"])
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
+    return int(field or b"0", 8)
+
+
+def _pax_path(payload: bytes) -> str | None:
+    for record in payload.decode("utf-8", "replace").split("\n"):
+        _, _, kv = record.partition(" ")
+        if kv.startswith("path="):
+            return kv[len("path="):]
+    return None
+
+
+def seek_by_headers(f, sample: int) -> None:
+    """Positions `f` at the first header of sample number `sample`, reading only the tar headers.
+
+    Samples are counted like webdataset's group_by_keys counts them: a new sample starts where the key
+    (the member name up to its first dot) changes."""
+    seen, current = -1, None
+    start_of_entry = f.tell()  # a GNU long name or pax header belongs to the member after it
+    pending_name = None
+    while True:
+        pos = f.tell()
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header == bytes(_BLOCK):
+            raise EOFError(f"tar ends after {seen + 1} samples, before sample {sample}")
+        size, kind = _octal(header[124:136]), header[156:157]
+        payload_end = pos + _BLOCK + -(-size // _BLOCK) * _BLOCK
+        if kind in (b"L", b"x"):  # long name / pax extended header: the next member's real name
+            payload = f.read(size)
+            pending_name = payload.rstrip(b"\0").decode() if kind == b"L" else _pax_path(payload)
+            f.seek(payload_end)
+            continue
+        name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and header[345:500].strip(b"\0") and not pending_name:
+            name = header[345:500].rstrip(b"\0").decode() + "/" + name
+        pending_name = None
+        entry, start_of_entry = start_of_entry, payload_end
+        if kind not in (b"0", b"\0") or _META.match(name) or (name.startswith("__") and name.endswith("__")):
+            f.seek(payload_end)
+            continue
+        key = base_plus_ext(name)[0]
+        if key is not None and key != current:
+            seen, current = seen + 1, key
+            if seen == sample:
+                f.seek(entry)
+                return
+        f.seek(payload_end)
+
+
+def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
+    """Samples [start, stop) of shard `url` as webdataset sample dicts (`__key__`, `__url__`, `jpg`: bytes...).
+
+    Never raises for bad data: an unreadable shard, or one holding fewer samples than its count promised,
+    yields one Bad per missing sample, so a slot's sample count (and hence every rank's batch count) holds."""
+    count = stop - start
+    if count <= 0:
+        return
+    got = 0
+    try:
+        with open_url(url) as f:
+            offsets = sample_offsets(url)
+            if start and offsets is not None and start < len(offsets):
+                f.seek(offsets[start])
+            elif start:
+                seek_by_headers(f, start)
+            files = tar_file_iterator(f, handler=_raise)
+            for sample in group_by_keys(_tag(files, url), handler=_raise):
+                yield sample
+                got += 1
+                if got == count:
+                    return
+            reason = Bad("short_shard", f"{url}: {got} of {count} samples from {start} present")
+    except Exception as exn:  # truncated tar, network error, bad header: the rest of the piece is lost
+        reason = Bad("unreadable_shard", f"{url} at sample {start + got}: {type(exn).__name__}: {exn}")
+    for _ in range(count - got):
+        yield reason
+
+
+def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
+    """tar_file_expander's job (adding `__url__`) without its end-of-shard `{}` marker: one shard per call."""
+    for item in files:
+        item["__url__"] = url
+        yield item
