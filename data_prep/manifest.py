@@ -48,24 +48,28 @@ def read_records(out: OutputDir, name: str, columns: list[str] | None = None) ->
         return pq.read_table(f, columns=columns)
 
 
-def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int]) -> dict[str, Any]:
-    """sizes.json, manifest.json and samples.parquet from the finished shards' stats and records."""
+def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int],
+                            repair_shards: Iterable[int] = ()) -> dict[str, Any]:
+    """sizes.json, manifest.json and samples.parquet from the finished shards' stats and records, streamed shard
+    by shard: memory grows with the rows of repair shards only, not with the dataset."""
     from data_prep.writer import shard_name
 
     shard_ids = sorted(shard_ids)
     stats = [out.read_json(f"{shard_name(s)}_stats.json") for s in shard_ids]
-    # a repaired row appears in its original shard and in a later repair shard: the latest record wins
+    # planned shards hold disjoint rows; a repaired row is also in a later repair shard, whose record wins
     latest: dict[int, int] = {}
-    for s in shard_ids:
+    for s in sorted(repair_shards):
         for row in read_records(out, f"{shard_name(s)}.parquet", ["row"]).column("row").to_pylist():
             latest[row] = s
+    num_rows = 0
     reasons: Counter[str] = Counter()
     num_ok = num_rejected = num_samples = 0
     with out.open_atomic("samples.parquet") as f, pq.ParquetWriter(f, RECORD_SCHEMA) as writer:
         for s in shard_ids:
             table = read_records(out, f"{shard_name(s)}.parquet")
-            keep = [latest[r] == s for r in table.column("row").to_pylist()]
+            keep = [latest.get(r, s) == s for r in table.column("row").to_pylist()]
             table = table.filter(pa.array(keep, pa.bool_()))
+            num_rows += table.num_rows
             writer.write_table(table)
             for status, reason, n in zip(*(table.column(c).to_pylist() for c in ("status", "reason", "num_samples"))):
                 if status == "ok":
@@ -78,7 +82,7 @@ def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int]) -> dict[st
     out.write_json("sizes.json", sizes)
     summary = {
         "format": "plait-dataset/1",
-        "num_shards": len(stats), "num_input_rows": len(latest), "num_ok": num_ok, "num_rejected": num_rejected,
+        "num_shards": len(stats), "num_input_rows": num_rows, "num_ok": num_ok, "num_rejected": num_rejected,
         "num_samples": num_samples,
         "reasons": dict(reasons.most_common()),
         "shards": [{"name": st["tar"], "num_samples": st["num_samples"], "bytes": st["bytes"], "sha256": st["sha256"]}

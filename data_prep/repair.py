@@ -33,7 +33,8 @@ def repair(output: str, processes: int = 1, progress: bool = True, log=print) ->
         if not retry:
             log("nothing to repair: no transient failures")
             return out.read_json("manifest.json")
-        first = max(expected_shards(out)) + 1
+        planned, repairs = expected_shards(out)
+        first = max(planned + repairs, default=-1) + 1
         per = opts.samples_per_shard
         groups = [retry[i:i + per] for i in range(0, len(retry), per)]
         marker = {"first": first, "shards": [first + i for i in range(len(groups))],
