@@ -65,8 +65,10 @@ def node_command(job: TrainJob) -> str:
                  train]
     else:
         # accelerate: --num_processes is the total over all nodes, --machine_rank this node's index.
+        # Precision and compilation are training's config (Accelerator arguments win over these
+        # launcher defaults); naming them only silences accelerate's "defaults used" warning.
         parts = [f"{python} -m accelerate.commands.launch --multi_gpu --num_machines {res.nodes}"
-                 f" --num_processes {res.world_size}",
+                 f" --num_processes {res.world_size} --mixed_precision no --dynamo_backend no",
                  '--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"',
                  train]
     return " \\\n        ".join(parts)

@@ -81,7 +81,7 @@ def test_train_script_launcher_per_node(tmp_path):
     # accelerate on GPUs: --num_processes counts all nodes.
     gpu = render.render_train(TrainJob(run_dir=tmp_path, resources=Resources(nodes=4, procs_per_node=8),
                                        train_args=(), python="py"))
-    assert "--num_machines 4 --num_processes 32" in gpu and "#SBATCH --gpus-per-node=8" in gpu
+    assert "--num_machines 4 --num_processes 32 " in gpu and "#SBATCH --gpus-per-node=8" in gpu
     assert "train.device=cpu" not in gpu
     # A single process needs no launcher, so exit code 75 reaches the batch script unchanged.
     single = render.render_train(TrainJob(run_dir=tmp_path, resources=Resources(cpu=True), train_args=(),

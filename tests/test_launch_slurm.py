@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -186,36 +187,83 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_two_node_training_matches_local_four_process_run(slurm_env, train_shards, tmp_path):
-    import torch
+TRAIN_STEPS = 24  # 6 epochs: long enough to signal a running job mid-way
 
-    steps = 8
-    local_dir = tmp_path / "local"
+
+@pytest.fixture(scope="module")
+def local_reference(train_shards, tmp_path_factory) -> Path:
+    """The same training as a local 4-process run (torchrun), never interrupted."""
+    run_dir = tmp_path_factory.mktemp("local-reference")
     started = time.monotonic()
     local = subprocess.run([sys.executable, "-m", "launch.cli", "local", "--nproc", "4", "--cpu", "--",
-                            *_train_args(train_shards, steps), "--set", f"train.run_dir={local_dir}"],
+                            *_train_args(train_shards, TRAIN_STEPS), "--set", f"train.run_dir={run_dir}"],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr[-3000:]
-    local_s = time.monotonic() - started
+    print(f"\nlocal 4-process run: {time.monotonic() - started:.1f}s")
+    return run_dir
 
+
+def _assert_same_training(run_dir: Path, reference: Path) -> None:
+    import torch
+
+    remote_metrics, local_metrics = _metrics(run_dir), _metrics(reference)
+    # Each step exactly once (a resumed run appends to metrics.jsonl), 16 samples per step = world size 4.
+    assert [m["step"] for m in remote_metrics] == list(range(1, TRAIN_STEPS + 1))
+    assert [m["samples_seen"] for m in remote_metrics] == [16 * s for s in range(1, TRAIN_STEPS + 1)]
+    assert [m["loss"] for m in remote_metrics] == pytest.approx([m["loss"] for m in local_metrics], rel=1e-4)
+    remote, here = _final_weights(run_dir), _final_weights(reference)
+    assert remote.keys() == here.keys()
+    for name in here:
+        torch.testing.assert_close(remote[name], here[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_node_training_matches_local_four_process_run(slurm_env, train_shards, local_reference, tmp_path):
     run_dir = tmp_path / "slurm"
     started = time.monotonic()
     assert cli.main(["train", "--run-dir", str(run_dir), "--nodes", "2", "--procs-per-node", "2", "--cpu",
-                     "--", *_train_args(train_shards, steps)]) == 0
+                     "--", *_train_args(train_shards, TRAIN_STEPS)]) == 0
     (job_id,) = _records(run_dir, "train")
     job = slurm_env.wait_job(job_id, 300)
-    slurm_s = time.monotonic() - started
     log = (run_dir / f"slurm-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED", log[-5000:]
-    print(f"\n2-node job: {slurm_s:.1f}s submit-to-done; local 4-process run {local_s:.1f}s")
+    print(f"\n2-node job: {time.monotonic() - started:.1f}s from submission to completion")
 
     assert job["NodeList"] == "n[1-2]" and "training finished" in log
     ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == [f"rank-{r:05d}.pt" for r in range(4)]
-    remote_metrics, local_metrics = _metrics(run_dir), _metrics(local_dir)
-    assert [m["samples_seen"] for m in remote_metrics] == [16 * s for s in range(1, steps + 1)]  # world size 4
-    assert [m["loss"] for m in remote_metrics] == pytest.approx([m["loss"] for m in local_metrics], rel=1e-5)
-    remote, here = _final_weights(run_dir), _final_weights(local_dir)
-    assert remote.keys() == here.keys()
-    for name in here:
-        torch.testing.assert_close(remote[name], here[name], rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same_training(run_dir, local_reference)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, train_shards, local_reference, tmp_path):
+    """USR1 to the batch script (what --signal=B:USR1@N sends) -> checkpoint -> requeue -> resume -> done,
+    with the same steps, samples and final weights as the uninterrupted run."""
+    cluster, run_dir = slurm_env, tmp_path / "slurm"
+    # accelerate here, torchrun (the CPU default) in the 2-node test: both launchers run on the cluster.
+    assert cli.main(["train", "--run-dir", str(run_dir), "--nodes", "2", "--procs-per-node", "2", "--cpu",
+                     "--launcher", "accelerate", "--max-restarts", "2", "--", *_train_args(train_shards, TRAIN_STEPS)]) == 0
+    (job_id,) = _records(run_dir, "train")
+    assert "#SBATCH --signal=B:USR1@120" in (run_dir / "job.sbatch").read_text()
+
+    # Signal once training is under way (the handlers are installed) and well before its end.
+    metrics_path, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, f"training never started: {_log_tail(run_dir)}"
+        assert cluster.job_state(job_id).get("JobState") in ("PENDING", "RUNNING"), _log_tail(run_dir)
+        time.sleep(0.2)
+    signalled = time.monotonic()
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    job = cluster.wait_job(job_id, 300)
+    done = time.monotonic()
+    log = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-6000:]
+    stopped = re.search(r"stopping at step (\d+) \(signal\); checkpoint saved", log)
+    assert stopped, log[-6000:]
+    stop_step = int(stopped.group(1))
+    assert 2 <= stop_step < TRAIN_STEPS
+    assert "requeueing (restart 1/2)" in log and "start 1/2 restarts" in log
+    assert re.search(rf"resumed from \S+step-{stop_step:08d} at step {stop_step}", log), log[-6000:]
+    assert log.count("training finished") == 1
+    print(f"\nrequeue cycle: stopped at step {stop_step}/{TRAIN_STEPS}; {done - signalled:.1f}s from the signal "
+          "to completion")
+    _assert_same_training(run_dir, local_reference)
