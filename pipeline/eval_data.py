@@ -1,0 +1,116 @@
+"""Evaluation datasets: plait shards, img2dataset shards, and clip_benchmark's local `wds` layout, read in order.
+
+clip_benchmark's layout (`clip_benchmark_export_wds`):
+  ROOT/test/{0..N-1}.tar (+ nshards.txt)   samples with webp/png/jpg and `cls` (classification) or `txt`
+                                           (retrieval: several captions, one per line)
+  ROOT/classnames.txt                      one class name per line, in label order
+  ROOT/zeroshot_classification_templates.txt   one template per line, `{c}` marks the class name
+  ROOT/dataset_type.txt                    `retrieval` for retrieval sets (classification otherwise)
+plait's and img2dataset's shard folders hold `*.tar` directly (jpg + txt, plus `cls` for labelled sets).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+
+from pipeline.distributed import World
+from pipeline.shardspec import expand
+
+IMAGE_KEYS = "jpg;jpeg;png;webp;0.webp"
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Shards of one evaluation split, with what the folder says about its task."""
+    urls: tuple[str, ...]
+    classnames: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    kind: str = ""
+    """`classification`, `retrieval`, or '' when the folder does not say."""
+
+
+def read_lines(path: str | Path) -> tuple[str, ...]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+
+
+def normalise_template(template: str) -> str:
+    """clip_benchmark writes `{c}` for the class name; plait and open_clip use `{}`."""
+    template = template.replace("{c}", "{}")
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} has no {{}} or {{c}} placeholder for the class name")
+    return template
+
+
+def _numbered(paths: list[Path]) -> list[Path]:
+    """clip_benchmark names shards 0.tar, 1.tar, ..., 10.tar: sort by number, not by text."""
+    return sorted(paths, key=lambda p: (int(m.group()) if (m := re.search(r"\d+", p.stem)) else -1, p.name))
+
+
+def resolve(data: str, split: str = "test") -> EvalSet:
+    """An EvalSet from a clip_benchmark root, a folder of shards, or a shard spec (`a/{0..9}.tar::b/x.tar`)."""
+    root = Path(data)
+    if root.is_dir():
+        folder = root / split if (root / split).is_dir() else root
+        urls = [str(p) for p in _numbered(list(folder.glob("*.tar")))]
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in {folder} (expected {root}/{split}/*.tar or {root}/*.tar)")
+        meta = root if (root / split).is_dir() else folder
+        names = read_lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else ()
+        tpl_file = meta / "zeroshot_classification_templates.txt"
+        templates = tuple(map(normalise_template, read_lines(tpl_file))) if tpl_file.is_file() else ()
+        kind_file = meta / "dataset_type.txt"
+        kind = kind_file.read_text().strip().lower() if kind_file.is_file() else ("classification" if names else "")
+        return EvalSet(tuple(urls), names, templates, kind)
+    if not data.strip():
+        raise ValueError("evaluation data is empty: give a shard spec or a folder")
+    urls = [u for part in data.split("::") if part.strip() for u in expand(part.strip())]
+    return EvalSet(tuple(urls))
+
+
+def rank_share(urls: tuple[str, ...] | list[str], world: World) -> list[str]:
+    """This rank's shards: every world_size-th, starting at its rank (a pure function; shards, not samples, so
+    each sample is scored exactly once)."""
+    return list(urls)[world.rank::world.world_size]
+
+
+def _captions(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def batches(urls: list[str], transform: Callable, field: str, batch_size: int, max_samples: int = 0,
+            num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
+    """(images [B, 3, H, W], targets) in shard order: targets are int labels (`cls`) or caption lists (`txt`)."""
+    if not urls:
+        return
+    target = int if field == "cls" else _captions
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.decode("pil", handler=wds.warn_and_continue),
+        wds.to_tuple(IMAGE_KEYS, field, handler=wds.warn_and_continue),
+        wds.map_tuple(transform, target),
+        wds.batched(batch_size, partial=True, collation_fn=_collate),
+    )
+    seen = 0
+    for images, targets in wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers):
+        if max_samples and seen >= max_samples:
+            break
+        if max_samples and seen + len(targets) > max_samples:
+            keep = max_samples - seen
+            images, targets = images[:keep], targets[:keep]
+        seen += len(targets)
+        yield images, targets
+
+
+def _collate(samples: list[tuple]) -> tuple[torch.Tensor, list]:
+    images, targets = zip(*samples)
+    return torch.stack(images), list(targets)
