@@ -262,6 +262,7 @@ class Fetcher:
             if size > self.opts.max_bytes:
                 raise Reject(f"file too large (> {self.opts.max_bytes} bytes)")
             chunks.append(chunk)
+        resp.read()  # marks the response complete (read1 alone leaves it open) so the connection is reused
         return b"".join(chunks)
 
 

@@ -85,7 +85,10 @@ def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], proces
             finished.append(build_shard(opts, shard_id, unit))
             _update(bar, finished, started)
     else:
-        ctx = mp.get_context("spawn")  # no fork of a parent holding pyarrow/tqdm threads
+        # forkserver: no fork of a parent holding pyarrow/tqdm threads, yet workers start as forks of a server
+        # that imported the worker code once (spawn re-imported it in every worker: ~1 s each)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["data_prep.worker", "data_prep.video"])
         counter_value = ctx.Value("q", 0)
         with ProcessPoolExecutor(processes, mp_context=ctx, initializer=init_worker,
                                  initargs=(counter_value,)) as pool:

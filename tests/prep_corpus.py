@@ -87,6 +87,7 @@ class CorpusServer:
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files, self.hits, self.healed = dict(files), {}, False
+        self.peers, self.user_agents, self.lock, self.active, self.max_active = set(), set(), threading.Lock(), 0, 0
         self.ok = jpeg_bytes(asymmetric_rgb(300, 200))
         server = self
 
@@ -107,7 +108,21 @@ class CorpusServer:
             def do_GET(self):
                 path = self.path.split("?", 1)[0]
                 server.hits[path] = server.hits.get(path, 0) + 1
-                n = server.hits[path]
+                server.peers.add(self.client_address)
+                server.user_agents.add(self.headers.get("User-Agent"))
+                with server.lock:
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                try:
+                    return self.route(path, server.hits[path])
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def route(self, path, n):
+                if path == "/sleepy.jpg":
+                    time.sleep(0.2)
+                    return self.send(200, server.ok)
                 if path.startswith("/files/") and path[7:] in server.files:
                     return self.send(200, server.files[path[7:]], [("Content-Type", "image/jpeg")])
                 if path.startswith("/status/"):

@@ -1,0 +1,156 @@
+"""Benchmark `plait prep shard` against img2dataset 1.47.0 and a bare Pillow loop on the same real photos.
+
+    .venv/bin/python benchmarks/bench_prep.py [--rows 1200] [--processes 2] [--memory-rows 10000,1000000]
+
+Corpus: every JPEG of Debian's opencv-doc examples and mate-backgrounds, repeated to --rows rows, as file:// URLs in
+a CSV. Same settings for all three: image size 256, keep_ratio, no upscaling, JPEG quality 95, 2 processes.
+img2dataset runs in its own venv (benchmarks/.venv/img2dataset, created here if absent: it pins webdataset<0.3
+and opencv<5, which must not enter the project's venv). The bare loop (decode with draft -> resize -> encode, in a
+warm multiprocessing pool, timing only the map) is the ceiling. Then peak memory (max RSS of the main process and of
+any worker) for a cheap corpus of tiny JPEGs at each --memory-rows size: it should stay flat.
+Wall times include process start-up for plait and img2dataset alike.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+I2D_VENV = REPO / "benchmarks" / ".venv" / "img2dataset"
+PHOTO_GLOBS = ("/usr/share/doc/opencv-doc/examples/**/*.jpg", "/usr/share/backgrounds/mate/**/*.jpg")
+
+
+def photos() -> list[str]:
+    paths = sorted({p for g in PHOTO_GLOBS for p in glob.glob(g, recursive=True)})
+    if not paths:
+        sys.exit("no photos: apt-get install opencv-doc mate-backgrounds")
+    return paths
+
+
+def write_corpus(path: Path, files: list[str], rows: int) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "caption"])
+        for i in range(rows):
+            w.writerow([f"file://{files[i % len(files)]}", f"photo number {i}"])
+
+
+def run_plait(corpus: Path, out: Path, processes: int) -> tuple[float, int]:
+    cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--output", str(out),
+           "--image-size", "256", "--resize-mode", "keep_ratio", "--encode-quality", "95", "--processes",
+           str(processes), "--no-dedup", "--no-progress"]
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    return wall, json.loads((out / "manifest.json").read_text())["num_samples"]
+
+
+def ensure_img2dataset() -> Path:
+    exe = I2D_VENV / "bin" / "img2dataset"
+    if not exe.exists():
+        print(f"creating {I2D_VENV} with img2dataset==1.47.0 ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset==1.47.0"], check=True)
+    return exe
+
+
+def run_img2dataset(corpus: Path, out: Path, processes: int) -> tuple[float, int]:
+    cmd = [str(ensure_img2dataset()), "--url_list", str(corpus), "--input_format", "csv", "--url_col", "url",
+           "--caption_col", "caption", "--output_folder", str(out), "--output_format", "webdataset",
+           "--processes_count", str(processes), "--thread_count", "16", "--image_size", "256",
+           "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "True", "--encode_quality", "95",
+           "--encode_format", "jpg", "--number_sample_per_shard", "10000", "--distributor", "multiprocessing",
+           "--enable_wandb", "False"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    ok = sum(json.loads(Path(p).read_text())["successes"] for p in glob.glob(str(out / "*_stats.json")))
+    return wall, ok
+
+
+def _bare_one(path: str) -> int:
+    from PIL import Image
+    with Image.open(path) as img:
+        w, h = img.size
+        scale = min(1.0, 256 / min(w, h))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if scale < 1:
+            img.draft("RGB", size)
+        img = img.convert("RGB")
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        return len(buf.getvalue())
+
+
+def run_bare(files: list[str], rows: int, processes: int) -> tuple[float, int]:
+    work = [files[i % len(files)] for i in range(rows)]
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_bare_one, work[: 2 * processes])  # warm the workers
+        t = time.perf_counter()
+        pool.map(_bare_one, work, chunksize=8)
+        return time.perf_counter() - t, len(work)
+
+
+def memory_probe(rows: int, processes: int, tmp: Path) -> dict[str, float]:
+    from PIL import Image
+    tiny = tmp / "tiny.jpg"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tiny, quality=90)
+    corpus = tmp / f"mem_{rows}.csv"
+    write_corpus(corpus, [str(tiny)], rows)
+    out = tmp / f"mem_{rows}"
+    probe = ("import json, resource, sys, time; from data_prep.cli import main; t = time.perf_counter(); "
+             "main(sys.argv[1:]); print(json.dumps({'wall': time.perf_counter() - t, "
+             "'main_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+             "'worker_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+    cmd = [sys.executable, "-c", probe, "shard", "--input", str(corpus), "--output", str(out), "--processes",
+           str(processes), "--no-dedup", "--no-progress"]
+    res = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1200)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--memory-rows", default="10000,1000000", help="comma-separated sizes; empty to skip")
+    ap.add_argument("--skip-img2dataset", action="store_true")
+    a = ap.parse_args(argv)
+    files = photos()
+    with tempfile.TemporaryDirectory(prefix="bench_prep_") as d:
+        tmp = Path(d)
+        corpus = tmp / "corpus.csv"
+        write_corpus(corpus, files, a.rows)
+        print(f"corpus: {a.rows} rows over {len(files)} real JPEGs; 256 px keep_ratio, no upscale, q95, "
+              f"{a.processes} processes, {os.cpu_count()} cores", flush=True)
+        bare_s, bare_n = run_bare(files, a.rows, a.processes)
+        plait_s, plait_n = run_plait(corpus, tmp / "plait", a.processes)
+        print(f"bare Pillow loop : {bare_n / bare_s:8.1f} samples/s ({bare_n} in {bare_s:.2f}s, warm pool, map only)")
+        print(f"plait prep       : {plait_n / plait_s:8.1f} samples/s ({plait_n} in {plait_s:.2f}s wall)")
+        print(f"plait / bare     : {(plait_n / plait_s) / (bare_n / bare_s):8.2f}   (target >= 0.85)")
+        if not a.skip_img2dataset:
+            i2d_s, i2d_n = run_img2dataset(corpus, tmp / "i2d", a.processes)
+            print(f"img2dataset      : {i2d_n / i2d_s:8.1f} samples/s ({i2d_n} in {i2d_s:.2f}s wall)")
+            print(f"plait / img2data : {(plait_n / plait_s) / (i2d_n / i2d_s):8.2f}   (target >= 2)")
+        for rows in [int(r) for r in a.memory_rows.split(",") if r.strip()]:
+            m = memory_probe(rows, a.processes, tmp)
+            print(f"peak memory at {rows:>8} rows: main {m['main_mb']:.0f} MB, largest worker "
+                  f"{m['worker_mb']:.0f} MB ({rows / m['wall']:.0f} rows/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
