@@ -3,12 +3,16 @@
 Layout of `RUN_DIR/checkpoints/step-00001000/`:
   model.safetensors     unwrapped model (no `module.` / `_orig_mod.` prefixes)
   optimizer.pt          optimizer and scheduler state
-  trainer.pt            step, samples seen, schedule signature, resolved config (TOML text)
+  trainer.pt            step, samples seen, world size, schedule signature, model_cfg (JSON text),
+                        resolved config (TOML text)
   rank-00000.pt ...     per-rank RNG states and loader state
-Every .pt loads with `torch.load(weights_only=True)`.
+Every .pt loads with `torch.load(weights_only=True)`. Files are written under `.tmp-step-N/`, fsynced, and the
+directory is renamed once every rank has written: a checkpoint dir without `.tmp-` is complete, so a run killed
+mid-write (kill -9, node loss) resumes from the previous one.
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -70,28 +74,59 @@ class Checkpointer:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def resolve(self, resume: str | None) -> Path | None:
+        """`--resume`: None -> fresh start; `auto` -> the newest complete checkpoint, if any; else a checkpoint dir."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / "trainer.pt").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no trainer.pt)")
+        return path
+
     def write_rank_state(self, step: int, rank: int, state: dict) -> None:
-        torch.save(state, self.staging_dir(step) / f"rank-{rank:05d}.pt")
+        _save(state, self.staging_dir(step) / f"rank-{rank:05d}.pt")
 
     def write_main_state(self, step: int, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
         staging = self.staging_dir(step)
         save_file(clean_state_dict(model_state), staging / "model.safetensors")
-        torch.save(optim_state, staging / "optimizer.pt")
-        torch.save(trainer_state, staging / "trainer.pt")
+        _fsync(staging / "model.safetensors")
+        _save(optim_state, staging / "optimizer.pt")
+        _save(trainer_state, staging / "trainer.pt")
 
     def publish(self, step: int) -> Path:
         """Renames the staging dir once every rank has written; then prunes old checkpoints (main rank only)."""
         final = self.root / f"{PREFIX}{step:08d}"
         if final.exists():
             shutil.rmtree(final)
-        self.staging_dir(step).rename(final)
+        staging = self.staging_dir(step)
+        staging.rename(final)
+        _fsync(self.root)
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     @staticmethod
     def load(path: Path, rank: int) -> dict:
+        if not (path / f"rank-{rank:05d}.pt").is_file():
+            raise ValueError(f"cannot resume {path} on rank {rank}: it was written by fewer processes; "
+                             "resume with the same number of processes")
         return {"model": load_file(path / "model.safetensors"),
                 "optim": torch.load(path / "optimizer.pt", weights_only=True),
                 "trainer": torch.load(path / "trainer.pt", weights_only=True),
                 "rank": torch.load(path / f"rank-{rank:05d}.pt", weights_only=True)}
+
+
+def _save(obj, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Data on disk before the rename publishes it (a crash must not leave a renamed dir of empty files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -202,11 +202,15 @@ class TrainConfig:
     """Checkpoints kept on disk (older ones are removed once a newer one is complete)."""
     eval_every: int = 0
     """Steps between evaluations on eval.* data; 0: only at the end."""
+    timeout_s: float = 1800.0
+    """Process-group timeout: a collective waiting longer than this fails the run instead of hanging."""
 
     def __post_init__(self):
         require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
         require(self.accum_steps >= 1, "train.accum_steps", "must be >= 1")
         require(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        require(self.timeout_s > 0, "train.timeout_s", "must be positive")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,8 @@
-"""Training metrics: throughput windows, JSONL + TensorBoard records, and the end-of-run report and plots."""
+"""Training metrics: throughput windows and the JSONL + TensorBoard log (rank 0 writes)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 class Window:
@@ -28,10 +23,10 @@ class Window:
 
 
 class MetricsLog:
-    """Appends records to RUN_DIR/metrics.jsonl and TensorBoard (rank 0 only)."""
+    """Appends records to RUN_DIR/metrics.jsonl and TensorBoard. A resumed run appends to the same files;
+    the report keeps the newest record of each step."""
 
     def __init__(self, run_dir: Path, enabled: bool):
-        self.records: list[dict] = []
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -42,33 +37,13 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, record["step"])
         self.tb.flush()
 
-
-def finish(run_dir: Path, records: list[dict]) -> dict:
-    """Writes loss.png and returns the run's summary figures (final loss, mean throughput)."""
-    if not records:
-        return {}
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in sorted({k for r in records for k in r if k == "loss" or k.startswith("loss/")}):
-        axes[0].plot(steps, [r.get(key) for r in records], label=key)
-    axes[0].set_xlabel("step")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    axes[1].plot(steps, [r["samples_per_s"] for r in records])
-    axes[1].set_xlabel("step")
-    axes[1].set_title("samples/s")
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    tail = records[len(records) // 2:] or records
-    return {"final_loss": records[-1]["loss"],
-            "samples_per_s": sum(r["samples_per_s"] for r in tail) / len(tail),
-            "data_wait_fraction": sum(r["data_wait_fraction"] for r in tail) / len(tail)}
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

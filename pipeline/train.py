@@ -1,88 +1,106 @@
-"""`plait train`: the Accelerate training loop. Reads top to bottom; helpers live in their own modules."""
+"""`plait train`: the Accelerate training loop. Reads top to bottom; helpers live in their own modules.
+
+One step: B_local x accum samples from the stream -> objective.augment -> forward_backward (feature-cache
+accumulation across micro-batches, gradient sync once) -> clip -> LR from the pure schedule -> AdamW step.
+"""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from pipeline import metrics
+from pipeline import metrics, train_eval
+from pipeline.accumulate import concat_batches, forward_backward
 from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
-from pipeline.config import Config, describe, load_config, save_config
+from pipeline.config import Config, TrainConfig, describe, load_config, save_config
 from pipeline.data import TrainStream
-from pipeline.distributed import World, all_reduce_max, print0
-from pipeline.evaluate import zero_shot
+from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
-from pipeline.optim import build_optimizer, lr_factor, schedule_signature
+from pipeline.optim import build_optimizer, check_schedule, lr_at, schedule_signature, set_lr
+from pipeline.preemption import EXIT_REQUEUE, StopFlag, StopPolicy
+from pipeline.report import write_report
 from pipeline.transforms import image_transform
 
-# Exit status of a run that checkpointed because it was asked to stop (SIGTERM/SIGUSR1, max_time_s):
-# the launcher requeues it. EX_TEMPFAIL from sysexits.h.
-EXIT_REQUEUE = 75
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Accelerate's DDP (gloo on CPU, NCCL on GPU; FSDP through `accelerate launch` config) with the run's
+    precision and an explicit process-group timeout."""
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if cfg.precision == "fp16" and on_cpu:
+        raise ValueError("config key 'train.precision': fp16 needs a GPU (CPU autocast has no fp16 gradient "
+                         "scaling); use bf16 or fp32 on CPU")
+    return Accelerator(cpu=cfg.device == "cpu",
+                       mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))])
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1; the loop reads it at step boundaries so every rank stops at the same step."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
+def optimizer_step(accelerator: Accelerator, model, optimizer, lr: float, grad_clip: float,
+                   want_norm: bool) -> float | None:
+    """Clip (unscaling fp16 gradients first), set the LR, step, zero the gradients; the norm when asked."""
+    norm = None
+    if grad_clip or want_norm:
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def run(cfg: Config, resume: str | None = None) -> dict:
     """Trains per `cfg`; returns the final report (also written to RUN_DIR/report.json)."""
-    accelerator = Accelerator(cpu=cfg.train.device == "cpu",
-                              mixed_precision={"fp32": "no"}.get(cfg.train.precision, cfg.train.precision))
+    stop_flag = StopFlag()  # first: a SIGTERM during start-up must not kill the job uncheckpointed
+    accelerator = build_accelerator(cfg.train)
     world = World.from_accelerator(accelerator)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_config(cfg, run_dir / "config.toml")
-    set_seed(cfg.train.seed)
 
+    # The same initial weights on every rank; afterwards each rank draws its own masks.
+    set_seed(cfg.train.seed)
     model_cfg = resolved_model_config(cfg.model)
     model = build_model(model_cfg, cfg.objective)
     if cfg.model.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
-    objective = Objective(cfg.objective, world)
+    set_seed(cfg.train.seed + world.rank)
+    objective = Objective(cfg.objective, world, total_steps=cfg.train.steps)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.steps))
     if cfg.train.compile:
         model = torch.compile(model)
-    # The loader is never passed through prepare(): it already splits shards by rank and worker.
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The loader is never passed through prepare(): it already splits shards by rank and worker. Nor is an LR
+    # scheduler (see optim.set_lr).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model, keep_torch_compile=False)  # the PlaitModel: checkpoints, eval
     tokenize = tokenizer_for(model_cfg)
     stream = TrainStream(cfg.data, world, image_transform(model_cfg, is_train=True), tokenize)
-    print0(world, f"plait train: {count_parameters(model) / 1e6:.1f}M parameters, {stream.num_samples} samples, "
-                  f"{world.world_size} process(es), global batch {cfg.data.batch_size * world.world_size}")
+    accum, local_batch = cfg.train.accum_steps, cfg.data.batch_size * cfg.train.accum_steps
+    global_batch = local_batch * world.world_size
+    print0(world, f"plait train: {count_parameters(core) / 1e6:.1f}M parameters, {stream.num_samples} samples, "
+                  f"{world.world_size} process(es) on {accelerator.device}, global batch {global_batch}"
+                  + (f" ({accum} accumulated micro-batches)" if accum > 1 else ""))
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last)
-    step, samples_seen = 0, 0
     signature = schedule_signature(cfg.optim, cfg.train.steps)
-    resume_from = checkpointer.latest() if resume == "auto" else (Path(resume) if resume else None)
+    step, samples_seen = 0, 0
+    resume_from = checkpointer.resolve(resume)
     if resume_from is not None:
         state = Checkpointer.load(resume_from, world.rank)
-        if state["trainer"]["schedule"] != signature:
-            raise ValueError(f"cannot resume {resume_from}: its LR schedule {state['trainer']['schedule']} differs "
-                             f"from this config's {signature}; the LR would jump")
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        check_schedule(state["trainer"]["schedule"], signature, str(resume_from))
+        if state["trainer"]["world_size"] != world.world_size:
+            raise ValueError(f"cannot resume {resume_from}: written by {state['trainer']['world_size']} processes, "
+                             f"this run has {world.world_size} (the data order depends on the topology)")
+        core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"]["optimizer"])
-        scheduler.load_state_dict(state["optim"]["scheduler"])
         step, samples_seen = state["trainer"]["step"], state["trainer"]["samples_seen"]
         stream.load_state_dict(state["rank"]["loader"])
         set_rng_state(state["rank"]["rng"])
@@ -90,67 +108,77 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     def save_checkpoint() -> None:
         checkpointer.write_rank_state(step, world.rank, {"rng": rng_state(), "loader": stream.state_dict()})
+        model_state = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
         accelerator.wait_for_everyone()
         if world.is_main:
             checkpointer.write_main_state(
-                step, accelerator.unwrap_model(model).state_dict(),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                {"step": step, "samples_seen": samples_seen, "schedule": signature,
-                 "model_cfg": json.dumps(model_cfg), "config": (run_dir / "config.toml").read_text()})
+                step, model_state, {"optimizer": optimizer.state_dict()},
+                {"step": step, "samples_seen": samples_seen, "world_size": world.world_size,
+                 "schedule": signature, "model_cfg": json.dumps(model_cfg),
+                 "config": (run_dir / "config.toml").read_text()})
             checkpointer.publish(step)
         accelerator.wait_for_everyone()
 
-    # Transitional (objectives issue): PlaitModel.forward moves to forward(batch) and Objective gains augment().
-    dict_forward = len(inspect.signature(accelerator.unwrap_model(model).forward).parameters) == 1
-    augment = objective.augment if hasattr(objective, "augment") else (lambda batch, step: batch)
-    counters = stream.counters if hasattr(stream, "counters") else dict
+    eval_transform = image_transform(model_cfg, is_train=False)
+
+    def evaluate() -> dict:
+        result = train_eval.evaluate_sharded(core.clip, tokenize, cfg.eval, eval_transform, accelerator.device,
+                                             world)
+        fields = train_eval.log_fields(result)
+        log.write({"kind": "eval", "step": step, **fields})
+        print0(world, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items()))
+        return result
 
     log = metrics.MetricsLog(run_dir, enabled=world.is_main)
-    stop = StopFlag()
-    started = time.monotonic()
+    policy = StopPolicy(stop_flag, cfg.train.max_time_s, accelerator.device)
+    interactive = world.is_main and sys.stdout.isatty()
+    progress = tqdm(total=cfg.train.steps, initial=step, disable=not interactive, desc="train", unit="step")
     batches = iter(stream)
-    progress = tqdm(total=cfg.train.steps, initial=step, disable=not world.is_main, desc="train", unit="step")
-    exit_code = 0
     window = metrics.Window()
+    stopped = None
+    started = time.monotonic()
     while step < cfg.train.steps:
         t_fetch = time.perf_counter()
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+        batch = concat_batches([next(batches) for _ in range(accum)])
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
         t_compute = time.perf_counter()
 
-        batch = augment(batch, step)
-        with accelerator.autocast():
-            outputs = model(batch) if dict_forward else model(batch["image"], batch["text"])
-            loss, losses, report = objective(outputs, batch, step)
-        accelerator.backward(loss)
-        grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip else None)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale(accelerator.unwrap_model(model).clip)
+        batch = objective.augment(batch, step)
+        loss, losses, report = forward_backward(model, objective, batch, step, accum, accelerator)
+        logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        grad_norm = optimizer_step(accelerator, model, optimizer, lr, cfg.optim.grad_clip, logging_now)
+        clamp_logit_scale(core.clip, cfg.objective.max_logit_scale)
 
         step += 1
-        samples_seen += cfg.data.batch_size * world.world_size
-        window.add(samples=cfg.data.batch_size * world.world_size, wait_s=t_compute - t_fetch,
-                   total_s=time.perf_counter() - t_fetch)
+        samples_seen += global_batch
+        window.add(samples=global_batch, wait_s=t_compute - t_fetch, total_s=time.perf_counter() - t_fetch)
         progress.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            record = {"step": step, "samples_seen": samples_seen, "loss": loss.item(),
-                      **{f"loss/{k}": v.item() for k, v in losses.items()}, **report,
-                      "lr": scheduler.get_last_lr()[0], **window.summary(world.world_size),
-                      **{f"data/{k}": v for k, v in counters().items()}}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+        if logging_now:
+            # Each rank's loss covers its rows against all columns: the mean over ranks is the global loss.
+            names = list(losses)
+            values = accelerator.reduce(torch.stack([loss, *(losses[k] for k in names)]).float(), "mean")
+            record = {"kind": "train", "step": step, "samples_seen": samples_seen, "loss": values[0].item(),
+                      **{f"loss/{k}": v.item() for k, v in zip(names, values[1:])}, **report, "lr": lr,
+                      "grad_norm": grad_norm, **window.summary(world.world_size),
+                      **{f"data/{k}": v for k, v in stream.counters().items()}}
             log.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+            if interactive:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+            else:
+                print0(world, f"step {step}/{cfg.train.steps} loss {record['loss']:.4f} lr {lr:.3g} "
+                              f"{record['samples_per_s']:.0f} samples/s")
             window = metrics.Window()
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
+                and train_eval.enabled(cfg.eval)):
+            evaluate()
 
         # Every rank agrees on stopping at this step boundary, so the checkpoint covers the same step everywhere.
-        out_of_time = cfg.train.max_time_s and time.monotonic() - started > cfg.train.max_time_s
-        if all_reduce_max(float(stop.requested or bool(out_of_time)), accelerator.device) > 0:
+        stopped = policy.check()
+        if stopped:
             save_checkpoint()
-            exit_code = EXIT_REQUEUE if stop.requested else 0
-            print0(world, f"stopping at step {step} ({'signal' if stop.requested else 'max_time_s'}); checkpoint saved")
+            print0(world, f"stopping at step {step} ({stopped}); checkpoint saved")
             break
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
             save_checkpoint()
@@ -158,16 +186,17 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     if step >= cfg.train.steps:
         save_checkpoint()
+    exit_code = EXIT_REQUEUE if stopped == "signal" else 0
     result = {"steps": step, "samples_seen": samples_seen, "wall_s": time.monotonic() - started,
-              "exit_code": exit_code, "checkpoint": str(checkpointer.latest())}
-    if cfg.eval.zeroshot_shards and exit_code == 0 and world.is_main:
-        clip = accelerator.unwrap_model(model).clip
-        result["zeroshot"] = zero_shot(clip, tokenize, cfg.eval.zeroshot_shards, cfg.eval.classnames,
-                                       cfg.eval.templates, image_transform(model_cfg, is_train=False),
-                                       cfg.eval.batch_size, accelerator.device, cfg.eval.max_samples)
-        print0(world, f"zero-shot top-1 {result['zeroshot']['top1']:.2%} on {result['zeroshot']['num_samples']}")
+              "exit_code": exit_code, "stopped": stopped, "checkpoint": str(checkpointer.latest())}
+    if exit_code == 0 and train_eval.enabled(cfg.eval):
+        result["zeroshot"] = evaluate()
     if world.is_main:
-        result.update(metrics.finish(run_dir, log.records))
+        result = write_report(run_dir, result)
+    log.close()
+    stop_flag.restore()
+    # Every rank leaves together and the process group is destroyed: a rank exiting early left its peer in a
+    # 300 s exit barrier (NOTES.md).
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -177,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plait train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pretrain image-text towers (open_clip architectures) on WebDataset shards with Accelerate.",
-        epilog=f"Exit status: 0 done, {EXIT_REQUEUE} checkpointed on SIGTERM/SIGUSR1 (requeue me), 2 bad input.\n"
-               "Config keys (--set section.key=value):\n" + "\n".join(describe()))
+        epilog=f"Exit status: 0 done, {EXIT_REQUEUE} checkpointed on SIGTERM/SIGUSR1 (requeue me and resume with "
+               "--resume auto), 2 bad input.\nConfig keys (--set section.key=value):\n" + "\n".join(describe()))
     parser.add_argument("--config", help="TOML preset (e.g. configs/tiny.toml); defaults apply to missing keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=5e-4 (repeatable)")

@@ -1,0 +1,49 @@
+"""Preemption: SIGTERM / SIGUSR1 set a flag; every rank agrees at a step boundary to checkpoint and exit 75.
+
+SLURM sends SIGTERM before killing a job (and `--signal=B:USR1@N` some seconds before its time limit); the
+launcher treats exit status 75 (EX_TEMPFAIL) as "requeue me" and the requeued job resumes with `--resume auto`.
+A signal handler only sets a flag: checkpointing inside the handler could interrupt a collective half-way.
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+from pipeline.distributed import all_reduce_max
+
+# Exit status of a run that checkpointed because it was asked to stop; launch/ requeues on it.
+EXIT_REQUEUE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Installed first thing in a run, so a signal during start-up (model build, loader start) is not fatal."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StopPolicy:
+    """Decides, identically on every rank, whether to stop after the current step and why."""
+
+    def __init__(self, flag: StopFlag, max_time_s: float, device: torch.device):
+        self.flag, self.max_time_s, self.device = flag, max_time_s, device
+        self.started = time.monotonic()
+
+    def check(self) -> str | None:
+        """'signal', 'max_time_s' or None. One tiny all-reduce: a signal seen by any rank stops them all."""
+        local = 2.0 if self.flag.signal_name else 0.0
+        if not local and self.max_time_s and time.monotonic() - self.started > self.max_time_s:
+            local = 1.0
+        agreed = all_reduce_max(local, self.device)
+        return {2.0: "signal", 1.0: "max_time_s"}.get(agreed)
