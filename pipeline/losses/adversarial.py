@@ -13,7 +13,7 @@ from torch import nn
 class AdversarialLoss(nn.Module):
     def forward(self, image_logits: torch.Tensor, text_logits: torch.Tensor):
         # image_logits, text_logits [B] -> loss [], discriminator accuracy []
-        loss = (F.binary_cross_entropy_with_logits(image_logits.float(), torch.ones_like(image_logits.float()))
-                + F.binary_cross_entropy_with_logits(text_logits.float(), torch.zeros_like(text_logits.float()))) / 2
+        loss = (F.binary_cross_entropy_with_logits(image_logits, torch.ones_like(image_logits))
+                + F.binary_cross_entropy_with_logits(text_logits, torch.zeros_like(text_logits))) / 2
         accuracy = ((image_logits > 0).float().mean() + (text_logits <= 0).float().mean()) / 2
         return loss, accuracy.detach()

@@ -13,6 +13,6 @@ class AutoencoderLoss(nn.Module):
     def forward(self, image_pred: torch.Tensor, image_target: torch.Tensor, text_logits: torch.Tensor,
                 text_targets: torch.Tensor):
         # image_pred/target [B, 3, H, W]; text_logits [M, V]; text_targets [M]
-        image_loss = F.mse_loss(image_pred.float(), image_target.float())
-        text_loss = F.cross_entropy(text_logits.float(), text_targets)
+        image_loss = F.mse_loss(image_pred, image_target)
+        text_loss = F.cross_entropy(text_logits, text_targets)
         return text_loss + image_loss, text_loss, image_loss

@@ -11,4 +11,4 @@ class MlmLoss(nn.Module):
         # logits [M, V] at the M chosen positions of the batch; targets [M] original token ids
         if targets.numel() == 0:
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits, targets)

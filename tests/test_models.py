@@ -1,0 +1,149 @@
+"""Towers' token-level forwards, masking counts, and each head's wiring on the open_clip model."""
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from pipeline.config import ObjectiveConfig
+from pipeline.models.mae_decoder import patchify
+from pipeline.models.masking import IGNORE_INDEX, keep_to_mask, mask_tokens, num_masked, random_keep
+from pipeline.models.model import build_model
+from pipeline.models.sizes import model_config
+from pipeline.models.towers import build_clip, encode_image_tokens, encode_text_tokens
+
+torch.set_num_threads(1)
+
+CAPTIONS = ["a photo of a shirt", "a dress on a hanger in the shop window", "bag", "a pair of black ankle boots"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return build_clip(model_config("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def text():
+    return open_clip.SimpleTokenizer(context_length=32)(CAPTIONS)
+
+
+def test_visible_token_forward_with_nothing_masked_equals_open_clip(clip):
+    images = torch.randn(3, 3, 64, 64)
+    pooled, tokens = encode_image_tokens(clip.visual, images)
+    assert torch.equal(pooled, clip.encode_image(images))
+    assert tokens.shape == (3, 1 + 16, 128)
+    all_kept = torch.arange(16).expand(3, 16)
+    assert torch.equal(encode_image_tokens(clip.visual, images, all_kept)[0], clip.encode_image(images))
+
+
+def test_visible_token_forward_depends_only_on_kept_patches(clip):
+    images = torch.randn(2, 3, 64, 64)
+    keep = random_keep(2, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    pooled, tokens = encode_image_tokens(clip.visual, images, keep)
+    assert tokens.shape == (2, 1 + 8, 128)
+    masked = keep_to_mask(keep, 16)
+    pixel_mask = masked.view(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 16, 4, 16).reshape(2, 3, 64, 64)
+    changed = images + 5.0 * pixel_mask      # only masked patches change
+    assert torch.allclose(encode_image_tokens(clip.visual, changed, keep)[0], pooled, atol=1e-5)
+    assert not torch.allclose(clip.encode_image(changed), clip.encode_image(images), atol=1e-3)
+
+
+def test_text_token_forward_equals_open_clip(clip, text):
+    pooled, tokens = encode_text_tokens(clip, text)
+    assert torch.equal(pooled, clip.encode_text(text))
+    assert tokens.shape == (4, 32, 128)
+
+
+def test_bidirectional_pass_sees_later_tokens_and_ignores_padding(clip, text):
+    _, causal = encode_text_tokens(clip, text)
+    _, bidir = encode_text_tokens(clip, text, bidirectional=True)
+    later = text.clone()
+    later[0, 3] = 1000                                   # a token after position 1
+    _, causal_later = encode_text_tokens(clip, later)
+    _, bidir_later = encode_text_tokens(clip, later, bidirectional=True)
+    assert torch.allclose(causal_later[0, 1], causal[0, 1], atol=1e-6)       # causal: position 1 cannot see 3
+    assert not torch.allclose(bidir_later[0, 1], bidir[0, 1], atol=1e-4)     # bidirectional: it can
+    padded = text.clone()
+    eot = int(text[2].argmax())
+    padded[2, eot + 1:] = 5                              # garbage in the padding of sample 2
+    _, bidir_padded = encode_text_tokens(clip, padded, bidirectional=True)
+    assert torch.allclose(bidir_padded[2, : eot + 1], bidir[2, : eot + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio,num_patches", [(0.5, 16), (0.75, 64), (0.3, 49), (0.0, 16), (0.99, 16)])
+def test_random_keep_masks_exactly_the_requested_count(ratio, num_patches):
+    keep = random_keep(32, num_patches, ratio, generator=torch.Generator().manual_seed(0))
+    expected_masked = min(num_patches - 1, round(ratio * num_patches))
+    assert keep.shape == (32, num_patches - expected_masked)
+    assert (keep.diff(dim=1) > 0).all()                     # sorted, distinct
+    assert (keep_to_mask(keep, num_patches).sum(dim=1) == expected_masked).all()
+    assert num_masked(num_patches, ratio) == expected_masked
+
+
+def test_random_keep_differs_between_samples():
+    keep = random_keep(8, 64, 0.5, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(k.tolist()) for k in keep}) == 8
+
+
+def test_mask_tokens_exact_counts_and_bert_split(text):
+    texts = text.repeat(500, 1)                               # [2000, 32]
+    mlm_input, mask_token, labels = mask_tokens(texts, 0.3, 49408, generator=torch.Generator().manual_seed(0))
+    eot = texts.argmax(dim=-1)
+    num_real = eot - 1                                        # between start and end of text
+    chosen = labels != IGNORE_INDEX
+    expected = torch.clamp(torch.round(num_real.float() * 0.3), min=1).long()
+    assert torch.equal(chosen.sum(dim=1), expected)
+    positions = torch.arange(32)
+    assert not (chosen & ((positions == 0) | (positions[None] >= eot[:, None]))).any()  # never special/padding
+    assert torch.equal(labels[chosen], texts[chosen])
+    assert not (mask_token & ~chosen).any()
+    assert torch.equal(mlm_input[~chosen], texts[~chosen])    # unchosen tokens untouched
+    n = chosen.sum().item()
+    as_mask = mask_token.sum().item() / n
+    replaced = (chosen & ~mask_token & (mlm_input != texts)).sum().item() / n
+    assert 0.77 < as_mask < 0.83 and 0.07 < replaced < 0.13
+
+
+def test_patchify_order_matches_the_vit_grid():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    patches = patchify(images, 4)                              # [2, 4, 48]
+    assert patches.shape == (2, 4, 48)
+    # patch 1 is the top-right 4x4 block; channel-last within a patch
+    assert torch.equal(patches[0, 1].view(4, 4, 3).permute(2, 0, 1), images[0, :, :4, 4:])
+
+
+def test_mae_head_reconstructs_only_masked_patches():
+    cfg = ObjectiveConfig(flip_mask_ratio=0.75, mae=1.0)
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), cfg)
+    batch = {"image": torch.randn(3, 3, 64, 64), "text": open_clip.SimpleTokenizer(context_length=32)(CAPTIONS[:3]),
+             "image_mask_ratio": 0.75}
+    out = model(batch)
+    assert out["image_keep"].shape == (3, 4)
+    assert out["mae_pred"].shape == out["mae_target"].shape == (3, 16, 16 * 16 * 3)
+    assert torch.equal(out["mae_mask"], keep_to_mask(out["image_keep"], 16))
+    assert (out["mae_mask"].sum(dim=1) == 12).all()
+
+
+def test_heads_stay_out_of_the_open_clip_model():
+    cfg = ObjectiveConfig(flip_mask_ratio=0.5, mae=1.0, mlm=1.0, autoencoder=1.0, fusion="attention", adversarial=0.1)
+    model = build_model(model_config("tiny"), cfg)
+    assert set(model.heads) == {"mae", "mlm", "autoencoder", "adversarial"}
+    plain = build_clip(model_config("tiny"))
+    assert set(model.clip.state_dict()) == set(plain.state_dict())
+
+
+def test_siglip_adds_a_logit_bias_that_the_config_declares():
+    model_cfg = model_config("tiny")
+    model = build_model(model_cfg, ObjectiveConfig(contrastive=0.0, siglip=1.0))
+    assert model_cfg["init_logit_bias"] == -10.0 and model.clip.logit_bias is not None
+    reloaded = open_clip.CLIP(**model_cfg)                    # what open_clip builds from the exported config
+    reloaded.load_state_dict(model.clip.state_dict())
+
+
+def test_unsupported_towers_are_named():
+    model_cfg = model_config("tiny")
+    model_cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32}  # ModifiedResNet
+    with pytest.raises(ValueError, match="ViT image tower"):
+        build_model(model_cfg, ObjectiveConfig(flip_mask_ratio=0.5))
