@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print("[4/4] report", flush=True)
     print(f"  zero-shot top-1     {report['zero_shot_top1']:.1%}  (top-5 {report['zero_shot_top5']:.1%}, "
-          f"10k test images, prompts unseen in training)")
+          f"{result['zeroshot']['num_samples']} test images, prompts unseen in training)")
     print(f"  final loss          {report['final_loss']:.3f}")
     print(f"  throughput          {report['samples_per_s']:.0f} samples/s "
           f"(data wait {report['data_wait_fraction']:.1%})")
