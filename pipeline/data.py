@@ -13,7 +13,7 @@ Design (see pipeline/sharding.py for the assignment itself):
   produced the c-th batch of the epoch (sharding.consumed_per_worker): the whole loader state is
   (epoch, batches consumed in the epoch). To resume, each worker starts at its own consumed count, and the
   worker-to-slot mapping is rotated by c % workers so the round-robin continues with the right worker.
-* Augmentation randomness is reseeded per batch from (seed, epoch, slot, batch number): a resumed run yields
+* Augmentation randomness is reseeded per sample from (seed, epoch, slot, position): a resumed run yields
   bit-identical batches. A bad sample (corrupt image, missing caption, truncated shard) is counted and replaced
   by a copy of the worker's last good one, so batch counts never change; above `data.max_bad_fraction` the run
   fails loudly.
@@ -221,10 +221,11 @@ class TrainStream:
     def _decoded(self, items: Iterator, epoch: int, slot: int, position: int, counts: torch.Tensor) -> Iterator[dict]:
         """Decoded examples; a bad one is counted and replaced by the last good one (or the next, at the start)."""
         warn, last_good, pending = _Warner(), None, 0
-        batch_size, seed = self.cfg.batch_size, self.cfg.seed
+        seed = self.cfg.seed
         for item in items:
-            if position % batch_size == 0:  # per-batch seed: resumed batches are bit-identical
-                torch.manual_seed(hash((seed, epoch, slot, position // batch_size)) & 0x7FFF_FFFF_FFFF)
+            # Per-sample seeds (the transforms draw from torch's global RNG): resumed batches are bit-identical,
+            # whatever the stages read ahead (webdataset's batched pulls the next batch's first sample early).
+            torch.manual_seed(hash((seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF)
             rng = np.random.default_rng([seed, epoch, slot, position, 2])
             position += 1
             if not isinstance(item, Bad):

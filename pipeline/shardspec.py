@@ -6,7 +6,7 @@ optionally followed by `@weight` (`laion/{0..9}.tar@3::cc/{0..4}.tar@1`). A weig
 the samples drawn in resampled mode (3:1 above means 75% of the samples come from laion, whatever its size).
 
 Sample counts per shard come, in this order, from the folder's `sizes.json` (open_clip's convention, written by
-`plait prep merge`), or from each shard's `{shard}_stats.json` (plait: `num_ok`; img2dataset: `successes`).
+`plait prep merge`), or from each shard's `{shard}_stats.json` (plait: `num_samples`; img2dataset: `successes`).
 """
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def expand(pattern: str) -> list[str]:
     return urls
 
 
+# Sample count keys of per-shard stats files: plait's data_prep, then img2dataset's.
+_COUNT_KEYS = ("num_samples", "successes")
+
+
 def _read_json(url: str) -> dict | None:
     fs, path = fsspec.core.url_to_fs(url)
     try:
@@ -92,10 +96,11 @@ def shard_sizes(urls: list[str]) -> list[int]:
             sizes.append(int(table[name]))
             continue
         stats = _read_json(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
-        if stats is None or not ("num_ok" in stats or "successes" in stats):
+        count = None if stats is None else next((stats[k] for k in _COUNT_KEYS if k in stats), None)
+        if count is None:
             raise FileNotFoundError(f"no sample count for {url}: expected {folder}/sizes.json (plait prep merge) "
                                     f"or {name[:-4]}_stats.json beside it; exact epochs need per-shard counts")
-        sizes.append(int(stats.get("num_ok", stats.get("successes"))))
+        sizes.append(int(count))
     return sizes
 
 

@@ -36,9 +36,81 @@ def _raise(exn: Exception) -> bool:
     raise exn
 
 
-def open_url(url: str):
+def open_url(url: str, streaming: bool = False):
     fs, path = fsspec.core.url_to_fs(url)
-    return fs.open(path, "rb")
+    # block_size=0: fsspec's plain streaming read for http servers without range requests
+    return fs.open(path, "rb", block_size=0) if streaming else fs.open(path, "rb")
+
+
+class ForwardReader:
+    """A forward-only stream made seekable forwards (by reading and discarding) and a little backwards (from
+    the last bytes read): enough for positioning in a tar served without range requests. O(position) bytes
+    read then, but still nothing decoded."""
+
+    _KEEP = 1 << 16
+
+    def __init__(self, f):
+        self.f, self.pos, self.history, self.pending = f, 0, b"", b""
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        head, self.pending = (self.pending[:n], self.pending[n:]) if n >= 0 else (self.pending, b"")
+        rest = self.f.read(n - len(head) if n >= 0 else -1) if n < 0 or len(head) < n else b""
+        data = head + rest
+        self.pos += len(data)
+        self.history = (self.history + data)[-self._KEEP:]
+        return data
+
+    def seek(self, target: int, whence: int = 0) -> int:
+        assert whence == 0
+        if target < self.pos:
+            back = self.pos - target
+            if back > len(self.history):
+                raise OSError(f"cannot seek back {back} bytes in a stream")
+            self.pending = self.history[-back:] + self.pending
+            self.history = self.history[:-back]
+            self.pos = target
+        while self.pos < target:
+            if not self.read(min(target - self.pos, 1 << 20)):
+                break
+        return self.pos
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_at(url: str, start: int):
+    """`url` opened and positioned at the first header of sample `start`."""
+    offsets = sample_offsets(url) if start else None
+    f = open_url(url)
+    try:
+        if offsets is not None and start < len(offsets):
+            f.seek(offsets[start])
+        elif start:
+            seek_by_headers(f, start)
+        if start:  # fsspec's http file seeks lazily; a server without range requests fails on the read
+            pos = f.tell()
+            f.read(1)
+            f.seek(pos)
+        return f
+    except (ValueError, OSError) as exn:  # no random access (http without range requests)
+        if isinstance(exn, EOFError):
+            raise
+        f.close()
+    f = ForwardReader(open_url(url, streaming=True))
+    if offsets is not None and start < len(offsets):
+        f.seek(offsets[start])
+    else:
+        seek_by_headers(f, start)
+    return f
 
 
 @lru_cache(maxsize=64)
@@ -118,12 +190,7 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
         return
     got = 0
     try:
-        with open_url(url) as f:
-            offsets = sample_offsets(url)
-            if start and offsets is not None and start < len(offsets):
-                f.seek(offsets[start])
-            elif start:
-                seek_by_headers(f, start)
+        with _open_at(url, start) as f:
             files = tar_file_iterator(f, handler=_raise)
             for sample in group_by_keys(_tag(files, url), handler=_raise):
                 yield sample

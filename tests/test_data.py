@@ -1,0 +1,264 @@
+"""TrainStream on real tar shards written by data_prep's writer (and by hand, img2dataset-style) in tmp_path."""
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from data_prep import manifest
+from data_prep.writer import OutputDir, Sample, write_shard
+from pipeline import tarseek
+from pipeline.config import DataConfig
+from pipeline.data import TrainStream
+from pipeline.distributed import World
+from pipeline.transforms import decode_image
+
+SIZE = 16
+
+
+def jpeg(seed: int, size=(24, 20)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_shards(folder: Path, counts: list[int], prefix: str = "s", frames: int = 0,
+                broken: dict[str, str] | None = None) -> str:
+    """Shards via data_prep's writer + merge manifests (sizes.json); returns the brace spec.
+    `broken` maps a key to 'jpeg' (undecodable image) or 'notxt' (caption missing)."""
+    out, broken = OutputDir(str(folder)), broken or {}
+    for shard, count in enumerate(counts):
+        samples, records = [], []
+        for i in range(count):
+            key = f"{prefix}{shard:03d}{i:04d}"
+            image = b"not a jpeg" if broken.get(key) == "jpeg" else jpeg(hash(key) % 10_000)
+            media = [(f"f{j:04d}.jpg", jpeg(hash(key) % 10_000 + j)) for j in range(frames)] or [("jpg", image)]
+            text = [] if broken.get(key) == "notxt" else [("txt", f"caption of {key}".encode())]
+            samples.append(Sample(key, media + text + [("json", b"{}")]))
+            records.append({**manifest.record(key, i, shard, None), "num_samples": 1})
+        write_shard(out, shard, samples, records, count)
+    manifest.write_dataset_manifests(out, range(len(counts)))
+    return f"{folder}/{{00000..{len(counts) - 1:05d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def tokenize():
+    return open_clip.get_tokenizer("ViT-B-32", context_length=16)
+
+
+@pytest.fixture(scope="module")
+def transform():
+    return open_clip.image_transform(SIZE, is_train=True)
+
+
+def stream(spec, tokenize, transform, world=World(), **kw) -> TrainStream:
+    kw = {"batch_size": 8, "num_workers": 2, "shuffle_buffer": 16, **kw}
+    return TrainStream(DataConfig(train_shards=spec, **kw), world, transform, tokenize, with_keys=True)
+
+
+def take(s: TrainStream, n: int) -> list[dict]:
+    it = iter(s)
+    return [next(it) for _ in range(n)]
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b["__key__"]]
+
+
+def test_exact_epoch_reads_every_sample_once_with_full_batches(tmp_path, tokenize, transform):
+    spec = make_shards(tmp_path, [13, 1, 30, 8, 20, 0, 24])  # 96 samples = 12 batches of 8
+    s = stream(spec, tokenize, transform)
+    assert (s.num_samples, s.batches_per_epoch) == (96, 12)
+    batches = take(s, 12)
+    assert sorted(keys(batches)) == sorted(k for k in _all_keys(tmp_path))
+    b = batches[0]
+    assert b["image"].shape == (8, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+    assert b["text"].shape == (8, 16) and b["text"].dtype == torch.long
+    assert s.state_dict()["epoch"] == 0 and s.state_dict()["consumed"] == 12
+    second = take_from(s, 12)  # the next epoch: same samples, another order
+    assert sorted(keys(second)) == sorted(keys(batches)) and keys(second) != keys(batches)
+    assert s.counters()["samples"] == 96 and s.counters()["bad"] == 0
+
+
+def take_from(s: TrainStream, n: int) -> list[dict]:
+    """Continue a stream from its state (as a resumed run would)."""
+    fresh = TrainStream(s.cfg, s.world, s.decoder.transform, s.tokenize, with_keys=True)
+    fresh.load_state_dict(s.state_dict())
+    return take(fresh, n)
+
+
+def _all_keys(folder: Path) -> list[str]:
+    return [k for p in sorted(folder.glob("*.idx.json")) for k in json.loads(p.read_text())["keys"]]
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tokenize, transform, mode, workers):
+    spec = make_shards(tmp_path, [19, 23, 17, 21])  # 80 samples: 10 batches per epoch
+    full = take(stream(spec, tokenize, transform, mode=mode, num_workers=workers, epoch_samples=72), 25)
+    for stop in (3, 9, 14):  # inside a shuffle block, near the epoch end, in the second epoch
+        first = stream(spec, tokenize, transform, mode=mode, num_workers=workers, epoch_samples=72)
+        head = take(first, stop)
+        rest = take_from(first, 25 - stop)
+        assert keys(head + rest) == keys(full)
+        for a, b in zip(head + rest, full):  # augmentations replayed bit for bit
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+
+def test_resume_does_not_read_skipped_samples(tmp_path, tokenize, transform, monkeypatch):
+    spec = make_shards(tmp_path, [400, 400])
+    s = stream(spec, tokenize, transform, num_workers=0, shuffle_buffer=8, batch_size=8)
+    state = {**s.state_dict(), "consumed": 90}
+    seen = []
+    original = tarseek.tar_file_iterator
+
+    def counting(fileobj, **kw):
+        for item in original(fileobj, **kw):
+            seen.append(item["fname"])
+            yield item
+
+    monkeypatch.setattr(tarseek, "tar_file_iterator", counting)
+    s.load_state_dict(state)
+    next(iter(s))
+    # the resume point's block (8 samples of 3 members) and the next one (webdataset's batched reads one sample
+    # ahead) plus one member that ends the last sample: nothing of the 720 samples before it
+    assert len(seen) <= 3 * 16 + 1
+    assert seen[0].endswith("0320.jpg") or seen[0].endswith("0720.jpg")
+
+
+def test_mixing_weights_give_requested_proportions(tmp_path, tokenize, transform):
+    a = make_shards(tmp_path / "a", [10] * 10, prefix="a")  # 100 samples
+    b = make_shards(tmp_path / "b", [20] * 20, prefix="b")  # 400 samples: unweighted, a would get 20%
+    s = stream(f"{a}@3::{b}@1", tokenize, transform, mode="resampled", num_workers=0, batch_size=32,
+               shuffle_buffer=64, epoch_samples=6400)
+    got = keys(take(s, 200))
+    share_a = sum(k.startswith("a") for k in got) / len(got)
+    assert abs(share_a - 0.75) < 0.05, share_a
+
+
+def test_user_mistakes_fail_before_training(tmp_path, tokenize, transform):
+    spec = make_shards(tmp_path, [16, 16, 16])
+    with pytest.raises(ValueError, match="at least ranks x workers = 2 x 2 = 4 shards, got 3"):
+        stream(spec, tokenize, transform, world=World(rank=0, world_size=2))
+    stream(spec, tokenize, transform, world=World(rank=0, world_size=2), mode="resampled")  # fine there
+    with pytest.raises(ValueError, match="mixing weights"):
+        stream(f"{spec}@2::{spec}@1", tokenize, transform, num_workers=1)
+    with pytest.raises(FileNotFoundError, match="shard not found"):
+        stream(str(tmp_path / "{00000..00004}.tar"), tokenize, transform)
+    with pytest.raises(ValueError, match="empty"):
+        stream("", tokenize, transform)
+    s = stream(spec, tokenize, transform, num_workers=1)
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="cannot resume the data order"):
+        stream(spec, tokenize, transform, num_workers=1, batch_size=4).load_state_dict(state)
+    other = stream(spec, tokenize, transform, num_workers=1, batch_size=4, resume_mismatch="next_epoch")
+    other.load_state_dict(state)
+    assert other.state_dict()["epoch"] == 1
+
+
+def test_bad_samples_are_replaced_counted_and_fail_above_the_limit(tmp_path, tokenize, transform):
+    broken = {"s0000003": "jpeg", "s0010005": "notxt"}
+    spec = make_shards(tmp_path, [40, 40], broken=broken)
+    s = stream(spec, tokenize, transform, num_workers=2, max_bad_fraction=0.05)
+    batches = take(s, s.batches_per_epoch)
+    assert all(b["image"].shape[0] == 8 for b in batches)
+    assert not set(broken) & set(keys(batches))
+    c = s.counters()
+    assert (c["decode_error"], c["missing_field"], c["bad"], c["samples"]) == (1, 1, 2, 78)
+    strict = stream(spec, tokenize, transform, num_workers=2, max_bad_fraction=0.01)
+    with pytest.raises(RuntimeError, match=r"2 of 80 samples were bad.*decode_error 1, missing_field 1"):
+        take(strict, strict.batches_per_epoch + 1)
+
+
+def test_truncated_shard_keeps_batch_counts_and_is_counted(tmp_path, tokenize, transform):
+    spec = make_shards(tmp_path, [40, 40])
+    tar = tmp_path / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # a half-written shard
+    s = stream(spec, tokenize, transform, num_workers=2, max_bad_fraction=1.0)
+    batches = take(s, s.batches_per_epoch)
+    assert len(batches) == 10 and all(len(b["__key__"]) == 8 for b in batches)
+    c = s.counters()
+    assert c["short_shard"] + c["unreadable_shard"] >= 15 and c["samples"] + c["bad"] == 80
+
+
+def _img2dataset_shards(folder: Path, counts: list[int]) -> str:
+    """Tars as img2dataset writes them: tarfile members, per-shard `_stats.json`, no index, no sizes.json."""
+    folder.mkdir(parents=True)
+    for shard, count in enumerate(counts):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(count):
+                key = f"{shard:05d}{i:04d}"
+                for ext, data in (("jpg", jpeg(i)), ("txt", f"img2dataset {key}".encode()), ("json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": count, "count": count}))
+    return f"{folder}/{{00000..{len(counts) - 1:05d}}}.tar"
+
+
+def test_img2dataset_shards_resume_by_tar_headers(tmp_path, tokenize, transform):
+    spec = _img2dataset_shards(tmp_path / "i2d", [30, 26, 24])
+    full = take(stream(spec, tokenize, transform, num_workers=1), 14)
+    first = stream(spec, tokenize, transform, num_workers=1)
+    head = take(first, 4)
+    assert keys(head + take_from(first, 10)) == keys(full)
+
+
+def test_header_walk_finds_the_same_offsets_as_the_index(tmp_path):
+    make_shards(tmp_path, [25])
+    offsets = tarseek.sample_offsets(str(tmp_path / "00000.tar"))
+    with open(tmp_path / "00000.tar", "rb") as f:
+        for i in (0, 1, 13, 24):
+            f.seek(0)
+            tarseek.seek_by_headers(f, i)
+            assert f.tell() == offsets[i]
+        f.seek(0)
+        with pytest.raises(EOFError):
+            tarseek.seek_by_headers(f, 25)
+
+
+def test_video_samples_as_one_frame_or_clips(tmp_path, tokenize, transform):
+    spec = make_shards(tmp_path, [16, 16], frames=5)
+    one = take(stream(spec, tokenize, transform, num_workers=1), 1)[0]
+    assert one["image"].shape == (8, 3, SIZE, SIZE)
+    clip = take(stream(spec, tokenize, transform, num_workers=1, video_frames=3), 1)[0]
+    assert clip["frames"].shape == (8, 3, 3, SIZE, SIZE) and "image" not in clip
+    long = take(stream(spec, tokenize, transform, num_workers=1, video_frames=8), 1)[0]
+    assert long["frames"].shape == (8, 8, 3, SIZE, SIZE)  # 5 frames stretched to 8 by repetition
+
+
+def test_reduced_size_jpeg_decode():
+    photo = Path("/usr/share/doc/opencv-doc/examples/data/building.jpg")
+    data = photo.read_bytes() if photo.exists() else jpeg(0, size=(1024, 768))
+    full = decode_image(data, None)
+    small = decode_image(data, 100)
+    assert min(small.size) >= 100 and small.size[0] <= full.size[0] // 2
+    assert decode_image(data, 10_000).size == full.size  # never below the request
+
+
+def test_http_urls_read_through_fsspec(tmp_path, tokenize, transform):
+    spec = make_shards(tmp_path, [24, 24])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{{00000..00001}}.tar"
+        remote = stream(url, tokenize, transform, num_workers=0)
+        local = keys(take(stream(spec, tokenize, transform, num_workers=0), 6))
+        head = take(remote, 2)
+        assert keys(head) == local[:16]
+        assert keys(take_from(remote, 4)) == local[16:]  # resumed: seeks by the index over http range requests
+    finally:
+        server.shutdown()
