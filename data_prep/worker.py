@@ -93,6 +93,8 @@ def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, A
             seen[sha] = rec["key"]
         except Reject as r:
             _reject(rec, r)
+        except Exception as e:  # a decoder failing in a way nobody listed must cost one row, not the shard
+            _reject(rec, Reject(f"processing error ({type(e).__name__}: {str(e)[:160]})"))
         _tick()
     return write_shard(out, shard_id, samples, records, len(rows))
 
