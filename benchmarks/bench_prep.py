@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_prep.py [--rows 1200] [--processes 2] [--memory-rows 10000,1000000]
 
 Corpus: every JPEG of Debian's opencv-doc examples and mate-backgrounds, repeated to --rows rows, as file:// URLs in
-a CSV. Same settings for all three: image size 256, keep_ratio, no upscaling, JPEG quality 95, 2 processes.
+a CSV. Same settings for all three: image size 256, keep_ratio, no upscaling, JPEG quality 95, 2 processes (resampling:
+bicubic for plait and the bare loop, img2dataset's own INTER_AREA).
 img2dataset runs in its own venv (benchmarks/.venv/img2dataset, created here if absent: it pins webdataset<0.3
 and opencv<5, which must not enter the project's venv). The bare loop (decode with draft -> resize -> encode, in a
 warm multiprocessing pool, timing only the map) is the ceiling. Then the peak memory of a job at each --memory-rows size (cheap
@@ -92,7 +93,7 @@ def _bare_one(path: str) -> int:
             img.draft("RGB", size)
         img = img.convert("RGB")
         if img.size != size:
-            img = img.resize(size, Image.Resampling.LANCZOS)
+            img = img.resize(size, Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=95)
         return len(buf.getvalue())

@@ -10,8 +10,8 @@ import math
 import os
 import sys
 
-from data_prep.options import (ENCODE_FORMATS, FRAME_SAMPLING, INPUT_FORMATS, RESIZE_MODES, FetchOptions,
-                               ImageOptions, JobOptions, SourceOptions, VideoOptions)
+from data_prep.options import (ENCODE_FORMATS, FRAME_SAMPLING, INPUT_FORMATS, RESAMPLE_FILTERS, RESIZE_MODES,
+                               FetchOptions, ImageOptions, JobOptions, SourceOptions, VideoOptions)
 
 LAYOUT = """\
 output layout (S = shard number, {S:05d}):
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize-mode", default="keep_ratio", choices=RESIZE_MODES,
                    help="keep_ratio: shorter side to --image-size; keep_ratio_largest: longer side; center_crop: "
                    "shorter side then a centred square; border: longer side then padded to a square; no: as is")
+    g.add_argument("--resample", default="bicubic", choices=RESAMPLE_FILTERS, help="resampling filter when "
+                   "resizing (after JPEG draft decoding at 1/2, 1/4 or 1/8 size)")
     g.add_argument("--upscale", action="store_true", help="also enlarge images smaller than the target "
                    "(default: never upscale)")
     g.add_argument("--encode-format", default="jpg", choices=ENCODE_FORMATS, help="image format in the shards")
@@ -152,7 +154,7 @@ def job_options(a: argparse.Namespace) -> JobOptions:
                          max_retry_after_s=a.max_retry_after, max_per_host=a.max_per_host, threads=a.threads,
                          max_bytes=a.max_bytes, user_agent_token=a.user_agent_token,
                          allow_private=a.allow_private_addresses, respect_optouts=not a.ignore_opt_outs)
-    image = ImageOptions(image_size=a.image_size, resize_mode=a.resize_mode, upscale=a.upscale,
+    image = ImageOptions(image_size=a.image_size, resize_mode=a.resize_mode, resample=a.resample, upscale=a.upscale,
                          encode_format=a.encode_format, encode_quality=a.encode_quality, background=a.background,
                          min_image_size=a.min_image_size, max_aspect_ratio=a.max_aspect_ratio,
                          max_pixels=a.max_pixels, keep_original_jpeg=not a.no_keep_original,

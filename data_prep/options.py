@@ -13,6 +13,7 @@ from typing import Any
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
+RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
                  "fashion-mnist")
 FRAME_SAMPLING = ("uniform", "fps", "keyframes")
@@ -66,6 +67,7 @@ class FetchOptions:
 class ImageOptions:
     image_size: int = 256
     resize_mode: str = "keep_ratio"
+    resample: str = "bicubic"             # open_clip's and torchvision's CLIP preprocessing filter
     upscale: bool = False
     encode_format: str = "jpg"
     encode_quality: int = 95
@@ -80,6 +82,8 @@ class ImageOptions:
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"--resize-mode {self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"--resample {self.resample!r}: expected one of {', '.join(RESAMPLE_FILTERS)}")
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"--encode-format {self.encode_format!r}: expected one of {', '.join(ENCODE_FORMATS)}")
         if self.image_size <= 0:

@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from data_prep.options import ImageOptions
 
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+             "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
 _ORIENTATION = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
@@ -122,7 +124,7 @@ def process_image(data: bytes | None, opts: ImageOptions,
         raise Reject(f"decode error: {type(e).__name__}: {str(e)[:200]}") from None
     if orientation != 1:
         img = ImageOps.exif_transpose(img) or img
-    img = resize(img, scale, canvas, width, height, opts.background)
+    img = resize(img, scale, canvas, width, height, opts.background, opts.resample)
     return Encoded(encode(img, opts), opts.encode_format, img.width, img.height, width, height)
 
 
@@ -135,10 +137,10 @@ def check_geometry(width: int, height: int, opts: ImageOptions) -> None:
 
 
 def resize(img: Image.Image, scale: float, canvas: tuple[int, int] | None, width: int, height: int,
-           background: tuple[int, int, int]) -> Image.Image:
+           background: tuple[int, int, int], resample: str = "bicubic") -> Image.Image:
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     if img.size != new_size:
-        img = img.resize(new_size, Image.Resampling.LANCZOS)
+        img = img.resize(new_size, _RESAMPLE[resample])
     if canvas is None or canvas == img.size:
         return img
     cw, ch = canvas

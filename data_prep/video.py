@@ -158,7 +158,7 @@ def _resize_frame(frame, iopts: ImageOptions):
     scale, canvas = target_geometry(w, h, iopts)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     img = frame.to_image(width=new_w, height=new_h) if (new_w, new_h) != (w, h) else frame.to_image()
-    return resize(img, 1.0, canvas, new_w, new_h, iopts.background)
+    return resize(img, 1.0, canvas, new_w, new_h, iopts.background, iopts.resample)
 
 
 def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
