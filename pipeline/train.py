@@ -122,8 +122,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     eval_transform = image_transform(model_cfg, is_train=False)
 
     def evaluate() -> dict:
-        result = train_eval.evaluate_sharded(core.clip, tokenize, cfg.eval, eval_transform, accelerator.device,
-                                             world)
+        result = train_eval.evaluate_all(core.clip, tokenize, cfg.eval, eval_transform, accelerator.device, world)
         fields = train_eval.log_fields(result)
         log.write({"kind": "eval", "step": step, **fields})
         print0(world, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items()))
@@ -190,7 +189,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     result = {"steps": step, "samples_seen": samples_seen, "wall_s": time.monotonic() - started,
               "exit_code": exit_code, "stopped": stopped, "checkpoint": str(checkpointer.latest())}
     if exit_code == 0 and train_eval.enabled(cfg.eval):
-        result["zeroshot"] = evaluate()
+        result.update(evaluate())
     if world.is_main:
         result = write_report(run_dir, result)
     log.close()

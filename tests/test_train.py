@@ -1,0 +1,161 @@
+"""`plait train` end to end on real Fashion-MNIST shards: outputs, checkpoints, resume after kill -9, signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train_shards import CLASSES, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("shards")
+    return {"train": write_shards(folder / "train", num_shards=4, per_shard=64),
+            "test": write_shards(folder / "test", num_shards=2, per_shard=32, offset=256)}
+
+
+def train_args(run_dir: Path, shards: dict, *overrides: str) -> list[str]:
+    return ["--config", str(ROOT / "configs/tiny.toml"), "--set", f"data.train_shards={shards['train']}",
+            "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=16", "--set", "train.log_every=1",
+            *[a for o in overrides for a in ("--set", o)]]
+
+
+def spawn(args: list[str], world_size: int = 1, rank: int = 0, port: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if world_size > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
+    """The newest record of each step (a resumed segment rewrites the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind", "train") == kind:
+            out[r["step"]] = r
+    return out
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out
+
+
+def test_run_writes_report_metrics_and_clean_checkpoints(tmp_path, shards):
+    from pipeline.train import main
+    run_dir = tmp_path / "run"
+    code = main(train_args(run_dir, shards, "train.steps=6", "train.checkpoint_every=2", "train.keep_last=2",
+                           "train.eval_every=3", f"eval.zeroshot_shards={shards['test']}",
+                           f"eval.classnames={json.dumps(CLASSES)}", "eval.batch_size=32"))
+    assert code == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["steps"] == 6 and report["samples_seen"] == 6 * 16 and report["exit_code"] == 0
+    assert report["zeroshot"]["num_samples"] == 64 and 0 <= report["zeroshot"]["top1"] <= 1
+    for png in ("loss.png", "throughput.png", "eval.png"):
+        assert (run_dir / png).stat().st_size > 1000, png
+    train = records(run_dir)
+    assert sorted(train) == [1, 2, 3, 4, 5, 6]
+    first = train[1]
+    for key in ("loss", "loss/contrastive", "lr", "grad_norm", "logit_scale", "samples_per_s",
+                "samples_per_s_per_device", "data_wait_fraction"):
+        assert key in first, key
+    assert any(k.startswith("data/") for k in first), "bad-sample counters of the loader are logged"
+    assert sorted(records(run_dir, "eval")) == [3, 6]
+    assert list((run_dir / "tensorboard").iterdir())
+    # keep_last=2 of the checkpoints at 2, 4, 6; every file loads weights-only; no wrapper prefixes.
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000006"]
+    final = run_dir / "checkpoints/step-00000006"
+    for pt in final.glob("*.pt"):
+        torch.load(pt, weights_only=True)
+    keys = load_file(final / "model.safetensors").keys()
+    assert not [k for k in keys if k.startswith(("module.", "_orig_mod."))]
+    trainer = torch.load(final / "trainer.pt", weights_only=True)
+    assert trainer["step"] == 6 and json.loads(trainer["model_cfg"])["embed_dim"] == 128
+    assert "[train]" in trainer["config"]
+
+
+def test_resume_with_a_different_schedule_is_refused(tmp_path, shards):
+    from pipeline.train import main
+    run_dir = tmp_path / "run"
+    assert main(train_args(run_dir, shards, "train.steps=2")) == 0
+    with pytest.raises(ValueError, match=r"LR schedule changed \(total_steps 2 -> 4\)"):
+        main(train_args(run_dir, shards, "train.steps=4") + ["--resume", "auto"])
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        main(train_args(run_dir, shards, "train.steps=2") + ["--resume", str(tmp_path / "nowhere")])
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, shards):
+    from pipeline.train import main
+    with pytest.raises(ValueError, match="train.precision.*fp16 needs a GPU"):
+        main(train_args(tmp_path / "run", shards, "train.precision=fp16"))
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, shards):
+    # 16 batches per epoch: the interruption falls mid-epoch, so the loader state must resume mid-epoch too.
+    common = ("train.steps=9", "train.checkpoint_every=3", "train.keep_last=5", "optim.warmup_steps=2")
+    whole = tmp_path / "whole"
+    code, out = finish(spawn(train_args(whole, shards, *common)))
+    assert code == 0, out
+
+    broken = tmp_path / "broken"
+    proc = spawn(train_args(broken, shards, *common))
+    wait_for_step(broken, proc, 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (broken / "checkpoints/step-00000003").is_dir() and not (broken / "report.json").exists()
+    code, out = finish(spawn(train_args(broken, shards, *common) + ["--resume", "auto"]))
+    assert code == 0, out
+    assert "resumed from" in out and "step-00000003" in out
+
+    a, b = records(whole), records(broken)
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    for step in a:
+        assert a[step]["loss"] == b[step]["loss"], f"step {step}: {a[step]['loss']} vs {b[step]['loss']}"
+    wa = load_file(whole / "checkpoints/step-00000009/model.safetensors")
+    wb = load_file(broken / "checkpoints/step-00000009/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_signal_to_one_rank_stops_both_at_the_same_step_with_exit_75(tmp_path, shards, signum):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, shards, "train.steps=1000", "data.batch_size=8")
+    procs = [spawn(args, 2, rank, port) for rank in range(2)]
+    wait_for_step(run_dir, procs[0], 2)
+    procs[1].send_signal(signum)  # only rank 1 is told; rank 0 learns it at the next step boundary
+    results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [75, 75], results
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    step = torch.load(ckpt / "trainer.pt", weights_only=True)["step"]
+    assert 2 <= step < 1000 and sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert f"stopping at step {step} (signal)" in results[0][1]
