@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_options(a: argparse.Namespace) -> JobOptions:
     caption_col = None if (a.caption_col or "").lower() in ("", "none") else a.caption_col
-    fmt = a.input_format
+    from data_prep.sources import detect_format
+    # resolved once here so that _plan.json, every task and `repair` agree on it
+    fmt = detect_format(a.input) if a.input_format == "auto" else a.input_format
     source = SourceOptions(input=a.input, input_format=fmt, url_col=a.url_col, caption_col=caption_col,
                            extra_cols=a.extra_cols, split=a.split, yfcc_caption=a.yfcc_caption,
                            start_col=a.start_col, end_col=a.end_col)

@@ -295,4 +295,14 @@ class _PinnedConnection(http.client.HTTPConnection):
         self.sock = socket.create_connection((self.ip, self.port), self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.scheme == "https":
-            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
+            self.sock = _tls_context().wrap_socket(self.sock, server_hostname=self.host)
+
+
+_TLS: list[ssl.SSLContext] = []
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process (building one loads the CA bundle: milliseconds each)."""
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]

@@ -70,6 +70,8 @@ def detect_format(path: str) -> str:
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isdir(root):
         return "folder"
+    if not fs.exists(root):
+        raise FileNotFoundError(f"--input {path!r}: no such file or folder")
     name = root.lower().removesuffix(".gz").removesuffix(".bz2")
     for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"),
                         (".json", "json"), (".txt", "txt")):
@@ -181,6 +183,9 @@ def _folder(opts: SourceOptions, fmt: str) -> Iterator[Row]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     paths = sorted(p for p in fs.find(root) if p.lower().endswith(media))
+    if not paths:
+        raise ValueError(f"--input {opts.input!r}: no image or video files in this folder (a named dataset needs "
+                         "--input-format, e.g. fashion-mnist)")
     for index, path in enumerate(paths):
         sidecar = path.rsplit(".", 1)[0] + ".txt"
         caption = fs.cat_file(sidecar) if fs.exists(sidecar) else None

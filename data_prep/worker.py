@@ -54,7 +54,7 @@ def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, A
     out = OutputDir(opts.output)
     fetcher = Fetcher(opts.fetch)
     earlier = earlier_hashes(opts.dedup_against)
-    caption_required = opts.source.caption_col is not None and opts.source.input_format not in ("txt",)
+    caption_required = opts.source.caption_col is not None and opts.source.input_format != "txt"
     records: list[dict[str, Any]] = []
     samples: list[Sample] = []
     seen: dict[str, str] = {}
