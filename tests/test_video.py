@@ -166,3 +166,12 @@ def test_loader_reads_one_random_frame_or_t_frames(tmp_path):
     assert [len(f) for f, _ in clips] == [6, 6]  # T frames even from a 4-frame sample
     with pytest.raises(ValueError, match="no frames"):
         pick_frames({"__key__": "x", "txt": "t"}, 1, rng)
+
+
+def test_max_duration_limits_the_frames_read(tmp_path):
+    table = _webvid_csv(tmp_path / "w.csv", [(str(SKV / "bikes.mp4"), "street with bikes")])
+    out = tmp_path / "o"
+    main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
+          "--no-progress", "--max-duration", "2", "--num-frames", "4", "--image-size", "32"])
+    meta = json.loads(_samples(out)["000000000"]["json"])
+    assert meta["num_decoded_frames"] == 51 and max(meta["timestamps"]) <= 2.0  # 25 fps, [0, 2] s inclusive
