@@ -86,15 +86,18 @@ def _captions(text: str) -> list[str]:
 
 
 def batches(urls: list[str], transform: Callable, field: str, batch_size: int, max_samples: int = 0,
-            num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
-    """(images [B, 3, H, W], targets) in shard order: targets are int labels (`cls`) or caption lists (`txt`)."""
+            num_workers: int = 0, shuffle: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
+    """(images [B, 3, H, W], targets) in shard order (`shuffle` > 0: shards and samples shuffled with a buffer
+    of that many samples, for fine-tuning): targets are int labels (`cls`) or caption lists (`txt`)."""
     if not urls:
         return
     target = int if field == "cls" else _captions
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
+        wds.shuffle(len(urls)) if shuffle else wds.filters.identity,
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle) if shuffle else wds.filters.identity,
         wds.decode("pil", handler=wds.warn_and_continue),
         wds.to_tuple(IMAGE_KEYS, field, handler=wds.warn_and_continue),
         wds.map_tuple(transform, target),

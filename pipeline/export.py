@@ -234,10 +234,11 @@ def load_checkpoint_model(path: str | Path) -> tuple[dict, dict]:
 
 
 def export(src: Source, fmt: str, out: str | Path, dtype: str = "fp32", with_heads: bool = False,
-           eval_results: dict | None = None) -> Path:
-    meta = {"source_checkpoint": src.checkpoint, "weights": src.weights, "training": src.training,
-            "eval": {**src.training.get("eval", {}), **(eval_results or {})}}
-    meta["training"] = {k: v for k, v in src.training.items() if k != "eval"}
+           eval_results: dict | None = None, extra_meta: dict | None = None) -> Path:
+    """Writes `src` in `fmt` (open_clip, hf, safetensors) with its model card; returns the output dir."""
+    meta = {"source_checkpoint": src.checkpoint, "weights": src.weights,
+            "training": {k: v for k, v in src.training.items() if k != "eval"},
+            "eval": {**src.training.get("eval", {}), **(eval_results or {})}, **(extra_meta or {})}
     if fmt == "open_clip":
         return export_open_clip(src.clip, src.model_cfg, out, dtype, name=src.name, meta=meta)
     if fmt == "hf":
