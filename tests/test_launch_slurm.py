@@ -169,10 +169,11 @@ def train_shards(tmp_path_factory) -> str:
 
 def _train_args(shards: str, steps: int) -> list[str]:
     # 64 samples, 4 processes x batch 4: 4 steps per epoch. Workers 0: two cores for four ranks.
-    settings = {"model.name": "fmnist-vit", "data.train_shards": shards, "data.batch_size": 4,
-                "data.num_workers": 0, "data.shuffle_buffer": 0, "optim.warmup_steps": 2, "train.steps": steps,
-                "train.log_every": 1}
-    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    settings = {"data.train_shards": shards, "data.batch_size": 4, "data.num_workers": 0,
+                "data.shuffle_buffer": 0, "optim.warmup_steps": 2, "train.steps": steps, "train.log_every": 1,
+                "train.checkpoint_every": 0}
+    return ["--config", str(REPO / "configs" / "tiny.toml"),
+            *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]]
 
 
 def _final_weights(run_dir: Path) -> dict:
@@ -184,7 +185,8 @@ def _final_weights(run_dir: Path) -> dict:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("kind", "train") == "train"]
 
 
 TRAIN_STEPS = 24  # 6 epochs: long enough to signal a running job mid-way
@@ -211,10 +213,13 @@ def _assert_same_training(run_dir: Path, reference: Path) -> None:
     assert [m["step"] for m in remote_metrics] == list(range(1, TRAIN_STEPS + 1))
     assert [m["samples_seen"] for m in remote_metrics] == [16 * s for s in range(1, TRAIN_STEPS + 1)]
     assert [m["loss"] for m in remote_metrics] == pytest.approx([m["loss"] for m in local_metrics], rel=1e-4)
+    # The per-step losses above show every step saw the same batch as the reference. The weights agree
+    # to float noise: a resumed run reloads Adam moments and reduces in another order (measured: at most
+    # 4e-6 on parameters of magnitude 1e-2, while one skipped or repeated batch moves them by ~1e-3).
     remote, here = _final_weights(run_dir), _final_weights(reference)
     assert remote.keys() == here.keys()
     for name in here:
-        torch.testing.assert_close(remote[name], here[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(remote[name], here[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_two_node_training_matches_local_four_process_run(slurm_env, train_shards, local_reference, tmp_path):
