@@ -75,3 +75,20 @@ def test_filters_and_caption_cleanup():
         clean_caption("x" * 20, ImageOptions(max_caption_length=10))
     with pytest.raises(Reject, match="not valid UTF-8"):
         clean_caption(b"caf\xe9", ImageOptions())
+
+
+def test_progressive_jpeg_fast_path_gives_the_same_pixels():
+    import numpy as np
+    from data_prep.process import dc_scans_only
+    path = f"{MATE}/abstract/Elephants_3840x2160.jpg"  # a real progressive photo
+    data = open(path, "rb").read()
+    assert Image.open(path).info.get("progressive")
+    dc = dc_scans_only(data)
+    assert dc is not None and len(dc) < len(data) / 2
+    full, fast = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(dc))
+    for img in (full, fast):
+        img.draft("RGB", (480, 270))
+    assert np.array_equal(np.asarray(full.convert("RGB")), np.asarray(fast.convert("RGB")))
+    assert dc_scans_only(jpeg_bytes(Image.new("RGB", (64, 64)))) is None  # baseline JPEGs take the normal path
+    enc = process_image(data, ImageOptions(image_size=256))
+    assert (enc.width, enc.height) == (455, 256)
