@@ -125,6 +125,9 @@ class ObjectiveConfig:
     """Width of the autoencoder's joint embedding."""
     bilinear_rank: int = 128
     """Rank of the factorised bilinear fusion."""
+    autoencoder_text_candidates: int = 0
+    """0: the text decoder's softmax spans the whole vocabulary. K > 0: a sampled softmax over the batch's own
+    tokens plus K random vocabulary ids (Jean et al. 2015): ~50x less work per position with CLIP's 49k vocabulary."""
     adversarial: float = 0.0
     """Weight of adversarial modality alignment (a discriminator on the embeddings, gradient reversal)."""
     adversarial_warmup_steps: int = 0
@@ -144,6 +147,7 @@ class ObjectiveConfig:
         require(self.max_logit_scale >= 1, "objective.max_logit_scale", "must be >= 1")
         for name in ("mae_decoder_width", "mae_decoder_layers", "fusion_dim", "bilinear_rank", "adversarial_hidden"):
             require(getattr(self, name) > 0, f"objective.{name}", "must be positive")
+        require(self.autoencoder_text_candidates >= 0, "objective.autoencoder_text_candidates", "must be >= 0")
         require(self.adversarial_warmup_steps >= 0, "objective.adversarial_warmup_steps", "must be >= 0")
         total = self.contrastive + self.siglip + self.mae + self.mlm + self.autoencoder
         require(total > 0, "objective", "every objective weight is 0: nothing would train")

@@ -147,3 +147,19 @@ def test_unsupported_towers_are_named():
     model_cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32}  # ModifiedResNet
     with pytest.raises(ValueError, match="ViT image tower"):
         build_model(model_cfg, ObjectiveConfig(flip_mask_ratio=0.5))
+
+
+def test_sampled_softmax_scores_the_same_target_logits_as_the_full_vocabulary(text):
+    torch.manual_seed(0)
+    full = build_model(model_config("tiny"), ObjectiveConfig(contrastive=0.0, autoencoder=1.0)).eval()
+    sampled = build_model(model_config("tiny"), ObjectiveConfig(contrastive=0.0, autoencoder=1.0,
+                                                                autoencoder_text_candidates=64)).eval()
+    sampled.load_state_dict(full.state_dict())
+    batch = {"image": torch.randn(4, 3, 64, 64), "text": text}
+    a, b = full(batch), sampled(batch)
+    real = text[text != 0]
+    assert torch.equal(a["ae_text_targets"], real)
+    assert b["ae_text_logits"].shape[1] <= 64 + len(real.unique())
+    picked_full = a["ae_text_logits"].gather(1, a["ae_text_targets"][:, None])
+    picked_sampled = b["ae_text_logits"].gather(1, b["ae_text_targets"][:, None])
+    assert torch.allclose(picked_full, picked_sampled, atol=1e-5)

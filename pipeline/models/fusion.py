@@ -61,8 +61,10 @@ class FusionAutoencoder(nn.Module):
     """Fusion -> joint embedding [B, J] -> image decoder (pixels) and text decoder (token logits, tied)."""
 
     def __init__(self, fusion: str, embed_dim: int, joint_dim: int, image_size: int, context_length: int,
-                 image_width: int, text_width: int, vocab_size: int, bilinear_rank: int = 128):
+                 image_width: int, text_width: int, vocab_size: int, bilinear_rank: int = 128,
+                 text_candidates: int = 0):
         super().__init__()
+        self.vocab_size, self.text_candidates = vocab_size, text_candidates
         self.fusion_type = fusion
         self.fusion = FUSIONS[fusion](embed_dim=embed_dim, joint_dim=joint_dim, rank=bilinear_rank,
                                       image_width=image_width, text_width=text_width)
@@ -84,7 +86,15 @@ class FusionAutoencoder(nn.Module):
         # Logits only at real positions (start of text .. end of text): padding is not part of the input to
         # reconstruct, and a [B, L, V] tensor would be ~50k wide per position.
         real = ~text_padding_mask(text)                                    # [B, L]
-        logits = x[real] @ token_embedding.weight.t().to(x.dtype) + self.text_bias.to(x.dtype)  # [M, V]
+        targets = text[real]                                               # [M]
+        weight, bias = token_embedding.weight, self.text_bias
+        if self.text_candidates:
+            # Sampled softmax: the batch's own tokens are always candidates, so every target is scorable.
+            extra = torch.randint(0, self.vocab_size, (self.text_candidates,), device=text.device)
+            candidates = torch.unique(torch.cat([targets, extra]))            # [C] sorted
+            weight, bias = weight[candidates], bias[candidates]
+            targets = torch.searchsorted(candidates, targets)
+        logits = x[real] @ weight.t().to(x.dtype) + bias.to(x.dtype)       # [M, V] (or [M, C])
         return {"joint": joint, "ae_image_pred": image_pred,
                 "ae_image_target": images,
-                "ae_text_logits": logits, "ae_text_targets": text[real]}
+                "ae_text_logits": logits, "ae_text_targets": targets}

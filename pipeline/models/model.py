@@ -131,7 +131,8 @@ def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
         image_width = clip.visual.transformer.width if objective.fusion == "attention" else 0
         heads["autoencoder"] = FusionAutoencoder(
             objective.fusion, model_cfg["embed_dim"], objective.fusion_dim, image_size, text.get("context_length", 77),
-            image_width, clip.transformer.width, clip.vocab_size, objective.bilinear_rank)
+            image_width, clip.transformer.width, clip.vocab_size, objective.bilinear_rank,
+            objective.autoencoder_text_candidates)
     if objective.adversarial:
         heads["adversarial"] = ModalityDiscriminator(model_cfg["embed_dim"], objective.adversarial_hidden)
     return PlaitModel(clip, heads, objective.max_logit_scale,
