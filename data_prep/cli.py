@@ -40,13 +40,33 @@ def _rgb(value: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults printed after each option, and the layout epilog kept as written."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Defaults printed after each option that has a meaningful one; epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS, "") and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+EXAMPLES = """\
+examples:
+  plait prep shard --input laion.parquet --url-col URL --caption-col TEXT --output shards/
+  plait prep shard --input /usr/share/datasets/fashion-mnist --input-format fashion-mnist --split test --output fm/
+  plait prep shard --input yfcc100m_dataset.bz2 --input-format yfcc100m --yfcc-caption title,tags --output yfcc/
+  plait prep shard --input webvid.csv --input-format webvid --num-frames 8 --output videos/
+  plait prep verify shards/           # exit status 1 with a report if anything is wrong
+  plait prep repair shards/           # retry timeouts, 429/5xx and connection errors into new shards
+  jid=$(sbatch --parsable --array=0-15 --wrap 'plait prep shard ... --output shards/')   # one task each
+  sbatch --dependency=afterok:$jid --wrap 'plait prep merge shards/'
+Run `plait prep shard --help` for every option and the output layout."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt)
+    fmt = _Help
+    parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt,
+                                     epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,repair,merge}")
 
     p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
