@@ -60,8 +60,10 @@ def node_command(job: TrainJob) -> str:
         # No launcher in between, so training's exit code (75 = requeue me) reaches sbatch.
         parts = [python, train]
     elif job.resolved_launcher == "torchrun":
+        # c10d rendezvous hosted by the head node's agent: node ranks come from the rendezvous, so no
+        # per-node value has to reach the command line.
         parts = [f"{python} -m torch.distributed.run --nnodes {res.nodes} --nproc_per_node {res.procs_per_node}",
-                 '--node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"',
+                 '--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"',
                  train]
     else:
         # accelerate: --num_processes is the total over all nodes, --machine_rank this node's index.

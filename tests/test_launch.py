@@ -72,9 +72,9 @@ def test_train_script_launcher_per_node(tmp_path):
     job = TrainJob(run_dir=tmp_path, resources=Resources(nodes=2, procs_per_node=2, cpu=True),
                    train_args=("--config", "c.toml"), python="py")
     script = render.render_train(job)
-    # torchrun on CPU; machine rank read inside the task, not in the batch script.
+    # torchrun on CPU, with a c10d rendezvous at the head node.
     assert "-m torch.distributed.run --nnodes 2 --nproc_per_node 2" in script
-    assert '--node_rank "$SLURM_NODEID"' in script
+    assert '--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in script
     assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '\n    trap \"\" USR1\n    exec py" in script
     assert "--gpus-per-node" not in script
     assert f"--set train.run_dir={tmp_path} --set train.device=cpu --resume auto" in script
