@@ -1,0 +1,208 @@
+"""Loader throughput: plait's TrainStream vs open_clip_train's get_wds_dataset vs a bare webdataset pipeline.
+
+Same shards (real photos from opencv-doc and mate-backgrounds, sharded by `plait prep` at 512 px shortest side,
+i.e. stored larger than the 224 px training input), same open_clip train transform and tokenizer, batch 64,
+2 DataLoader workers, one process. Prints samples/s of train-ready batches and the ratios, then plait's time to
+first batch when resuming deep into an epoch versus a fresh start, and the data-wait fraction of a short
+`plait train` run on the same shards.
+
+open_clip_train imports pandas (not a plait dependency); install it for this benchmark only:
+    .venv/bin/pip install pandas braceexpand
+open_clip_train 3.x also crashes with webdataset 1.x (its tar expander meets wds's end-of-shard `{}` marker):
+this script patches that in memory (eof_value=None), never in the installed package.
+
+Usage: .venv/bin/python benchmarks/bench_loader.py [--work DIR] [--samples 2000] [--batches 25] [--repeats 2]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import open_clip
+import torch
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep import cli as prep_cli  # noqa: E402
+from pipeline.config import DataConfig, load_config  # noqa: E402
+from pipeline.data import TrainStream  # noqa: E402
+from pipeline.distributed import World  # noqa: E402
+
+PHOTO_DIRS = [Path("/usr/share/doc/opencv-doc/examples/data"), Path("/usr/share/backgrounds/mate")]
+BATCH, WORKERS, SIZE, SHUFFLE = 64, 2, 224, 1000
+
+
+def photo_folder(work: Path, num_samples: int) -> Path:
+    """`num_samples` image+caption pairs (a folder source for `plait prep`) cycling over the real photos whose
+    short side is >= 512 px; huge ones are first reduced to 1024 px on the long side to keep prep quick."""
+    unique = work / "unique"
+    unique.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for path in sorted(p for d in PHOTO_DIRS for p in d.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        with Image.open(path) as img:
+            if min(img.size) < 512:
+                continue
+            img = img.convert("RGB")
+            img.thumbnail((1024, 1024))
+            if min(img.size) < 512:
+                img = Image.open(path).convert("RGB")
+            out = unique / f"{len(photos):03d}.jpg"
+            img.save(out, quality=92)
+            photos.append((out, path.stem.replace("_", " ").replace("-", " ")))
+    if not photos:
+        raise FileNotFoundError("no photo >= 512 px in opencv-doc or mate-backgrounds: apt-get install opencv-doc "
+                                "mate-backgrounds")
+    src = work / "src"
+    src.mkdir(exist_ok=True)
+    for i in range(num_samples):
+        photo, name = photos[i % len(photos)]
+        (src / f"{i:06d}.jpg").symlink_to(photo)
+        (src / f"{i:06d}.txt").write_text(f"a photo of {name}, copy {i // len(photos)}")
+    print(f"{len(photos)} distinct photos >= 512 px, {num_samples} samples")
+    return src
+
+
+def build_shards(work: Path, num_samples: int) -> str:
+    out = work / "shards"
+    if not (out / "sizes.json").exists():
+        src = photo_folder(work, num_samples)
+        t = time.perf_counter()
+        prep_cli.main(["shard", "--input", str(src), "--input-format", "folder", "--image-size", "512",
+                       "--output", str(out), "--samples-per-shard", "125", "--processes", "2", "--no-dedup",
+                       "--no-progress"])
+        print(f"plait prep: {num_samples} samples in {time.perf_counter() - t:.1f}s")
+    shards = sorted(out.glob("*.tar"))
+    return f"{out}/{{00000..{len(shards) - 1:05d}}}.tar"
+
+
+def plait_loader(spec, transform, tokenizer, draft=True):
+    cfg = DataConfig(train_shards=spec, batch_size=BATCH, num_workers=WORKERS, shuffle_buffer=SHUFFLE, draft=draft)
+    return iter(TrainStream(cfg, World(), transform, tokenizer))
+
+
+def open_clip_loader(spec, transform, tokenizer):
+    import open_clip_train.data as ocd
+    from webdataset.tariterators import tar_file_expander
+    # the documented wds 1.x incompatibility: no end-of-shard marker for open_clip's own group_by_keys
+    ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
+    args = Namespace(train_data=spec, train_num_samples=None, train_data_upsampling_factors=None,
+                     dataset_resampled=False, seed=0, batch_size=BATCH, workers=WORKERS, world_size=1, rank=0)
+    info = ocd.get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenizer)
+    return iter(info.dataloader)
+
+
+def bare_loader(spec, transform, tokenizer):
+    urls = wds.shardlists.expand_urls(spec)
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
+               .shuffle(SHUFFLE).decode("pilrgb").to_tuple("jpg", "txt")
+               .map_tuple(transform, lambda text: tokenizer([text])[0]).batched(BATCH, partial=False))
+    return iter(wds.WebLoader(dataset, batch_size=None, num_workers=WORKERS))
+
+
+def measure(make, batches: int) -> tuple[float, float]:
+    """(seconds to the first batch, samples/s over the next `batches` batches)."""
+    t0 = time.perf_counter()
+    it = make()
+    first = next(it)
+    t1 = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    t2 = time.perf_counter()
+    images = batch["image"] if isinstance(batch, dict) else batch[0]
+    assert images.shape == (BATCH, 3, SIZE, SIZE), images.shape
+    del first, it
+    return t1 - t0, batches * BATCH / (t2 - t1)
+
+
+def resume_times(spec, transform, tokenizer, points) -> list[tuple[int, float]]:
+    out = []
+    for consumed in points:
+        stream = TrainStream(DataConfig(train_shards=spec, batch_size=BATCH, num_workers=WORKERS,
+                                        shuffle_buffer=SHUFFLE), World(), transform, tokenizer)
+        stream.load_state_dict({**stream.state_dict(), "consumed": consumed})
+        t = time.perf_counter()
+        next(iter(stream))
+        out.append((consumed, time.perf_counter() - t))
+    return out
+
+
+def data_wait_fraction(spec: str, work: Path, steps: int) -> dict | None:
+    """A short `plait train` on the benchmark shards; the loop logs the data-wait fraction itself."""
+    from pipeline import train
+    run_dir = work / "train-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"data.train_shards={json.dumps(spec)}", f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}",
+                 "model.name=tiny-bench", f"train.steps={steps}", "train.log_every=5", "train.device=cpu",
+                 f"train.run_dir={json.dumps(str(run_dir))}", "optim.warmup_steps=1"]
+    try:
+        train.run(load_config(None, overrides))
+    except Exception as exn:  # the loop belongs to another module; report rather than hide the loader numbers
+        print(f"training run failed: {type(exn).__name__}: {exn}")
+        return None
+    records = [json.loads(line) for p in run_dir.rglob("*.jsonl") for line in p.read_text().splitlines() if line]
+    waits = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r][1:]  # skip warm-up window
+    return {"windows": len(waits), "data_wait_fraction": sum(waits) / max(1, len(waits))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", help="folder for photos and shards (default: a fresh temp dir, removed after)")
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--batches", type=int, default=25, help="timed batches after the first one")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per loader; the best is reported")
+    parser.add_argument("--train-steps", type=int, default=30, help="steps of the data-wait run (0: skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        spec = build_shards(work, args.samples)
+        transform = open_clip.image_transform(SIZE, is_train=True)
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        loaders = {"plait": plait_loader, "plait (no draft)": functools.partial(plait_loader, draft=False),
+                   "open_clip_train": open_clip_loader, "bare webdataset": bare_loader}
+        results = {name: [] for name in loaders}
+        for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
+            for name, make in loaders.items():
+                results[name].append(measure(lambda: make(spec, transform, tokenizer), args.batches))
+        print(f"\n{'loader':18s} {'first batch s':>13s} {'samples/s':>10s}")
+        best = {}
+        for name, runs in results.items():
+            first, rate = min(r[0] for r in runs), max(r[1] for r in runs)
+            best[name] = rate
+            print(f"{name:18s} {first:13.2f} {rate:10.1f}")
+        print(f"\nplait / open_clip_train = {best['plait'] / best['open_clip_train']:.2f}x (target >= 1.5x)")
+        print(f"plait / bare webdataset = {best['plait'] / best['bare webdataset']:.2f}x (target >= 1.0x)")
+        print(f"draft decode alone      = {best['plait'] / best['plait (no draft)']:.2f}x")
+
+        per_epoch = TrainStream(DataConfig(train_shards=spec, batch_size=BATCH, num_workers=WORKERS), World(),
+                                transform, tokenizer).batches_per_epoch
+        points = sorted({0, per_epoch // 4, per_epoch // 2, per_epoch - 2})
+        print(f"\nresume (epoch of {per_epoch} batches): time to first batch")
+        timings = resume_times(spec, transform, tokenizer, points)
+        for consumed, seconds in timings:
+            print(f"  after {consumed:5d} batches: {seconds:.2f}s")
+        fresh = timings[0][1]
+        print(f"  deepest / fresh = {timings[-1][1] / fresh:.2f}x (target <= 2x); decoding the skipped batches "
+              f"instead would take ~{timings[-1][0] * BATCH / best['plait']:.0f}s at the measured rate")
+        if args.train_steps:
+            wait = data_wait_fraction(spec, work, args.train_steps)
+            if wait:
+                print(f"\nplait train (model tiny-bench, batch {BATCH}, {WORKERS} workers): data-wait fraction "
+                      f"{wait['data_wait_fraction']:.2f} over {wait['windows']} log windows")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
