@@ -158,7 +158,8 @@ def run(cfg: Config, resume: str | None = None) -> dict:
             # Each rank's loss covers its rows against all columns: the mean over ranks is the global loss.
             names = list(losses)
             values = accelerator.reduce(torch.stack([loss, *(losses[k] for k in names)]).float(), "mean")
-            record = {"kind": "train", "step": step, "samples_seen": samples_seen, "loss": values[0].item(),
+            record = {"kind": "train", "step": step, "samples_seen": samples_seen,
+                      "elapsed_s": time.monotonic() - started, "loss": values[0].item(),
                       **{f"loss/{k}": v.item() for k, v in zip(names, values[1:])}, **report, "lr": lr,
                       "grad_norm": grad_norm, **window.summary(world.world_size),
                       **{f"data/{k}": v for k, v in stream.counters().items()}}

@@ -1,0 +1,127 @@
+"""Training-loop overhead: steps/s of `plait train` vs a minimal hand-written open_clip + ClipLoss + AdamW loop.
+
+Same model (`tiny-bench`: ViT 4x256 at 64 px, text 4x256), same batch (128), same shards and transforms, in the
+same process, alternating rounds so that machine load hits both alike. Also prints the model FLOP/s of each
+against this machine's measured fp32 matmul peak (MFU).
+
+    .venv/bin/python benchmarks/bench_train.py [--shards SPEC] [--steps 12] [--rounds 2]
+
+Target: plait >= 0.95x the hand-written loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+import webdataset as wds
+from open_clip.loss import ClipLoss
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.config import load_config  # noqa: E402
+from pipeline.models.sizes import model_config  # noqa: E402
+from pipeline.train import run  # noqa: E402
+
+MODEL, BATCH = "tiny-bench", 128
+
+
+def plait_steps_per_s(shards: str, steps: int, warmup: int, run_dir: Path) -> float:
+    """From the metrics log: steps between the first record (after `warmup` steps) and the last."""
+    cfg = load_config(None, [f"model.name={MODEL}", f"data.train_shards={shards}", f"data.batch_size={BATCH}",
+                             "data.num_workers=1", "train.device=cpu", f"train.steps={steps}",
+                             f"train.log_every={warmup}", f"train.run_dir={run_dir}", "optim.warmup_steps=2"])
+    run(cfg)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    return (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])
+
+
+def hand_steps_per_s(shards: str, steps: int, warmup: int) -> float:
+    """The minimal loop a user would write: open_clip model, a webdataset pipeline, ClipLoss, AdamW."""
+    torch.manual_seed(0)
+    cfg = model_config(MODEL)
+    model = open_clip.CLIP(**cfg, output_dict=True)
+    transform = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=True)
+    tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards), wds.split_by_worker, wds.tarfile_to_samples(), wds.shuffle(500),
+        wds.decode("pil"), wds.to_tuple("jpg", "txt"), wds.map_tuple(transform, lambda t: tokenizer([t])[0]),
+        wds.batched(BATCH, partial=False))
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=1).repeat(10)
+    loss_fn = ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    batches = iter(loader)
+    for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()
+        images, texts = next(batches)
+        out = model(images, texts)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+    return (steps - warmup) / (time.perf_counter() - start)
+
+
+def flops_per_step() -> float:
+    """Model FLOPs of one forward + backward at the benchmark batch (matmuls, convolutions, attention)."""
+    cfg = model_config(MODEL)
+    model = open_clip.CLIP(**cfg, output_dict=True)
+    size = cfg["vision_cfg"]["image_size"]
+    images = torch.randn(BATCH, 3, size, size)
+    texts = torch.randint(1, 49000, (BATCH, cfg["text_cfg"]["context_length"]))
+    with FlopCounterMode(display=False) as counter:
+        out = model(images, texts)
+        ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", default="", help="training shards (default: write Fashion-MNIST ones)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (must divide --steps)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if not shards:
+            from tests.train_shards import write_shards
+            shards = write_shards(Path(tmp) / "shards", num_shards=4, per_shard=512)
+        plait, hand = [], []
+        for r in range(args.rounds):
+            plait.append(plait_steps_per_s(shards, args.steps, args.warmup, Path(tmp) / f"run{r}"))
+            hand.append(hand_steps_per_s(shards, args.steps, args.warmup))
+            print(f"round {r}: plait {plait[-1]:.3f} steps/s, hand-written {hand[-1]:.3f} steps/s", flush=True)
+    flops, peak = flops_per_step(), matmul_peak_flops()
+    best_plait, best_hand = max(plait), max(hand)
+    print(f"model {MODEL}, batch {BATCH}: {flops / 1e9:.1f} GFLOP per step (forward + backward)")
+    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print(f"plait train:   {best_plait:.3f} steps/s, {best_plait * flops / 1e9:.1f} GFLOP/s, "
+          f"MFU {best_plait * flops / peak:.1%}")
+    print(f"hand-written:  {best_hand:.3f} steps/s, {best_hand * flops / 1e9:.1f} GFLOP/s, "
+          f"MFU {best_hand * flops / peak:.1%}")
+    print(f"ratio plait / hand-written: {best_plait / best_hand:.3f} (target >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
