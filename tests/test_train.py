@@ -159,3 +159,13 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_with_exit_75(tmp_path, s
     step = torch.load(ckpt / "trainer.pt", weights_only=True)["step"]
     assert 2 <= step < 1000 and sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     assert f"stopping at step {step} (signal)" in results[0][1]
+
+
+def test_bf16_autocast_with_gradient_checkpointing_and_accumulation_trains(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    code, out = finish(spawn(train_args(run_dir, shards, "train.steps=3", "train.precision=bf16",
+                                        "model.grad_checkpointing=true", "train.accum_steps=2")))
+    assert code == 0, out
+    losses = [r["loss"] for r in records(run_dir).values()]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert "global batch 32 (2 accumulated micro-batches)" in out
