@@ -91,7 +91,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last)
     signature = schedule_signature(cfg.optim, cfg.train.steps)
-    step, samples_seen = 0, 0
+    step, samples_seen, resumed_step = 0, 0, 0
     resume_from = checkpointer.resolve(resume)
     if resume_from is not None:
         state = Checkpointer.load(resume_from, world.rank)
@@ -102,6 +102,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"]["optimizer"])
         step, samples_seen = state["trainer"]["step"], state["trainer"]["samples_seen"]
+        resumed_step = step
         stream.load_state_dict(state["rank"]["loader"])
         set_rng_state(state["rank"]["rng"])
         print0(world, f"resumed from {resume_from} at step {step}")
@@ -171,20 +172,22 @@ def run(cfg: Config, resume: str | None = None) -> dict:
                               f"{record['samples_per_s']:.0f} samples/s")
             window = metrics.Window()
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
-                and train_eval.enabled(cfg.eval)):
+                and train_eval.enabled(cfg.eval)):  # the final evaluation follows the loop
             evaluate()
 
+        if step == cfg.train.steps:
+            break  # done: a signal now changes nothing (the final checkpoint follows)
         # Every rank agrees on stopping at this step boundary, so the checkpoint covers the same step everywhere.
         stopped = policy.check()
         if stopped:
             save_checkpoint()
             print0(world, f"stopping at step {step} ({stopped}); checkpoint saved")
             break
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save_checkpoint()
     progress.close()
 
-    if step >= cfg.train.steps:
+    if step >= cfg.train.steps and (resume_from is None or step > resumed_step):  # not when resuming a done run
         save_checkpoint()
     exit_code = EXIT_REQUEUE if stopped == "signal" else 0
     result = {"steps": step, "samples_seen": samples_seen, "wall_s": time.monotonic() - started,
