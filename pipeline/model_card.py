@@ -130,7 +130,10 @@ def render_readme(meta: dict) -> str:
               f"- text: {meta['tokenizer']['type']}, context length {meta['tokenizer']['context_length']}, "
               "lower-cased, padded with id 0", "",
               "## Loading", "", "```python", *meta["usage"], "```", "",
-              f"Self-check at export: {meta['self_check']}", "",
+              f"Self-check at export: {meta['self_check']['compared']} reproduced within "
+              f"{meta['self_check']['max_abs_error']:.1e} (tolerance {meta['self_check']['tolerance']:.0e})"
+              + (f"; the {meta['dtype']} cast itself moves embeddings by up to {meta['self_check']['dtype_error']:.1e}"
+                 if "dtype_error" in meta["self_check"] else "") + ".", "",
               f"Machine-readable metadata: `{METADATA_FILE}`.", ""]
     return "\n".join(lines)
 

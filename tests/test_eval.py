@@ -16,7 +16,10 @@ import plait
 from pipeline.distributed import World
 from pipeline.eval_data import rank_share, read_lines, resolve
 from pipeline.evaluate import classification_counts, linear_probe, retrieval_metrics, summarise_classification
-from tests.fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder
+    from tests.fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
+except ModuleNotFoundError:
+    from fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

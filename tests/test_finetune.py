@@ -13,7 +13,10 @@ from pipeline.eval_models import load_model
 from pipeline.finetune import Classifier, evaluate_classifier, layer_id, param_groups
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip
-from tests.fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder
+    from tests.fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run
+except ModuleNotFoundError:
+    from fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run
 
 
 @pytest.fixture(scope="module")
