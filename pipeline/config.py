@@ -232,6 +232,14 @@ class EvalConfig:
     max_samples: int = 0
     """Evaluate at most this many samples per task; 0: all."""
 
+    def __post_init__(self):
+        require(self.batch_size > 0, "eval.batch_size", f"must be positive, got {self.batch_size}")
+        require(self.max_samples >= 0, "eval.max_samples", f"must be >= 0, got {self.max_samples}")
+        for t in self.templates:
+            require("{}" in t, "eval.templates", f"{t!r} has no {{}} placeholder for the class name")
+        require(not self.zeroshot_shards or bool(self.classnames), "eval.classnames",
+                "needed with eval.zeroshot_shards (one name per `cls` label)")
+
 
 @dataclass(frozen=True)
 class Config:
