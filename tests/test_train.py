@@ -149,15 +149,19 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_with_exit_75(tmp_path, s
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_dir = tmp_path / "run"
-    args = train_args(run_dir, shards, "train.steps=1000", "data.batch_size=8")
+    # With a periodic evaluation sharded over both ranks on the way (a rank-0-only eval would leave rank 1
+    # waiting in the next collective).
+    args = train_args(run_dir, shards, "train.steps=1000", "data.batch_size=8", "train.eval_every=2",
+                      f"eval.zeroshot_shards={shards['test']}", f"eval.classnames={json.dumps(CLASSES)}")
     procs = [spawn(args, 2, rank, port) for rank in range(2)]
-    wait_for_step(run_dir, procs[0], 2)
+    wait_for_step(run_dir, procs[0], 3)
     procs[1].send_signal(signum)  # only rank 1 is told; rank 0 learns it at the next step boundary
     results = [finish(p) for p in procs]
     assert [code for code, _ in results] == [75, 75], results
     (ckpt,) = (run_dir / "checkpoints").iterdir()
     step = torch.load(ckpt / "trainer.pt", weights_only=True)["step"]
-    assert 2 <= step < 1000 and sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert records(run_dir, "eval")[2]["eval/zeroshot/num_samples"] == 64  # both ranks' shards counted
+    assert 3 <= step < 1000 and sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     assert f"stopping at step {step} (signal)" in results[0][1]
 
 
