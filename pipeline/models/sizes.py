@@ -19,9 +19,9 @@ SIZES: dict[str, dict] = {
     # The objectives ablation's model: Fashion-MNIST upsampled to 56 px, 7x7 patches -> 64 tokens, enough for
     # FLIP's masking to show its speed-up (at 28 px the 16 tokens leave the per-image overheads dominant).
     "fmnist-vit56": {
-        "embed_dim": 128,
-        "vision_cfg": {"image_size": 56, "layers": 4, "width": 128, "head_width": 32, "patch_size": 7},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
+        "embed_dim": 96,
+        "vision_cfg": {"image_size": 56, "layers": 3, "width": 96, "head_width": 32, "patch_size": 7},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 2},
     },
     # The smallest sensible general model (7.3M parameters), for CPU tests.
     "tiny": {

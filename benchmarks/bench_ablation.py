@@ -1,0 +1,242 @@
+"""Objectives ablation on Fashion-MNIST shards at a fixed CPU budget.
+
+Every configuration trains the same model (`fmnist-vit56`: 28 px images upsampled to 56 px, 7 px patches, 64
+tokens, so that FLIP's masking has tokens to drop) from the same seed on the same in-memory batches for the same
+number of steps, then is evaluated on the same held-out images:
+  samples/s   median step time (augment + forward + loss + backward + AdamW) measured in interleaved rounds
+              after training, so that load from other processes hits every configuration alike;
+  zero-shot   top-1 over the 10 classes with prompts unlike the training captions (contrastive/SigLIP heads);
+  probe       linear-probe top-1 on the frozen image embeddings (every configuration, the autoencoder too);
+  recon       MAE masked-patch loss / MLM token loss / autoencoder L_img + L_txt on held-out training batches.
+Ratios against the contrastive baseline (and masked objectives against contrastive + FLIP) are printed with the
+issue's targets. Usage: .venv/bin/python benchmarks/bench_ablation.py [--steps 60] [--only flip50 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.sources import FASHION_MNIST_CLASSES  # noqa: E402
+from pipeline.config import DataConfig, ObjectiveConfig, OptimConfig, load_config  # noqa: E402
+from pipeline.data import TrainStream  # noqa: E402
+from pipeline.distributed import World  # noqa: E402
+from pipeline.evaluate import class_embeddings, labelled_images, linear_probe  # noqa: E402
+from pipeline.models.model import build_model  # noqa: E402
+from pipeline.models.sizes import model_config  # noqa: E402
+from pipeline.models.towers import tokenizer_for  # noqa: E402
+from pipeline.objective import Objective, clamp_logit_scale  # noqa: E402
+from pipeline.optim import build_optimizer, lr_factor  # noqa: E402
+from pipeline.transforms import image_transform  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "fmnist-vit56"
+FLIP = {"flip_mask_ratio": 0.5}
+CONFIGS = {
+    "contrastive": {},
+    "siglip": {"contrastive": 0.0, "siglip": 1.0},
+    "flip50": {**FLIP},
+    "flip50+mae": {**FLIP, "mae": 1.0},
+    "flip50+mlm": {**FLIP, "mlm": 1.0},
+    "flip50+mae+mlm": {**FLIP, "mae": 1.0, "mlm": 1.0},
+    "ae-concat": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "concat"},
+    "ae-bilinear": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "bilinear"},
+    "ae-attention": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "attention"},
+    "contrastive+adversarial": {"adversarial": 0.1},
+}
+
+
+def ensure_shards(train: str, test: str) -> tuple[str, str]:
+    """The ready Fashion-MNIST shards if present, else written with `plait prep shard` into a temp dir."""
+    if Path(train.split("{")[0]).parent.exists() and Path(test.split("{")[0]).parent.exists():
+        return train, test
+    out = Path(tempfile.mkdtemp(prefix="plait-ablation-"))
+    for split in ("train", "test"):
+        subprocess.run([sys.executable, str(ROOT / "plait.py"), "prep", "shard", "--input",
+                        "/usr/share/datasets/fashion-mnist", "--input-format", "fashion-mnist", "--split", split,
+                        "--output", str(out / split)], check=True)
+    shards = {s: sorted(p.name for p in (out / s).glob("*.tar")) for s in ("train", "test")}
+    spec = {s: f"{out / s}/{{{shards[s][0][:-4]}..{shards[s][-1][:-4]}}}.tar" for s in shards}
+    return spec["train"], spec["test"]
+
+
+def load_batches(train: str, model_cfg: dict, batch_size: int, count: int) -> list[dict]:
+    """`count` training batches decoded once (random-resized-crop augmentation applied once per sample)."""
+    cfg = DataConfig(train_shards=train, batch_size=batch_size, num_workers=1, shuffle_buffer=2000, seed=0)
+    stream = iter(TrainStream(cfg, World(), image_transform(model_cfg, is_train=True), tokenizer_for(model_cfg)))
+    return [{k: v for k, v in next(stream).items() if k in ("image", "text")} for _ in range(count)]
+
+
+def load_labelled(shards: str, model_cfg: dict, count: int) -> tuple[torch.Tensor, np.ndarray]:
+    images, labels = [], []
+    for x, y in labelled_images(shards, image_transform(model_cfg, is_train=False), 256, max_samples=count):
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels).numpy()
+
+
+def train_step(model, objective, optimizer, batch: dict, step: int) -> torch.Tensor:
+    augmented = objective.augment(batch, step)
+    loss, _, _ = objective(model(augmented), augmented, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    clamp_logit_scale(model.clip, objective.cfg.max_logit_scale)
+    return loss.detach()
+
+
+@torch.no_grad()
+def image_embeddings(model, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model.clip.encode_image(images[i:i + 512], normalize=True) for i in range(0, len(images), 512)])
+
+
+@torch.no_grad()
+def reconstruction(model, objective, batches: list[dict]) -> dict[str, float]:
+    """Held-out reconstruction losses (unweighted) with the training masks' statistics."""
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        torch.manual_seed(10_000 + i)
+        augmented = objective.augment(batch, 0)
+        outputs = model(augmented)
+        parts = {}
+        if objective.mae is not None:
+            parts["mae"] = objective.mae(outputs["mae_pred"], outputs["mae_target"], outputs["mae_mask"])
+        if objective.mlm is not None:
+            parts["mlm"] = objective.mlm(outputs["mlm_logits"], outputs["mlm_targets"])
+        if objective.autoencoder is not None:
+            _, parts["txt"], parts["img"] = objective.autoencoder(
+                outputs["ae_image_pred"], outputs["ae_image_target"], outputs["ae_text_logits"],
+                outputs["ae_text_targets"])
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
+    return sums
+
+
+def run_config(name: str, overrides: dict, args, model_cfg: dict, data: dict, templates) -> dict:
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(flip_unmasked_steps=args.unmasked_steps if overrides.get("flip_mask_ratio") else 0,
+                          autoencoder_text_candidates=1024, **overrides)
+    model = build_model(dict(model_cfg), cfg)
+    objective = Objective(cfg, World(), total_steps=args.steps)
+    optim_cfg = OptimConfig(lr=args.lr, warmup_steps=max(1, args.steps // 10))
+    optimizer = build_optimizer(model, optim_cfg)
+    model.train()
+    started = time.perf_counter()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = optim_cfg.lr * lr_factor(step, optim_cfg, args.steps)
+        loss = train_step(model, objective, optimizer, data["train"][step % len(data["train"])], step)
+    train_s = time.perf_counter() - started
+    model.eval()
+    result = {"config": name, "train_s": train_s, "final_loss": float(loss),
+              "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    test_x = image_embeddings(model, data["test_images"]).double().numpy()  # float64: linear_probe needs it
+    if cfg.contrastive or cfg.siglip:
+        weights = class_embeddings(model.clip, data["tokenize"], FASHION_MNIST_CLASSES, templates, "cpu")
+        result["zeroshot_top1"] = float(((torch.as_tensor(test_x) @ weights.double().t()).argmax(1).numpy()
+                                         == data["test_labels"]).mean())
+    probe_x = image_embeddings(model, data["probe_images"]).double().numpy()
+    result["probe_top1"] = linear_probe(probe_x, data["probe_labels"], test_x, data["test_labels"],
+                                        cs=(0.1, 1.0, 10.0))["top1"]
+    model.train()
+    result["recon"] = reconstruction(model, objective, data["val"])
+    return result | {"_model": model, "_objective": objective, "_optimizer": optimizer}
+
+
+def interleaved_timing(results: list[dict], batch: dict, rounds: int) -> None:
+    """Median step time per configuration, configurations taking turns so that machine load drifts evenly.
+    Step 0: masks on (FLIP's unmasked tail is excluded here; its cost shows in train_s)."""
+    times: dict[str, list[float]] = {r["config"]: [] for r in results}
+    for _ in range(rounds):
+        for r in results:
+            for _ in range(2):
+                t = time.perf_counter()
+                train_step(r["_model"], r["_objective"], r["_optimizer"], batch, 0)
+                times[r["config"]].append(time.perf_counter() - t)
+    for r in results:
+        r["step_s"] = statistics.median(times[r["config"]])
+        r["samples_per_s"] = len(batch["text"]) / r["step_s"]
+
+
+def fmt(value, spec=".1%") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: list[dict], args) -> None:
+    base = next((r for r in results if r["config"] == "contrastive"), None)
+    flip = next((r for r in results if r["config"] == "flip50"), None)
+    print(f"\nObjectives ablation: {MODEL}, {args.steps} steps x batch {args.batch_size} "
+          f"({args.steps * args.batch_size} samples), {torch.get_num_threads()} threads, "
+          f"eval on {args.eval_samples} test images, probe trained on {args.probe_samples}")
+    print(f"{'config':26s} {'samples/s':>9s} {'vs base':>7s} {'train s':>7s} {'zero-shot':>9s} {'probe':>6s}  recon")
+    for r in results:
+        ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
+        recon = ", ".join(f"{k} {v:.3f}" for k, v in r["recon"].items()) or "-"
+        print(f"{r['config']:26s} {r['samples_per_s']:9.1f} {fmt(ratio, '.2f'):>7s} {r['train_s']:7.0f} "
+              f"{fmt(r.get('zeroshot_top1')):>9s} {fmt(r['probe_top1']):>6s}  {recon}")
+    if base and flip:
+        speed = flip["samples_per_s"] / base["samples_per_s"]
+        acc = flip["zeroshot_top1"] / max(base["zeroshot_top1"], 1e-9)
+        print(f"\nFLIP 50%: {speed:.2f}x the samples/s of unmasked (target >= 1.6x) at {acc:.1%} of its zero-shot "
+              f"top-1 (target >= 95%)")
+        for r in results:
+            if r["config"].startswith("flip50+"):
+                print(f"{r['config']}: step time +{r['step_s'] / flip['step_s'] - 1:.0%} over contrastive + FLIP "
+                      f"(target <= +25%)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-shards", default="/tmp/fm/train/{00000..00011}.tar")
+    parser.add_argument("--test-shards", default="/tmp/fm/test/{00000..00001}.tar")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per configuration")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--unmasked-steps", type=int, default=6, help="FLIP's final unmasked steps")
+    parser.add_argument("--eval-samples", type=int, default=2000)
+    parser.add_argument("--probe-samples", type=int, default=2000)
+    parser.add_argument("--val-batches", type=int, default=2, help="held-out batches for reconstruction losses")
+    parser.add_argument("--timing-rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="a subset of the configurations")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    train, test = ensure_shards(args.train_shards, args.test_shards)
+    model_cfg = model_config(MODEL)
+    batches = load_batches(train, model_cfg, args.batch_size, args.steps + args.val_batches)
+    probe_images, probe_labels = load_labelled(train, model_cfg, args.probe_samples)
+    test_images, test_labels = load_labelled(test, model_cfg, args.eval_samples)
+    data = {"train": batches[: args.steps], "val": batches[args.steps:], "tokenize": tokenizer_for(model_cfg),
+            "probe_images": probe_images, "probe_labels": probe_labels,
+            "test_images": test_images, "test_labels": test_labels}
+    templates = load_config(ROOT / "configs" / "demo.toml").eval.templates
+    print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    results = []
+    for name in args.only or list(CONFIGS):
+        results.append(run_config(name, CONFIGS[name], args, model_cfg, data, templates))
+        r = results[-1]
+        print(f"  {name}: {r['train_s']:.0f}s, zero-shot {fmt(r.get('zeroshot_top1'))}, probe {fmt(r['probe_top1'])}, "
+              f"recon {r['recon']}", flush=True)
+    interleaved_timing(results, batches[0], args.timing_rounds)
+    print_table(results, args)
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}
+                                               for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
