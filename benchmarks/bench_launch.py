@@ -59,7 +59,7 @@ def submit(run_dir: Path, args: list[str], env: dict) -> str:
 
 
 def stamp(log: str, pattern: str) -> float:
-    match = re.search(pattern + r".* at (\S+)$", log, re.M)
+    match = re.search(pattern + r".* at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d)", log, re.M)
     assert match, f"no line matching {pattern!r} in the job log"
     return datetime.fromisoformat(match.group(1)).timestamp()
 
