@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if not shards:
-            from tests.train_shards import write_shards
-            shards = write_shards(Path(tmp) / "shards", num_shards=4, per_shard=512)
+            from tests.fmnist_fixture import spec, write_shards
+            shards = spec(write_shards(Path(tmp) / "shards", "train", 2048, per_shard=512, fmt="jpg"))
         plait, hand = [], []
         for r in range(args.rounds):
             plait.append(plait_steps_per_s(shards, args.steps, args.warmup, Path(tmp) / f"run{r}"))

@@ -13,7 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_shards import CLASSES, write_shards
+from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
+
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder
+    from tests.fmnist_fixture import spec, write_shards
+except ModuleNotFoundError:
+    from fmnist_fixture import spec, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("shards")
-    return {"train": write_shards(folder / "train", num_shards=4, per_shard=64),
-            "test": write_shards(folder / "test", num_shards=2, per_shard=32, offset=256)}
+    return {"train": spec(write_shards(folder / "train", "train", 256, per_shard=64, fmt="jpg")),
+            "test": spec(write_shards(folder / "test", "test", 64, per_shard=32, fmt="jpg"))}
 
 
 def train_args(run_dir: Path, shards: dict, *overrides: str) -> list[str]:

@@ -14,7 +14,10 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
-from tests.test_train_accumulate import MICRO_CFG, _batch
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder
+    from tests.test_train_accumulate import MICRO_CFG, _batch
+except ModuleNotFoundError:
+    from test_train_accumulate import MICRO_CFG, _batch
 
 STEPS, GLOBAL_BATCH = 20, 16
 
