@@ -163,3 +163,17 @@ def test_sampled_softmax_scores_the_same_target_logits_as_the_full_vocabulary(te
     picked_full = a["ae_text_logits"].gather(1, a["ae_text_targets"][:, None])
     picked_sampled = b["ae_text_logits"].gather(1, b["ae_text_targets"][:, None])
     assert torch.allclose(picked_full, picked_sampled, atol=1e-5)
+
+
+def test_video_batches_mean_pool_frame_embeddings(text):
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), ObjectiveConfig(flip_mask_ratio=0.5)).eval()
+    frames = torch.randn(4, 3, 3, 64, 64)                     # [B, T, 3, H, W]
+    out = model({"frames": frames, "text": text})
+    expected = torch.nn.functional.normalize(model.clip.encode_image(frames.flatten(0, 1)).view(4, 3, -1).mean(1), dim=-1)
+    assert torch.allclose(out["image_features"], expected, atol=1e-6)
+    masked = model({"frames": frames, "text": text, "image_mask_ratio": 0.5})
+    assert masked["image_features"].shape == (4, 128) and "image_keep" not in masked
+    with pytest.raises(ValueError, match="video batches"):
+        build_model(model_config("tiny"), ObjectiveConfig(flip_mask_ratio=0.5, mae=1.0))(
+            {"frames": frames, "text": text, "image_mask_ratio": 0.5})

@@ -24,7 +24,8 @@ SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS = math.log(10), -10.0
 
 
 class PlaitModel(nn.Module):
-    """forward(batch) -> dict: image_features/text_features [B, D] (L2-normalised), logit_scale [] (exp'd,
+    """forward(batch) -> dict: image_features/text_features [B, D] (L2-normalised; a video batch's `frames`
+    [B, T, 3, H, W] are encoded frame by frame and mean-pooled), logit_scale [] (exp'd,
     clamped), logit_bias [] (SigLIP), and per enabled head its tensors (see each head). Masks come in the batch
     from Objective.augment: image_mask_ratio (FLIP/MAE), mlm_input/mlm_mask_token/mlm_labels (MLM),
     adversarial_scale (gradient reversal ramp)."""
@@ -40,16 +41,25 @@ class PlaitModel(nn.Module):
     def forward(self, batch: dict | torch.Tensor, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if not isinstance(batch, dict):  # model(image, text): the loop's call form before the batch contract
             batch = {"image": batch, "text": text}
-        image, text = batch["image"], batch["text"]                 # [B, 3, H, W], [B, L]
+        text = batch["text"]                                        # [B, L]
         clip, heads = self.clip, self.heads
         out: dict[str, torch.Tensor] = {}
+        frames = batch.get("frames") if "image" not in batch else None  # video: [B, T, 3, H, W]
+        if frames is not None:
+            if "mae" in heads or "autoencoder" in heads:
+                raise ValueError("video batches (data.video_frames > 0) train contrastive, SigLIP, FLIP, MLM and "
+                                 "adversarial objectives; objective.mae and objective.autoencoder need images")
+            image = frames.flatten(0, 1)                            # [B * T, 3, H, W]
+        else:
+            image = batch["image"]                                  # [B, 3, H, W]
 
         ratio = float(batch.get("image_mask_ratio", 0.0))
         keep = None
         if ratio > 0:
             grid = clip.visual.grid_size
             keep = random_keep(image.shape[0], grid[0] * grid[1], ratio, device=image.device)  # [B, K]
-            out["image_keep"] = keep
+            if frames is None:
+                out["image_keep"] = keep
         attention_fusion = "autoencoder" in heads and heads["autoencoder"].fusion_type == "attention"
         if keep is not None or attention_fusion:
             image_embed, image_tokens = encode_image_tokens(clip.visual, image, keep)  # [B, E], [B, 1 + K, W]
@@ -60,6 +70,9 @@ class PlaitModel(nn.Module):
         else:
             text_embed, text_tokens = clip.encode_text(text), None
 
+        if frames is not None:
+            # A clip's embedding is the mean of its frames' embeddings (CLIP4Clip's parameter-free "meanP").
+            image_embed = image_embed.view(frames.shape[0], frames.shape[1], -1).mean(dim=1)  # [B, E]
         out["image_features"] = F.normalize(image_embed, dim=-1)
         out["text_features"] = F.normalize(text_embed, dim=-1)
         out["logit_scale"] = clip.logit_scale.exp().clamp(max=self.max_logit_scale)
