@@ -103,7 +103,7 @@ def decode_frames(data: bytes | None, vopts: VideoOptions, iopts: ImageOptions, 
             wanted = set(sample_timestamps(times, keys, vopts))
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # no FFmpeg frame threads: the job already runs one worker process per core
             if start > 0:
                 container.seek(int(start / tb), stream=stream, backward=True)
             kept: list[tuple[float, Any]] = []
