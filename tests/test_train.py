@@ -178,3 +178,15 @@ def test_bf16_autocast_with_gradient_checkpointing_and_accumulation_trains(tmp_p
     losses = [r["loss"] for r in records(run_dir).values()]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
     assert "global batch 32 (2 accumulated micro-batches)" in out
+
+
+def test_time_budget_checkpoints_and_the_next_run_continues(tmp_path, shards):
+    from pipeline.train import main
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, shards, "train.steps=4", "train.max_time_s=1e-6")
+    assert main(args) == 0  # out of time is not a failure, nor a requeue
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["stopped"] == "max_time_s" and report["steps"] == 1
+    assert main(args + ["--resume", "auto"]) == 0
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 2
+    assert sorted(records(run_dir)) == [1, 2]
