@@ -52,7 +52,7 @@ def decode_image(data: bytes, min_side: int | None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if min_side and img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 def media_keys(sample: dict) -> tuple[list[str], bool]:

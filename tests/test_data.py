@@ -262,3 +262,11 @@ def test_http_urls_read_through_fsspec(tmp_path, tokenize, transform):
         assert keys(take_from(remote, 4)) == local[16:]  # resumed: seeks by the index over http range requests
     finally:
         server.shutdown()
+
+
+def test_file_urls_and_stats_files_without_sizes_json(tmp_path, tokenize, transform):
+    spec = make_shards(tmp_path, [16, 16])
+    (tmp_path / "sizes.json").unlink()  # counts now come from each shard's S_stats.json
+    s = stream("file://" + spec, tokenize, transform, num_workers=0)
+    assert (s.num_samples, s.batches_per_epoch) == (32, 4)
+    assert sorted(keys(take(s, 4))) == sorted(_all_keys(tmp_path))
