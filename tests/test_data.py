@@ -270,3 +270,23 @@ def test_file_urls_and_stats_files_without_sizes_json(tmp_path, tokenize, transf
     s = stream("file://" + spec, tokenize, transform, num_workers=0)
     assert (s.num_samples, s.batches_per_epoch) == (32, 4)
     assert sorted(keys(take(s, 4))) == sorted(_all_keys(tmp_path))
+
+
+def test_real_video_shards_from_plait_prep(tmp_path, tokenize, transform):
+    """Megamind.avi and tree.avi (opencv-doc) through `plait prep --video`, then read as frames or clips."""
+    from data_prep.cli import main as prep
+    videos = [Path("/usr/share/doc/opencv-doc/examples/data") / n for n in ("Megamind.avi", "tree.avi")]
+    if not all(v.exists() for v in videos):
+        pytest.skip("opencv-doc sample videos not installed (apt-get install opencv-doc)")
+    table = tmp_path / "videos.csv"
+    table.write_text("url,caption\n" + "".join(f"{v},a clip of {v.stem}\n" for v in videos))
+    out = tmp_path / "shards"
+    prep(["shard", "--input", str(table), "--video", "--num-frames", "5", "--image-size", "48", "--output",
+          str(out), "--processes", "1", "--no-progress"])
+    spec = str(out / "00000.tar")
+    one = take(stream(spec, tokenize, transform, num_workers=0, batch_size=2), 1)[0]
+    assert one["image"].shape == (2, 3, SIZE, SIZE)
+    clip = take(stream(spec, tokenize, transform, num_workers=0, batch_size=2, video_frames=4), 1)[0]
+    assert clip["frames"].shape == (2, 4, 3, SIZE, SIZE) and clip["text"].shape == (2, 16)
+    # the four frames differ (time passes) yet share one random crop: frame 0 is not a copy of frame 3
+    assert not torch.equal(clip["frames"][0, 0], clip["frames"][0, 3])
