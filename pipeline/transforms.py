@@ -7,6 +7,7 @@ the model needs is decoded at a reduced size with `Image.draft` (the DCT scaling
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import numpy as np
@@ -35,14 +36,17 @@ def preprocess_cfg(model_cfg: dict) -> dict:
             "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
 
-def output_size(transform) -> int | None:
-    """The side of the square a (torchvision / open_clip) transform produces, or None when it cannot tell."""
+def decode_min_side(transform) -> int | None:
+    """The shortest side a decoded image needs so that `transform` (torchvision / open_clip) never upsamples:
+    its output size, divided by sqrt(smallest crop area) for a RandomResizedCrop (open_clip's scale 0.9:
+    224 px -> 237 px). None when the transform's size cannot be told (then no reduced decode)."""
     for t in getattr(transform, "transforms", [transform]):
         size = getattr(t, "size", None)
-        if isinstance(size, int):
-            return size
         if isinstance(size, (tuple, list)) and size:
-            return max(size)
+            size = max(size)
+        if isinstance(size, int):
+            min_scale = getattr(t, "scale", (1.0, 1.0))[0] if isinstance(t, T.RandomResizedCrop) else 1.0
+            return math.ceil(size / math.sqrt(max(min_scale, 1e-6)))
     return None
 
 
@@ -82,7 +86,7 @@ class SampleDecoder:
 
     def __init__(self, transform, video_frames: int = 0, draft: bool = True):
         self.transform, self.video_frames = transform, video_frames
-        self.min_side = output_size(transform) if draft else None
+        self.min_side = decode_min_side(transform) if draft else None
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         caption = sample.get("txt")

@@ -290,3 +290,11 @@ def test_real_video_shards_from_plait_prep(tmp_path, tokenize, transform):
     assert clip["frames"].shape == (2, 4, 3, SIZE, SIZE) and clip["text"].shape == (2, 16)
     # the four frames differ (time passes) yet share one random crop: frame 0 is not a copy of frame 3
     assert not torch.equal(clip["frames"][0, 0], clip["frames"][0, 3])
+
+
+def test_decode_size_never_upsamples_the_crop():
+    from pipeline.transforms import decode_min_side
+    assert decode_min_side(open_clip.image_transform(224, is_train=False)) == 224
+    assert decode_min_side(open_clip.image_transform(224, is_train=True)) == 237  # crops keep >= 90% of the area
+    from torchvision import transforms as T
+    assert decode_min_side(T.Compose([T.RandomResizedCrop(224, scale=(0.25, 1.0))])) == 448
