@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from pipeline import metrics, train_eval
@@ -33,15 +33,20 @@ from pipeline.transforms import image_transform
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerate's DDP (gloo on CPU, NCCL on GPU; FSDP through `accelerate launch` config) with the run's
-    precision and an explicit process-group timeout."""
+    """Accelerate's DDP (gloo on CPU, NCCL on GPU) with the run's precision and an explicit process-group timeout."""
     on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if cfg.precision == "fp16" and on_cpu:
         raise ValueError("config key 'train.precision': fp16 needs a GPU (CPU autocast has no fp16 gradient "
                          "scaling); use bf16 or fp32 on CPU")
-    return Accelerator(cpu=cfg.device == "cpu",
-                       mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))])
+    accelerator = Accelerator(cpu=cfg.device == "cpu",
+                              mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))])
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Sharded parameters need gathered state dicts (model and optimizer) and summoned parameters for the
+        # evaluation: not implemented, and a silently wrong checkpoint is worse than a refusal.
+        raise ValueError(f"plait train runs DDP; the accelerate launch config asks for "
+                         f"{accelerator.distributed_type.value}, which plait's checkpoints do not support yet")
+    return accelerator
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, lr: float, grad_clip: float,
@@ -109,7 +114,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     def save_checkpoint() -> None:
         checkpointer.write_rank_state(step, world.rank, {"rng": rng_state(), "loader": stream.state_dict()})
-        model_state = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
+        model_state = accelerator.get_state_dict(model)
         accelerator.wait_for_everyone()
         if world.is_main:
             checkpointer.write_main_state(
