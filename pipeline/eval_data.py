@@ -62,17 +62,24 @@ def resolve(data: str, split: str = "test") -> EvalSet:
         urls = [str(p) for p in _numbered(list(folder.glob("*.tar")))]
         if not urls:
             raise FileNotFoundError(f"no .tar shards in {folder} (expected {root}/{split}/*.tar or {root}/*.tar)")
-        meta = root if (root / split).is_dir() else folder
-        names = read_lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else ()
-        tpl_file = meta / "zeroshot_classification_templates.txt"
-        templates = tuple(map(normalise_template, read_lines(tpl_file))) if tpl_file.is_file() else ()
-        kind_file = meta / "dataset_type.txt"
-        kind = kind_file.read_text().strip().lower() if kind_file.is_file() else ("classification" if names else "")
-        return EvalSet(tuple(urls), names, templates, kind)
+        return _described(tuple(urls), root if (root / split).is_dir() else folder)
     if not data.strip():
         raise ValueError("evaluation data is empty: give a shard spec or a folder")
-    urls = [u for part in data.split("::") if part.strip() for u in expand(part.strip())]
-    return EvalSet(tuple(urls))
+    urls = tuple(u for part in data.split("::") if part.strip() for u in expand(part.strip()))
+    folders = {str(Path(u).parent) for u in urls if "://" not in u}
+    # A spec inside one local folder reads that folder's classnames.txt etc. like a folder would.
+    return _described(urls, Path(folders.pop())) if len(folders) == 1 and len(urls) == len(
+        [u for u in urls if "://" not in u]) else EvalSet(urls)
+
+
+def _described(urls: tuple[str, ...], meta: Path) -> EvalSet:
+    """The shards with what `meta` (a folder) says about them: class names, templates, dataset type."""
+    names = read_lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else ()
+    tpl_file = meta / "zeroshot_classification_templates.txt"
+    templates = tuple(map(normalise_template, read_lines(tpl_file))) if tpl_file.is_file() else ()
+    kind_file = meta / "dataset_type.txt"
+    kind = kind_file.read_text().strip().lower() if kind_file.is_file() else ("classification" if names else "")
+    return EvalSet(urls, names, templates, kind)
 
 
 def rank_share(urls: tuple[str, ...] | list[str], world: World) -> list[str]:

@@ -105,7 +105,7 @@ def test_zero_shot_on_every_model_form_and_layout(run, tmp_path):
     common = ["--data", test_spec, "--classnames", str(root / "test" / "classnames.txt"),
               "--templates", str(templates), "--batch-size", "128"]
     from_ckpt = eval_json(tmp_path, "ckpt", [str(run["run_dir"]), *common])["zeroshot"]
-    assert from_ckpt["num_samples"] == 600 and from_ckpt["top1"] > 0.2  # 10 classes: chance is 0.1
+    assert from_ckpt["num_samples"] == 600 and from_ckpt["top1"] > 0.13  # chance: 0.10 +- 0.012
 
     # A hand computation of the same top-1 from the checkpoint's features.
     from pipeline.eval_models import load_model
@@ -122,8 +122,10 @@ def test_zero_shot_on_every_model_form_and_layout(run, tmp_path):
 
     assert plait.main(["export", str(run["run_dir"]), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
     assert plait.main(["export", str(run["run_dir"]), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    for form in ("oc", "hf"):
-        got = eval_json(tmp_path, form, [str(tmp_path / form), *common])["zeroshot"]
+    name = json.loads((tmp_path / "oc" / "plait_metadata.json").read_text())["name"]
+    weights_file = [str(tmp_path / "oc" / "open_clip_model.pt"), "--model", str(tmp_path / "oc" / f"{name}.json")]
+    for form, argv in (("oc", [str(tmp_path / "oc")]), ("hf", [str(tmp_path / "hf")]), ("pt", weights_file)):
+        got = eval_json(tmp_path, form, [*argv, *common])["zeroshot"]
         assert got["top1"] == pytest.approx(from_ckpt["top1"], abs=1 / 600), form
 
     bench = tmp_path / "bench"
@@ -140,6 +142,7 @@ def test_retrieval_and_linear_probe_on_img2dataset_shards(run, tmp_path):
     folder = tmp_path / "i2d"
     write_shards(folder, "test", 200, 100, fmt="jpg", labels=False)
     (folder / "sizes.json").unlink()
+    (folder / "classnames.txt").unlink()
     for i in range(2):
         (folder / f"{i:05d}_stats.json").write_text(json.dumps({"successes": 100, "count": 100}))
     r = eval_json(tmp_path, "ret", [str(run["run_dir"]), "--data", str(folder)])["retrieval"]
