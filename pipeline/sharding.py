@@ -1,5 +1,9 @@
 """Which samples each (node, rank, worker) reads in an epoch: pure functions of (sizes, seed, epoch, topology).
 
+This replaces webdataset's `split_by_node` / `split_by_worker` / `detshuffle` stages: they deal whole shards
+round-robin, which from uneven shards gives ranks unequal sample counts (open_clip pads with `with_epoch` and
+repeats samples) and cannot start a worker in the middle of a shard, which exact epochs and O(1) resume need.
+
 Nothing here opens a file or starts a process, so the assignment is tested at cluster scale (64 nodes x 8 ranks
 x 8 workers) in milliseconds, and every worker computes its own share without talking to the others.
 
