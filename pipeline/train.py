@@ -2,6 +2,11 @@
 
 One step: B_local x accum samples from the stream -> objective.augment -> forward_backward (feature-cache
 accumulation across micro-batches, gradient sync once) -> clip -> LR from the pure schedule -> AdamW step.
+
+RUN_DIR holds config.toml (resolved), metrics.jsonl + tensorboard/ (train and eval records), checkpoints/
+(pipeline/checkpoint.py), and at the end report.json with loss.png, throughput.png, eval.png.
+Exit status: 0 done (or out of train.max_time_s, checkpointed), 75 checkpointed on SIGTERM/SIGUSR1 (requeue and
+resume with --resume auto), 2 bad input (via the plait CLI).
 """
 from __future__ import annotations
 
