@@ -220,7 +220,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     classes = clf.classes_
     num_classes = len(classnames) if classnames else int(max(train_y.max(), test_y.max())) + 1
     logits = torch.full((len(test_x), num_classes), -1.0, dtype=torch.float64)
-    logits[:, torch.as_tensor(classes)] = torch.as_tensor(proba)
+    logits[:, torch.as_tensor(classes)] = torch.as_tensor(proba, dtype=torch.float64)
     names = list(classnames) if classnames else [str(i) for i in range(num_classes)]
     result = summarise_classification(classification_counts(logits, torch.as_tensor(test_y)), names)
     result.update({"C": best, "probe_sweep": sweep, "num_train": int(len(train_x))})
