@@ -25,10 +25,25 @@ from pipeline.evaluate import (DEFAULT_TEMPLATES, class_embeddings, classificati
                                summarise_classification)
 
 
-class Classifier(nn.Module):
-    """The image tower plus a linear head on its normalised embedding: images [B, 3, H, W] -> logits [B, C]."""
+class ClassifierHead(nn.Module):
+    """logits = scale * (W e + b) on normalised embeddings e. W starts as the unit-norm class embeddings and
+    `scale` is the model's fixed temperature, so the optimizer moves W on the scale of unit vectors (an
+    nn.Linear holding scale * W would need a ~100x larger learning rate to move at all)."""
 
-    def __init__(self, clip: nn.Module, head: nn.Linear):
+    def __init__(self, dim: int, num_classes: int, scale: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_classes, dim))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * (emb @ self.weight.T + self.bias)  # [B, D] -> [B, C]
+
+
+class Classifier(nn.Module):
+    """The image tower plus the head on its normalised embedding: images [B, 3, H, W] -> logits [B, C]."""
+
+    def __init__(self, clip: nn.Module, head: nn.Module):
         super().__init__()
         self.clip, self.head = clip, head
 
@@ -37,11 +52,10 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def zero_shot_head(clip: nn.Module, tokenize, classnames, templates, device) -> nn.Linear:
+def zero_shot_head(clip: nn.Module, tokenize, classnames, templates, device) -> ClassifierHead:
     weights = class_embeddings(clip, tokenize, classnames, templates, device)  # [C, D]
-    head = nn.Linear(weights.shape[1], weights.shape[0]).to(device)
-    head.weight.copy_(weights * clip.logit_scale.exp())
-    head.bias.zero_()
+    head = ClassifierHead(weights.shape[1], weights.shape[0], clip.logit_scale.exp().item()).to(device)
+    head.weight.copy_(weights)
     return head
 
 

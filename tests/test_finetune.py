@@ -10,7 +10,7 @@ from torch import nn
 
 import plait
 from pipeline.eval_models import load_model
-from pipeline.finetune import Classifier, evaluate_classifier, layer_id, param_groups
+from pipeline.finetune import Classifier, ClassifierHead, evaluate_classifier, layer_id, param_groups
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder
@@ -64,7 +64,7 @@ def test_finetune_improves_over_zero_shot_and_exports(exported, tmp_path, mode, 
 
     # The export reloads as an open_clip model; with the saved head it scores what the run reported.
     loaded = load_model(out)
-    head = nn.Linear(loaded.model_cfg["embed_dim"], 10)
+    head = ClassifierHead(loaded.model_cfg["embed_dim"], 10)
     head.load_state_dict(load_file(out / "classifier.safetensors"))
     names = (out / "classnames.txt").read_text().split("\n")[:10]
     again = evaluate_classifier(Classifier(loaded.model, head), run["test"], loaded.transform, names, 128, "cpu")
