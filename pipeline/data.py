@@ -21,6 +21,7 @@ Design (see pipeline/sharding.py for the assignment itself):
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from typing import Callable, Iterator
 
@@ -138,7 +139,7 @@ class TrainStream:
         else:
             # Own generator: the DataLoader draws worker base seeds from it, not from the loop's global RNG.
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                      pin_memory=torch.cuda.is_available(),
+                                      pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals,
                                       generator=torch.Generator().manual_seed(self.cfg.seed)))
         try:
             for batch in batches:
@@ -262,6 +263,13 @@ class TrainStream:
         if self.with_keys:
             batch["__key__"] = [e["__key__"] for e in examples]
         return self.collate_hook(batch) if self.collate_hook else batch
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """SLURM signals every process of a step; a worker dying on SIGTERM would crash the loop before it can
+    checkpoint. The main process handles the signal and shuts the workers down itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _rng_isolated(batches: Iterator[dict]) -> Iterator[dict]:
