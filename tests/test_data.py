@@ -5,6 +5,8 @@ import functools
 import http.server
 import io
 import json
+import os
+import signal
 import tarfile
 import threading
 from pathlib import Path
@@ -298,3 +300,23 @@ def test_decode_size_never_upsamples_the_crop():
     assert decode_min_side(open_clip.image_transform(224, is_train=True)) == 237  # crops keep >= 90% of the area
     from torchvision import transforms as T
     assert decode_min_side(T.Compose([T.RandomResizedCrop(224, scale=(0.25, 1.0))])) == 448
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()]
+
+
+def test_workers_survive_the_stop_signals_slurm_sends_to_every_process(tmp_path, tokenize, transform):
+    """SLURM signals the whole job step; the loop must get to its checkpoint, not die with its workers."""
+    spec = make_shards(tmp_path, [16, 16, 16, 16])
+    s = stream(spec, tokenize, transform, num_workers=2)
+    it = iter(s)
+    next(it)
+    workers = _children(os.getpid())
+    assert len(workers) >= 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1)
+    more = [next(it) for _ in range(5)]  # a worker killed by the signal would raise here
+    assert all(b["image"].shape[0] == 8 for b in more)
