@@ -227,20 +227,6 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return result
 
 
-def evaluate_config(clip: nn.Module, tokenize: Callable, cfg, transform: Callable, device,
-                    world: World | None = None) -> dict:
-    """The evaluations an EvalConfig asks for (zero-shot with class names, retrieval), each rank scoring its
-    share of the shards; for the training loop, which must call it on every rank (collectives inside)."""
-    out = {}
-    if cfg.zeroshot_shards and cfg.classnames:
-        out["zeroshot"] = zero_shot(clip, tokenize, cfg.zeroshot_shards, cfg.classnames, cfg.templates, transform,
-                                    cfg.batch_size, device, cfg.max_samples, world)
-    if cfg.retrieval_shards:
-        out["retrieval"] = retrieval(clip, tokenize, cfg.retrieval_shards, transform, cfg.batch_size, device,
-                                     cfg.max_samples, world)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------------------
