@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import io
+import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -171,3 +173,14 @@ class CorpusServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def shard_members(out: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample in the shards of `out`: key -> {member extension: bytes}."""
+    found: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(Path(out).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                key, ext = info.name.split(".", 1)
+                found.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return found

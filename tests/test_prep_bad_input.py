@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,22 +11,13 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.fetch import check_address, redact
-from tests.prep_corpus import CorpusServer, asymmetric_rgb, broken_images, jpeg_bytes, tricky_images, with_orientation
+from tests.prep_corpus import (CorpusServer, asymmetric_rgb, broken_images, jpeg_bytes, shard_members, tricky_images,
+                               with_orientation)
 
 
 def _records(out):
     t = pq.read_table(out / "samples.parquet").to_pylist()
     return {r["row"]: r for r in t}
-
-
-def _samples(out):
-    found = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for info in tar:
-                key, ext = info.name.split(".", 1)
-                found.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +70,7 @@ def test_bad_input_corpus_every_row_gets_its_reason(tmp_path, corpus):
     transient = {recs[i]["reason"].split(" (")[0] for i in recs if recs[i]["transient"]}
     assert transient == {"http 500", "http 429", "timeout"}
     assert "hunter2" not in (out / "samples.parquet").read_bytes().decode("latin-1")
-    samples = _samples(out)
+    samples = shard_members(out)
     assert len(samples) == sum(r["status"] == "ok" for r in recs.values())
     for key, members in samples.items():
         media = next(v for k, v in members.items() if k in ("jpg", "png", "webp"))
@@ -121,7 +111,7 @@ def test_exif_orientations_are_applied(tmp_path):
     out = tmp_path / "out"
     main(["shard", "--input", str(folder), "--output", str(out), "--processes", "1", "--no-progress",
           "--encode-format", "png"])
-    samples = _samples(out)
+    samples = shard_members(out)
     assert len(samples) == 7
     for members in samples.values():
         img = Image.open(io.BytesIO(members["png"])).convert("RGB")

