@@ -11,7 +11,7 @@ import os
 import sys
 
 from data_prep.options import (ENCODE_FORMATS, FRAME_SAMPLING, INPUT_FORMATS, RESAMPLE_FILTERS, RESIZE_MODES,
-                               FetchOptions, ImageOptions, JobOptions, SourceOptions, VideoOptions)
+                               FetchOptions, ImageOptions, JobOptions, SourceOptions, VideoOptions, parse_size)
 
 LAYOUT = """\
 output layout (S = shard number, {S:05d}):
@@ -54,6 +54,7 @@ EXAMPLES = """\
 examples:
   plait prep shard --input laion.parquet --url-col URL --caption-col TEXT --output shards/
   plait prep shard --input /usr/share/datasets/fashion-mnist --input-format fashion-mnist --split test --output fm/
+  plait prep shard --input cc3m.tsv --shard-bytes 500MB --output cc3m/       # rows per shard from a pilot
   plait prep shard --input yfcc100m_dataset.bz2 --input-format yfcc100m --yfcc-caption title,tags --output yfcc/
   plait prep shard --input webvid.csv --input-format webvid --num-frames 8 --output videos/
   plait prep verify shards/           # exit status 1 with a report if anything is wrong
@@ -139,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output and distribution")
     g.add_argument("--output", required=True, help="output folder, local path or fsspec URL")
-    g.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per shard")
+    g.add_argument("--samples-per-shard", type=int, default=None, help="input rows per shard; with "
+                   "--shard-bytes the most rows per shard (default: 10000, no limit with --shard-bytes)")
+    g.add_argument("--shard-bytes", default=None, metavar="SIZE", help="target tar size, e.g. 500MB, 1GiB or "
+                   "bytes: a pilot builds the first 64 input rows (16 videos) in a temporary folder to measure "
+                   "bytes per row, and the rows per shard it derives are kept in _plan.json for resumes and every "
+                   "array task (default: off, shards sized by --samples-per-shard)")
     g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (same sha256 of the bytes)")
     g.add_argument("--dedup-against", default=None, help="samples.parquet of an earlier dataset: drop its images")
     g.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
@@ -184,8 +190,13 @@ def job_options(a: argparse.Namespace) -> JobOptions:
     video = VideoOptions(enabled=a.video or fmt == "webvid", sampling=a.frame_sampling, num_frames=a.num_frames,
                          fps=a.fps, max_duration_s=a.max_duration, max_frames=a.max_frames,
                          per_frame_samples=a.frames_as_samples)
+    shard_bytes = None if a.shard_bytes is None else parse_size(a.shard_bytes)
+    samples_per_shard = a.samples_per_shard
+    if samples_per_shard is None and shard_bytes is None:
+        samples_per_shard = 10_000
     return JobOptions(output=a.output, source=source, fetch=fetch, image=image, video=video,
-                      samples_per_shard=a.samples_per_shard, dedup=not a.no_dedup, dedup_against=a.dedup_against)
+                      samples_per_shard=samples_per_shard, dedup=not a.no_dedup, dedup_against=a.dedup_against,
+                      shard_bytes=shard_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

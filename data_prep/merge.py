@@ -10,6 +10,7 @@ shards (rewritten atomically) and recorded as `duplicate (of KEY)`. Shards witho
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 from collections import defaultdict
@@ -24,9 +25,13 @@ from data_prep.writer import OutputDir, Sample, shard_name, write_shard
 
 
 def read_plan(out: OutputDir) -> JobOptions:
+    """The job's options as its shards were cut: `samples_per_shard` is the rows per shard actually used (with
+    --shard-bytes the pilot's value, which `_plan.json` keeps apart from the user's cap), so `repair` sizes its
+    shards like the others."""
     if not out.exists("_plan.json"):
         raise FileNotFoundError(f"{out.url!r}: not a plait dataset folder (no _plan.json)")
-    return JobOptions.from_dict(out.read_json("_plan.json"))
+    opts = JobOptions.from_dict(out.read_json("_plan.json"))
+    return dataclasses.replace(opts, samples_per_shard=opts.rows_per_shard)
 
 
 def expected_shards(out: OutputDir) -> tuple[list[int], list[int]]:
@@ -57,7 +62,10 @@ def merge(output: str) -> dict[str, Any]:
                          f"{' ...' if len(missing) > 20 else ''} (rerun the tasks that own them)")
     if opts.dedup:
         dedup_across_shards(out, shards)
-    return manifest.write_dataset_manifests(out, shards, repairs)
+    summary = manifest.write_dataset_manifests(out, shards, repairs)
+    # for the summary printed after a job: the target next to the bytes the manifest lists per shard
+    return {**summary, "plan": {"samples_per_shard": opts.samples_per_shard, "shard_bytes": opts.shard_bytes,
+                                "sizing": opts.sizing}}
 
 
 def dedup_across_shards(out: OutputDir, shards: list[int]) -> int:

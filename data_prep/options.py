@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,31 @@ RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
                  "fashion-mnist")
 FRAME_SAMPLING = ("uniform", "fps", "keyframes")
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: str, flag: str = "--shard-bytes") -> int:
+    """'500MB' -> 500_000_000, '1GiB' -> 2**30, '1.5 GB', plain integers; units are case-insensitive
+    (KB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m and _SIZE_UNITS.get(m.group(2).lower())
+    if not unit:
+        raise ValueError(f"{flag} {value!r}: expected a size like 500MB, 1GiB or a number of bytes "
+                         "(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    size = int(float(m.group(1)) * unit)
+    if size <= 0:
+        raise ValueError(f"{flag} {value!r}: must be positive")
+    return size
+
+
+def format_size(num_bytes: float) -> str:
+    """Decimal units, 3 significant digits: 1234567 -> '1.23 MB'."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(num_bytes) < 1000:
+            return f"{num_bytes:.3g} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes:.3g} TB"
 
 
 @dataclass(frozen=True)
@@ -118,13 +144,31 @@ class JobOptions:
     fetch: FetchOptions = field(default_factory=FetchOptions)
     image: ImageOptions = field(default_factory=ImageOptions)
     video: VideoOptions = field(default_factory=VideoOptions)
-    samples_per_shard: int = 10_000
+    samples_per_shard: int | None = 10_000
+    """Input rows per shard; with shard_bytes, the most rows per shard (None: no limit, only with shard_bytes)."""
     dedup: bool = True
     dedup_against: str | None = None
+    shard_bytes: int | None = None
+    """Target tar size; None = shards sized by samples_per_shard alone."""
+    sizing: dict[str, Any] | None = None
+    """With shard_bytes: the pilot's result (see `run.resolve_sizing`), recorded in `_plan.json` so that resumes
+    and array tasks reuse it; derived, not a setting, so never compared between runs."""
 
     def __post_init__(self) -> None:
-        if self.samples_per_shard <= 0:
+        if self.samples_per_shard is None and self.shard_bytes is None:
+            raise ValueError("--samples-per-shard or --shard-bytes is needed to size the shards")
+        if self.samples_per_shard is not None and self.samples_per_shard <= 0:
             raise ValueError(f"--samples-per-shard {self.samples_per_shard}: must be positive")
+        if self.shard_bytes is not None and self.shard_bytes <= 0:
+            raise ValueError(f"--shard-bytes {self.shard_bytes}: must be positive")
+
+    @property
+    def rows_per_shard(self) -> int:
+        """Input rows per shard as the plan uses them: the pilot's value once sized by bytes."""
+        if self.shard_bytes is None:
+            return self.samples_per_shard
+        assert self.sizing is not None, "shard_bytes set but sizing not resolved (run.resolve_sizing)"
+        return self.sizing["samples_per_shard"]
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -154,4 +198,5 @@ class JobOptions:
         return JobOptions(
             output=d["output"], source=build(SourceOptions, d["source"]), fetch=build(FetchOptions, d["fetch"]),
             image=build(ImageOptions, d["image"]), video=build(VideoOptions, d.get("video", {})),
-            samples_per_shard=d["samples_per_shard"], dedup=d["dedup"], dedup_against=d.get("dedup_against"))
+            samples_per_shard=d["samples_per_shard"], dedup=d["dedup"], dedup_against=d.get("dedup_against"),
+            shard_bytes=d.get("shard_bytes"), sizing=d.get("sizing"))

@@ -3,6 +3,10 @@
 Shard S holds input rows [S * samples_per_shard, (S + 1) * samples_per_shard); task T of N owns the shards with
 S % N == T. Both rules depend only on the row index, so the output is the same for any number of tasks or
 processes, and any task can stream the input and pick its own rows without coordination.
+
+Shards sized by bytes keep these rules: a pilot over the first input rows (`run.resolve_sizing`) turns the byte
+target into a row count once (`rows_for_bytes`), `_plan.json` records it, and every task and resume reads it
+from there instead of measuring again.
 """
 from __future__ import annotations
 
@@ -14,6 +18,17 @@ R = TypeVar("R")
 
 def shard_of_row(index: int, samples_per_shard: int) -> int:
     return index // samples_per_shard
+
+
+def rows_for_bytes(shard_bytes: int, mean_row_bytes: float, fixed_bytes: int, max_rows: int | None) -> int:
+    """Rows per shard for a byte target: a shard of n rows is about fixed_bytes + n * mean_row_bytes (the tar's
+    end-of-archive padding plus each row's members with their headers, rejects counting 0). At least 1 row, at
+    most max_rows (--samples-per-shard, None = no limit). A pilot that kept nothing (mean 0) says nothing about
+    sizes: then max_rows, or one shard per 10,000 rows without a limit."""
+    if mean_row_bytes <= 0:
+        return max_rows or 10_000
+    rows = max(1, math.floor((shard_bytes - fixed_bytes) / mean_row_bytes))
+    return rows if max_rows is None else min(rows, max_rows)
 
 
 def task_of_shard(shard_id: int, num_tasks: int) -> int:

@@ -6,32 +6,69 @@ A local run (one task) merges at the end; array tasks leave a marker and `plait 
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import multiprocessing as mp
+import os
 import sys
+import tempfile
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
+from data_prep import manifest
 from data_prep import merge as merge_mod
-from data_prep.options import JobOptions
-from data_prep.plan import num_shards, work_units
+from data_prep.options import JobOptions, format_size
+from data_prep.plan import num_shards, rows_for_bytes, work_units
 from data_prep.sources import Row, read_rows
 from data_prep.worker import build_shard, init_worker
+from data_prep.writer import _END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
 
 
-def ensure_plan(out: OutputDir, opts: JobOptions) -> None:
-    """Writes `_plan.json`, or checks that a resumed job uses the same settings."""
+PILOT_ROWS = 64
+"""Rows the --shard-bytes pilot builds (16 for video, whose decoding costs far more per row)."""
+_PILOT_ROWS_VIDEO = 16
+_PLAN = "_plan.json"
+
+
+def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], list[Row]] = lambda k: [],
+                log: Callable[[str], None] = print) -> JobOptions:
+    """Writes `_plan.json`, or checks that a resumed job (or another array task) uses the same settings.
+
+    Returns `opts` with the plan's sizing: with --shard-bytes, the rows per shard come from `_plan.json` when it
+    exists (never measured again), else from a pilot over `first_rows(k)`, recorded by whichever task writes
+    `_plan.json` first; a task that loses that race adopts the winner's value."""
+    if out.exists(_PLAN):
+        return _adopt(out.read_json(_PLAN), opts, log)
+    if opts.shard_bytes is not None:
+        k = _PILOT_ROWS_VIDEO if opts.video.enabled else PILOT_ROWS
+        opts = dataclasses.replace(opts, sizing=resolve_sizing(opts, first_rows(k)))
+    have = _write_once(out, _PLAN, json.loads(json.dumps(opts.to_dict())))
+    return _adopt(have, opts, log)
+
+
+def _adopt(have: dict[str, Any], opts: JobOptions, log: Callable[[str], None]) -> JobOptions:
+    _check_same_settings(have, opts)
+    if opts.shard_bytes is None:
+        return opts
+    if not have.get("sizing"):
+        raise ValueError(f"{opts.output!r}: _plan.json has --shard-bytes but no sizing; use a new output folder")
+    opts = dataclasses.replace(opts, sizing=have["sizing"])
+    log(format_sizing(opts))
+    return opts
+
+
+def _check_same_settings(have: dict[str, Any], opts: JobOptions) -> None:
     wanted = json.loads(json.dumps(opts.to_dict()))
-    if not out.exists("_plan.json"):
-        out.write_json("_plan.json", wanted)
-        return
-    have = out.read_json("_plan.json")
     for section, values in wanted.items():
+        if section in _DERIVED:
+            continue
         if not isinstance(values, dict):
-            if section != "output" and have.get(section) != values:
+            if have.get(section) != values:
                 raise ValueError(f"{opts.output!r} was started with {section}={have.get(section)!r}, now "
                                  f"{values!r}: use a new output folder or the same settings")
             continue
@@ -44,6 +81,56 @@ def ensure_plan(out: OutputDir, opts: JobOptions) -> None:
 
 # settings that change how fast a job runs, not what it writes: a resume may change them
 _RUNTIME = {"threads", "max_per_host", "timeout_s", "retries", "backoff_s", "max_retry_after_s", "input"}
+# not settings: where the job writes (may be spelled differently) and what the pilot derived from the settings
+_DERIVED = {"output", "sizing"}
+
+
+def _write_once(out: OutputDir, name: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """Writes `name` unless it exists and returns what it holds afterwards: the first writer wins.
+
+    Local folders: the complete file is hard-linked into place, which fails if the name exists (a rename would
+    silently replace a concurrent task's plan). Object stores have no such primitive through fsspec: a
+    check before the upload leaves a window of one upload, and the pilot is deterministic for a given input
+    (transient failures excluded), so tasks racing there write the same value."""
+    if not out.local:
+        if not out.exists(name):
+            out.write_json(name, obj)
+        return out.read_json(name)
+    candidate = f"{name}.candidate-{uuid.uuid4().hex}"
+    out.write_json(candidate, obj)
+    try:
+        os.link(out.path(candidate), out.path(name))
+    except FileExistsError:
+        pass
+    finally:
+        out.remove(candidate)
+    return out.read_json(name)
+
+
+def resolve_sizing(opts: JobOptions, rows: list[Row]) -> dict[str, Any]:
+    """Rows per shard for --shard-bytes, from a pilot: `rows` (the first input rows) go through the real worker
+    into a throwaway shard in a temporary folder, so every byte the job would write is counted (resized and
+    encoded media, txt/json/cls members, 512-byte headers and padding; rejects add 0). Transient failures
+    (timeouts, 5xx) are left out of the mean: they depend on the moment, and the plan must not."""
+    assert opts.shard_bytes is not None
+    with tempfile.TemporaryDirectory(prefix="plait-pilot-") as tmp:
+        stats = build_shard(dataclasses.replace(opts, output=tmp), 0, rows)
+        transient = manifest.read_records(OutputDir(tmp), f"{shard_name(0)}.parquet", ["transient"])
+        num_transient = sum(bool(t) for t in transient.column("transient").to_pylist())
+    counted = len(rows) - num_transient
+    mean = (stats["bytes"] - TAR_END_BYTES) / counted if counted else 0.0
+    per = rows_for_bytes(opts.shard_bytes, mean, TAR_END_BYTES, opts.samples_per_shard)
+    return {"samples_per_shard": per, "pilot_rows": len(rows), "pilot_transient": num_transient,
+            "pilot_ok": stats["num_ok"], "mean_row_bytes": round(mean, 1),
+            "estimated_shard_bytes": round(TAR_END_BYTES + per * mean)}
+
+
+def format_sizing(opts: JobOptions) -> str:
+    sz = opts.sizing or {}
+    cap = "" if opts.samples_per_shard is None else f", at most {opts.samples_per_shard}"
+    return (f"shard size: target {format_size(opts.shard_bytes)} -> {sz['samples_per_shard']} rows per shard"
+            f"{cap} (pilot of {sz['pilot_rows']} rows, {sz['pilot_ok']} ok: {format_size(sz['mean_row_bytes'])} "
+            f"per row; estimated {format_size(sz['estimated_shard_bytes'])} per shard)")
 
 
 def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_tasks: int = 1,
@@ -51,7 +138,14 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
              rows: Iterator[Row] | None = None, marker: str | None = None) -> dict[str, Any]:
     """Builds this task's unfinished shards; returns {'shards': [...stats], 'num_input_rows': n}."""
     out = OutputDir(opts.output)
-    ensure_plan(out, opts)
+    source = iter(rows if rows is not None else read_rows(opts.source))
+    head: list[Row] = []  # rows a pilot looked at, put back in front of the stream
+
+    def first_rows(k: int) -> list[Row]:
+        head.extend(itertools.islice(source, k))
+        return head
+
+    opts = ensure_plan(out, opts, first_rows, log)
     done = {int(n[:5]) for n in out.glob("*_stats.json")}
     counter = {"rows": 0}
 
@@ -60,11 +154,12 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
             counter["rows"] += 1
             yield row
 
-    stream = counted(rows if rows is not None else read_rows(opts.source))
-    units = ((s, r) for s, r in work_units(stream, opts.samples_per_shard, task_index, num_tasks) if s not in done)
+    stream = counted(itertools.chain(head, source))
+    per = opts.rows_per_shard
+    units = ((s, r) for s, r in work_units(stream, per, task_index, num_tasks) if s not in done)
     started = time.monotonic()
     finished = build_units(opts, units, processes, progress)
-    total_shards = num_shards(counter["rows"], opts.samples_per_shard)
+    total_shards = num_shards(counter["rows"], per)
     marker = marker or f"_tasks/task-{task_index:05d}-of-{num_tasks:05d}.json"
     out.write_json(marker, {"task_index": task_index, "num_tasks": num_tasks, "num_input_rows": counter["rows"],
                             "num_shards": total_shards, "seconds": round(time.monotonic() - started, 3)})
@@ -118,6 +213,16 @@ def format_summary(summary: dict[str, Any], top: int = 8) -> str:
     rate = summary["num_ok"] / n if n else 0.0
     lines = [f"{summary['num_samples']} samples in {summary['num_shards']} shard(s) from {n} input rows "
              f"({summary['num_ok']} ok = {rate:.1%}, {summary['num_rejected']} rejected)"]
+    sizes = [s["bytes"] for s in summary["shards"]]
+    if sizes:
+        full = sizes[:-1] or sizes  # the last shard holds the remainder of the input
+        line = (f"shard bytes: mean {format_size(sum(full) / len(full))} (all but the last), "
+                f"max {format_size(max(sizes))}")
+        plan = summary.get("plan") or {}
+        if plan.get("shard_bytes"):
+            line += (f"; target {format_size(plan['shard_bytes'])}, {plan['samples_per_shard']} rows per shard "
+                     f"(estimated {format_size(plan['sizing']['estimated_shard_bytes'])})")
+        lines.append(line)
     for reason, count in Counter(summary["reasons"]).most_common(top):
         lines.append(f"  {count:>8}  {reason}")
     return "\n".join(lines)
