@@ -64,19 +64,22 @@ def _adopt(have: dict[str, Any], opts: JobOptions, log: Callable[[str], None]) -
 
 def _check_same_settings(have: dict[str, Any], opts: JobOptions) -> None:
     wanted = json.loads(json.dumps(opts.to_dict()))
+    diffs = []
     for section, values in wanted.items():
         if section in _DERIVED:
             continue
         if not isinstance(values, dict):
             if have.get(section) != values:
-                raise ValueError(f"{opts.output!r} was started with {section}={have.get(section)!r}, now "
-                                 f"{values!r}: use a new output folder or the same settings")
+                diffs.append((section, have.get(section), values))
             continue
         for k, v in values.items():
             old = (have.get(section) or {}).get(k)
             if old != v and k not in _RUNTIME:
-                raise ValueError(f"{opts.output!r} was started with {section}.{k}={old!r}, now {v!r}: "
-                                 "use a new output folder or the same settings")
+                diffs.append((f"{section}.{k}", old, v))
+    if diffs:
+        raise ValueError(f"{opts.output!r} was started with {', '.join(f'{k}={o!r}' for k, o, _ in diffs)}, now "
+                         f"{', '.join(f'{k}={v!r}' for k, _, v in diffs)}: use a new output folder or the same "
+                         "settings")
 
 
 # settings that change how fast a job runs, not what it writes: a resume may change them
