@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_prep.py [--rows 1200] [--processes 2] [--memory-rows 10000,1000000]
 
 Corpus: every JPEG of Debian's opencv-doc examples and mate-backgrounds, repeated to --rows rows, as file:// URLs in
-a CSV. Same settings for all three: image size 256, keep_ratio, no upscaling, JPEG quality 95, 2 processes (resampling:
+a CSV. Same settings for all three: image size 256, keep_ratio, no upscaling, JPEG quality 95, 2 processes, 2 shards
+per process for both tools, which parallelise over whole shards (resampling:
 bicubic for plait and the bare loop, img2dataset's own INTER_AREA).
 img2dataset runs in its own venv (benchmarks/.venv/img2dataset, created here if absent: it pins webdataset<0.3
 and opencv<5, which must not enter the project's venv). The bare loop (decode with draft -> resize -> encode, in a
@@ -18,6 +19,7 @@ import csv
 import glob
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -47,10 +49,10 @@ def write_corpus(path: Path, files: list[str], rows: int) -> None:
             w.writerow([f"file://{files[i % len(files)]}", f"photo number {i}"])
 
 
-def run_plait(corpus: Path, out: Path, processes: int) -> tuple[float, int]:
+def run_plait(corpus: Path, out: Path, processes: int, per_shard: int) -> tuple[float, int]:
     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--output", str(out),
            "--image-size", "256", "--resize-mode", "keep_ratio", "--encode-quality", "95", "--processes",
-           str(processes), "--no-dedup", "--no-progress"]
+           str(processes), "--samples-per-shard", str(per_shard), "--no-dedup", "--no-progress"]
     t = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
@@ -66,12 +68,12 @@ def ensure_img2dataset() -> Path:
     return exe
 
 
-def run_img2dataset(corpus: Path, out: Path, processes: int) -> tuple[float, int]:
+def run_img2dataset(corpus: Path, out: Path, processes: int, per_shard: int) -> tuple[float, int]:
     cmd = [str(ensure_img2dataset()), "--url_list", str(corpus), "--input_format", "csv", "--url_col", "url",
            "--caption_col", "caption", "--output_folder", str(out), "--output_format", "webdataset",
            "--processes_count", str(processes), "--thread_count", "16", "--image_size", "256",
            "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "True", "--encode_quality", "95",
-           "--encode_format", "jpg", "--number_sample_per_shard", "10000", "--distributor", "multiprocessing",
+           "--encode_format", "jpg", "--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing",
            "--enable_wandb", "False"]
     t = time.perf_counter()
     # albumentations (an img2dataset dependency) checks PyPI for updates at import: on an offline node that is a
@@ -148,13 +150,16 @@ def main(argv: list[str] | None = None) -> None:
         corpus = tmp / "corpus.csv"
         write_corpus(corpus, files, a.rows)
         print(f"corpus: {a.rows} rows over {len(files)} real JPEGs; 256 px keep_ratio, no upscale, q95, "
-              f"{a.processes} processes, {os.cpu_count()} cores", flush=True)
+              f"{a.processes} processes, {math.ceil(a.rows / (2 * a.processes))} samples per shard, "
+              f"{os.cpu_count()} cores", flush=True)
+        # both tools parallelise over whole shards: 2 shards per process keeps every process busy
+        per_shard = math.ceil(a.rows / (2 * a.processes))
         best: dict[str, tuple[float, int]] = {}
         for rep in range(a.repeat):  # interleaved, best of each: other jobs on the machine add noise
             runs = {"bare": lambda: run_bare(files, a.rows, a.processes),
-                    "plait": lambda: run_plait(corpus, tmp / f"plait{rep}", a.processes)}
+                    "plait": lambda: run_plait(corpus, tmp / f"plait{rep}", a.processes, per_shard)}
             if not a.skip_img2dataset:
-                runs["img2dataset"] = lambda: run_img2dataset(corpus, tmp / f"i2d{rep}", a.processes)
+                runs["img2dataset"] = lambda: run_img2dataset(corpus, tmp / f"i2d{rep}", a.processes, per_shard)
             for name, fn in runs.items():
                 wall, n = fn()
                 if name not in best or wall < best[name][0]:
