@@ -35,7 +35,7 @@ _PILOT_ROWS_VIDEO = 16
 _PLAN = "_plan.json"
 
 
-def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], list[Row]] = lambda k: [],
+def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], list[Row]],
                 log: Callable[[str], None] = print) -> JobOptions:
     """Writes `_plan.json`, or checks that a resumed job (or another array task) uses the same settings.
 
@@ -105,6 +105,9 @@ def _write_once(out: OutputDir, name: str, obj: dict[str, Any]) -> dict[str, Any
         os.link(out.path(candidate), out.path(name))
     except FileExistsError:
         pass
+    except OSError:  # a filesystem without hard links: a rename after a check, like object stores
+        if not out.exists(name):
+            os.replace(out.path(candidate), out.path(name))
     finally:
         out.remove(candidate)
     return out.read_json(name)
@@ -219,8 +222,8 @@ def format_summary(summary: dict[str, Any], top: int = 8) -> str:
     sizes = [s["bytes"] for s in summary["shards"]]
     if sizes:
         full = sizes[:-1] or sizes  # the last shard holds the remainder of the input
-        line = (f"shard bytes: mean {format_size(sum(full) / len(full))} (all but the last), "
-                f"max {format_size(max(sizes))}")
+        line = (f"shard bytes: mean {format_size(sum(full) / len(full))}"
+                f"{' (all but the last)' if len(sizes) > 1 else ''}, max {format_size(max(sizes))}")
         plan = summary.get("plan") or {}
         if plan.get("shard_bytes"):
             line += (f"; target {format_size(plan['shard_bytes'])}, {plan['samples_per_shard']} rows per shard "

@@ -11,6 +11,7 @@ import pytest
 import plait
 from data_prep import run
 from data_prep.cli import build_parser, job_options, main
+from data_prep.merge import read_plan
 from data_prep.options import parse_size
 from data_prep.plan import rows_for_bytes
 from data_prep.sources import read_rows
@@ -55,6 +56,7 @@ def test_shards_come_out_near_the_byte_target(tmp_path, table, capsys):
     assert f"-> {sizing['samples_per_shard']} rows per shard" in printed  # derived value, when planned
     assert "shard bytes: mean" in printed and "target 150 kB" in printed  # actual vs target, in the summary
     assert main(["verify", str(out)]) == 0
+    assert read_plan(OutputDir(str(out))).samples_per_shard == sizing["samples_per_shard"]  # what repair cuts by
 
 
 def test_samples_per_shard_caps_the_byte_target(tmp_path, table):
