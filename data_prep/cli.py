@@ -24,6 +24,8 @@ output layout (S = shard number, {S:05d}):
   S_stats.json     counts and reasons; written last = the shard is done (resume skips it)
   sizes.json       {"S.tar": num_samples} (open_clip convention); manifest.json (shards, bytes, sha256, totals)
   samples.parquet  every input row once: ok + rejected == input rows
+  _plan.json       the job's settings (a rerun with others is refused) and, with --shard-bytes, the rows per
+                   shard its pilot derived: resumes and array tasks reuse them, never measure again
 Every file is written under a temporary name and renamed when complete: kill -9 never leaves a partial shard.
 Rerun the same command to resume. On SLURM: one array task per --task-index (or SLURM_ARRAY_TASK_ID), then
 `plait prep merge OUTPUT`."""
