@@ -100,7 +100,8 @@ class TrainStream:
 
     Batches: `image` float [B,3,H,W] (or `frames` [B,T,3,H,W] with data.video_frames=T>0), `text` long [B,L],
     and `__key__` (list of sample keys) when `with_keys`. `collate_hook(batch) -> batch` runs in the workers
-    after collation (e.g. masks for masked modeling)."""
+    after collation (e.g. masks for masked modeling); it sees uint8 images when the preprocess ends in ToTensor +
+    Normalize (transforms.split_transform), normalised afterwards in the main process."""
 
     def __init__(self, cfg: DataConfig, world: World, image_transform: Callable, tokenize: Callable,
                  with_keys: bool = False, collate_hook: Callable[[dict], dict] | None = None):
@@ -147,13 +148,20 @@ class TrainStream:
                 self._live[slot] = batch.pop("_counts")
                 self.consumed += 1
                 self._check_bad()
-                yield batch
+                yield self._finish(batch)
         finally:
             self._base.update(self._live_counts())
             self._live = {}
         if self.consumed != self.batches_per_epoch:
             raise RuntimeError(f"epoch {self.epoch} ended after {self.consumed} of {self.batches_per_epoch} "
                                f"batches on rank {self.world.rank}: the loader broke its batch-count invariant")
+
+    def _finish(self, batch: dict) -> dict:
+        """uint8 images from the workers -> normalised float, once per batch (transforms.split_transform)."""
+        if self.decoder.normalize is not None:
+            key = "frames" if "frames" in batch else "image"
+            batch[key] = self.decoder.normalize(batch[key])
+        return batch
 
     def _live_counts(self) -> Counter[str]:
         total: Counter[str] = Counter()

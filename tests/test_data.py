@@ -320,3 +320,19 @@ def test_workers_survive_the_stop_signals_slurm_sends_to_every_process(tmp_path,
         os.kill(pid, signal.SIGUSR1)
     more = [next(it) for _ in range(5)]  # a worker killed by the signal would raise here
     assert all(b["image"].shape[0] == 8 for b in more)
+
+
+def test_batch_normalisation_gives_the_same_batches_as_the_per_sample_transform(tmp_path, tokenize, transform):
+    """Workers hand over uint8 images and the stream normalises whole batches: the values must be exactly those
+    of running open_clip's whole preprocess per sample (a wrapper that cannot be split forces that path)."""
+    spec = make_shards(tmp_path, [16, 16])
+
+    def per_sample(img):
+        return transform(img)
+
+    split = take(stream(spec, tokenize, transform), 3)
+    whole = take(stream(spec, tokenize, per_sample), 3)
+    for a, b in zip(split, whole):
+        assert a["__key__"] == b["__key__"]
+        assert a["image"].dtype == b["image"].dtype == torch.float32
+        assert torch.equal(a["image"], b["image"])
