@@ -177,3 +177,34 @@ def test_video_batches_mean_pool_frame_embeddings(text):
     with pytest.raises(ValueError, match="video batches"):
         build_model(model_config("tiny"), ObjectiveConfig(flip_mask_ratio=0.5, mae=1.0))(
             {"frames": frames, "text": text, "image_mask_ratio": 0.5})
+
+
+@pytest.mark.parametrize("objectives", [{}, {"mlm": 1.0}])
+def test_text_trimmed_to_the_batch_caption_length_changes_nothing_but_the_cost(text, objectives):
+    """The text tower runs on the batch's longest caption, not the 32-token context: same features, same loss,
+    same gradients as the full-length pass."""
+    from pipeline.distributed import World
+    from pipeline.objective import Objective
+    cfg = ObjectiveConfig(**objectives)
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), cfg)
+    objective = Objective(cfg, World(), total_steps=10)
+    torch.manual_seed(1)
+    batch = objective.augment({"image": torch.randn(4, 3, 64, 64), "text": text}, 0)
+    lengths = []
+    model.clip.transformer.register_forward_pre_hook(lambda _, args, kw: lengths.append(args[0].shape[1]),
+                                                     with_kwargs=True)
+    runs = []
+    for trim in (True, False):
+        model.trim_text = trim
+        model.zero_grad()
+        out = model(dict(batch))
+        loss, _, _ = objective(out, batch, 0)
+        loss.backward()
+        runs.append((out["text_features"], loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}))
+    longest = int(text.argmax(-1).max()) + 1
+    assert longest < 32 and lengths == [longest] * (1 + bool(objectives)) + [32] * (1 + bool(objectives))
+    (f1, l1, g1), (f2, l2, g2) = runs
+    assert torch.allclose(f1, f2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
+    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-5) for k in g1)

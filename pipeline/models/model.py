@@ -17,7 +17,7 @@ from pipeline.models.mae_decoder import MaeDecoder
 from pipeline.models.masking import random_keep
 from pipeline.models.mlm_head import MlmHead
 from pipeline.models.towers import (build_clip, check_text_transformer, check_vit, encode_image_tokens,
-                                    encode_text_tokens)
+                                    encode_text_tokens, trimmed_text_length)
 
 # SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10, so that the start is not swamped by negatives.
 SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS = math.log(10), -10.0
@@ -31,8 +31,9 @@ class PlaitModel(nn.Module):
     adversarial_scale (gradient reversal ramp)."""
 
     def __init__(self, clip: nn.Module, heads: dict[str, nn.Module] | None = None, max_logit_scale: float = 100.0,
-                 uses_logit_scale: bool = True):
+                 uses_logit_scale: bool = True, trim_text: bool = True):
         super().__init__()
+        self.trim_text = trim_text  # run the text tower on the batch's caption length, not the context length
         self.clip = clip
         self.heads = nn.ModuleDict(heads or {})
         self.max_logit_scale = max_logit_scale
@@ -65,8 +66,11 @@ class PlaitModel(nn.Module):
             image_embed, image_tokens = encode_image_tokens(clip.visual, image, keep)  # [B, E], [B, 1 + K, W]
         else:
             image_embed, image_tokens = clip.encode_image(image), None
-        if attention_fusion:
+        if attention_fusion:  # cross-attention reads every text position: the full length
             text_embed, text_tokens = encode_text_tokens(clip, text)            # [B, E], [B, L, W]
+        elif self.trim_text:
+            text_embed, _ = encode_text_tokens(clip, text[:, :trimmed_text_length(clip, text)])  # [B, E]
+            text_tokens = None
         else:
             text_embed, text_tokens = clip.encode_text(text), None
 
@@ -105,9 +109,12 @@ class PlaitModel(nn.Module):
 
     def _mlm(self, batch: dict) -> dict[str, torch.Tensor]:
         clip, head = self.clip, self.heads["mlm"]
-        ids, labels = batch["mlm_input"], batch["mlm_labels"]      # [B, L] each
-        embeddings = head.embed(clip.token_embedding, ids, batch["mlm_mask_token"])  # [B, L, W]
-        _, hidden = encode_text_tokens(clip, batch["text"], embeddings=embeddings, bidirectional=True)
+        length = trimmed_text_length(clip, batch["text"]) if self.trim_text else batch["text"].shape[1]
+        # the cut drops only padding keys, which the bidirectional pass masks anyway
+        text, ids, labels, mask_token = (batch[k][:, :length]
+                                         for k in ("text", "mlm_input", "mlm_labels", "mlm_mask_token"))  # [B, L']
+        embeddings = head.embed(clip.token_embedding, ids, mask_token)  # [B, L', W]
+        _, hidden = encode_text_tokens(clip, text, embeddings=embeddings, bidirectional=True)
         chosen = labels >= 0                                       # [B, L]
         return {"mlm_logits": head(hidden[chosen], clip.token_embedding), "mlm_targets": labels[chosen]}  # [M, V], [M]
 
