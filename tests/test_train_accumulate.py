@@ -39,9 +39,11 @@ def _grads(objective_cfg: ObjectiveConfig, accum_steps: int, batch: dict, seed: 
 
 
 def _assert_close(a: dict, b: dict) -> None:
+    # atol 5e-6: micro-batches trim the text to their own longest caption, so matmul shapes and fp32 rounding
+    # differ (in float64 the two agree to 1e-14)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-6, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("objective_cfg", [
