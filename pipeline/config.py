@@ -173,6 +173,9 @@ class OptimConfig:
     """Cosine floor as a fraction of lr."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: bool = True
+    """torch's fused AdamW kernel (CPU and CUDA): one pass over all parameters instead of ~10 small ops per
+    parameter; same update, 3-5x faster optimizer step on small models. false: the reference for-loop kernel."""
 
     def __post_init__(self):
         require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
