@@ -117,6 +117,10 @@ class ObjectiveConfig:
     """Weight of masked language modeling on the text tower (bidirectional pass, head tied to the embedding)."""
     mlm_mask_ratio: float = 0.15
     """Fraction of each caption's tokens masked for MLM (BERT 80/10/10 replacement; at least one token)."""
+    mlm_candidates: int = 0
+    """0: the MLM softmax spans the whole vocabulary. K > 0: while training, a sampled softmax over the batch's
+    masked tokens plus K random vocabulary ids; with a small text tower the 49k-way softmax is most of MLM's cost.
+    Evaluation always scores the whole vocabulary."""
     autoencoder: float = 0.0
     """Weight of the seed's multimodal autoencoder (L = L_txt + L_img from a fused joint embedding)."""
     fusion: str = choice("concat", "concat", "bilinear", "attention")
@@ -148,6 +152,7 @@ class ObjectiveConfig:
         for name in ("mae_decoder_width", "mae_decoder_layers", "fusion_dim", "bilinear_rank", "adversarial_hidden"):
             require(getattr(self, name) > 0, f"objective.{name}", "must be positive")
         require(self.autoencoder_text_candidates >= 0, "objective.autoencoder_text_candidates", "must be >= 0")
+        require(self.mlm_candidates >= 0, "objective.mlm_candidates", "must be >= 0")
         require(self.adversarial_warmup_steps >= 0, "objective.adversarial_warmup_steps", "must be >= 0")
         total = self.contrastive + self.siglip + self.mae + self.mlm + self.autoencoder
         require(total > 0, "objective", "every objective weight is 0: nothing would train")

@@ -208,3 +208,27 @@ def test_text_trimmed_to_the_batch_caption_length_changes_nothing_but_the_cost(t
     (f1, l1, g1), (f2, l2, g2) = runs
     assert torch.allclose(f1, f2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
     assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-5) for k in g1)
+
+
+def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_vocabulary(text):
+    from pipeline.distributed import World
+    from pipeline.objective import Objective
+    cfg = ObjectiveConfig(mlm=1.0, mlm_candidates=64)
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), cfg)
+    objective = Objective(cfg, World(), total_steps=10)
+    torch.manual_seed(1)
+    batch = objective.augment({"image": torch.randn(4, 3, 64, 64), "text": text}, 0)
+    labels = batch["mlm_labels"][batch["mlm_labels"] >= 0]
+    with torch.no_grad():
+        full = model(dict(batch))
+    assert full["mlm_logits"].shape == (len(labels), 49408) and torch.equal(full["mlm_targets"], labels)
+    torch.manual_seed(2)
+    sampled = model(dict(batch))
+    assert sampled["mlm_logits"].shape[1] <= 64 + len(labels)
+    # each target keeps its own logit: the candidates hold every target id, re-indexed
+    picked_full = full["mlm_logits"].gather(1, full["mlm_targets"][:, None])
+    picked_sampled = sampled["mlm_logits"].gather(1, sampled["mlm_targets"][:, None])
+    assert torch.allclose(picked_full, picked_sampled, atol=1e-5)
+    objective(sampled, batch, 0)[0].backward()
+    assert model.clip.token_embedding.weight.grad.abs().sum() > 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models.sampled_softmax import sample_vocabulary
+
 from pipeline.models.towers import text_padding_mask
 
 
@@ -89,11 +91,8 @@ class FusionAutoencoder(nn.Module):
         targets = text[real]                                               # [M]
         weight, bias = token_embedding.weight, self.text_bias
         if self.text_candidates:
-            # Sampled softmax: the batch's own tokens are always candidates, so every target is scorable.
-            extra = torch.randint(0, self.vocab_size, (self.text_candidates,), device=text.device)
-            candidates = torch.unique(torch.cat([targets, extra]))            # [C] sorted
+            candidates, targets = sample_vocabulary(targets, self.vocab_size, self.text_candidates)  # [C], [M]
             weight, bias = weight[candidates], bias[candidates]
-            targets = torch.searchsorted(candidates, targets)
         logits = x[real] @ weight.t().to(x.dtype) + bias.to(x.dtype)       # [M, V] (or [M, C])
         return {"joint": joint, "ae_image_pred": image_pred,
                 "ae_image_target": images,

@@ -116,7 +116,8 @@ class PlaitModel(nn.Module):
         embeddings = head.embed(clip.token_embedding, ids, mask_token)  # [B, L', W]
         _, hidden = encode_text_tokens(clip, text, embeddings=embeddings, bidirectional=True)
         chosen = labels >= 0                                       # [B, L]
-        return {"mlm_logits": head(hidden[chosen], clip.token_embedding), "mlm_targets": labels[chosen]}  # [M, V], [M]
+        logits, targets = head(hidden[chosen], clip.token_embedding, labels[chosen])  # [M, V or C], [M]
+        return {"mlm_logits": logits, "mlm_targets": targets}
 
 
 def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
@@ -141,7 +142,7 @@ def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
                                   heads=max(1, objective.mae_decoder_width // 32))
     if objective.mlm:
         check_text_transformer(clip, "objective.mlm")
-        heads["mlm"] = MlmHead(clip.transformer.width, clip.vocab_size)
+        heads["mlm"] = MlmHead(clip.transformer.width, clip.vocab_size, objective.mlm_candidates)
     if objective.autoencoder:
         # The text decoder's output layer is tied to the token embedding of open_clip's own text tower.
         check_text_transformer(clip, "objective.autoencoder")
