@@ -1,10 +1,12 @@
 """Atomic, weights-only-safe training checkpoints: collects `state_dict`s, writes a temp dir, renames.
 
 Layout of `RUN_DIR/checkpoints/step-00001000/`:
-  model.safetensors     unwrapped model (no `module.` / `_orig_mod.` prefixes)
-  optimizer.pt          optimizer and scheduler state
-  trainer.pt            step, samples seen, world size, schedule signature, model_cfg (JSON text),
-                        resolved config (TOML text)
+  model.safetensors     the whole unwrapped model (no `module.` / `_orig_mod.` prefixes), also when trained
+                        sharded (FSDP): gathered on save, scattered on load (pipeline/sharded_state.py)
+  optimizer.pt          {"optimizer": the whole AdamW state keyed by parameter name (torch.distributed.checkpoint's
+                        full optimizer state dict)}; the LR schedule is a pure function of the step (optim.py)
+  trainer.pt            step, samples seen, world size, schedule signature, fp16 gradient scaler state (or None),
+                        model_cfg (JSON text), resolved config (TOML text)
   rank-00000.pt ...     per-rank RNG states and loader state
 Every .pt loads with `torch.load(weights_only=True)`. Files are written under `.tmp-step-N/`, fsynced, and the
 directory is renamed once every rank has written: a checkpoint dir without `.tmp-` is complete, so a run killed
@@ -108,12 +110,14 @@ class Checkpointer:
         return final
 
     @staticmethod
-    def load(path: Path, rank: int) -> dict:
+    def load(path: Path, rank: int, whole: bool = True) -> dict:
+        """Everything this rank needs to resume; without `whole`, the model and optimizer state stay on disk
+        (empty dicts): under FSDP rank 0 reads them and broadcasts."""
         if not (path / f"rank-{rank:05d}.pt").is_file():
             raise ValueError(f"cannot resume {path} on rank {rank}: it was written by fewer processes; "
                              "resume with the same number of processes")
-        return {"model": load_file(path / "model.safetensors"),
-                "optim": torch.load(path / "optimizer.pt", weights_only=True),
+        return {"model": load_file(path / "model.safetensors") if whole else {},
+                "optim": torch.load(path / "optimizer.pt", weights_only=True) if whole else {"optimizer": {}},
                 "trainer": torch.load(path / "trainer.pt", weights_only=True),
                 "rank": torch.load(path / f"rank-{rank:05d}.pt", weights_only=True)}
 

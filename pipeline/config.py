@@ -198,8 +198,12 @@ class TrainConfig:
     """Stop (after a checkpoint) once training has run this many seconds; 0: no limit."""
     device: str = choice("auto", "auto", "cpu")
     """auto: the accelerator's choice (GPU when present); cpu: force CPU (gloo for several processes)."""
+    strategy: str = choice("ddp", "ddp", "fsdp")
+    """ddp: every process holds the whole model; fsdp: parameters, gradients and optimizer state sharded over
+    the processes (Accelerate's FSDP2, one unit per transformer block), for models too large to replicate.
+    An accelerate launch config asking for FSDP selects fsdp too. Checkpoints are the same either way."""
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
-    """fp32, bf16 autocast (CPU and GPU), or fp16 with a gradient scaler (GPU only)."""
+    """fp32, bf16 autocast, or fp16 autocast with a gradient scaler (CPU and GPU; on CPU fp16 is for testing)."""
     accum_steps: int = 1
     """Micro-batches per optimizer step; contrastive negatives span the whole accumulated batch."""
     compile: bool = False
@@ -223,6 +227,8 @@ class TrainConfig:
         require(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(self.timeout_s > 0, "train.timeout_s", "must be positive")
+        require(not (self.compile and self.strategy == "fsdp"), "train.compile",
+                "not supported with train.strategy=fsdp (use ddp to compile)")
 
 
 @dataclass(frozen=True)

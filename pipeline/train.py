@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import timedelta
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from pipeline import metrics, train_eval
+from pipeline import metrics, sharded_state, train_eval
 from pipeline.accumulate import concat_batches, forward_backward
 from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
 from pipeline.config import Config, TrainConfig, describe, load_config, save_config
@@ -38,19 +39,26 @@ from pipeline.transforms import image_transform
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerate's DDP (gloo on CPU, NCCL on GPU) with the run's precision and an explicit process-group timeout."""
-    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    if cfg.precision == "fp16" and on_cpu:
-        raise ValueError("config key 'train.precision': fp16 needs a GPU (CPU autocast has no fp16 gradient "
-                         "scaling); use bf16 or fp32 on CPU")
+    """Accelerate's DDP (gloo on CPU, NCCL on GPU) or FSDP2 (pipeline/sharded_state.py), with the run's precision
+    and an explicit process-group timeout."""
+    plugin = sharded_state.fsdp_plugin() if sharded_state.wants_fsdp(cfg.strategy) else None
+    launch_env = os.environ.get(sharded_state.LAUNCH_FSDP_ENV)
     accelerator = Accelerator(cpu=cfg.device == "cpu",
                               mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                              fsdp_plugin=plugin,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))])
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # Sharded parameters need gathered state dicts (model and optimizer) and summoned parameters for the
-        # evaluation: not implemented, and a silently wrong checkpoint is worse than a refusal.
-        raise ValueError(f"plait train runs DDP; the accelerate launch config asks for "
-                         f"{accelerator.distributed_type.value}, which plait's checkpoints do not support yet")
+    if launch_env is None:  # Accelerate records a given plugin in the environment: a later run must not inherit it
+        os.environ.pop(sharded_state.LAUNCH_FSDP_ENV, None)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("plait train runs DDP or FSDP; the accelerate launch config asks for DeepSpeed, whose "
+                         "checkpoints plait does not read or write")
+    if plugin is not None:
+        sharded_state.enable(accelerator, plugin)
+    if cfg.precision == "fp16" and accelerator.scaler is None:
+        # Accelerate 1.15 silently trains fp32 when asked for fp16 on CPU (no autocast, no scaler), although
+        # torch's CPU autocast has float16 and GradScaler("cpu") exists: turn on both, as Accelerate does on GPU.
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     return accelerator
 
 
@@ -82,6 +90,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     model = build_model(model_cfg, cfg.objective)
     if cfg.model.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
+    promoted = sharded_state.prepare_model(accelerator, model, cfg.train.compile)  # () unless FSDP
     set_seed(cfg.train.seed + world.rank)
     objective = Objective(cfg.objective, world, total_steps=cfg.train.steps)
     optimizer = build_optimizer(model, cfg.optim)
@@ -91,12 +100,14 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     # scheduler (see optim.set_lr).
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model, keep_torch_compile=False)  # the PlaitModel: checkpoints, eval
+    sharded = sharded_state.is_sharded(accelerator)
     tokenize = tokenizer_for(model_cfg)
     stream = TrainStream(cfg.data, world, image_transform(model_cfg, is_train=True), tokenize)
     accum, local_batch = cfg.train.accum_steps, cfg.data.batch_size * cfg.train.accum_steps
     global_batch = local_batch * world.world_size
     print0(world, f"plait train: {count_parameters(core) / 1e6:.1f}M parameters, {stream.num_samples} samples, "
-                  f"{world.world_size} process(es) on {accelerator.device}, global batch {global_batch}"
+                  f"{world.world_size} process(es) on {accelerator.device}"
+                  + (" (FSDP)" if sharded else "") + f", global batch {global_batch}"
                   + (f" ({accum} accumulated micro-batches)" if accum > 1 else ""))
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last)
@@ -104,13 +115,16 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     step, samples_seen, resumed_step = 0, 0, 0
     resume_from = checkpointer.resolve(resume)
     if resume_from is not None:
-        state = Checkpointer.load(resume_from, world.rank)
+        # Under FSDP rank 0 alone reads the whole model and optimizer state and broadcasts it.
+        state = Checkpointer.load(resume_from, world.rank, whole=world.is_main or not sharded)
         check_schedule(state["trainer"]["schedule"], signature, str(resume_from))
         if state["trainer"]["world_size"] != world.world_size:
             raise ValueError(f"cannot resume {resume_from}: written by {state['trainer']['world_size']} processes, "
                              f"this run has {world.world_size} (the data order depends on the topology)")
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"]["optimizer"])
+        sharded_state.load_full_state_dicts(core, optimizer.optimizer, state["model"], state["optim"]["optimizer"],
+                                            promoted, from_rank0=sharded)
+        if accelerator.scaler is not None and state["trainer"].get("grad_scaler"):
+            accelerator.scaler.load_state_dict(state["trainer"]["grad_scaler"])
         step, samples_seen = state["trainer"]["step"], state["trainer"]["samples_seen"]
         resumed_step = step
         stream.load_state_dict(state["rank"]["loader"])
@@ -119,12 +133,13 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     def save_checkpoint() -> None:
         checkpointer.write_rank_state(step, world.rank, {"rng": rng_state(), "loader": stream.state_dict()})
-        model_state = accelerator.get_state_dict(model)
+        model_state, optim_state = sharded_state.full_state_dicts(core, optimizer.optimizer, promoted)  # collective
         accelerator.wait_for_everyone()
         if world.is_main:
             checkpointer.write_main_state(
-                step, model_state, {"optimizer": optimizer.state_dict()},
+                step, model_state, {"optimizer": optim_state},
                 {"step": step, "samples_seen": samples_seen, "world_size": world.world_size,
+                 "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                  "schedule": signature, "model_cfg": json.dumps(model_cfg),
                  "config": (run_dir / "config.toml").read_text()})
             checkpointer.publish(step)
@@ -133,7 +148,8 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     eval_transform = image_transform(model_cfg, is_train=False)
 
     def evaluate() -> dict:
-        result = train_eval.evaluate_all(core.clip, tokenize, cfg.eval, eval_transform, accelerator.device, world)
+        with sharded_state.gathered_params(core):
+            result = train_eval.evaluate_all(core.clip, tokenize, cfg.eval, eval_transform, accelerator.device, world)
         fields = train_eval.log_fields(result)
         log.write({"kind": "eval", "step": step, **fields})
         print0(world, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items()))
