@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -172,6 +173,10 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
     built = sorted(st["shard"] for st in finished)
     log(f"task {task_index}/{num_tasks}: built {len(built)} shard(s), {len(done)} already done, "
         f"{sum(st['num_samples'] for st in finished)} samples in {time.monotonic() - started:.1f}s")
+    if 0 < len(built) < processes:  # a process works on whole shards: the others had nothing to do
+        log(f"note: {len(built)} shard(s) for {processes} processes, so {processes - len(built)} sat idle; "
+            f"--samples-per-shard {math.ceil(counter['rows'] / num_tasks / (2 * processes))} or less would keep "
+            f"them all busy")
     return {"shards": finished, "num_input_rows": counter["rows"], "num_shards": total_shards}
 
 

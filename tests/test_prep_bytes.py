@@ -144,3 +144,12 @@ def test_rows_for_bytes_is_pure_arithmetic():
     assert rows_for_bytes(1_000_000, 10_000.0, 10_240, 50) == 50  # the cap wins
     assert rows_for_bytes(1_000, 10_000.0, 10_240, None) == 1  # never an empty shard
     assert rows_for_bytes(1_000_000, 0.0, 10_240, 7) == 7  # a pilot that kept nothing: the cap
+
+
+def test_a_job_with_fewer_shards_than_processes_says_how_to_use_them_all(tmp_path, table, capsys):
+    """Processes own whole shards: one big shard on 2 processes leaves one idle, and the summary says so."""
+    main(["shard", "--no-progress", "--processes", "2", "--image-size", "64", "--no-dedup", "--input", str(table),
+          "--output", str(tmp_path / "o")])
+    rows = _manifest(tmp_path / "o")["num_input_rows"]
+    assert f"1 shard(s) for 2 processes, so 1 sat idle; --samples-per-shard {-(-rows // 4)} or less" in \
+        capsys.readouterr().out
