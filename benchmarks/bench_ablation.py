@@ -2,19 +2,21 @@
 
 Every configuration trains the same model (`fmnist-vit56`: 28 px images upsampled to 56 px, 7 px patches, 64
 tokens, so that FLIP's masking has tokens to drop) from the same seed on the same in-memory batches for the same
-number of steps, then is evaluated on the same held-out images:
-  samples/s   median step time (augment + forward + loss + backward + AdamW) measured in interleaved rounds
-              after training, so that load from other processes hits every configuration alike;
+CPU time (--budget-cpu-s of this process, both threads counted: robust to other jobs on the machine), then is
+evaluated on the same held-out images. A faster objective therefore trains more steps, which is FLIP's point.
+  samples/s   median step time (augment + forward + loss + backward + AdamW) of fresh models, measured in
+              interleaved rounds before training so that load from other processes hits every configuration
+              alike; its CPU time per step sets the configuration's step count for the budget;
   zero-shot   top-1 over the 10 classes with prompts unlike the training captions (contrastive/SigLIP heads);
   probe       linear-probe top-1 on the frozen image embeddings (every configuration, the autoencoder too);
-  recon       MAE masked-patch loss / MLM token loss / autoencoder L_img + L_txt on held-out training batches.
+  recon       MAE masked-patch loss / MLM token loss (whole vocabulary) / autoencoder L_img + L_txt on held-out
+              training batches.
 Ratios against the contrastive baseline (and masked objectives against contrastive + FLIP) are printed with the
-issue's targets. Usage: .venv/bin/python benchmarks/bench_ablation.py [--steps 80] [--only flip50 ...]
+issue's targets. Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...]
 
-The defaults (80 steps of 32 samples per configuration, ~2.6k samples) are sized so that all ten configurations
-run in ~20 minutes on 2 shared CPU cores (36 steps of 64 left the contrastive model at chance). That is far from
-convergence, so the accuracy columns compare objectives at equal, small compute, not their final quality.
-Pass --steps/--batch-size for longer runs on a bigger machine.
+The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all ten configurations in about
+ten minutes. That is far from convergence: the accuracy columns compare objectives at equal, small compute, not
+their final quality.
 """
 from __future__ import annotations
 
@@ -47,20 +49,25 @@ from pipeline.transforms import image_transform  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fmnist-vit56"
 FLIP = {"flip_mask_ratio": 0.5}
-# MAE's decoder is meant to be light next to the encoder (~1/10 of ViT-L's compute); the default 2 x 128 decoder
-# over all 64 positions outweighs this 3 x 96 encoder over 32 visible ones, so the ablation scales it down.
-LIGHT_DECODER = {"mae_decoder_width": 64, "mae_decoder_layers": 1}
+# MAE's decoder is meant to be light next to the encoder (MAE's ViT-L: ~1/10 of the encoder's compute); the default
+# 2 x 128 decoder over all 64 positions outweighs this 3 x 96 encoder over 32 visible ones, so the ablation scales
+# it down to 1 x 48 (~1/6 of the encoder's FLOPs).
+LIGHT_DECODER = {"mae_decoder_width": 48, "mae_decoder_layers": 1}
+# A 49k-way softmax per masked token costs more than this 2 x 96 text tower: MLM trains on a sampled softmax
+# (the held-out MLM loss in the table always scores the whole vocabulary).
+MLM = {"mlm": 1.0, "mlm_candidates": 1024}
 CONFIGS = {
     "contrastive": {},
     "siglip": {"contrastive": 0.0, "siglip": 1.0},
     "flip50": {**FLIP},
     "flip50+mae": {**FLIP, "mae": 1.0, **LIGHT_DECODER},
-    "flip50+mlm": {**FLIP, "mlm": 1.0},
-    "flip50+mae+mlm": {**FLIP, "mae": 1.0, "mlm": 1.0, **LIGHT_DECODER},
+    "flip50+mlm": {**FLIP, **MLM},
+    "flip50+mae+mlm": {**FLIP, "mae": 1.0, **MLM, **LIGHT_DECODER},
     "ae-concat": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "concat"},
     "ae-bilinear": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "bilinear"},
     "ae-attention": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "attention"},
     "contrastive+adversarial": {"adversarial": 0.1},
+    "contrastive+adversarial-alt": {"adversarial": 0.1, "adversarial_mode": "alternating"},
 }
 
 
@@ -130,24 +137,42 @@ def reconstruction(model, objective, batches: list[dict]) -> dict[str, float]:
     return sums
 
 
-def run_config(name: str, overrides: dict, args, model_cfg: dict, data: dict, templates) -> dict:
+def fresh(name: str, args, model_cfg: dict, steps: int, unmasked: int = 0) -> dict:
+    """A configuration's model, objective and optimizer from seed 0, scheduled for `steps` steps."""
+    overrides = CONFIGS[name]
     torch.manual_seed(0)
-    cfg = ObjectiveConfig(flip_unmasked_steps=args.unmasked_steps if overrides.get("flip_mask_ratio") else 0,
-                          autoencoder_text_candidates=1024, **overrides)
+    cfg = ObjectiveConfig(flip_unmasked_steps=unmasked, autoencoder_text_candidates=1024, **overrides)
     model = build_model(dict(model_cfg), cfg)
-    objective = Objective(cfg, World(), total_steps=args.steps)
-    optim_cfg = OptimConfig(lr=args.lr, warmup_steps=max(1, args.steps // 10))
-    optimizer = build_optimizer(model, optim_cfg)
+    objective = Objective(cfg, World(), total_steps=steps)
+    optim_cfg = OptimConfig(lr=args.lr, warmup_steps=max(1, steps // 10))
+    return {"config": name, "_model": model, "_objective": objective, "_optim_cfg": optim_cfg,
+            "_optimizer": build_optimizer(model, optim_cfg)}
+
+
+def planned_steps(r: dict, base_cpu_s: float, args) -> tuple[int, int]:
+    """(steps, unmasked steps) that fill the CPU budget: FLIP's final unmasked steps cost a contrastive step."""
+    if not CONFIGS[r["config"]].get("flip_mask_ratio"):
+        return max(1, int(args.budget_cpu_s / r["cpu_step_s"])), 0
+    masked_share = 1 - args.unmasked_fraction
+    per_step = masked_share * r["cpu_step_s"] + args.unmasked_fraction * base_cpu_s
+    steps = max(1, int(args.budget_cpu_s / per_step))
+    return steps, round(args.unmasked_fraction * steps)
+
+
+def run_config(name: str, steps: int, unmasked: int, args, model_cfg: dict, data: dict, templates) -> dict:
+    r = fresh(name, args, model_cfg, steps, unmasked)
+    model, objective, optimizer, optim_cfg = r["_model"], r["_objective"], r["_optimizer"], r["_optim_cfg"]
     model.train()
-    started = time.perf_counter()
-    for step in range(args.steps):
+    wall, cpu = time.perf_counter(), time.process_time()
+    for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = optim_cfg.lr * lr_factor(step, optim_cfg, args.steps)
+            group["lr"] = optim_cfg.lr * lr_factor(step, optim_cfg, steps)
         loss = train_step(model, objective, optimizer, data["train"][step % len(data["train"])], step)
-    train_s = time.perf_counter() - started
-    model.eval()
-    result = {"config": name, "train_s": train_s, "final_loss": float(loss),
+    result = {"config": name, "steps": steps, "unmasked_steps": unmasked, "train_s": time.perf_counter() - wall,
+              "train_cpu_s": time.process_time() - cpu, "final_loss": float(loss),
               "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    model.eval()
+    cfg = objective.cfg
     test_x = image_embeddings(model, data["test_images"]).double().numpy()  # float64: linear_probe needs it
     if cfg.contrastive or cfg.siglip:
         weights = class_embeddings(model.clip, data["tokenize"], FASHION_MNIST_CLASSES, templates, "cpu")
@@ -158,21 +183,26 @@ def run_config(name: str, overrides: dict, args, model_cfg: dict, data: dict, te
                                         cs=(0.1, 1.0, 10.0))["top1"]
     model.train()
     result["recon"] = reconstruction(model, objective, data["val"])
-    return result | {"_model": model, "_objective": objective, "_optimizer": optimizer}
+    return result
 
 
-def interleaved_timing(results: list[dict], batch: dict, rounds: int) -> None:
-    """Median step time per configuration, configurations taking turns so that machine load drifts evenly.
-    Step 0: masks on (FLIP's unmasked tail is excluded here; its cost shows in train_s)."""
-    times: dict[str, list[float]] = {r["config"]: [] for r in results}
+def interleaved_timing(runs: list[dict], batch: dict, rounds: int) -> None:
+    """Median wall and CPU time per step of each (fresh) configuration, configurations taking turns so that
+    machine load drifts evenly. Step 0: FLIP's masks on (its unmasked tail costs a contrastive step)."""
+    wall: dict[str, list[float]] = {r["config"]: [] for r in runs}
+    cpu: dict[str, list[float]] = {r["config"]: [] for r in runs}
+    for r in runs:  # warm-up: first-call allocations
+        train_step(r["_model"], r["_objective"], r["_optimizer"], batch, 0)
     for _ in range(rounds):
-        for r in results:
+        for r in runs:
             for _ in range(2):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 train_step(r["_model"], r["_objective"], r["_optimizer"], batch, 0)
-                times[r["config"]].append(time.perf_counter() - t)
-    for r in results:
-        r["step_s"] = statistics.median(times[r["config"]])
+                wall[r["config"]].append(time.perf_counter() - t)
+                cpu[r["config"]].append(time.process_time() - c)
+    for r in runs:
+        r["step_s"] = statistics.median(wall[r["config"]])
+        r["cpu_step_s"] = statistics.median(cpu[r["config"]])
         r["samples_per_s"] = len(batch["text"]) / r["step_s"]
 
 
@@ -183,15 +213,16 @@ def fmt(value, spec=".1%") -> str:
 def print_table(results: list[dict], args) -> None:
     base = next((r for r in results if r["config"] == "contrastive"), None)
     flip = next((r for r in results if r["config"] == "flip50"), None)
-    print(f"\nObjectives ablation: {MODEL}, {args.steps} steps x batch {args.batch_size} "
-          f"({args.steps * args.batch_size} samples), {torch.get_num_threads()} threads, "
-          f"eval on {args.eval_samples} test images, probe trained on {args.probe_samples}")
-    print(f"{'config':26s} {'samples/s':>9s} {'vs base':>7s} {'train s':>7s} {'zero-shot':>9s} {'probe':>6s}  recon")
+    print(f"\nObjectives ablation: {MODEL}, {args.budget_cpu_s:g} CPU-seconds per configuration, batch "
+          f"{args.batch_size}, {torch.get_num_threads()} threads, eval on {args.eval_samples} test images, probe "
+          f"trained on {args.probe_samples}")
+    print(f"{'config':26s} {'samples/s':>9s} {'vs base':>7s} {'steps':>6s} {'cpu s':>6s} {'zero-shot':>9s} "
+          f"{'probe':>6s}  recon")
     for r in results:
         ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
         recon = ", ".join(f"{k} {v:.3f}" for k, v in r["recon"].items()) or "-"
-        print(f"{r['config']:26s} {r['samples_per_s']:9.1f} {fmt(ratio, '.2f'):>7s} {r['train_s']:7.0f} "
-              f"{fmt(r.get('zeroshot_top1')):>9s} {fmt(r['probe_top1']):>6s}  {recon}")
+        print(f"{r['config']:26s} {r['samples_per_s']:9.1f} {fmt(ratio, '.2f'):>7s} {r['steps']:6d} "
+              f"{r['train_cpu_s']:6.0f} {fmt(r.get('zeroshot_top1')):>9s} {fmt(r['probe_top1']):>6s}  {recon}")
     if base and flip:
         speed = flip["samples_per_s"] / base["samples_per_s"]
         acc = flip["zeroshot_top1"] / max(base["zeroshot_top1"], 1e-9)
@@ -207,37 +238,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-shards", default="/tmp/fm/train/{00000..00011}.tar")
     parser.add_argument("--test-shards", default="/tmp/fm/test/{00000..00001}.tar")
-    parser.add_argument("--steps", type=int, default=80, help="training steps per configuration")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--budget-cpu-s", type=float, default=80.0,
+                        help="CPU-seconds of training per configuration (this process, all threads)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-batches", type=int, default=400, help="distinct training batches held in memory "
+                        "(a configuration that trains longer cycles through them)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--unmasked-steps", type=int, default=8, help="FLIP's final unmasked steps")
-    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--unmasked-fraction", type=float, default=0.1, help="FLIP's final unmasked steps")
+    parser.add_argument("--eval-samples", type=int, default=2000)
     parser.add_argument("--probe-samples", type=int, default=1000)
-    parser.add_argument("--val-batches", type=int, default=1, help="held-out batches for reconstruction losses")
-    parser.add_argument("--timing-rounds", type=int, default=2)
+    parser.add_argument("--val-batches", type=int, default=2, help="held-out batches for reconstruction losses")
+    parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    names = args.only or list(CONFIGS)
+    if "contrastive" not in names:
+        names = ["contrastive", *names]  # the baseline: its step time prices FLIP's unmasked tail
     train, test = ensure_shards(args.train_shards, args.test_shards)
     model_cfg = model_config(MODEL)
-    batches = load_batches(train, model_cfg, args.batch_size, args.steps + args.val_batches)
+    batches = load_batches(train, model_cfg, args.batch_size, args.max_batches + args.val_batches)
     probe_images, probe_labels = load_labelled(train, model_cfg, args.probe_samples)
     test_images, test_labels = load_labelled(test, model_cfg, args.eval_samples)
-    data = {"train": batches[: args.steps], "val": batches[args.steps:], "tokenize": tokenizer_for(model_cfg),
-            "probe_images": probe_images, "probe_labels": probe_labels,
+    data = {"train": batches[: args.max_batches], "val": batches[args.max_batches:],
+            "tokenize": tokenizer_for(model_cfg), "probe_images": probe_images, "probe_labels": probe_labels,
             "test_images": test_images, "test_labels": test_labels}
     templates = load_config(ROOT / "configs" / "demo.toml").eval.templates
     print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    timing = [fresh(name, args, model_cfg, steps=1000) for name in names]
+    interleaved_timing(timing, batches[0], args.timing_rounds)
+    base_cpu = next(r for r in timing if r["config"] == "contrastive")["cpu_step_s"]
     results = []
-    for name in args.only or list(CONFIGS):
-        results.append(run_config(name, CONFIGS[name], args, model_cfg, data, templates))
-        r = results[-1]
-        print(f"  {name}: {r['train_s']:.0f}s, zero-shot {fmt(r.get('zeroshot_top1'))}, probe {fmt(r['probe_top1'])}, "
-              f"recon {r['recon']}", flush=True)
-    interleaved_timing(results, batches[0], args.timing_rounds)
+    for t in timing:
+        steps, unmasked = planned_steps(t, base_cpu, args)
+        r = run_config(t["config"], steps, unmasked, args, model_cfg, data, templates)
+        r.update({k: t[k] for k in ("step_s", "cpu_step_s", "samples_per_s")})
+        results.append(r)
+        print(f"  {r['config']}: {steps} steps in {r['train_cpu_s']:.0f} CPU-s ({r['train_s']:.0f} s), zero-shot "
+              f"{fmt(r.get('zeroshot_top1'))}, probe {fmt(r['probe_top1'])}, recon {r['recon']}", flush=True)
     print_table(results, args)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     if args.json:

@@ -133,7 +133,11 @@ class ObjectiveConfig:
     """0: the text decoder's softmax spans the whole vocabulary. K > 0: a sampled softmax over the batch's own
     tokens plus K random vocabulary ids (Jean et al. 2015): ~50x less work per position with CLIP's 49k vocabulary."""
     adversarial: float = 0.0
-    """Weight of adversarial modality alignment (a discriminator on the embeddings, gradient reversal)."""
+    """Weight of adversarial modality alignment (a discriminator on the embeddings, trained against the towers)."""
+    adversarial_mode: str = choice("reversal", "reversal", "alternating")
+    """reversal: one loss, the towers get the discriminator's gradient reversed (Ganin & Lempitsky).
+    alternating: the players take turns, one step each: the discriminator learns on detached embeddings, then the
+    towers learn to fool a frozen discriminator (flipped labels, GAN's non-saturating loss)."""
     adversarial_warmup_steps: int = 0
     """Steps over which the reversed gradient reaching the towers ramps up from 0 (the discriminator trains
     at full strength from the start)."""

@@ -48,16 +48,22 @@ class Objective(nn.Module):
         return cfg.flip_mask_ratio
 
     def adversarial_scale(self, step: int) -> float:
-        """Strength of the reversed gradient reaching the towers: linear warm-up from 0 to 1."""
+        """Strength of the adversarial gradient reaching the towers: linear warm-up from 0 to 1."""
         warmup = self.cfg.adversarial_warmup_steps
         return min(1.0, step / warmup) if warmup else 1.0
+
+    def adversarial_turn(self, step: int) -> str:
+        """Who learns from the adversarial loss at `step`: both through reversal, or the players in turn."""
+        if self.cfg.adversarial_mode == "reversal":
+            return "reversal"
+        return "discriminator" if step % 2 == 0 else "towers"
 
     def augment(self, batch: dict, step: int) -> dict:
         """The batch plus this step's masks (a new dict; the same batch when nothing is masked).
 
         image_mask_ratio: float (the model draws the patches: only it knows the patch grid);
         mlm_input [B, L], mlm_mask_token [B, L] bool, mlm_labels [B, L] (-100 where not chosen);
-        adversarial_scale: float.
+        adversarial_scale: float; adversarial_turn: "reversal" | "discriminator" | "towers".
         """
         extra: dict = {}
         if self.cfg.flip_mask_ratio and self.image_mask_ratio(step) > 0:
@@ -66,7 +72,7 @@ class Objective(nn.Module):
             mlm_input, mask_token, labels = mask_tokens(batch["text"], self.cfg.mlm_mask_ratio, VOCAB_SIZE)
             extra.update(mlm_input=mlm_input, mlm_mask_token=mask_token, mlm_labels=labels)
         if self.adversarial is not None:
-            extra["adversarial_scale"] = self.adversarial_scale(step)
+            extra.update(adversarial_scale=self.adversarial_scale(step), adversarial_turn=self.adversarial_turn(step))
         return {**batch, **extra} if extra else batch
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict, step: int):
@@ -97,8 +103,12 @@ class Objective(nn.Module):
             losses["autoencoder"] = cfg.autoencoder * total
             report.update(autoencoder_text=float(text_loss.detach()), autoencoder_image=float(image_loss.detach()))
         if self.adversarial is not None:
-            adv_loss, accuracy = self.adversarial(outputs["adv_image_logits"], outputs["adv_text_logits"])
-            losses["adversarial"] = cfg.adversarial * adv_loss
+            turn = self.adversarial_turn(step)
+            # the towers' turn: fool the discriminator (labels flipped), ramped by the warm-up like the reversal
+            adv_loss, accuracy = self.adversarial(outputs["adv_image_logits"], outputs["adv_text_logits"],
+                                                  flip=turn == "towers")
+            scale = self.adversarial_scale(step) if turn == "towers" else 1.0
+            losses["adversarial"] = cfg.adversarial * scale * adv_loss
             report.update(discriminator_accuracy=float(accuracy), adversarial_scale=self.adversarial_scale(step))
         total = sum(losses.values())
         if "unused" in outputs:

@@ -103,6 +103,32 @@ def test_gradient_reversal_reaches_the_towers_negated_and_scaled():
                                               w)[0], atol=1e-6)
 
 
+def test_alternating_adversarial_updates_train_one_player_per_step():
+    """Even steps: only the discriminator learns from the adversarial loss (plain labels); odd steps: only the
+    towers, towards the flipped labels through a frozen discriminator, ramped by the warm-up."""
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(contrastive=1.0, adversarial=1.0, adversarial_mode="alternating", adversarial_warmup_steps=2)
+    model, objective = build_model(model_config("fmnist-vit"), cfg), Objective(cfg, World())
+    proj, disc = model.clip.visual.proj, model.heads["adversarial"].net
+    for step in (0, 1):
+        batch = objective.augment(make_batch(), step)
+        assert batch["adversarial_turn"] == ("discriminator", "towers")[step]
+        out = model(batch)
+        _, losses, _ = objective(out, batch, step)
+        tower_grad, disc_grad = torch.autograd.grad(losses["adversarial"], [proj, disc[0].weight],
+                                                    allow_unused=True, retain_graph=True)
+        if step == 0:
+            assert tower_grad is None and disc_grad.abs().sum() > 0
+        else:
+            flipped, _ = AdversarialLoss()(disc(out["image_features"]).squeeze(-1),
+                                           disc(out["text_features"]).squeeze(-1), flip=True)
+            (expected,) = torch.autograd.grad(0.5 * flipped, proj, retain_graph=True)  # warm-up: 1/2 at step 1
+            assert disc_grad is None and torch.allclose(tower_grad, expected, atol=1e-7)
+            (loss, _, _) = objective(out, batch, step)
+            loss.backward()  # the frozen discriminator still gets a (zero) gradient: DDP needs every parameter used
+            assert disc[0].weight.grad is not None and not disc[0].weight.grad.any()
+
+
 @pytest.mark.parametrize("name,key,ratio", [("flip_mae_mlm", "mae", 0.8), ("flip_mae_mlm", "mlm", 0.6),
                                             ("ae_bilinear", "autoencoder", 0.6), ("contrastive", "contrastive", 0.6),
                                             ("siglip", "siglip", 0.6)])

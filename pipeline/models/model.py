@@ -98,8 +98,11 @@ class PlaitModel(nn.Module):
             out.update(heads["autoencoder"](text_embed, image_embed, image, text, clip.token_embedding,
                                             image_tokens=image_tokens, text_tokens=text_tokens))
         if "adversarial" in heads:
+            turn = batch.get("adversarial_turn", "reversal")
             out.update(heads["adversarial"](out["image_features"], out["text_features"],
-                                            float(batch.get("adversarial_scale", 1.0))))
+                                            float(batch.get("adversarial_scale", 1.0)), turn))
+            if turn == "towers":  # the frozen discriminator's parameters take no part in this step's loss
+                unused.append(heads["adversarial"])
         if unused:
             # Parameters left out of this step still get a (zero) gradient: DDP without find_unused_parameters
             # fails on parameters that take no part in the loss.
