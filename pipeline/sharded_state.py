@@ -17,8 +17,6 @@ import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 # Set by `accelerate launch` with a config whose distributed_type is FSDP.
 LAUNCH_FSDP_ENV = "ACCELERATE_USE_FSDP"
@@ -110,6 +108,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
     A collective under FSDP (call it on every rank); complete on rank 0, possibly empty on the others.
     `model` is the unwrapped module (the FSDP root itself under FSDP2), `optimizer` a torch optimizer.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # 1 s: not at start-up
     model_state, optim_state = get_state_dict(model, optimizer,
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     _reshape_promoted(model_state, optim_state, promoted, ())
@@ -131,6 +130,8 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
         if name in optim_state["state"]:
             optim_state["state"][name] = dict(optim_state["state"][name])
     _reshape_promoted(model_state, optim_state, promoted, (1,))
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
@@ -147,6 +148,11 @@ def gathered_params(model: nn.Module):
     """
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units and units[0] is model:
+        # FSDP2 picks its root at the first forward through it (idempotent after). Before any training step
+        # (evaluating a resumed, finished run) a block's forward would otherwise make each block a root of its own,
+        # and later training forwards would fail. torch has no public call for this.
+        model._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()

@@ -1,0 +1,210 @@
+"""FSDP (Accelerate's FSDP2) on CPU with 2 gloo processes: the same training and evaluation as DDP, checkpoints in
+the one documented layout (whole model, optimizer state by name) that resume under FSDP, load unsharded and export.
+
+The `plait train` runs are the real CLI in subprocesses (tests/test_train.py's helpers); the state-dict test runs
+the loop's own helpers in 2 spawned processes and compares against DTensor.full_tensor() gathers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
+
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder
+    from tests.test_train import finish, records, shards, spawn, train_args  # noqa: F401 (shards: a fixture)
+    from tests.test_train_accumulate import MICRO_CFG, _batch
+except ModuleNotFoundError:
+    from test_train import finish, records, shards, spawn, train_args  # noqa: F401
+    from test_train_accumulate import MICRO_CFG, _batch
+
+STEPS = 8
+COMMON = (f"train.steps={STEPS}", "train.checkpoint_every=4", "train.keep_last=3", "optim.warmup_steps=2",
+          "data.batch_size=8", "data.num_workers=0", "optim.grad_clip=1.0", "train.eval_every=4",
+          "eval.batch_size=32", "eval.max_samples=64")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_2(run_dir, shards, *overrides, resume: str | None = None) -> str:
+    """`plait train` in 2 gloo processes; rank 0's output."""
+    port = _free_port()
+    args = train_args(run_dir, shards, *COMMON, f"eval.zeroshot_shards={shards['test']}",
+                      f"eval.classnames={json.dumps(CLASSES)}", *overrides)
+    args += ["--resume", resume] if resume else []
+    results = [finish(p) for p in [spawn(args, 2, rank, port) for rank in range(2)]]
+    assert [code for code, _ in results] == [0, 0], results
+    return results[0][1]
+
+
+def _checkpoint(run_dir, step: int = STEPS) -> Path:
+    return run_dir / f"checkpoints/step-{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shards) -> dict:
+    """DDP and FSDP over the same 8 steps, and FSDP resumed from the FSDP run's step-4 checkpoint (what a run
+    killed after step 4 resumes from: checkpoints are published atomically, see tests/test_train.py's kill -9)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {"ddp": root / "ddp", "fsdp": root / "fsdp", "resumed": root / "resumed"}
+    _train_2(out["ddp"], shards)
+    out["fsdp_log"] = _train_2(out["fsdp"], shards, "train.strategy=fsdp")
+    out["resumed_log"] = _train_2(out["resumed"], shards, "train.strategy=fsdp",
+                                  resume=str(_checkpoint(out["fsdp"], 4)))
+    return out
+
+
+def test_fsdp_trains_like_ddp(runs):
+    assert "2 process(es) on cpu:0 (FSDP)" in runs["fsdp_log"]
+    a, b = records(runs["ddp"]), records(runs["fsdp"])
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("loss", "grad_norm", "logit_scale"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-4 * abs(a[step][key]), (step, key)
+    assert b[STEPS]["loss"] < b[1]["loss"]  # it trains
+    # The periodic evaluation, sharded over the ranks, sees the same model.
+    ea, eb = records(runs["ddp"], "eval"), records(runs["fsdp"], "eval")
+    assert sorted(eb) == [4, 8] and eb[8]["eval/zeroshot/num_samples"] == ea[8]["eval/zeroshot/num_samples"] > 0
+    assert all(abs(ea[s]["eval/zeroshot/top1"] - eb[s]["eval/zeroshot/top1"]) < 1e-9 for s in (4, 8))
+
+    # The documented layout: the whole model with open_clip's 0-dim logit_scale, optimizer state by name.
+    wa, wb = load_file(_checkpoint(runs["ddp"]) / "model.safetensors"), load_file(_checkpoint(runs["fsdp"]) /
+                                                                                  "model.safetensors")
+    assert wa.keys() == wb.keys() and wb["clip.logit_scale"].shape == torch.Size([])
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    oa, ob = (torch.load(_checkpoint(runs[k]) / "optimizer.pt", weights_only=True)["optimizer"] for k in ("ddp", "fsdp"))
+    assert set(oa["state"]) == set(ob["state"]) and "clip.logit_scale" in ob["state"] and set(ob["state"]) <= set(wb)
+    for name, moments in ob["state"].items():
+        for key, value in moments.items():
+            torch.testing.assert_close(value, oa["state"][name][key], rtol=1e-3, atol=1e-6)
+
+
+def test_resume_under_fsdp_reproduces_the_uninterrupted_run(runs):
+    assert "resumed from" in runs["resumed_log"] and "step-00000004" in runs["resumed_log"]
+    a, b = records(runs["fsdp"]), records(runs["resumed"])
+    assert sorted(b) == list(range(5, STEPS + 1))
+    for step in b:
+        assert a[step]["loss"] == b[step]["loss"], f"step {step}: {a[step]['loss']} vs {b[step]['loss']}"
+    wa, wb = (load_file(_checkpoint(runs[k]) / "model.safetensors") for k in ("fsdp", "resumed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_checkpoint_loads_unsharded_and_exports_to_open_clip(runs, tmp_path):
+    from pipeline import sharded_state
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.config import ObjectiveConfig, OptimConfig
+    from pipeline.models.model import build_model
+    from pipeline.optim import build_optimizer
+
+    # One plain process (what a DDP rank does on resume) takes the model and the optimizer state by name.
+    ckpt = _checkpoint(runs["fsdp"])
+    state = Checkpointer.load(ckpt, 0)
+    model = build_model(json.loads(state["trainer"]["model_cfg"]), ObjectiveConfig())
+    optimizer = build_optimizer(model, OptimConfig())
+    sharded_state.load_full_state_dicts(model, optimizer, state["model"], state["optim"]["optimizer"])
+    for name, value in model.state_dict().items():
+        if name in state["model"]:
+            assert torch.equal(value, state["model"][name]), name
+    index = {p: n for n, p in model.named_parameters()}
+    for param, moments in optimizer.state.items():
+        assert torch.equal(moments["exp_avg"], state["optim"]["optimizer"]["state"][index[param]]["exp_avg"])
+
+    import plait
+    exported = tmp_path / "export"
+    assert plait.main(["export", str(ckpt), "--format", "open_clip", "--out", str(exported)]) == 0
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{exported}")
+    weights = loaded.state_dict()
+    for name, value in state["model"].items():
+        if name.startswith("clip."):
+            assert torch.equal(weights[name[len("clip."):]], value), name
+
+
+def _state_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from torch.distributed.tensor import DTensor
+
+    from pipeline import sharded_state
+    from pipeline.accumulate import forward_backward
+    from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
+    from pipeline.distributed import World
+    from pipeline.models.model import build_model
+    from pipeline.objective import Objective
+    from pipeline.optim import build_optimizer
+    from pipeline.train import build_accelerator, optimizer_step
+
+    accelerator = build_accelerator(TrainConfig(device="cpu", strategy="fsdp", timeout_s=120))
+    assert sharded_state.is_sharded(accelerator)
+    objective = Objective(ObjectiveConfig(), World.from_accelerator(accelerator))
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = build_model(dict(MICRO_CFG), ObjectiveConfig())
+        promoted = sharded_state.prepare_model(accelerator, model)
+        model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimConfig(lr=2e-3)))
+        return model, optimizer, promoted
+
+    def gathered(model) -> dict:  # every parameter gathered by DTensor itself, 1-element vectors back to 0-dim
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in
+                model.named_parameters()}
+
+    model, optimizer, promoted = fresh(0)
+    assert promoted == ("clip.logit_scale",)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    for step in range(3):
+        batch = {k: v[rank * 4:(rank + 1) * 4] for k, v in _batch(8, seed=step).items()}
+        forward_backward(model, objective, batch, step, 1, accelerator)
+        optimizer_step(accelerator, model, optimizer, 2e-3, 1.0, False)
+    reference = gathered(model)
+    model_state, optim_state = sharded_state.full_state_dicts(model, optimizer.optimizer, promoted)
+    if rank == 0:
+        assert set(model_state) >= set(reference)
+        for name, value in reference.items():
+            assert torch.equal(model_state[name], value.reshape(model_state[name].shape)), name
+        assert model_state["clip.logit_scale"].ndim == 0
+    else:
+        assert model_state == {}  # gathered on rank 0 only: the others hold no full copy
+
+    # Scatter into a differently initialised FSDP model: the same weights and optimizer state everywhere.
+    model2, optimizer2, _ = fresh(1)
+    sharded_state.load_full_state_dicts(model2, optimizer2.optimizer, model_state if rank == 0 else {},
+                                        optim_state if rank == 0 else {}, promoted, from_rank0=True)
+    for name, value in gathered(model2).items():
+        assert torch.equal(value, reference[name]), name
+    state2 = sharded_state.full_state_dicts(model2, optimizer2.optimizer, promoted)[1]
+    if rank == 0:
+        for name, moments in optim_state["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(state2["state"][name][key], value), (name, key)
+
+    # Evaluation-style calls outside the root's forward see the gathered weights, and training goes on after.
+    with sharded_state.gathered_params(model2), torch.no_grad():
+        features = model2.clip.encode_image(_batch(2)["image"])
+    assert torch.isfinite(features).all()
+    # (Accelerate's clip_grad_norm_ compares parameter lists of its prepared models: two here, one in the loop.)
+    forward_backward(model2, objective, {k: v[:4] for k, v in _batch(8).items()}, 3, 1, accelerator)
+    optimizer2.step()
+    if rank == 0:
+        open(out, "w").write("ok")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def test_full_state_dicts_gather_and_scatter_the_sharded_state(tmp_path):
+    out = tmp_path / "ok"
+    mp.start_processes(_state_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    assert out.read_text() == "ok"
