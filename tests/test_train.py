@@ -115,10 +115,33 @@ def test_resume_with_a_different_schedule_is_refused(tmp_path, shards):
         main(train_args(run_dir, shards, "train.steps=2") + ["--resume", str(tmp_path / "nowhere")])
 
 
-def test_fp16_on_cpu_is_refused(tmp_path, shards):
-    from pipeline.train import main
-    with pytest.raises(ValueError, match="train.precision.*fp16 needs a GPU"):
-        main(train_args(tmp_path / "run", shards, "train.precision=fp16"))
+def test_fp16_trains_with_a_gradient_scaler_saved_and_restored_on_resume(tmp_path, shards):
+    # Accelerate 1.15 alone would train fp32 on CPU: the loop turns on fp16 autocast and torch's CPU GradScaler.
+    probe = ("import torch; from pipeline.config import TrainConfig; from pipeline.train import build_accelerator; "
+             "a = build_accelerator(TrainConfig(device='cpu', precision='fp16')); m = torch.nn.Linear(4, 4)\n"
+             "with a.autocast(): y = m(torch.ones(2, 4))\n"
+             "print(y.dtype, type(a.scaler).__name__, a.scaler.get_scale())")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["torch.float16", "GradScaler", "65536.0"], out
+
+    common = ("train.steps=6", "train.checkpoint_every=3", "train.keep_last=3", "optim.warmup_steps=2",
+              "train.precision=fp16")
+    whole = tmp_path / "whole"
+    code, out = finish(spawn(train_args(whole, shards, *common)))
+    assert code == 0, out
+    losses = [r["loss"] for r in records(whole).values()]
+    assert len(losses) == 6 and all(0 < x < 20 for x in losses) and losses[-1] < losses[0]
+    scaler = torch.load(whole / "checkpoints/step-00000006/trainer.pt", weights_only=True)["grad_scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 6  # 6 steps without inf/NaN gradients
+
+    resumed = tmp_path / "resumed"
+    code, out = finish(spawn(train_args(resumed, shards, *common)
+                             + ["--resume", str(whole / "checkpoints/step-00000003")]))
+    assert code == 0, out
+    a, b = records(whole), records(resumed)
+    assert sorted(b) == [4, 5, 6] and all(a[s]["loss"] == b[s]["loss"] for s in b)
+    # Restored, the scaler counts on from 3 (a fresh one would stop at 3 steps).
+    assert torch.load(resumed / "checkpoints/step-00000006/trainer.pt", weights_only=True)["grad_scaler"] == scaler
 
 
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, shards):
