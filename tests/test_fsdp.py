@@ -147,7 +147,13 @@ def _state_worker(rank: int, port: int, out: str) -> None:
     from pipeline.optim import build_optimizer
     from pipeline.train import build_accelerator, optimizer_step
 
-    accelerator = build_accelerator(TrainConfig(device="cpu", strategy="fsdp", timeout_s=120))
+    # FSDP asked for by the launcher (train.strategy stays ddp): the environment `accelerate launch` sets from an
+    # FSDP1 config (FSDP1-only options are dropped, the wrap class comes from the model, FSDP2 runs).
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1", FSDP_BACKWARD_PREFETCH="BACKWARD_PRE",
+                      FSDP_USE_ORIG_PARAMS="true", FSDP_SYNC_MODULE_STATES="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true",
+                      FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_TRANSFORMER_CLS_TO_WRAP="BertLayer",
+                      FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT")
+    accelerator = build_accelerator(TrainConfig(device="cpu", timeout_s=120))
     assert sharded_state.is_sharded(accelerator)
     objective = Objective(ObjectiveConfig(), World.from_accelerator(accelerator))
 
