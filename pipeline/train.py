@@ -52,8 +52,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("plait train runs DDP or FSDP; the accelerate launch config asks for DeepSpeed, whose "
                          "checkpoints plait does not read or write")
-    if plugin is not None:
-        sharded_state.enable(accelerator, plugin)
+    if plugin is not None and not sharded_state.enable(accelerator, plugin):
+        accelerator.print("plait train: FSDP shards over several processes; this single process trains unsharded")
     if cfg.precision == "fp16" and accelerator.scaler is None:
         # Accelerate 1.15 silently trains fp32 when asked for fp16 on CPU (no autocast, no scaler), although
         # torch's CPU autocast has float16 and GradScaler("cpu") exists: turn on both, as Accelerate does on GPU.

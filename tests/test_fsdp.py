@@ -15,6 +15,7 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
@@ -214,3 +215,28 @@ def test_full_state_dicts_gather_and_scatter_the_sharded_state(tmp_path):
     out = tmp_path / "ok"
     mp.start_processes(_state_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
     assert out.read_text() == "ok"
+
+
+def test_positional_optimizer_state_of_older_checkpoints_still_loads_unsharded():
+    """Checkpoints written before optimizer states were keyed by name hold `optimizer.state_dict()` (ids)."""
+    from pipeline import sharded_state
+    from pipeline.accumulate import forward_backward
+    from pipeline.config import ObjectiveConfig, OptimConfig
+    from pipeline.distributed import World
+    from pipeline.models.model import build_model
+    from pipeline.objective import Objective
+    from pipeline.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(dict(MICRO_CFG), ObjectiveConfig())
+    optimizer = build_optimizer(model, OptimConfig())
+    forward_backward(model, Objective(ObjectiveConfig(), World()), _batch(4), 0, 1, Accelerator(cpu=True))
+    optimizer.step()
+    old = optimizer.state_dict()
+    assert all(isinstance(k, int) for k in old["state"])
+    fresh = build_model(dict(MICRO_CFG), ObjectiveConfig())
+    fresh_optimizer = build_optimizer(fresh, OptimConfig())
+    sharded_state.load_full_state_dicts(fresh, fresh_optimizer, model.state_dict(), old)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    restored = fresh_optimizer.state_dict()["state"]
+    assert all(torch.equal(restored[k]["exp_avg"], v["exp_avg"]) for k, v in old["state"].items())
