@@ -34,7 +34,7 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
     config's FSDP_* variables. The block classes are filled in per model by `prepare_model`.
     """
     previous = os.environ.get("FSDP_VERSION")
-    if previous not in (None, "2"):
+    if previous not in (None, "2") and os.environ.get("RANK", "0") == "0":
         print(f"plait: the accelerate config asks for FSDP version {previous}; plait runs FSDP2 "
               "(FSDP1's flat parameters and device placement do not fit its checkpoints and CPU runs)", flush=True)
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
@@ -121,15 +121,16 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
     empty dicts): rank 0 broadcasts them and every rank keeps its shards, so one process reads the files."""
     if optim_state.get("state") and all(isinstance(k, int) for k in optim_state["state"]):
         # Written before optimizer states were keyed by name (positional ids): only an unsharded run reads it.
-        assert not promoted, "a checkpoint with positional optimizer state cannot resume under FSDP"
+        if promoted:
+            raise ValueError("this checkpoint predates FSDP support (optimizer state by position): "
+                             "resume it with train.strategy=ddp")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         return
-    model_state, optim_state = dict(model_state), {**optim_state, "state": dict(optim_state.get("state", {}))}
-    for name in promoted:
-        if name in optim_state["state"]:
-            optim_state["state"][name] = dict(optim_state["state"][name])
-    _reshape_promoted(model_state, optim_state, promoted, (1,))
+    if promoted and model_state:  # copies: the caller's dicts keep the documented 0-dim shapes
+        model_state = dict(model_state)
+        optim_state = {**optim_state, "state": {k: dict(v) for k, v in optim_state["state"].items()}}
+        _reshape_promoted(model_state, optim_state, promoted, (1,))
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)

@@ -78,15 +78,17 @@ def test_fsdp_trains_like_ddp(runs):
     # The periodic evaluation, sharded over the ranks, sees the same model.
     ea, eb = records(runs["ddp"], "eval"), records(runs["fsdp"], "eval")
     assert sorted(eb) == [4, 8] and eb[8]["eval/zeroshot/num_samples"] == ea[8]["eval/zeroshot/num_samples"] > 0
-    assert all(abs(ea[s]["eval/zeroshot/top1"] - eb[s]["eval/zeroshot/top1"]) < 1e-9 for s in (4, 8))
+    for s in (4, 8):  # near-identical weights: at most one borderline sample may flip
+        num_samples = eb[s]["eval/zeroshot/num_samples"]
+        assert abs(ea[s]["eval/zeroshot/top1"] - eb[s]["eval/zeroshot/top1"]) <= 1 / num_samples
 
     # The documented layout: the whole model with open_clip's 0-dim logit_scale, optimizer state by name.
-    wa, wb = load_file(_checkpoint(runs["ddp"]) / "model.safetensors"), load_file(_checkpoint(runs["fsdp"]) /
-                                                                                  "model.safetensors")
+    wa, wb = (load_file(_checkpoint(runs[k]) / "model.safetensors") for k in ("ddp", "fsdp"))
     assert wa.keys() == wb.keys() and wb["clip.logit_scale"].shape == torch.Size([])
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    oa, ob = (torch.load(_checkpoint(runs[k]) / "optimizer.pt", weights_only=True)["optimizer"] for k in ("ddp", "fsdp"))
+    oa, ob = (torch.load(_checkpoint(runs[k]) / "optimizer.pt", weights_only=True)["optimizer"]
+              for k in ("ddp", "fsdp"))
     assert set(oa["state"]) == set(ob["state"]) and "clip.logit_scale" in ob["state"] and set(ob["state"]) <= set(wb)
     for name, moments in ob["state"].items():
         for key, value in moments.items():
@@ -151,8 +153,9 @@ def _state_worker(rank: int, port: int, out: str) -> None:
     # FSDP asked for by the launcher (train.strategy stays ddp): the environment `accelerate launch` sets from an
     # FSDP1 config (FSDP1-only options are dropped, the wrap class comes from the model, FSDP2 runs).
     os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1", FSDP_BACKWARD_PREFETCH="BACKWARD_PRE",
-                      FSDP_USE_ORIG_PARAMS="true", FSDP_SYNC_MODULE_STATES="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true",
-                      FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_TRANSFORMER_CLS_TO_WRAP="BertLayer",
+                      FSDP_USE_ORIG_PARAMS="true", FSDP_SYNC_MODULE_STATES="true",
+                      FSDP_CPU_RAM_EFFICIENT_LOADING="true", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+                      FSDP_TRANSFORMER_CLS_TO_WRAP="BertLayer",
                       FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT")
     accelerator = build_accelerator(TrainConfig(device="cpu", timeout_s=120))
     assert sharded_state.is_sharded(accelerator)
