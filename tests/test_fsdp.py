@@ -1,5 +1,6 @@
 """FSDP (Accelerate's FSDP2) on CPU with 2 gloo processes: the same training and evaluation as DDP, checkpoints in
-the one documented layout (whole model, optimizer state by name) that resume under FSDP, load unsharded and export.
+the one documented layout (whole model, optimizer state by name) that resume under FSDP after a stop signal, load
+unsharded and export.
 
 The `plait train` runs are the real CLI in subprocesses (tests/test_train.py's helpers); the state-dict test runs
 the loop's own helpers in 2 spawned processes and compares against DTensor.full_tensor() gathers.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 from pathlib import Path
 
@@ -21,10 +24,10 @@ from safetensors.torch import load_file
 from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.test_train import finish, records, shards, spawn, train_args  # noqa: F401 (shards: a fixture)
+    from tests.test_train import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401 (shards)
     from tests.test_train_accumulate import MICRO_CFG, _batch
 except ModuleNotFoundError:
-    from test_train import finish, records, shards, spawn, train_args  # noqa: F401
+    from test_train import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401
     from test_train_accumulate import MICRO_CFG, _batch
 
 STEPS = 8
@@ -39,15 +42,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _args(run_dir, shards, *overrides) -> list[str]:
+    return train_args(run_dir, shards, *COMMON, f"eval.zeroshot_shards={shards['test']}",
+                      f"eval.classnames={json.dumps(CLASSES)}", *overrides)
+
+
 def _train_2(run_dir, shards, *overrides, resume: str | None = None) -> str:
     """`plait train` in 2 gloo processes; rank 0's output."""
     port = _free_port()
-    args = train_args(run_dir, shards, *COMMON, f"eval.zeroshot_shards={shards['test']}",
-                      f"eval.classnames={json.dumps(CLASSES)}", *overrides)
-    args += ["--resume", resume] if resume else []
+    args = _args(run_dir, shards, *overrides) + (["--resume", resume] if resume else [])
     results = [finish(p) for p in [spawn(args, 2, rank, port) for rank in range(2)]]
     assert [code for code, _ in results] == [0, 0], results
     return results[0][1]
+
+
+def _stop_then_resume(run_dir, shards) -> tuple[int, str]:
+    """An FSDP run told to stop (SIGUSR1 to rank 1 alone, as SLURM before a time limit) once past step 2, then
+    the requeued run (`--resume auto`); the step it stopped at and the resumed run's output."""
+    port = _free_port()
+    procs = [spawn(_args(run_dir, shards, "train.strategy=fsdp"), 2, rank, port) for rank in range(2)]
+    wait_for_step(run_dir, procs[0], 2)
+    procs[1].send_signal(signal.SIGUSR1)
+    results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [75, 75], results
+    stopped = int(re.search(r"stopping at step (\d+) \(signal\)", results[0][1]).group(1))
+    return stopped, _train_2(run_dir, shards, "train.strategy=fsdp", resume="auto")
 
 
 def _checkpoint(run_dir, step: int = STEPS) -> Path:
@@ -56,14 +75,12 @@ def _checkpoint(run_dir, step: int = STEPS) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shards) -> dict:
-    """DDP and FSDP over the same 8 steps, and FSDP resumed from the FSDP run's step-4 checkpoint (what a run
-    killed after step 4 resumes from: checkpoints are published atomically, see tests/test_train.py's kill -9)."""
+    """DDP and FSDP over the same 8 steps, and an FSDP run stopped by a signal and resumed."""
     root = tmp_path_factory.mktemp("fsdp")
     out = {"ddp": root / "ddp", "fsdp": root / "fsdp", "resumed": root / "resumed"}
     _train_2(out["ddp"], shards)
     out["fsdp_log"] = _train_2(out["fsdp"], shards, "train.strategy=fsdp")
-    out["resumed_log"] = _train_2(out["resumed"], shards, "train.strategy=fsdp",
-                                  resume=str(_checkpoint(out["fsdp"], 4)))
+    out["stopped_at"], out["resumed_log"] = _stop_then_resume(out["resumed"], shards)
     return out
 
 
@@ -95,11 +112,13 @@ def test_fsdp_trains_like_ddp(runs):
             torch.testing.assert_close(value, oa["state"][name][key], rtol=1e-3, atol=1e-6)
 
 
-def test_resume_under_fsdp_reproduces_the_uninterrupted_run(runs):
-    assert "resumed from" in runs["resumed_log"] and "step-00000004" in runs["resumed_log"]
+def test_stop_on_signal_then_resume_under_fsdp_reproduces_the_uninterrupted_run(runs):
+    stopped = runs["stopped_at"]
+    assert 2 <= stopped < STEPS and "resumed from" in runs["resumed_log"]
+    assert f"step-{stopped:08d} at step {stopped}" in runs["resumed_log"]
     a, b = records(runs["fsdp"]), records(runs["resumed"])
-    assert sorted(b) == list(range(5, STEPS + 1))
-    for step in b:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
         assert a[step]["loss"] == b[step]["loss"], f"step {step}: {a[step]['loss']} vs {b[step]['loss']}"
     wa, wb = (load_file(_checkpoint(runs[k]) / "model.safetensors") for k in ("fsdp", "resumed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
