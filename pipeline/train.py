@@ -2,6 +2,8 @@
 
 One step: B_local x accum samples from the stream -> objective.augment -> forward_backward (feature-cache
 accumulation across micro-batches, gradient sync once) -> clip -> LR from the pure schedule -> AdamW step.
+Processes hold the whole model (DDP) or shards of it (FSDP, train.strategy: pipeline/sharded_state.py); the
+checkpoints are the same either way.
 
 RUN_DIR holds config.toml (resolved), metrics.jsonl + tensorboard/ (train and eval records), checkpoints/
 (pipeline/checkpoint.py), and at the end report.json with loss.png, throughput.png, eval.png.
