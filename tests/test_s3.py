@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import fsspec
 import open_clip
@@ -15,6 +18,7 @@ from pipeline.data import TrainStream
 from pipeline.distributed import World
 from tests.prep_corpus import real_photos
 
+REPO = Path(__file__).resolve().parents[1]
 moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the test extras)")
 
 
@@ -41,8 +45,11 @@ def test_prep_writes_verifies_and_the_loader_streams_an_s3_dataset(tmp_path, s3)
         w = csv.writer(f)
         w.writerow(["url", "caption"])
         w.writerows([p, f"photo {i}"] for i, p in enumerate(photos))
-    prep(["shard", "--input", str(table), "--output", "s3://plait-test/ds", "--processes", "2",
-          "--samples-per-shard", "10", "--image-size", "64", "--no-progress"])
+    # a fresh process, as a user runs it: the prep workers fork from a server that a process starts once, with
+    # the environment of that moment (earlier tests in this process would have started it without the S3 settings)
+    subprocess.run([sys.executable, "-m", "data_prep", "shard", "--input", str(table), "--output",
+                    "s3://plait-test/ds", "--processes", "2", "--samples-per-shard", "10", "--image-size", "64",
+                    "--no-progress"], check=True, cwd=REPO)
     names = {p.rsplit("/", 1)[-1] for p in s3.ls("plait-test/ds")}
     assert {"00000.tar", "00001.tar", "00002.tar", "sizes.json", "manifest.json", "samples.parquet"} <= names
     assert not any(".tmp" in n for n in names)  # temp names renamed away on the object store too
