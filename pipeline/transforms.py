@@ -88,7 +88,8 @@ def split_transform(transform) -> tuple[Callable, BatchNormalize | None]:
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
     """An RGB PIL image as uint8 [3,H,W] (a channel-last view; the batch stack makes it contiguous)."""
-    return torch.from_numpy(np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)).permute(2, 0, 1)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # [H,W,3] -> [3,H,W]
 
 
 def decode_image(data: bytes, min_side: int | None) -> Image.Image:
