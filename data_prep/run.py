@@ -26,7 +26,7 @@ from data_prep.options import JobOptions, format_size
 from data_prep.plan import num_shards, rows_for_bytes, work_units
 from data_prep.sources import Row, read_rows
 from data_prep.worker import build_shard, init_worker
-from data_prep.writer import _END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
+from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
 
 
@@ -173,7 +173,7 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
     built = sorted(st["shard"] for st in finished)
     log(f"task {task_index}/{num_tasks}: built {len(built)} shard(s), {len(done)} already done, "
         f"{sum(st['num_samples'] for st in finished)} samples in {time.monotonic() - started:.1f}s")
-    if 0 < len(built) < processes:  # a process works on whole shards: the others had nothing to do
+    if not done and 0 < len(built) < processes:  # a process works on whole shards: the others had nothing to do
         log(f"note: {len(built)} shard(s) for {processes} processes, so {processes - len(built)} sat idle; "
             f"--samples-per-shard {math.ceil(counter['rows'] / num_tasks / (2 * processes))} or less would keep "
             f"them all busy")

@@ -113,7 +113,7 @@ class _HashingWriter:
         return self.size
 
 
-_END_OF_ARCHIVE = 10240  # two zero blocks, padded to tar's 20-block record, as tarfile and GNU tar write
+END_OF_ARCHIVE = 10240  # two zero blocks, padded to tar's 20-block record, as tarfile and GNU tar write
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -163,7 +163,7 @@ def write_shard(out: OutputDir, shard_id: int, samples: list[Sample], records: l
                 hw.write(payload)
                 if len(payload) % 512:
                     hw.write(bytes(512 - len(payload) % 512))
-        hw.write(bytes(_END_OF_ARCHIVE))
+        hw.write(bytes(END_OF_ARCHIVE))
     out.write_json(f"{name}.idx.json", {"format": "plait-tar-index/1", "keys": [s.key for s in samples],
                                          "offsets": offsets, "tar_bytes": hw.size})
     manifest.write_shard_records(out, f"{name}.parquet", records)

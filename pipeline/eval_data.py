@@ -66,10 +66,11 @@ def resolve(data: str, split: str = "test") -> EvalSet:
     if not data.strip():
         raise ValueError("evaluation data is empty: give a shard spec or a folder")
     urls = tuple(u for part in data.split("::") if part.strip() for u in expand(part.strip()))
-    folders = {str(Path(u).parent) for u in urls if "://" not in u}
+    folders = {str(Path(u).parent) for u in urls}
     # A spec inside one local folder reads that folder's classnames.txt etc. like a folder would.
-    return _described(urls, Path(folders.pop())) if len(folders) == 1 and len(urls) == len(
-        [u for u in urls if "://" not in u]) else EvalSet(urls)
+    if len(folders) == 1 and all("://" not in u for u in urls):
+        return _described(urls, Path(folders.pop()))
+    return EvalSet(urls)
 
 
 def _described(urls: tuple[str, ...], meta: Path) -> EvalSet:

@@ -44,6 +44,7 @@ class PlaitModel(nn.Module):
             batch = {"image": batch, "text": text}
         text = batch["text"]                                        # [B, L]
         clip, heads = self.clip, self.heads
+        length = trimmed_text_length(clip, text) if self.trim_text else text.shape[1]  # L' <= L: one host sync
         out: dict[str, torch.Tensor] = {}
         frames = batch.get("frames") if "image" not in batch else None  # video: [B, T, 3, H, W]
         if frames is not None:
@@ -69,7 +70,7 @@ class PlaitModel(nn.Module):
         if attention_fusion:  # cross-attention reads every text position: the full length
             text_embed, text_tokens = encode_text_tokens(clip, text)            # [B, E], [B, L, W]
         elif self.trim_text:
-            text_embed, _ = encode_text_tokens(clip, text[:, :trimmed_text_length(clip, text)])  # [B, E]
+            text_embed, _ = encode_text_tokens(clip, text[:, :length])           # [B, E]
             text_tokens = None
         else:
             text_embed, text_tokens = clip.encode_text(text), None
@@ -91,7 +92,7 @@ class PlaitModel(nn.Module):
                 unused.append(heads["mae"])
         if "mlm" in heads:
             if "mlm_input" in batch:
-                out.update(self._mlm(batch))
+                out.update(self._mlm(batch, length))
             else:
                 unused.append(heads["mlm"])
         if "autoencoder" in heads:
@@ -110,9 +111,8 @@ class PlaitModel(nn.Module):
                                                                          else m.parameters()))
         return out
 
-    def _mlm(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _mlm(self, batch: dict, length: int) -> dict[str, torch.Tensor]:
         clip, head = self.clip, self.heads["mlm"]
-        length = trimmed_text_length(clip, batch["text"]) if self.trim_text else batch["text"].shape[1]
         # the cut drops only padding keys, which the bidirectional pass masks anyway
         text, ids, labels, mask_token = (batch[k][:, :length]
                                          for k in ("text", "mlm_input", "mlm_labels", "mlm_mask_token"))  # [B, L']
