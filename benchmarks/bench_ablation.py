@@ -125,7 +125,7 @@ def reconstruction(model, objective, batches: list[dict]) -> dict[str, float]:
         outputs = model(augmented)
         parts = {}
         if objective.mae is not None:
-            parts["mae"] = objective.mae(outputs["mae_pred"], outputs["mae_target"], outputs["mae_mask"])
+            parts["mae"] = objective.mae(outputs["mae_pred"], outputs["mae_target"])
         if objective.mlm is not None:
             parts["mlm"] = objective.mlm(outputs["mlm_logits"], outputs["mlm_targets"])
         if objective.autoencoder is not None:

@@ -88,7 +88,7 @@ class Objective(nn.Module):
         if "logit_bias" in outputs:
             report["logit_bias"] = float(outputs["logit_bias"].detach())
         if self.mae is not None and "mae_pred" in outputs:
-            losses["mae"] = cfg.mae * self.mae(outputs["mae_pred"], outputs["mae_target"], outputs["mae_mask"])
+            losses["mae"] = cfg.mae * self.mae(outputs["mae_pred"], outputs["mae_target"])
         if "image_keep" in outputs:
             report["image_mask_ratio"] = self.image_mask_ratio(step)
         if self.mlm is not None and "mlm_logits" in outputs:

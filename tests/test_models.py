@@ -121,9 +121,11 @@ def test_mae_head_reconstructs_only_masked_patches():
              "image_mask_ratio": 0.75}
     out = model(batch)
     assert out["image_keep"].shape == (3, 4)
-    assert out["mae_pred"].shape == out["mae_target"].shape == (3, 16, 16 * 16 * 3)
-    assert torch.equal(out["mae_mask"], keep_to_mask(out["image_keep"], 16))
-    assert (out["mae_mask"].sum(dim=1) == 12).all()
+    assert out["mae_pred"].shape == out["mae_target"].shape == (3, 12, 16 * 16 * 3)
+    mask = keep_to_mask(out["image_keep"], 16)                 # [3, 16] True where masked
+    expected = torch.stack([torch.nonzero(row).flatten() for row in mask])
+    assert torch.equal(out["mae_masked"], expected)            # the 12 masked patches, in patch order
+    assert torch.equal(out["mae_target"], patchify(batch["image"], 16)[mask].view(3, 12, -1))
 
 
 def test_heads_stay_out_of_the_open_clip_model():
@@ -192,7 +194,7 @@ def test_text_trimmed_to_the_batch_caption_length_changes_nothing_but_the_cost(t
     torch.manual_seed(1)
     batch = objective.augment({"image": torch.randn(4, 3, 64, 64), "text": text}, 0)
     lengths = []
-    model.clip.transformer.register_forward_pre_hook(lambda _, args, kw: lengths.append(args[0].shape[1]),
+    model.clip.transformer.register_forward_pre_hook(lambda _, args, kw: lengths.append(tuple(args[0].shape[:2])),
                                                      with_kwargs=True)
     runs = []
     for trim in (True, False):
@@ -204,10 +206,42 @@ def test_text_trimmed_to_the_batch_caption_length_changes_nothing_but_the_cost(t
         runs.append((out["text_features"], loss, {n: p.grad.clone() for n, p in model.named_parameters()
                                                   if p.grad is not None}))
     longest = int(text.argmax(-1).max()) + 1
-    assert longest < 32 and lengths == [longest] * (1 + bool(objectives)) + [32] * (1 + bool(objectives))
+    rows = 4 * (1 + bool(objectives))                           # MLM's pass runs batched with the contrastive one
+    assert longest < 32 and lengths == [(rows, longest), (rows, 32)]
     (f1, l1, g1), (f2, l2, g2) = runs
     assert torch.allclose(f1, f2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
     assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-5) for k in g1)
+
+
+def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(text):
+    """One embedding lookup and one tower pass over [contrastive rows; MLM rows] give the features, MLM logits and
+    gradients of the plain form: a causal pass, then a bidirectional pass over the masked input."""
+    from pipeline.distributed import World
+    from pipeline.objective import Objective
+    cfg = ObjectiveConfig(mlm=1.0)
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), cfg).double()
+    objective = Objective(cfg, World(), total_steps=10)
+    torch.manual_seed(1)
+    batch = objective.augment({"image": torch.randn(4, 3, 64, 64, dtype=torch.float64), "text": text}, 0)
+    out = model(dict(batch))
+    clip, head = model.clip, model.heads["mlm"]
+    features, _ = encode_text_tokens(clip, text)
+    rows = head.mask(clip.token_embedding(batch["mlm_input"]), batch["mlm_mask_token"])
+    _, hidden = encode_text_tokens(clip, text, embeddings=rows, bidirectional=True)
+    chosen = batch["mlm_labels"] >= 0
+    logits = head(hidden[chosen], clip.token_embedding.weight, None)
+    assert torch.allclose(out["text_features"], torch.nn.functional.normalize(features, dim=-1), atol=1e-12)
+    assert torch.allclose(out["mlm_logits"], logits, atol=1e-10)
+    assert torch.equal(out["mlm_targets"], batch["mlm_labels"][chosen])
+    grads = []
+    for loss in (out["mlm_logits"].logsumexp(-1).sum() + out["text_features"].sum(),
+                 logits.logsumexp(-1).sum() + torch.nn.functional.normalize(features, dim=-1).sum()):
+        model.zero_grad()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "heads.mlm.mask_embedding" in grads[0]
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-10) for k in grads[0])
 
 
 def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_vocabulary(text):

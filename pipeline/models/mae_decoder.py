@@ -5,6 +5,8 @@ import torch
 from open_clip.transformer import Transformer
 from torch import nn
 
+from pipeline.models.masking import masked_indices
+
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, N, p * p * C], patches in the ViT's row-major order."""
@@ -29,13 +31,18 @@ class MaeDecoder(nn.Module):
         self.pred = nn.Linear(width, patch_size * patch_size * 3)
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """mae_pred and mae_target [B, M, p * p * 3] at the M masked patches only (in patch order, listed by
+        mae_masked [B, M]): the output layer and the loss skip the visible patches, which the loss would not count."""
         # tokens [B, 1 + K, We] (class token first), keep [B, K], images [B, 3, H, W]
         B, K = keep.shape
         x = self.embed(tokens)                                             # [B, 1 + K, Wd]
         full = self.mask_token.to(x.dtype).expand(B, self.num_patches, -1).clone()  # [B, N, Wd]
         full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])  # visible tokens in place
         x = torch.cat([x[:, :1], full], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + N, Wd]
-        x = self.norm(self.transformer(x))
-        pred = self.pred(x[:, 1:])                                         # [B, N, p * p * 3]
-        mask = torch.ones(B, self.num_patches, dtype=torch.bool, device=keep.device).scatter(1, keep, False)
-        return {"mae_pred": pred, "mae_target": patchify(images, self.patch_size), "mae_mask": mask}
+        x = self.transformer(x)
+        masked = masked_indices(keep, self.num_patches)                    # [B, M]
+        x = torch.gather(x[:, 1:], 1, masked.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, Wd]
+        pred = self.pred(self.norm(x))                                     # [B, M, p * p * 3]
+        patches = patchify(images, self.patch_size)                        # [B, N, p * p * 3]
+        target = torch.gather(patches, 1, masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # [B, M, ...]
+        return {"mae_pred": pred, "mae_target": target, "mae_masked": masked}

@@ -31,6 +31,13 @@ def keep_to_mask(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     return mask.scatter(1, keep, False)
 
 
+def masked_indices(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[B, K] visible indices -> [B, N - K] masked indices, sorted per row (no host sync, unlike nonzero)."""
+    masked = keep_to_mask(keep, num_patches).to(torch.uint8)                 # [B, N]
+    order = masked.argsort(dim=1, descending=True, stable=True)             # masked first, each part in order
+    return order[:, : num_patches - keep.shape[1]]
+
+
 def mask_tokens(text: torch.Tensor, ratio: float, vocab_size: int, generator: torch.Generator | None = None):
     """BERT masking over the real tokens (between start and end of text): exactly max(1, round(ratio * n))
     of each row's n real tokens are chosen; of those 80% become the mask token, 10% a random token, 10% stay.

@@ -11,8 +11,8 @@ from pipeline.models.sampled_softmax import sample_vocabulary
 class MlmHead(nn.Module):
     """BERT's prediction head: dense + GELU + LayerNorm, then logits = h @ E^T + b with E the token embedding.
 
-    The embedding is passed in at call time (not stored) so that it stays a parameter of the open_clip model
-    alone and the export is unaffected. The learned mask embedding stands in for a [MASK] id, which CLIP's
+    The embedding rows are passed in at call time (not stored) so that the embedding stays a parameter of the open_clip
+    model alone and the export is unaffected. The learned mask embedding stands in for a [MASK] id, which CLIP's
     vocabulary lacks.
     """
 
@@ -24,20 +24,22 @@ class MlmHead(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def embed(self, token_embedding: nn.Embedding, ids: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        # ids [B, L], mask_token [B, L] bool -> [B, L, W]
-        x = token_embedding(ids)
-        return torch.where(mask_token.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
-
-    def forward(self, hidden: torch.Tensor, token_embedding: nn.Embedding,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets): over the whole vocabulary [M, V], or, with `candidates` while training (gradients
-        on), over the targets plus that many sampled ids [M, C] with the targets re-indexed. Evaluation under
+    def output_ids(self, targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(candidates, targets): with `candidates` while training (gradients on), the targets plus that many sampled
+        ids [C] and the targets re-indexed into them [M]; else (None, targets): the whole vocabulary. Evaluation under
         no_grad always scores the whole vocabulary, so reported MLM losses stay comparable."""
-        # hidden [M, W] at the masked positions only: a full [B, L, V] logit tensor would be ~50k wide per token
-        h = self.norm(F.gelu(self.dense(hidden)))
-        weight, bias = token_embedding.weight, self.bias
         if self.candidates and torch.is_grad_enabled():
-            candidates, targets = sample_vocabulary(targets, self.vocab_size, self.candidates)  # [C], [M]
-            weight, bias = weight[candidates], bias[candidates]
-        return h @ weight.t().to(h.dtype) + bias.to(h.dtype), targets   # [M, V or C], [M]
+            return sample_vocabulary(targets, self.vocab_size, self.candidates)
+        return None, targets
+
+    def mask(self, rows: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """rows [B, L, W] (the embedded MLM input), mask_token [B, L] bool -> [B, L, W], the mask embedding swapped in."""
+        return torch.where(mask_token.unsqueeze(-1), self.mask_embedding.to(rows.dtype), rows)
+
+    def forward(self, hidden: torch.Tensor, output_rows: torch.Tensor,
+                candidates: torch.Tensor | None) -> torch.Tensor:
+        """hidden [M, W] at the masked positions only (a full [B, L, V] logit tensor would be ~50k wide per token);
+        output_rows: the embedding rows of the scored ids, [V, W] or [C, W] -> logits [M, V or C]."""
+        h = self.norm(F.gelu(self.dense(hidden)))
+        bias = self.bias if candidates is None else self.bias[candidates]
+        return h @ output_rows.t().to(h.dtype) + bias.to(h.dtype)

@@ -114,27 +114,36 @@ def trimmed_text_length(clip: nn.Module, text: torch.Tensor) -> int:
     return int(text.argmax(dim=-1).max()) + 1  # one host sync per step
 
 
+def text_attention_mask(clip: nn.Module, text: torch.Tensor, bidirectional: bool | torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive attention mask of a text pass: open_clip's causal mask [L, L] for causal rows; for bidirectional
+    rows (the MLM pass) no causal mask but the padding keys masked. `bidirectional` is one flag for the whole batch
+    or one per row [B], which gives a [B * heads, L, L] mask mixing the two kinds."""
+    length = text.shape[1]
+    causal = None if clip.attn_mask is None else clip.attn_mask[:length, :length].to(dtype)  # [L, L]
+    if isinstance(bidirectional, bool) and not bidirectional:
+        return causal
+    pad = torch.zeros(text.shape, dtype=dtype, device=text.device).masked_fill(text_padding_mask(text), float("-inf"))
+    mask = pad[:, None, :].expand(-1, length, -1)                # [B, L, L] padding keys masked
+    if not isinstance(bidirectional, bool) and causal is not None:
+        mask = torch.where(bidirectional[:, None, None], mask, causal)  # [B, L, L] causal rows causal
+    heads = clip.transformer.resblocks[0].attn.num_heads
+    return mask[:, None].expand(-1, heads, -1, -1).reshape(-1, length, length)  # [B * heads, L, L]
+
+
 def encode_text_tokens(clip: nn.Module, text: torch.Tensor, embeddings: torch.Tensor | None = None,
-                       bidirectional: bool = False):
+                       bidirectional: bool | torch.Tensor = False):
     """The text tower's forward returning pooled [B, E] and tokens [B, L, W] (after ln_final).
 
     `embeddings` [B, L, W] replaces the token embedding lookup (MLM swaps in its mask embedding there);
-    `bidirectional` drops the causal mask and masks padding keys instead (the MLM pass). L may be shorter than the
-    context length (trimmed_text_length).
+    `bidirectional` (for the batch, or per row [B] bool) drops the causal mask and masks padding keys instead (the
+    MLM pass). L may be shorter than the context length (trimmed_text_length).
     """
     cast_dtype = clip.transformer.get_cast_dtype()
     length = text.shape[1]
     x = clip.token_embedding(text).to(cast_dtype) if embeddings is None else embeddings.to(cast_dtype)  # [B, L, W]
     x = x + clip.positional_embedding[:length].to(cast_dtype)
-    if bidirectional:
-        heads = clip.transformer.resblocks[0].attn.num_heads
-        pad = text_padding_mask(text)                            # [B, L] keys to ignore
-        mask = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, float("-inf"))
-        mask = mask[:, None, None, :].expand(-1, heads, text.shape[1], -1)  # [B, heads, L, L]
-        attn_mask = mask.reshape(-1, text.shape[1], text.shape[1])          # [B * heads, L, L]
-    else:
-        attn_mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
-    x = clip.transformer(x, attn_mask=attn_mask)
+    x = clip.transformer(x, attn_mask=text_attention_mask(clip, text, bidirectional, x.dtype))
     x = clip.ln_final(x)                                        # [B, L, W]
     pooled = open_clip.transformer.text_global_pool(x, text, clip.text_pool_type,
                                                     eos_token_id=getattr(clip, "text_eos_id", None))
