@@ -61,6 +61,7 @@ CONFIGS = {
     "siglip": {"contrastive": 0.0, "siglip": 1.0},
     "flip50": {**FLIP},
     "flip50+mae": {**FLIP, "mae": 1.0, **LIGHT_DECODER},
+    "flip50+crossmae": {**FLIP, "mae": 1.0, "mae_decoder": "cross", **LIGHT_DECODER},
     "flip50+mlm": {**FLIP, **MLM},
     "flip50+mae+mlm": {**FLIP, "mae": 1.0, **MLM, **LIGHT_DECODER},
     "ae-concat": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "concat"},

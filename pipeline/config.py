@@ -111,6 +111,10 @@ class ObjectiveConfig:
     """Width of the MAE decoder's transformer."""
     mae_decoder_layers: int = 2
     """Blocks of the MAE decoder's transformer."""
+    mae_decoder: str = choice("self", "self", "cross")
+    """self: MAE's decoder, self-attention over [class + visible + mask tokens] at every patch position.
+    cross: CrossMAE's (Fu et al. 2024): only the masked positions' queries, each cross-attending to the visible
+    tokens; about half the decoder's work at a 50% mask, since nothing is computed for the visible positions."""
     mae_norm_pix: bool = True
     """MAE targets are each patch's pixels normalised by the patch's own mean and variance."""
     mlm: float = 0.0

@@ -113,8 +113,9 @@ def test_patchify_order_matches_the_vit_grid():
     assert torch.equal(patches[0, 1].view(4, 4, 3).permute(2, 0, 1), images[0, :, :4, 4:])
 
 
-def test_mae_head_reconstructs_only_masked_patches():
-    cfg = ObjectiveConfig(flip_mask_ratio=0.75, mae=1.0)
+@pytest.mark.parametrize("decoder", ["self", "cross"])
+def test_mae_head_reconstructs_only_masked_patches(decoder):
+    cfg = ObjectiveConfig(flip_mask_ratio=0.75, mae=1.0, mae_decoder=decoder)
     torch.manual_seed(0)
     model = build_model(model_config("tiny"), cfg)
     batch = {"image": torch.randn(3, 3, 64, 64), "text": open_clip.SimpleTokenizer(context_length=32)(CAPTIONS[:3]),
@@ -126,6 +127,13 @@ def test_mae_head_reconstructs_only_masked_patches():
     expected = torch.stack([torch.nonzero(row).flatten() for row in mask])
     assert torch.equal(out["mae_masked"], expected)            # the 12 masked patches, in patch order
     assert torch.equal(out["mae_target"], patchify(batch["image"], 16)[mask].view(3, 12, -1))
+    # the predictions read the visible tokens: other visible tokens for one image change its predictions only
+    tokens = torch.randn(3, 5, 128)
+    decoder_head = model.heads["mae"]
+    before = decoder_head(tokens, out["image_keep"], batch["image"])["mae_pred"]
+    tokens[0, 1:] += 1.0
+    after = decoder_head(tokens, out["image_keep"], batch["image"])["mae_pred"]
+    assert not torch.allclose(after[0], before[0], atol=1e-4) and torch.equal(after[1:], before[1:])
 
 
 def test_heads_stay_out_of_the_open_clip_model():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import Transformer
+from open_clip.transformer import ResidualAttentionBlock, Transformer
 from torch import nn
 
 from pipeline.models.masking import masked_indices
@@ -17,16 +17,24 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class MaeDecoder(nn.Module):
-    """A light transformer over [visible tokens + mask tokens] in patch order, predicting each patch's pixels."""
+    """A light transformer decoder from the visible tokens of the FLIP forward to the masked patches' pixels.
+
+    `cross` False: MAE's, self-attention over [class + visible + mask tokens] in patch order. True: CrossMAE's, the
+    masked positions' queries (mask token + position) cross-attend to the visible tokens, and only they pass the MLP.
+    """
 
     def __init__(self, encoder_width: int, num_patches: int, patch_size: int, width: int = 128, layers: int = 2,
-                 heads: int = 4):
+                 heads: int = 4, cross: bool = False):
         super().__init__()
-        self.num_patches, self.patch_size = num_patches, patch_size
+        self.num_patches, self.patch_size, self.cross = num_patches, patch_size, cross
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(width))
         self.positional_embedding = nn.Parameter(0.02 * torch.randn(num_patches + 1, width))
-        self.transformer = Transformer(width, layers, heads, mlp_ratio=4.0)
+        if cross:
+            self.cross_blocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio=4.0,
+                                                                     is_cross_attention=True) for _ in range(layers))
+        else:
+            self.transformer = Transformer(width, layers, heads, mlp_ratio=4.0)
         self.norm = nn.LayerNorm(width)
         self.pred = nn.Linear(width, patch_size * patch_size * 3)
 
@@ -36,12 +44,18 @@ class MaeDecoder(nn.Module):
         # tokens [B, 1 + K, We] (class token first), keep [B, K], images [B, 3, H, W]
         B, K = keep.shape
         x = self.embed(tokens)                                             # [B, 1 + K, Wd]
-        full = self.mask_token.to(x.dtype).expand(B, self.num_patches, -1).clone()  # [B, N, Wd]
-        full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])  # visible tokens in place
-        x = torch.cat([x[:, :1], full], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + N, Wd]
-        x = self.transformer(x)
+        pos = self.positional_embedding.to(x.dtype)                        # [1 + N, Wd]: class token first
         masked = masked_indices(keep, self.num_patches)                    # [B, M]
-        x = torch.gather(x[:, 1:], 1, masked.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, Wd]
+        if self.cross:
+            visible = x + torch.cat([pos[:1].expand(B, 1, -1), pos[1 + keep]], dim=1)  # [B, 1 + K, Wd]
+            x = self.mask_token.to(x.dtype) + pos[1 + masked]              # [B, M, Wd]
+            for block in self.cross_blocks:
+                x = block(x, visible, visible)                             # [B, M, Wd]
+        else:
+            full = self.mask_token.to(x.dtype).expand(B, self.num_patches, -1).clone()  # [B, N, Wd]
+            full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])  # visible tokens in place
+            x = self.transformer(torch.cat([x[:, :1], full], dim=1) + pos)  # [B, 1 + N, Wd]
+            x = torch.gather(x[:, 1:], 1, masked.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, Wd]
         pred = self.pred(self.norm(x))                                     # [B, M, p * p * 3]
         patches = patchify(images, self.patch_size)                        # [B, N, p * p * 3]
         target = torch.gather(patches, 1, masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # [B, M, ...]

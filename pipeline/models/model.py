@@ -158,7 +158,8 @@ def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
         visual = clip.visual
         heads["mae"] = MaeDecoder(visual.transformer.width, visual.grid_size[0] * visual.grid_size[1],
                                   visual.patch_size[0], objective.mae_decoder_width, objective.mae_decoder_layers,
-                                  heads=max(1, objective.mae_decoder_width // 32))
+                                  heads=max(1, objective.mae_decoder_width // 32),
+                                  cross=objective.mae_decoder == "cross")
     if objective.mlm:
         check_text_transformer(clip, "objective.mlm")
         heads["mlm"] = MlmHead(clip.transformer.width, clip.vocab_size, objective.mlm_candidates)
