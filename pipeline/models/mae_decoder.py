@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, Transformer
 from torch import nn
 
@@ -47,8 +48,9 @@ class MaeDecoder(nn.Module):
         pos = self.positional_embedding.to(x.dtype)                        # [1 + N, Wd]: class token first
         masked = masked_indices(keep, self.num_patches)                    # [B, M]
         if self.cross:
-            visible = x + torch.cat([pos[:1].expand(B, 1, -1), pos[1 + keep]], dim=1)  # [B, 1 + K, Wd]
-            x = self.mask_token.to(x.dtype) + pos[1 + masked]              # [B, M, Wd]
+            # positions by F.embedding: its backward is ~2x faster than indexing's index_put on CPU (measured)
+            visible = x + torch.cat([pos[:1].expand(B, 1, -1), F.embedding(1 + keep, pos)], dim=1)  # [B, 1 + K, Wd]
+            x = self.mask_token.to(x.dtype) + F.embedding(1 + masked, pos)  # [B, M, Wd]
             for block in self.cross_blocks:
                 x = block(x, visible, visible)                             # [B, M, Wd]
         else:
