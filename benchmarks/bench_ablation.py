@@ -14,7 +14,8 @@ evaluated on the same held-out images. A faster objective therefore trains more 
   recon       MAE masked-patch loss / MLM token loss (whole vocabulary) / autoencoder L_img + L_txt on held-out
               training batches.
 Ratios against the contrastive baseline (and masked objectives against contrastive + FLIP), paired round by
-round in the timing, are printed with the issue's targets. Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...]
+round in the timing, are printed with the issue's targets.
+Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...]
 
 The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all twelve configurations in about
 twelve minutes. That is far from convergence: the accuracy columns compare objectives at equal, small compute, not
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=2000)
     parser.add_argument("--probe-samples", type=int, default=1000)
     parser.add_argument("--val-batches", type=int, default=2, help="held-out batches for reconstruction losses")
-    parser.add_argument("--timing-rounds", type=int, default=10)
+    parser.add_argument("--timing-rounds", type=int, default=20)
     parser.add_argument("--chunk-steps", type=int, default=10, help="steps each configuration trains per turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="a subset of the configurations")

@@ -11,8 +11,8 @@ from pipeline.models.sampled_softmax import sample_vocabulary
 class MlmHead(nn.Module):
     """BERT's prediction head: dense + GELU + LayerNorm, then logits = h @ E^T + b with E the token embedding.
 
-    The embedding rows are passed in at call time (not stored) so that the embedding stays a parameter of the open_clip
-    model alone and the export is unaffected. The learned mask embedding stands in for a [MASK] id, which CLIP's
+    The embedding rows are passed in at call time (not stored) so that the embedding stays a parameter of the
+    open_clip model alone and the export is unaffected. The learned mask embedding stands in for a [MASK] id, which CLIP's
     vocabulary lacks.
     """
 
@@ -33,7 +33,8 @@ class MlmHead(nn.Module):
         return None, targets
 
     def mask(self, rows: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        """rows [B, L, W] (the embedded MLM input), mask_token [B, L] bool -> [B, L, W], the mask embedding swapped in."""
+        """rows [B, L, W] (the embedded MLM input), mask_token [B, L] bool -> [B, L, W] with the mask embedding
+        swapped in."""
         return torch.where(mask_token.unsqueeze(-1), self.mask_embedding.to(rows.dtype), rows)
 
     def forward(self, hidden: torch.Tensor, output_rows: torch.Tensor,

@@ -69,9 +69,11 @@ class PlaitModel(nn.Module):
             image_embed, image_tokens = clip.encode_image(image), None
         mlm_on = "mlm" in heads and "mlm_input" in batch
         if attention_fusion or self.trim_text or mlm_on:
-            # cross-attention reads every text position: the full length
-            text_embed, text_tokens, mlm = self._encode_text(batch, text if attention_fusion else text[:, :length])
-            text_tokens = text_tokens if attention_fusion else None   # [B, E], [B, L, W]
+            # cross-attention fusion reads every text position: the full length
+            text_embed, text_tokens, mlm = self._encode_text(batch, text if attention_fusion else text[:, :length],
+                                                             mlm_on)  # [B, E], [B, L, W]
+            if not attention_fusion:
+                text_tokens = None
         else:
             text_embed, text_tokens, mlm = clip.encode_text(text), None, {}
 
@@ -110,7 +112,7 @@ class PlaitModel(nn.Module):
                                                                          else m.parameters()))
         return out
 
-    def _encode_text(self, batch: dict, text: torch.Tensor):
+    def _encode_text(self, batch: dict, text: torch.Tensor, mlm_on: bool):
         """The contrastive text pass over text [B, L] -> (pooled [B, E], tokens [B, L, W], MLM outputs).
 
         With MLM on, its bidirectional pass runs batched with the contrastive one: one token-embedding lookup for
@@ -119,7 +121,7 @@ class PlaitModel(nn.Module):
         and every tower weight got two gradients to add: a third of MLM's step time on fmnist-vit56 (measured).
         """
         clip = self.clip
-        if "mlm" not in self.heads or "mlm_input" not in batch:
+        if not mlm_on:
             return (*encode_text_tokens(clip, text), {})
         head = self.heads["mlm"]
         B, L = text.shape
