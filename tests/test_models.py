@@ -261,6 +261,22 @@ def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(t
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-10) for k in grads[0])
 
 
+def test_mlm_batched_pass_leaves_a_non_causal_towers_contrastive_rows_unmasked(text):
+    from pipeline.distributed import World
+    from pipeline.objective import Objective
+    model_cfg = model_config("tiny")
+    model_cfg["text_cfg"]["no_causal_mask"] = True           # open_clip's option: no causal mask in the text tower
+    cfg = ObjectiveConfig(mlm=1.0)
+    torch.manual_seed(0)
+    model = build_model(model_cfg, cfg).eval()
+    assert model.clip.attn_mask is None
+    batch = Objective(cfg, World(), total_steps=10).augment({"image": torch.randn(4, 3, 64, 64), "text": text}, 0)
+    with torch.no_grad():
+        out = model(dict(batch))
+        plain, _ = encode_text_tokens(model.clip, text)
+    assert torch.allclose(out["text_features"], torch.nn.functional.normalize(plain, dim=-1), atol=1e-6)
+
+
 def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_vocabulary(text):
     from pipeline.distributed import World
     from pipeline.objective import Objective

@@ -79,7 +79,9 @@ def encode_image_tokens(visual: nn.Module, images: torch.Tensor, keep: torch.Ten
     Returns pooled [B, E] (projected, not normalised) and tokens [B, 1 + K, W] (after ln_post, class token first).
     """
     conv = visual.conv1
-    if keep is None or conv.bias is not None or conv.stride != conv.kernel_size or conv.padding != (0, 0):
+    ph, pw = conv.kernel_size
+    if (keep is None or conv.bias is not None or conv.stride != conv.kernel_size or conv.padding != (0, 0)
+            or images.shape[-2] % ph or images.shape[-1] % pw):
         x = conv(images)                                        # [B, W, gh, gw]
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, N, W]
         pos = visual.positional_embedding.to(x.dtype)           # [1 + N, W]
@@ -90,7 +92,6 @@ def encode_image_tokens(visual: nn.Module, images: torch.Tensor, keep: torch.Ten
         # The patch embedding of the kept patches only: open_clip's conv1 is one matmul per patch, and on the K kept
         # patches instead of all N it costs 2.8 ms against 5.0 (forward + backward, 32 of 64 patches, batch 64).
         B, C, H, W = images.shape
-        ph, pw = conv.kernel_size
         patches = images.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(
             B, (H // ph) * (W // pw), C * ph * pw)              # [B, N, C * ph * pw] in the conv weight's order
         patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # [B, K, C ph pw]
@@ -139,8 +140,9 @@ def text_attention_mask(clip: nn.Module, text: torch.Tensor, bidirectional: bool
         return causal
     pad = torch.zeros(text.shape, dtype=dtype, device=text.device).masked_fill(text_padding_mask(text), float("-inf"))
     mask = pad[:, None, :].expand(-1, length, -1)                # [B, L, L] padding keys masked
-    if not isinstance(bidirectional, bool) and causal is not None:
-        mask = torch.where(bidirectional[:, None, None], mask, causal)  # [B, L, L] causal rows causal
+    if not isinstance(bidirectional, bool):  # the other rows keep the tower's own mask (none if not causal)
+        plain = causal if causal is not None else torch.zeros((), dtype=dtype, device=text.device)
+        mask = torch.where(bidirectional[:, None, None], mask, plain)  # [B, L, L]
     heads = clip.transformer.resblocks[0].attn.num_heads
     return mask[:, None].expand(-1, heads, -1, -1).reshape(-1, length, length)  # [B * heads, L, L]
 
