@@ -16,8 +16,9 @@ from pipeline.models.fusion import FusionAutoencoder
 from pipeline.models.mae_decoder import MaeDecoder
 from pipeline.models.masking import random_keep
 from pipeline.models.mlm_head import MlmHead
-from pipeline.models.towers import (build_clip, check_text_transformer, check_vit, encode_image_tokens,
-                                    encode_text_tokens, trimmed_text_length)
+from pipeline.models.towers import (build_clip, can_pack_text, check_text_transformer, check_vit,
+                                    encode_image_tokens, encode_text_packed, encode_text_tokens,
+                                    trimmed_text_length)
 
 # SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10, so that the start is not swamped by negatives.
 SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS = math.log(10), -10.0
@@ -31,9 +32,10 @@ class PlaitModel(nn.Module):
     adversarial_scale (gradient reversal ramp)."""
 
     def __init__(self, clip: nn.Module, heads: dict[str, nn.Module] | None = None, max_logit_scale: float = 100.0,
-                 uses_logit_scale: bool = True, trim_text: bool = True):
+                 uses_logit_scale: bool = True, trim_text: bool = True, pack_text: bool = True):
         super().__init__()
         self.trim_text = trim_text  # run the text tower on the batch's caption length, not the context length
+        self.pack_text = pack_text  # and pack the trimmed captions into shared rows (pipeline.models.packing)
         self.clip = clip
         self.heads = nn.ModuleDict(heads or {})
         self.max_logit_scale = max_logit_scale
@@ -70,8 +72,9 @@ class PlaitModel(nn.Module):
         mlm_on = "mlm" in heads and "mlm_input" in batch
         if attention_fusion or self.trim_text or mlm_on:
             # cross-attention fusion reads every text position: the full length
+            pack = self.trim_text and self.pack_text and not attention_fusion and can_pack_text(clip)
             text_embed, text_tokens, mlm = self._encode_text(batch, text if attention_fusion else text[:, :length],
-                                                             mlm_on)  # [B, E], [B, L, W]
+                                                             mlm_on, pack)  # [B, E], [B, L, W]
             if not attention_fusion:
                 text_tokens = None
         else:
@@ -112,7 +115,7 @@ class PlaitModel(nn.Module):
                                                                          else m.parameters()))
         return out
 
-    def _encode_text(self, batch: dict, text: torch.Tensor, mlm_on: bool):
+    def _encode_text(self, batch: dict, text: torch.Tensor, mlm_on: bool, pack: bool):
         """The contrastive text pass over text [B, L] -> (pooled [B, E], tokens [B, L, W], MLM outputs).
 
         With MLM on, its bidirectional pass runs batched with the contrastive one: one token-embedding lookup for
@@ -121,8 +124,9 @@ class PlaitModel(nn.Module):
         and every tower weight got two gradients to add: a third of MLM's step time on fmnist-vit56 (measured).
         """
         clip = self.clip
+        encode = encode_text_packed if pack else encode_text_tokens
         if not mlm_on:
-            return (*encode_text_tokens(clip, text), {})
+            return (*encode(clip, text), {})
         head = self.heads["mlm"]
         B, L = text.shape
         # the cut to L drops only padding keys, which the bidirectional pass masks anyway
@@ -135,7 +139,7 @@ class PlaitModel(nn.Module):
                                 .flatten(0, 1)]).view(2 * B, L, -1)       # [2B, L, W]
         bidirectional = torch.arange(2 * B, device=text.device) >= B     # [2B]: the MLM half
         # both halves pool and mask padding by `text`: the MLM input's random replacements are all below EOT's id
-        pooled, tokens = encode_text_tokens(clip, torch.cat([text, text]), embeddings, bidirectional)
+        pooled, tokens = encode(clip, torch.cat([text, text]), embeddings, bidirectional)
         output_rows = clip.token_embedding.weight if candidates is None else rows[2 * B * L:]  # [V or C, W]
         logits = head(tokens[B:][chosen], output_rows, candidates)       # [M, V or C]
         return pooled[:B], tokens[:B], {"mlm_logits": logits, "mlm_targets": targets}
