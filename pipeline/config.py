@@ -111,10 +111,11 @@ class ObjectiveConfig:
     """Width of the MAE decoder's transformer."""
     mae_decoder_layers: int = 2
     """Blocks of the MAE decoder's transformer."""
-    mae_decoder: str = choice("self", "self", "cross")
-    """self: MAE's decoder, self-attention over [class + visible + mask tokens] at every patch position.
-    cross: CrossMAE's (Fu et al. 2024): only the masked positions' queries, each cross-attending to the visible
-    tokens; about half the decoder's work at a 50% mask, since nothing is computed for the visible positions."""
+    mae_decoder: str = choice("cross", "self", "cross")
+    """cross: CrossMAE's decoder (Fu et al. 2024): only the masked positions' queries, each cross-attending to the
+    visible tokens; nothing is computed for the visible positions. self: MAE's own, self-attention over [class +
+    visible + mask tokens] at every patch position. cross is the default: in the objectives ablation it matches self's
+    held-out reconstruction, zero-shot and probe accuracy, with 0.56x the decoder's forward + backward time."""
     mae_norm_pix: bool = True
     """MAE targets are each patch's pixels normalised by the patch's own mean and variance."""
     mlm: float = 0.0
