@@ -16,8 +16,8 @@ from pipeline.models.fusion import FusionAutoencoder
 from pipeline.models.mae_decoder import MaeDecoder
 from pipeline.models.masking import random_keep
 from pipeline.models.mlm_head import MlmHead
-from pipeline.models.towers import (build_clip, can_pack_text, check_text_transformer, check_vit,
-                                    encode_image_tokens, encode_text_packed, encode_text_tokens,
+from pipeline.models.towers import (build_clip, check_text_transformer, check_vit, encode_image_tokens,
+                                    encode_text_packed, encode_text_tokens, padding_is_inert,
                                     trimmed_text_length)
 
 # SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10, so that the start is not swamped by negatives.
@@ -72,7 +72,7 @@ class PlaitModel(nn.Module):
         mlm_on = "mlm" in heads and "mlm_input" in batch
         if attention_fusion or self.trim_text or mlm_on:
             # cross-attention fusion reads every text position: the full length
-            pack = self.trim_text and self.pack_text and not attention_fusion and can_pack_text(clip)
+            pack = self.trim_text and self.pack_text and not attention_fusion and padding_is_inert(clip)
             text_embed, text_tokens, mlm = self._encode_text(batch, text if attention_fusion else text[:, :length],
                                                              mlm_on, pack)  # [B, E], [B, L, W]
             if not attention_fusion:

@@ -112,6 +112,14 @@ def encode_image_tokens(visual: nn.Module, images: torch.Tensor, keep: torch.Ten
     return pooled, x
 
 
+def padding_is_inert(clip: nn.Module) -> bool:
+    """Whether padding never touches a caption's features: a causal text tower that pools at the end-of-text token
+    (open_clip's CLIP text tower), where no caption token attends to the padding after it. Trimming the padding
+    (trimmed_text_length) and packing captions (encode_text_packed) are exact only then."""
+    return (isinstance(clip, open_clip.CLIP) and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
+            and getattr(clip, "attn_mask", None) is not None)
+
+
 def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
     """True at positions after the end-of-text token (the highest id in each row, open_clip's convention)."""
     positions = torch.arange(text.shape[1], device=text.device)  # [L]
@@ -123,7 +131,7 @@ def trimmed_text_length(clip: nn.Module, text: torch.Tensor) -> int:
     unchanged by the cut when the tower is causal and pools at the end-of-text token (open_clip's CLIP text tower):
     no kept position attends to a later one. Else the full length. Captions are mostly far shorter than the context
     (Fashion-MNIST's ~9 of 16 tokens; web alt-text mostly well under 77), and the text pass costs in proportion."""
-    if getattr(clip, "text_pool_type", None) not in ("argmax", "eos") or getattr(clip, "attn_mask", None) is None:
+    if not padding_is_inert(clip):
         return text.shape[1]
     return int(text.argmax(dim=-1).max()) + 1  # one host sync per step
 
@@ -174,19 +182,12 @@ def encode_text_tokens(clip: nn.Module, text: torch.Tensor, embeddings: torch.Te
 PACKED_ROW_WIDTH = 32
 
 
-def can_pack_text(clip: nn.Module) -> bool:
-    """Packing (and trimming) keeps every caption's features only for a causal text tower that pools at the
-    end-of-text token (open_clip's CLIP text tower): a padded caption never attends to its padding there."""
-    return (isinstance(clip, open_clip.CLIP) and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
-            and getattr(clip, "attn_mask", None) is not None)
-
-
 def encode_text_packed(clip: nn.Module, text: torch.Tensor, embeddings: torch.Tensor | None = None,
                        bidirectional: bool | torch.Tensor = False, row_width: int = PACKED_ROW_WIDTH):
     """encode_text_tokens with the captions packed into shared rows (pipeline.models.packing): the same pooled
     [B, E] and tokens [B, L, W] (zeros past each end-of-text), for the tower compute of the caption tokens alone.
 
-    Only for towers where can_pack_text holds. Rows are max(L, row_width) slots wide."""
+    Only for towers where padding_is_inert holds. Rows are max(L, row_width) slots wide."""
     B, L = text.shape
     lengths = text.argmax(dim=-1) + 1                            # [B]: up to the end-of-text token
     S = max(L, row_width)
