@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     # Medians of per-step times: robust to the load spikes of a shared machine.
     best_plait, best_hand = 1 / statistics.median(plait), 1 / statistics.median(hand)
     print(f"model {MODEL}, batch {BATCH}: {flops / 1e9:.1f} GFLOP per step (forward + backward, text at the full "
-          f"context: the hand-written loop's work; plait runs the text tower on each batch's longest caption, so "
-          f"its figure below counts some FLOPs it skipped)")
+          f"context: the hand-written loop's work; plait runs the text tower on packed captions, without the "
+          f"padding, so its figure below counts some FLOPs it skipped)")
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     print(f"plait train:   {best_plait:.3f} steps/s, {best_plait * flops / 1e9:.1f} GFLOP/s, "
           f"MFU {best_plait * flops / peak:.1%}")
