@@ -199,42 +199,10 @@ def test_video_batches_mean_pool_frame_embeddings(text):
 
 
 @pytest.mark.parametrize("objectives", [{}, {"mlm": 1.0}])
-def test_text_trimmed_to_the_batch_caption_length_changes_nothing_but_the_cost(text, objectives):
-    """The text tower runs on the batch's longest caption, not the 32-token context: same features, same loss,
-    same gradients as the full-length pass."""
-    from pipeline.distributed import World
-    from pipeline.objective import Objective
-    cfg = ObjectiveConfig(**objectives)
-    torch.manual_seed(0)
-    model = build_model(model_config("tiny"), cfg)
-    objective = Objective(cfg, World(), total_steps=10)
-    torch.manual_seed(1)
-    batch = objective.augment({"image": torch.randn(4, 3, 64, 64), "text": text}, 0)
-    lengths = []
-    model.clip.transformer.register_forward_pre_hook(lambda _, args, kw: lengths.append(tuple(args[0].shape[:2])),
-                                                     with_kwargs=True)
-    runs = []
-    model.pack_text = False                                     # packing has a test of its own
-    for trim in (True, False):
-        model.trim_text = trim
-        model.zero_grad()
-        out = model(dict(batch))
-        loss, _, _ = objective(out, batch, 0)
-        loss.backward()
-        runs.append((out["text_features"], loss, {n: p.grad.clone() for n, p in model.named_parameters()
-                                                  if p.grad is not None}))
-    longest = int(text.argmax(-1).max()) + 1
-    rows = 4 * (1 + bool(objectives))                           # MLM's pass runs batched with the contrastive one
-    assert longest < 32 and lengths == [(rows, longest), (rows, 32)]
-    (f1, l1, g1), (f2, l2, g2) = runs
-    assert torch.allclose(f1, f2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
-    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-5) for k in g1)
-
-
-@pytest.mark.parametrize("objectives", [{}, {"mlm": 1.0}])
-def test_packed_captions_give_the_padded_passes_features_losses_and_gradients(text, objectives):
-    """Captions packed several to a row (each attending only to itself, positions restarting at 0) give the padded
-    pass's text features, MLM logits, loss and every gradient, in fewer tower rows."""
+def test_packed_and_trimmed_text_change_nothing_but_the_cost(text, objectives):
+    """The text tower runs on packed captions (several to a row, each attending only to itself, positions restarting
+    at 0), else on the batch's longest caption, else on the whole 32-token context: the same text features, MLM
+    logits, loss and every gradient, in fewer and shorter tower rows."""
     from pipeline.distributed import World
     from pipeline.objective import Objective
     cfg = ObjectiveConfig(**objectives)
@@ -247,22 +215,23 @@ def test_packed_captions_give_the_padded_passes_features_losses_and_gradients(te
     model.clip.transformer.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(args[0].shape[:2])),
                                                      with_kwargs=True)
     runs = []
-    for pack in (True, False):
-        model.pack_text = pack
+    for trim, pack in ((True, True), (True, False), (False, False)):
+        model.trim_text, model.pack_text = trim, pack
         model.zero_grad()
         out = model(dict(batch))
         loss, _, _ = objective(out, batch, 0)
         loss.backward()
         runs.append((out, loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     longest = int(text.argmax(-1).max()) + 1                    # the four captions (3-11 tokens, 29) fit one row
-    captions = 4 * (1 + bool(objectives))
-    assert shapes == [(1 + bool(objectives), 32), (captions, longest)]
-    (o1, l1, g1), (o2, l2, g2) = runs
-    assert torch.allclose(o1["text_features"], o2["text_features"], atol=1e-12)
-    assert torch.allclose(l1, l2, atol=1e-12)
-    if objectives:
-        assert torch.allclose(o1["mlm_logits"], o2["mlm_logits"], atol=1e-10)
-    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-10) for k in g1)
+    captions = 4 * (1 + bool(objectives))                       # MLM's pass runs batched with the contrastive one
+    assert longest < 32 and shapes == [(1 + bool(objectives), 32), (captions, longest), (captions, 32)]
+    (o1, l1, g1) = runs[0]
+    for o2, l2, g2 in runs[1:]:
+        assert torch.allclose(o1["text_features"], o2["text_features"], atol=1e-12)
+        assert torch.allclose(l1, l2, atol=1e-12)
+        if objectives:
+            assert torch.allclose(o1["mlm_logits"], o2["mlm_logits"], atol=1e-10)
+        assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-10) for k in g1)
 
 
 def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(text):
