@@ -1,14 +1,14 @@
 """Objectives ablation on Fashion-MNIST shards at a fixed CPU budget.
 
 Every configuration trains the same model (`fmnist-vit56`: 28 px images upsampled to 56 px, 7 px patches, 64
-tokens, so that FLIP's masking has tokens to drop; a 6-layer image tower and a 2-layer text tower) from the same seed on the same in-memory batches for the same
-CPU time (--budget-cpu-s of this process, both threads counted: robust to other jobs on the machine), then is
-evaluated on the same held-out images. A faster objective therefore trains more steps, which is FLIP's point.
+tokens, so that FLIP's masking has tokens to drop; a 6-layer image tower, a 2-layer text tower) from the same seed
+on the same in-memory batches for the same CPU time (--budget-cpu-s of this process, both threads counted: robust
+to other jobs on the machine), then is evaluated on the same held-out images. A faster objective therefore trains more steps, which is FLIP's point.
   samples/s   median step time (augment + forward + loss + backward + AdamW) of fresh models, measured in
               interleaved rounds before training so that load from other processes hits every configuration
               alike; its CPU time per step sets the configuration's step count for the budget;
-  run/s       the training run's own samples/s; the configurations train in turns, a few steps each, so that the
-              machine's drift over the minutes of training hits them alike;
+  run/s       the training run's own samples/s; the configurations train in turns, each an equal share of its
+              steps, so that the machine's drift over the minutes of training hits them alike;
   zero-shot   top-1 over the 10 classes with prompts unlike the training captions (contrastive/SigLIP heads);
   probe       linear-probe top-1 on the frozen image embeddings (every configuration, the autoencoder too);
   recon       MAE masked-patch loss / MLM token loss (whole vocabulary) / autoencoder L_img + L_txt on held-out
@@ -17,8 +17,8 @@ Ratios against the contrastive baseline (and masked objectives against contrasti
 round in the timing, are printed with the issue's targets.
 Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...]
 
-The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all thirteen configurations in about
-fourteen minutes. That is far from convergence: the accuracy columns compare objectives at equal, small compute, not
+The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all thirteen configurations in
+about thirteen minutes. That is far from convergence: the accuracy columns compare objectives at equal, small compute, not
 their final quality.
 """
 from __future__ import annotations

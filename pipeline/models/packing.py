@@ -19,8 +19,9 @@ def first_fit_decreasing(lengths: list[int], width: int) -> tuple[list[int], lis
 
     First-fit decreasing: the longest sequence first, each into the first row it fits. At worst 11/9 of the optimal
     number of rows (+ 6/9; Dosa 2007); on caption-like lengths, within that factor of full rows (tested)."""
-    if any(n > width or n < 0 for n in lengths):
-        raise ValueError(f"sequence lengths must be in [0, {width}]; got {max(lengths)} and {min(lengths)}")
+    bad = next((i for i, n in enumerate(lengths) if not 0 <= n <= width), None)
+    if bad is not None:
+        raise ValueError(f"sequence {bad} has {lengths[bad]} tokens; a row holds 0 to {width}")
     free = np.zeros(len(lengths), dtype=np.int64)           # free slots per opened row
     rows = 0
     row, start = [0] * len(lengths), [0] * len(lengths)
