@@ -3,7 +3,8 @@
 Every configuration trains the same model (`fmnist-vit56`: 28 px images upsampled to 56 px, 7 px patches, 64
 tokens, so that FLIP's masking has tokens to drop; a 6-layer image tower, a 2-layer text tower) from the same seed
 on the same in-memory batches for the same CPU time (--budget-cpu-s of this process, both threads counted: robust
-to other jobs on the machine), then is evaluated on the same held-out images. A faster objective therefore trains more steps, which is FLIP's point.
+to other jobs on the machine), then is evaluated on the same held-out images. A faster objective therefore trains
+more steps, which is FLIP's point.
   samples/s   median step time (augment + forward + loss + backward + AdamW) of fresh models, measured in
               interleaved rounds before training so that load from other processes hits every configuration
               alike; its CPU time per step sets the configuration's step count for the budget;
