@@ -19,8 +19,8 @@ round in the timing, are printed with the issue's targets.
 Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...]
 
 The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all thirteen configurations in
-about thirteen minutes. That is far from convergence: the accuracy columns compare objectives at equal, small compute, not
-their final quality.
+about thirteen minutes. That is far from convergence: the accuracy columns compare objectives at equal, small
+compute, not their final quality.
 """
 from __future__ import annotations
 
