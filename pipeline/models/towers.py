@@ -127,10 +127,8 @@ def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
 
 
 def trimmed_text_length(clip: nn.Module, text: torch.Tensor) -> int:
-    """The batch's text length without its all-padding tail columns: up to the last end-of-text token. Features are
-    unchanged by the cut when the tower is causal and pools at the end-of-text token (open_clip's CLIP text tower):
-    no kept position attends to a later one. Else the full length. Captions are mostly far shorter than the context
-    (Fashion-MNIST's ~9 of 16 tokens; web alt-text mostly well under 77), and the text pass costs in proportion."""
+    """The batch's text length without its all-padding tail columns: up to the last end-of-text token, where
+    padding_is_inert (the features are unchanged by the cut); else the full length."""
     if not padding_is_inert(clip):
         return text.shape[1]
     return int(text.argmax(dim=-1).max()) + 1  # one host sync per step
@@ -154,6 +152,15 @@ def text_attention_mask(clip: nn.Module, text: torch.Tensor, bidirectional: bool
     return mask[:, None].expand(-1, heads, -1, -1).reshape(-1, length, length)  # [B * heads, L, L]
 
 
+def project_text(clip: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The text tower's pooled [B, W] -> [B, E] through its projection (a Linear or a matrix), if any."""
+    if clip.text_projection is None:
+        return pooled
+    if isinstance(clip.text_projection, nn.Linear):
+        return clip.text_projection(pooled)
+    return pooled @ clip.text_projection
+
+
 def encode_text_tokens(clip: nn.Module, text: torch.Tensor, embeddings: torch.Tensor | None = None,
                        bidirectional: bool | torch.Tensor = False):
     """The text tower's forward returning pooled [B, E] and tokens [B, L, W] (after ln_final).
@@ -170,10 +177,7 @@ def encode_text_tokens(clip: nn.Module, text: torch.Tensor, embeddings: torch.Te
     x = clip.ln_final(x)                                        # [B, L, W]
     pooled = open_clip.transformer.text_global_pool(x, text, clip.text_pool_type,
                                                     eos_token_id=getattr(clip, "text_eos_id", None))
-    if clip.text_projection is not None:
-        pooled = clip.text_projection(pooled) if isinstance(clip.text_projection, nn.Linear) \
-            else pooled @ clip.text_projection                  # [B, E]
-    return pooled, x
+    return project_text(clip, pooled), x
 
 
 # Packed rows' minimum width: at 16 slots two 8-token captions barely share a row; at 32, four do. Fashion-MNIST's
@@ -206,7 +210,4 @@ def encode_text_packed(clip: nn.Module, text: torch.Tensor, embeddings: torch.Te
     x = clip.ln_final(clip.transformer(x, attn_mask=mask))      # [R, S, W]
     x = packing.unpack(x, (B, L))                               # [B, L, W]
     pooled = x[torch.arange(B, device=x.device), lengths - 1]   # [B, W]: the end-of-text tokens
-    if clip.text_projection is not None:
-        pooled = clip.text_projection(pooled) if isinstance(clip.text_projection, nn.Linear) \
-            else pooled @ clip.text_projection                  # [B, E]
-    return pooled, x
+    return project_text(clip, pooled), x
