@@ -121,7 +121,7 @@ class PlaitModel(nn.Module):
         With MLM on, its bidirectional pass runs batched with the contrastive one: one token-embedding lookup for
         every use (the contrastive ids, the MLM ids, the sampled output rows) and one tower pass over 2B rows.
         Run separately, each lookup's backward wrote its own dense [V, W] embedding gradient (19 MB at 49,408 x 96)
-        and every tower weight got two gradients to add: a third of MLM's step time on fmnist-vit56 (measured).
+        and every tower weight got two gradients to add: a third of MLM's step time on the 3-layer fmnist-vit56.
         """
         clip = self.clip
         encode = encode_text_packed if pack else encode_text_tokens
