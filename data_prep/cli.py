@@ -59,6 +59,7 @@ examples:
   plait prep shard --input cc3m.tsv --shard-bytes 500MB --output cc3m/       # rows per shard from a pilot
   plait prep shard --input yfcc100m_dataset.bz2 --input-format yfcc100m --yfcc-caption title,tags --output yfcc/
   plait prep shard --input webvid.csv --input-format webvid --num-frames 8 --output videos/
+  plait prep index i2d/               # shards from img2dataset or webdataset: sizes.json + offset index
   plait prep verify shards/           # exit status 1 with a report if anything is wrong
   plait prep repair shards/           # retry timeouts, 429/5xx and connection errors into new shards
   jid=$(sbatch --parsable --array=0-15 --wrap 'plait prep shard ... --output shards/')   # one task each
@@ -66,11 +67,16 @@ examples:
 Run `plait prep shard --help` for every option and the output layout."""
 
 
+def _index_doc() -> str:
+    from data_prep import index
+    return index.__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt,
                                      epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,repair,merge}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,index,verify,repair,merge}")
 
     p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
                        description="Turn image-text (or video-text) rows into WebDataset shards.", epilog=LAYOUT)
@@ -157,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "SLURM_ARRAY_TASK_COUNT)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("index", help="make a foreign WebDataset folder (img2dataset, ShardWriter) usable: "
+                       "sizes.json, offset index, stats", formatter_class=fmt, description=_index_doc())
+    from data_prep.index import add_arguments as add_index_arguments
+    add_index_arguments(p)
     p = sub.add_parser("verify", help="check a dataset: tars, counts, sha256, decodable images",
                        formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
@@ -221,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.run import format_summary
         print(format_summary(merge(a.output)))
         return 0
+    if a.command == "index":
+        from data_prep.index import main_args
+        return main_args(a)
     if a.command == "verify":
         from data_prep.verify import verify
         problems = verify(a.output, decode_fraction=a.decode_fraction)
