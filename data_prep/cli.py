@@ -167,10 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "sizes.json, offset index, stats", formatter_class=fmt, description=_index_doc())
     from data_prep.index import add_arguments as add_index_arguments
     add_index_arguments(p)
-    p = sub.add_parser("verify", help="check a dataset: tars, counts, sha256, decodable images",
+    p = sub.add_parser("verify", help="check any WebDataset folder: tars, members, counts, decodable images; "
+                       "plait's: also sha256 and row accounting",
                        formatter_class=fmt)
-    p.add_argument("output", help="dataset folder")
+    p.add_argument("output", help="dataset folder (plait's or any WebDataset folder) or shard pattern")
     p.add_argument("--decode-fraction", type=float, default=0.05, help="fraction of images to decode")
+    p.add_argument("--threads", type=int, default=4, help="shards checked at once")
+    p.add_argument("--fix", action="store_true", help="plait datasets: rebuild damaged shards from the input "
+                   "(as `plait prep repair` does), then verify again")
+    p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes for --fix")
     p = sub.add_parser("repair", help="retry transient failures (timeouts, 429/5xx, connection errors) into new "
                        "shards", formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
@@ -235,12 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.index import main_args
         return main_args(a)
     if a.command == "verify":
-        from data_prep.verify import verify
-        problems = verify(a.output, decode_fraction=a.decode_fraction)
-        for line in problems:
-            print(line)
-        print("ok" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
+        from data_prep.verify import print_report, verify
+        report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        if a.fix and report.bad_shards:
+            from data_prep.repair import rebuild_shards
+            print_report(report)
+            rebuild_shards(a.output, report.bad_shards, processes=a.processes, progress=False)
+            report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        print_report(report)
+        return 0 if report.ok else 1
     if a.command == "repair":
         from data_prep.repair import repair
         repair(a.output, processes=a.processes, progress=not a.no_progress)
