@@ -351,9 +351,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Reads a TOML preset (optional), applies `a.b=value` overrides, validates, returns a frozen config."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        from pipeline.presets import resolve
+        path = resolve(path)  # a preset name (`tiny`) or a file
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:

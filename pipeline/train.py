@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain image-text towers (open_clip architectures) on WebDataset shards with Accelerate.",
         epilog=f"Exit status: 0 done, {EXIT_REQUEUE} checkpointed on SIGTERM/SIGUSR1 (requeue me and resume with "
                "--resume auto), 2 bad input.\nConfig keys (--set section.key=value):\n" + "\n".join(describe()))
-    parser.add_argument("--config", help="TOML preset (e.g. configs/tiny.toml); defaults apply to missing keys")
+    parser.add_argument("--config", help="preset name (tiny, demo, clip-vit-b32-gpu, flip-mae-vit-b16-4node) or TOML file; defaults apply to missing keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=5e-4 (repeatable)")
     parser.add_argument("--resume", metavar="auto|CKPT",
