@@ -287,7 +287,7 @@ def shards(tmp_path_factory) -> str:
 
 def train(run_dir: Path, shards: str, *overrides: str, resume: str | None = None) -> dict:
     from pipeline.train import run
-    cfg = load_config(ROOT / "configs/tiny.toml", [
+    cfg = load_config("tiny", [
         f"data.train_shards='{shards}'", f"train.run_dir='{run_dir}'", "data.batch_size=16", "data.num_workers=0",
         "model.name='plait-test-small'",
         "train.log_every=1", "train.steps=4", "train.checkpoint_every=2", *overrides])
