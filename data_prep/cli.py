@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--user-agent-token", default=None, help="contact info appended to the user agent")
     g.add_argument("--allow-private-addresses", action="store_true", help="allow loopback/private/link-local "
                    "addresses (local test servers only: refused by default)")
+    g.add_argument("--allow-schemes", type=_csv_list, default="", metavar="SCHEMES", help="object stores the "
+                   "table's URLs may name besides http(s), comma-separated: s3, gs, az ... (their endpoint must "
+                   "be a public address unless --allow-private-addresses); any other scheme and chained fsspec "
+                   "URLs (simplecache::...) are rejected per row")
     g.add_argument("--ignore-opt-outs", action="store_true", help="do not drop samples whose server sends "
                    "X-Robots-Tag noai/noimageai/noindex/noimageindex")
 
@@ -198,7 +202,8 @@ def job_options(a: argparse.Namespace) -> JobOptions:
     fetch = FetchOptions(timeout_s=a.timeout, retries=a.retries, backoff_s=a.backoff,
                          max_retry_after_s=a.max_retry_after, max_per_host=a.max_per_host, threads=a.threads,
                          max_bytes=a.max_bytes, user_agent_token=a.user_agent_token,
-                         allow_private=a.allow_private_addresses, respect_optouts=not a.ignore_opt_outs)
+                         allow_private=a.allow_private_addresses, respect_optouts=not a.ignore_opt_outs,
+                         allow_schemes=a.allow_schemes)
     image = ImageOptions(image_size=a.image_size, resize_mode=a.resize_mode, resample=a.resample, upscale=a.upscale,
                          encode_format=a.encode_format, encode_quality=a.encode_quality, background=a.background,
                          min_image_size=a.min_image_size, max_aspect_ratio=a.max_aspect_ratio,
