@@ -228,6 +228,9 @@ def usage_lines(meta: dict, files: set[str] = frozenset()) -> list[str]:
                   "preprocess = open_clip.image_transform(v['image_size'], is_train=False, "
                   "mean=v.get('image_mean', open_clip.OPENAI_DATASET_MEAN), "
                   "std=v.get('image_std', open_clip.OPENAI_DATASET_STD))",
+                  "tokenizer = open_clip.tokenizer.HFTokenizer(cfg['text_cfg']['hf_tokenizer_name'], "
+                  "context_length=cfg['text_cfg']['context_length'])" if "hf_tokenizer_name" in
+                  model_cfg.get("text_cfg", {}) else
                   "tokenizer = open_clip.SimpleTokenizer(context_length=cfg['text_cfg'].get('context_length', 77))"]
         if "heads.safetensors" in files:
             lines.append("heads = load_file(f'{EXPORT}/heads.safetensors')")
