@@ -188,7 +188,10 @@ def write_index(scans: list[ShardScan]) -> dict[str, dict[str, int]]:
     written = {}
     for folder, group in by_folder.items():
         out = OutputDir(folder or ".")
-        sizes = read_sizes(out)
+        try:
+            sizes = read_sizes(out)
+        except ValueError:  # a damaged sizes.json is what index exists to rewrite
+            sizes = {}
         for scan in group:
             if scan.error is not None:
                 sizes.pop(scan.name, None)  # a count for a tar that does not read to its end would mislead
