@@ -252,9 +252,11 @@ def train_hint(pattern: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="DIR_OR_PATTERN", help="folder, shard, brace pattern "
-                   "('shards/{00000..00099}.tar') or glob; local path or fsspec URL")
-    p.add_argument("--threads", type=int, default=IndexOptions.threads, help="shards scanned at once")
+    """The `plait prep index` flags; their help is IndexOptions' field docstrings."""
+    from pipeline.config import field_docs
+    docs = field_docs(IndexOptions)
+    p.add_argument("target", metavar="DIR_OR_PATTERN", help=docs["target"])
+    p.add_argument("--threads", type=int, default=IndexOptions.threads, help=docs["threads"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
