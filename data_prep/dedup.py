@@ -64,8 +64,8 @@ class KeptIndex:
 
 def near_duplicates(embeddings: Callable[[np.ndarray], np.ndarray], order: np.ndarray, threshold: float,
                     chunk: int = 4096, block: int = 65536, device: str | torch.device = "cpu",
-                    folder: str | Path | None = None, progress: Callable[[int], None] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    folder: str | Path | None = None, progress: Callable[[int], None] | None = None,
+                    capacity: int = 1 << 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy near-duplicate removal over the candidates `order` (indices, best first).
 
     `embeddings(indices)` returns the L2-normalised image embeddings [n, D] of those candidates (read lazily, so
@@ -84,7 +84,7 @@ def near_duplicates(embeddings: Callable[[np.ndarray], np.ndarray], order: np.nd
         for start in range(0, n, chunk):
             vecs = np.asarray(embeddings(order[start:start + chunk]), dtype=np.float32)  # [c, D]
             if index is None:
-                index = KeptIndex(vecs.shape[1], folder)
+                index = KeptIndex(vecs.shape[1], folder, capacity)
             q = torch.from_numpy(vecs).to(device)  # [c, D]
             c = len(q)
             best, where = index.max_similarity(q, block, device) if index.size else (

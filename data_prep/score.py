@@ -128,22 +128,32 @@ def model_fingerprint(path: str) -> dict[str, Any]:
 
 
 def load_scorer(path: str):
-    """The model behind `path` (`local-dir:` prefix accepted), checked: its preprocess must produce what its image
-    tower takes, and image and text embeddings must have the same size."""
+    """The model behind `path` (`local-dir:` prefix accepted), checked: its preprocessing must make the images its
+    image tower takes, and image and text embeddings must have the same size."""
     from pipeline.eval_models import load_model
 
     path = path.removeprefix("local-dir:")
     if not Path(path).exists():
         raise FileNotFoundError(f"--model {path!r}: no such file or folder")
-    loaded = load_model(path)
-    size = loaded.model_cfg.get("vision_cfg", {}).get("image_size")
+    config = Path(path) / "open_clip_config.json"
+    if config.is_file():
+        # open_clip would quietly resize to the tower's size: an export whose two halves disagree is refused
+        cfg = json.loads(config.read_text())
+        size = cfg.get("model_cfg", {}).get("vision_cfg", {}).get("image_size")
+        pre = cfg.get("preprocess_cfg", {})
+        if "size" in pre and size is not None and _pair(pre["size"]) != _pair(size):
+            raise ValueError(f"--model {path!r}: preprocess_cfg size {pre['size']} does not match the image tower's "
+                             f"image_size {size} (open_clip_config.json)")
+        for k in ("mean", "std"):
+            if k in pre and len(pre[k]) != 3:
+                raise ValueError(f"--model {path!r}: preprocess_cfg {k} has {len(pre[k])} values, RGB needs 3")
+    try:
+        loaded = load_model(path)
+    except RuntimeError as e:  # strict loading: weights of another shape than the config says
+        raise ValueError(f"--model {path!r}: its weights do not match its config: "
+                         f"{str(e).strip().splitlines()[-1].strip()}") from None
     from PIL import Image
     probe = loaded.transform(Image.new("RGB", (61, 47), (128, 128, 128)))  # [3, H, W]
-    if size is not None:
-        want = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        if tuple(probe.shape[-2:]) != want:
-            raise ValueError(f"--model {path!r}: its preprocessing makes {tuple(probe.shape[-2:])} images but its "
-                             f"image tower takes {want} (preprocess_cfg and model_cfg disagree)")
     with torch.inference_mode():
         try:
             image = loaded.model.encode_image(probe[None].float())  # [1, E]
@@ -155,6 +165,10 @@ def load_scorer(path: str):
         raise ValueError(f"--model {path!r}: image embeddings have {image.shape[-1]} dimensions, text embeddings "
                          f"{text.shape[-1]}: not an image-text model with a shared embedding space")
     return loaded, int(image.shape[-1])
+
+
+def _pair(size) -> tuple[int, int]:
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
 # ------------------------------------------------------------------------------------------------ reading (workers)
@@ -299,7 +313,8 @@ def score(opts: ScoreOptions) -> dict[str, Any]:
     started = time.monotonic()
     dataset = open_dataset(opts.dataset)
     loaded, dim = load_scorer(opts.model)
-    accelerator = Accelerator(cpu=opts.device == "cpu")
+    # cpu=True also on a machine without GPUs: only then does Accelerate set up gloo for several CPU processes
+    accelerator = Accelerator(cpu=opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available()))
     if opts.device == "cuda" and accelerator.device.type != "cuda":
         raise ValueError("--device cuda: no GPU visible")
     rank, world = accelerator.process_index, accelerator.num_processes
