@@ -179,6 +179,10 @@ def test_undecodable_sample_gets_null_with_reason_and_is_not_kept(data, tmp_path
 
 
 def test_score_and_filter_resume_per_shard(data, tmp_path):
+    # an array task scores its contiguous range of shards only
+    score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(tmp_path / "part"), num_workers=0,
+                       progress=False, task_index=1, num_tasks=3))
+    assert [p.name for p in (tmp_path / "part").glob("0*_stats.json")] == ["00001_stats.json"]
     scores_dir = tmp_path / "scores"
     opts = ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(scores_dir), num_workers=0,
                         embeddings=True, progress=False)
@@ -320,3 +324,24 @@ def test_bad_input_is_named(data, tmp_path, capsys):
     assert "plait prep: error: --top-fraction 1.5: must be in (0, 1]" in capsys.readouterr().err
     assert plait.main(["prep", "score", str(tmp_path / "notwds"), "--model", untrained]) == 2
     assert "not a WebDataset folder" in capsys.readouterr().err
+
+
+def test_launch_score_renders_a_quoted_array_and_a_dependent_filter(tmp_path, capsys):
+    import shlex
+
+    from launch import cli as launch_cli
+
+    dataset, model = str(tmp_path / "web data $(touch pwned)"), "/m/it's"
+    assert launch_cli.main(["score", "--tasks", "3", "--run-dir", str(tmp_path / "run"), "--dry-run", "--filter",
+                            "--output 'new set' --top-fraction 0.3", "--", dataset, "--model", model, "--out",
+                            f"{dataset}/s"]) == 0
+    array, filt = capsys.readouterr().out.split("# ---- filter job")
+    assert "#SBATCH --array=0-2" in array
+    line = next(x for x in array.splitlines() if x.startswith("exec "))
+    assert shlex.split(line)[1:] == [sys.executable, "-m", "data_prep.cli", "score", dataset, "--model", model,
+                                     "--out", f"{dataset}/s", "--task-index", "$SLURM_ARRAY_TASK_ID", "--num-tasks",
+                                     "3"]
+    line = next(x for x in filt.splitlines() if x.startswith("exec "))
+    assert shlex.split(line)[1:] == [sys.executable, "-m", "data_prep.cli", "filter", dataset, "--output", "new set",
+                                     "--top-fraction", "0.3", "--scores", f"{dataset}/s"]
+    assert "pwned" not in filt.replace(line, "")
