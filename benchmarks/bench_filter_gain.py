@@ -2,7 +2,7 @@
 
 1. A noisy Fashion-MNIST training set: 40% of the 60k captions (a fixed-seed sample) replaced by the caption of a
    random other class, the others as in `plait demo`; sharded by plait prep like the demo (5,000 rows per shard).
-2. The demo's model and config (configs/demo.toml), trained on it for the demo's 360 steps (the demo's time cap is
+2. The demo's model and config (pipeline/presets/demo.toml), trained on it for the demo's 360 steps (the demo's time cap is
    lifted so that both runs train exactly the same number of steps), exported in open_clip format.
 3. `plait prep score` of the same noisy set with that export, then `plait prep filter --top-fraction 0.6`.
 4. The same model trained from scratch on the kept set, same config, same 360 steps.
@@ -33,7 +33,7 @@ from data_prep.run import run_task  # noqa: E402
 from data_prep.score import ScoreOptions, format_summary, score  # noqa: E402
 from data_prep.sources import FASHION_MNIST_CLASSES, fashion_mnist_caption, read_rows  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.demo import DEMO_CONFIG, FASHION_MNIST_DIR, shard_split  # noqa: E402
+from pipeline.demo import DEMO_PRESET, FASHION_MNIST_DIR, shard_split  # noqa: E402
 from pipeline.export import export_open_clip, load_checkpoint_model  # noqa: E402
 from pipeline.train import run as train  # noqa: E402
 
@@ -57,7 +57,7 @@ def shard_spec(folder: Path) -> str:
 
 
 def train_on(shards: str, test_shards: str, run_dir: Path, steps: int) -> dict:
-    cfg = load_config(DEMO_CONFIG, [f"data.train_shards={json.dumps(shards)}",
+    cfg = load_config(DEMO_PRESET, [f"data.train_shards={json.dumps(shards)}",
                                     f"eval.zeroshot_shards={json.dumps(test_shards)}",
                                     f"eval.classnames={json.dumps(list(FASHION_MNIST_CLASSES))}",
                                     f"train.run_dir={json.dumps(str(run_dir))}", f"train.steps={steps}",
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2, help="prep processes")
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir)
-    steps = a.steps or load_config(DEMO_CONFIG, []).train.steps
+    steps = a.steps or load_config(DEMO_PRESET, []).train.steps
     t0 = time.monotonic()
     timings = {}
 

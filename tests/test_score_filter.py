@@ -123,7 +123,8 @@ def test_scores_are_open_clips_cosine_and_filter_keeps_the_best_byte_for_byte(da
     result = filter_dataset(FilterOptions(str(data["noisy"]), str(out), scores=str(scores_dir), top_fraction=0.5,
                                           progress=False), log=lambda s: None)
     assert result["num_ok"] == 300 and result["num_input_rows"] == 600
-    assert verify(str(out), decode_fraction=1.0) == []
+    report = verify(str(out), decode_fraction=1.0)
+    assert report.ok, report.problems
     records = pq.read_table(out / "samples.parquet").to_pylist()
     kept = {r["key"] for r in records if r["status"] == "ok"}
     cutoff = min(rows[k]["score"] for k in kept)
@@ -205,7 +206,7 @@ def test_score_and_filter_resume_per_shard(data, tmp_path):
     (out / "00002.tar").write_bytes(b"partial")
     result = filter_dataset(fopts)
     assert result["shards_copied"] == 1 and (out / "00002.tar").read_bytes() == tar_before
-    assert verify(str(out)) == []
+    assert verify(str(out)).ok
     with pytest.raises(ValueError, match="other settings.*top_fraction"):
         filter_dataset(FilterOptions(str(data["noisy"]), str(out), scores=str(scores_dir), top_fraction=0.5,
                                      progress=False))
