@@ -32,6 +32,7 @@ from pipeline.config import Config, TrainConfig, describe, load_config, save_con
 from pipeline.data import TrainStream
 from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
+from pipeline.models.pretrained import start_from
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
 from pipeline.optim import build_optimizer, check_schedule, lr_at, schedule_signature, set_lr
@@ -88,8 +89,12 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     # The same initial weights on every rank; afterwards each rank draws its own masks.
     set_seed(cfg.train.seed)
-    model_cfg = resolved_model_config(cfg.model)
+    resuming = Checkpointer(run_dir, cfg.train.keep_last).resolve(resume)  # then weights come from the checkpoint
+    model_cfg = resolved_model_config(cfg.model, resuming)
     model = build_model(model_cfg, cfg.objective)
+    started_from = start_from(model, cfg.model, model_cfg, load_weights=resuming is None)  # pretrained weights, locks
+    if started_from:
+        print0(world, f"plait train: {started_from}")
     if cfg.model.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     promoted = sharded_state.prepare_model(accelerator, model, cfg.train.compile)  # () unless FSDP
