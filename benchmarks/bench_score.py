@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"score: plait {plait_rate:.0f} samples/s, bare open_clip + webdataset loop {bare_rate:.0f} samples/s: "
           f"{plait_rate / bare_rate:.2f}x (target >= 1.0x)", flush=True)
 
-    # filter: the full source, scored once, top 60%
-    scores = work / "scores"
+    # filter: the full source, scored once (bench_filter_gain's scores when there are), top 60%
+    scores = Path(a.run_dir) / "scores" if source == Path(a.run_dir) / "noisy" else work / "scores"
     if not (scores / "summary.json").exists():
         score(ScoreOptions(str(source), str(export), out=str(scores), batch_size=a.batch_size, num_workers=a.workers,
                            progress=False))
