@@ -380,7 +380,10 @@ def cache_locked_text(clip: nn.Module, max_entries: int) -> None:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, L] token ids, padded with pad_token_id
         keys = [row.tobytes() for row in x.cpu().numpy()]
-        missing = [i for i, k in enumerate(keys) if k not in cache]
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)                                          # each distinct caption once
+        missing = [i for k, i in first.items() if k not in cache]
         if missing:
             with torch.no_grad():
                 ids = x[missing]                                            # [M, L]
