@@ -101,6 +101,7 @@ class ImageOptions:
     min_image_size: int = 0
     max_aspect_ratio: float = math.inf
     max_pixels: int = 89_478_485          # Pillow's own default decompression-bomb threshold
+    max_decode_bytes: int = 512 * 2**20
     keep_original_jpeg: bool = True
     max_caption_length: int = 4096
     allow_empty_caption: bool = False
