@@ -61,6 +61,8 @@ class Encoded:
 
 def clean_caption(raw: str | bytes | None, opts: ImageOptions, required: bool = True) -> str:
     """Unicode NFC, control characters and runs of whitespace to one space; rejects empty/long/undecodable."""
+    if not isinstance(raw, (str, bytes, type(None))):  # a number or list in a JSON or parquet caption column
+        raise Reject(f"caption is not text ({type(raw).__name__})")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")

@@ -8,12 +8,13 @@ is completed by the next `repair` instead of being planned again.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from data_prep import manifest
 from data_prep.merge import expected_shards, merge, read_plan
 from data_prep.run import build_units, format_summary
-from data_prep.sources import read_rows
+from data_prep.sources import input_fingerprint, read_rows
 from data_prep.writer import OutputDir, shard_name
 
 
@@ -22,6 +23,11 @@ def repair(output: str, processes: int = 1, progress: bool = True, log=print) ->
     opts = read_plan(out)
     if not out.exists("samples.parquet"):
         raise ValueError(f"{output!r}: not merged yet; run `plait prep merge {output}` first")
+    # rows are found again by their position in the input: another version of it would put other rows there
+    now = input_fingerprint(opts.source.input)
+    if opts.input_fingerprint is not None and json.loads(json.dumps(now)) != opts.input_fingerprint:
+        raise ValueError(f"--input {opts.source.input!r} changed since {output!r} was built; repair needs the "
+                         "same input")
     pending = [out.read_json(f"_repairs/{n}") for n in out.glob("_repairs/repair-*.json")]
     pending = [m for m in pending if not m.get("done")]
     if pending:

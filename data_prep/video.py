@@ -44,10 +44,10 @@ def sample_timestamps(times: list[float], keyframe: list[bool], opts: VideoOptio
     n = len(times)
     if n == 0:
         return []
-    if opts.sampling == "uniform":
+    if opts.frame_sampling == "uniform":
         k = min(opts.num_frames, n)
         return [times[int((i + 0.5) * n / k)] for i in range(k)]
-    if opts.sampling == "keyframes":
+    if opts.frame_sampling == "keyframes":
         picked = [t for t, key in zip(times, keyframe) if key]
     else:  # fps: the first frame at or after each tick of the clock
         picked, j, tick = [], 0, times[0]
@@ -169,14 +169,14 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
     ext = opts.image.encode_format
     rec.update(width=fr.width, height=fr.height, original_width=fr.original_width,
                original_height=fr.original_height, bytes=sum(map(len, fr.images)),
-               num_samples=len(fr.images) if opts.video.per_frame_samples else 1)
+               num_samples=len(fr.images) if opts.video.frames_as_samples else 1)
     meta.update(fps=fr.fps, duration=fr.duration_s, timestamps=fr.timestamps, num_frames=len(fr.images),
                 num_decoded_frames=fr.num_decoded, header_frames=fr.header_frames, width=fr.width,
                 height=fr.height, original_width=fr.original_width, original_height=fr.original_height,
-                sampling=opts.video.sampling)
+                sampling=opts.video.frame_sampling)
     if row.start_s is not None or row.end_s is not None:
         meta.update(start=row.start_s, end=row.end_s)
-    if not opts.video.per_frame_samples:
+    if not opts.video.frames_as_samples:
         frames = [(f"f{i:04d}.{ext}", img) for i, img in enumerate(fr.images)]
         return [Sample(rec["key"], frames + text_members(caption, meta))]
     samples = []

@@ -134,9 +134,9 @@ def test_sample_timestamps_is_pure():
     keys = [i % 25 == 0 for i in range(100)]
     assert sample_timestamps(times, keys, VideoOptions(num_frames=4)) == [1.2, 3.7, 6.2, 8.7]
     assert sample_timestamps(times[:3], keys[:3], VideoOptions(num_frames=8)) == times[:3]
-    assert sample_timestamps(times, keys, VideoOptions(sampling="keyframes")) == [0.0, 2.5, 5.0, 7.5]
-    assert len(sample_timestamps(times, keys, VideoOptions(sampling="fps", fps=1.0))) == 10
-    assert len(sample_timestamps(times, keys, VideoOptions(sampling="fps", fps=100.0, max_frames=7))) == 7
+    assert sample_timestamps(times, keys, VideoOptions(frame_sampling="keyframes")) == [0.0, 2.5, 5.0, 7.5]
+    assert len(sample_timestamps(times, keys, VideoOptions(frame_sampling="fps", fps=1.0))) == 10
+    assert len(sample_timestamps(times, keys, VideoOptions(frame_sampling="fps", fps=100.0, max_frames=7))) == 7
     assert sample_timestamps([], [], VideoOptions()) == []
 
 
