@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import sys
+import types
 import typing
 from typing import Any
 
@@ -114,10 +114,11 @@ def add_options(group: argparse._ArgumentGroup, cls: type) -> None:
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
-            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
             parse = m.get("parse")
             if parse == "size":
-                kw["type"] = functools.partial(parse_size, flag=flag_of(f.name))
+                kw["type"] = str  # parsed in `from_args`, so that a bad size is a one-line ValueError
             elif parse == "rgb":
                 kw["type"] = _rgb
             elif m.get("repeat"):
@@ -138,6 +139,9 @@ def add_options(group: argparse._ArgumentGroup, cls: type) -> None:
 def from_args(cls: type, a: argparse.Namespace, **overrides: Any) -> Any:
     """The dataclass `cls` from the parsed flags (its fields that have one) and `overrides`."""
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if hasattr(a, f.name)}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("parse") == "size" and isinstance(kw.get(f.name), str):
+            kw[f.name] = parse_size(kw[f.name], flag_of(f.name))
     kw.update(overrides)
     return cls(**kw)
 

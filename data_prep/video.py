@@ -11,7 +11,6 @@ FFmpeg cannot decode; none of them crash the job or reach a tar.
 from __future__ import annotations
 
 import io
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,21 +185,3 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
         frame_meta.pop("timestamps")
         samples.append(Sample(key, [(ext, img)] + text_members(caption, frame_meta)))
     return samples
-
-
-def frames_of(sample: dict[str, Any]) -> list[Any]:
-    """The frames of a video sample as read by webdataset (`{'f0000.jpg': ..., ...}`), in time order."""
-    return [sample[k] for k in sorted(k for k in sample if k.startswith("f") and k[1:5].isdigit())]
-
-
-def pick_frames(sample: dict[str, Any], num_frames: int | None, rng: random.Random) -> list[Any]:
-    """Loader helper: one random frame (num_frames=1, image-text training) or T evenly spaced frames (temporal
-    pooling; repeats the last frames of a short video so every sample has exactly T)."""
-    frames = frames_of(sample)
-    if not frames:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no frames")
-    if num_frames == 1:
-        return [frames[rng.randrange(len(frames))]]
-    t = num_frames or len(frames)
-    return [frames[min(len(frames) - 1, int(i * len(frames) / t))] for i in range(t)]
-
