@@ -64,6 +64,7 @@ examples:
   plait prep shard --input yfcc100m_dataset.bz2 --input-format yfcc100m --yfcc-caption title,tags --output yfcc/
   plait prep shard --input webvid.csv --input-format webvid --num-frames 8 --output videos/
   plait prep shard --input /data/list.csv --local-root /data/images --output shards/   # paths under /data/images
+  plait prep index i2d/               # shards from img2dataset or webdataset: sizes.json + offset index
   plait prep verify shards/           # exit status 1 with a report if anything is wrong
   plait prep repair shards/           # retry timeouts, 429/5xx and connection errors into new shards
   jid=$(sbatch --parsable --array=0-15 --wrap 'plait prep shard ... --output shards/')   # one task each
@@ -146,11 +147,16 @@ def from_args(cls: type, a: argparse.Namespace, **overrides: Any) -> Any:
     return cls(**kw)
 
 
+def _index_doc() -> str:
+    from data_prep import index
+    return index.__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt,
                                      epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,repair,merge}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,index,verify,repair,merge}")
 
     p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
                        description="Turn image-text (or video-text) rows into WebDataset shards. Every flag is "
@@ -158,10 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     for title, cls in SECTIONS:
         add_options(p.add_argument_group(title), cls)
 
-    p = sub.add_parser("verify", help="check a dataset: tars, counts, sha256, decodable images",
+    p = sub.add_parser("index", help="make a foreign WebDataset folder (img2dataset, ShardWriter) usable: "
+                       "sizes.json, offset index, stats", formatter_class=fmt, description=_index_doc())
+    from data_prep.index import add_arguments as add_index_arguments
+    add_index_arguments(p)
+    p = sub.add_parser("verify", help="check any WebDataset folder: tars, members, counts, decodable images; "
+                       "plait's: also sha256 and row accounting",
                        formatter_class=fmt)
-    p.add_argument("output", help="dataset folder")
+    p.add_argument("output", help="dataset folder (plait's or any WebDataset folder) or shard pattern")
     p.add_argument("--decode-fraction", type=float, default=0.05, help="fraction of images to decode")
+    p.add_argument("--threads", type=int, default=4, help="shards checked at once")
+    p.add_argument("--fix", action="store_true", help="plait datasets: rebuild damaged shards from the input "
+                   "(as `plait prep repair` does), then verify again")
+    p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes for --fix")
     p = sub.add_parser("repair", help="retry transient failures (timeouts, 429/5xx, connection errors) into new "
                        "shards", formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
@@ -210,15 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.run import format_summary
         print(format_summary(merge(a.output)))
         return 0
+    if a.command == "index":
+        from data_prep.index import main_args
+        return main_args(a)
     if a.command == "verify":
-        from data_prep.verify import verify
+        from data_prep.verify import print_report, verify
         if not 0 <= a.decode_fraction <= 1:  # also refuses nan
             raise ValueError(f"--decode-fraction {a.decode_fraction!r}: must be in [0, 1]")
-        problems = verify(a.output, decode_fraction=a.decode_fraction)
-        for line in problems:
-            print(line)
-        print("ok" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
+        report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        if a.fix and report.bad_shards:
+            from data_prep.repair import rebuild_shards
+            print_report(report)
+            rebuild_shards(a.output, report.bad_shards, processes=a.processes, progress=False)
+            report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        print_report(report)
+        return 0 if report.ok else 1
     if a.command == "repair":
         from data_prep.repair import repair
         if a.processes < 1:
