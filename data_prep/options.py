@@ -19,6 +19,7 @@ RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
                  "fashion-mnist")
 FRAME_SAMPLING = ("uniform", "fps", "keyframes")
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -151,9 +152,17 @@ class FetchOptions:
     respect_optouts: bool = option(True, negative=("--ignore-opt-outs",))
     """drop samples whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex (--ignore-opt-outs:
     keep them)"""
+    allow_schemes: tuple[str, ...] = option((), metavar="SCHEMES")
+    """object stores the table's URLs may name besides http(s), comma-separated: s3, gs, az ... (their endpoint
+    must be a public address unless --allow-private-addresses); any other scheme and chained fsspec URLs
+    (simplecache::...) are rejected per row"""
 
     def __post_init__(self) -> None:
         validate(self)
+        bad = sorted(set(self.allow_schemes) - set(OBJECT_STORE_SCHEMES))
+        if bad:
+            raise ValueError(f"--allow-schemes {','.join(bad)}: expected some of {', '.join(OBJECT_STORE_SCHEMES)} "
+                             "(http and https are always allowed; local paths are not URLs)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
-from data_prep import manifest
+from data_prep import lifeline, manifest
 from data_prep import merge as merge_mod
 from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
@@ -220,8 +220,8 @@ def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], proces
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["data_prep.worker", "data_prep.video"])
         counter_value = ctx.Value("q", 0)
-        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=init_worker,
-                                 initargs=(counter_value,)) as pool:
+        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_pool_worker,
+                                 initargs=(os.getpid(), counter_value)) as pool:
             pending: set = set()
             for shard_id, unit in units:
                 pending.add(pool.submit(build_shard, opts, shard_id, unit))
@@ -232,6 +232,11 @@ def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], proces
     if bar is not None:
         bar.close()
     return finished
+
+
+def _init_pool_worker(main_pid: int, counter_value) -> None:
+    lifeline.tie_to(main_pid)  # a kill -9 of the job must not leave its workers fetching for nobody
+    init_worker(counter_value)
 
 
 def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,

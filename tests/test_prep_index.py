@@ -24,8 +24,6 @@ except ModuleNotFoundError:
 
 from data_prep.sources import fashion_mnist_caption
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def shardwriter_folder(folder: Path, n: int = 96, per_shard: int = 32) -> str:
     """Real Fashion-MNIST photos written by webdataset's own ShardWriter: no sizes.json, no stats, no index."""
@@ -39,7 +37,7 @@ def shardwriter_folder(folder: Path, n: int = 96, per_shard: int = 32) -> str:
 
 
 def train_argv(run_dir: Path, shards: str, *overrides: str) -> list[str]:
-    return ["train", "--config", str(ROOT / "configs" / "tiny.toml"), "--set", f"data.train_shards={shards}",
+    return ["train", "--config", "tiny", "--set", f"data.train_shards={shards}",
             "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=16", "--set", "data.num_workers=0",
             "--set", "train.steps=2", "--set", "train.checkpoint_every=0", "--set", "train.log_every=1",
             *[a for o in overrides for a in ("--set", o)]]
