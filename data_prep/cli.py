@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt,
                                      epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,index,verify,repair,merge}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{shard,index,verify,repair,merge,score,filter}")
 
     p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
                        description="Turn image-text (or video-text) rows into WebDataset shards. Every flag is "
@@ -185,7 +186,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="write sizes.json and manifests once every array task is done",
                        formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
+    _add_score_filter(sub)
     return parser
+
+
+def _add_score_filter(sub) -> None:
+    from data_prep import score
+    p = sub.add_parser("score", help="image-text cosine of every sample under an exported model (CLIP score)",
+                       formatter_class=_Help, description=score.__doc__.split("\n\n")[0], epilog="\n\n".join(
+                           score.__doc__.split("\n\n")[1:]))
+    score.add_arguments(p)
+    p = sub.add_parser("filter", help="a new dataset of the samples that pass score, dedup and rule thresholds",
+                       formatter_class=_Help, description="Write a new dataset of the selected samples of a plait "
+                       "dataset, copying their tar members (no refetch, no re-encode).",
+                       epilog=_filter_epilog())
+    p.add_argument("dataset", help="source plait dataset folder")
+    p.add_argument("--output", required=True, help="folder of the new dataset")
+    p.add_argument("--scores", default=None, help="score folder (default: DATASET/scores)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--min-score", type=float, default=None, help="keep samples whose score is at least S (-1..1)")
+    g.add_argument("--top-fraction", type=float, default=None, help="keep the best-scored fraction F (0..1] of "
+                   "the scored samples")
+    p.add_argument("--dedup-embeddings", type=float, default=None, metavar="THRESH", help="drop samples whose image "
+                   "embedding has cosine >= THRESH to a kept, better-scored one (needs `prep score --embeddings`)")
+    p.add_argument("--min-image-size", type=int, default=0, help="drop samples whose stored image's shorter side "
+                   "is smaller (pixels)")
+    p.add_argument("--caption-rule", action="append", default=None, metavar="RULE", help="min-words=N, max-words=N, "
+                   "min-chars=N, max-chars=N or exclude=REGEX (repeatable)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the near-duplicate search runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _filter_epilog() -> str:
+    from data_prep import filter as filter_mod
+    return "\n\n".join(filter_mod.__doc__.split("\n\n")[1:])
 
 
 def job_options(a: argparse.Namespace) -> JobOptions:
@@ -240,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
             report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
         print_report(report)
         return 0 if report.ok else 1
+    if a.command == "score":
+        from data_prep import score
+        summary = score.score(score.options(a))
+        if summary:
+            print(score.format_summary(summary))
+        return 0
+    if a.command == "filter":
+        from data_prep import filter as filter_mod
+        opts = filter_mod.FilterOptions(
+            dataset=a.dataset, output=a.output, scores=a.scores, min_score=a.min_score, top_fraction=a.top_fraction,
+            dedup_embeddings=a.dedup_embeddings, min_image_size=a.min_image_size,
+            caption_rules=tuple(a.caption_rule or ()), device=a.device, progress=not a.no_progress)
+        print(filter_mod.format_summary(filter_mod.filter_dataset(opts)))
+        return 0
     if a.command == "repair":
         from data_prep.repair import repair
         if a.processes < 1:
