@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="dataset folder")
     p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("merge", help="write sizes.json and manifests once every array task is done",
+    p = sub.add_parser("merge", help="write sizes.json and manifests once every array task is done (a folder "
+                       "plait did not write: what `index` writes)",
                        formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
     _add_score_filter(sub)
@@ -257,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "merge":
         from data_prep.merge import merge
         from data_prep.run import format_summary
+        from data_prep.writer import OutputDir
+        if not OutputDir(a.output).exists("_plan.json"):  # shards from elsewhere: their sizes.json is the index's
+            from data_prep.index import IndexOptions, index
+            print(f"{a.output}: not a plait dataset (no _plan.json): writing sizes.json with `plait prep index`")
+            return 1 if any(s.error for s in index(IndexOptions(a.output, progress=False))) else 0
         print(format_summary(merge(a.output)))
         return 0
     if a.command == "index":

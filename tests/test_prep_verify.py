@@ -72,15 +72,16 @@ def test_verify_any_webdataset_folder(tmp_path, capsys):
     images, _ = read_fmnist("train", 1)
     bad_jpg = encode(images[0], "jpg")[:60]
     members, payloads = [], []
-    for name, data in (("s9000.jpg", bad_jpg), ("s9000.txt", b"truncated image"), ("s9001.jpg", encode(images[0], "jpg")),
-                       ("s0001.txt", b"key of part-000"), ("s0001.jpg", encode(images[0], "jpg")),
-                       ("s9002.txt", b"\xff\xfe not utf-8"), ("s9002.jpg", encode(images[0], "jpg")),
+    good_jpg = encode(images[0], "jpg")
+    for name, data in (("s9000.jpg", bad_jpg), ("s9000.txt", b"truncated image"), ("s9001.jpg", good_jpg),
+                       ("s0001.txt", b"key of part-000"), ("s0001.jpg", good_jpg),
+                       ("s9002.txt", b"\xff\xfe not utf-8"), ("s9002.jpg", good_jpg),
                        ("s9002.pyd", pickle.dumps(_Trap(marker)))):
         info = tarfile.TarInfo(name)
         info.size = len(data)
         members.append(info)
         payloads.append(data)
-    # rebuild part-001 with these members after its own (appending keeps the end-of-archive blocks valid)
+    # appended after part-001's own members (tarfile's append mode rewrites the end-of-archive blocks)
     _append(folder / "part-001.tar", members, payloads)
     (folder / "sizes.json").write_text(json.dumps({"part-000.tar": 4, "part-001.tar": 4}))
     report = verify(str(folder), decode_fraction=1.0)
