@@ -188,7 +188,10 @@ def write_index(scans: list[ShardScan]) -> dict[str, dict[str, int]]:
     written = {}
     for folder, group in by_folder.items():
         out = OutputDir(folder or ".")
-        sizes = read_sizes(out)
+        try:
+            sizes = read_sizes(out)
+        except ValueError:  # a damaged sizes.json is what index exists to rewrite
+            sizes = {}
         for scan in group:
             if scan.error is not None:
                 sizes.pop(scan.name, None)  # a count for a tar that does not read to its end would mislead
@@ -249,9 +252,11 @@ def train_hint(pattern: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="DIR_OR_PATTERN", help="folder, shard, brace pattern "
-                   "('shards/{00000..00099}.tar') or glob; local path or fsspec URL")
-    p.add_argument("--threads", type=int, default=IndexOptions.threads, help="shards scanned at once")
+    """The `plait prep index` flags; their help is IndexOptions' field docstrings."""
+    from pipeline.config import field_docs
+    docs = field_docs(IndexOptions)
+    p.add_argument("target", metavar="DIR_OR_PATTERN", help=docs["target"])
+    p.add_argument("--threads", type=int, default=IndexOptions.threads, help=docs["threads"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
