@@ -187,7 +187,8 @@ def run_plait(corpus: Path, out: Path, a: argparse.Namespace, per_shard: int) ->
     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--output", str(out),
            "--image-size", "256", "--resize-mode", "keep_ratio", "--encode-quality", "95", "--processes",
            str(a.processes), "--samples-per-shard", str(per_shard), "--no-dedup", "--no-progress",
-           "--threads", str(a.threads), "--max-per-host", str(a.max_per_host), "--allow-private-addresses"]
+           "--threads", str(a.threads), "--max-per-host", str(a.max_per_host), "--allow-private-addresses",
+           "--local-root", "/usr/share"]  # the photos' folders (opencv-doc, mate-backgrounds)
     tree = a.plait_tree or str(REPO)
     t = time.perf_counter()
     subprocess.run(cmd, cwd=tree, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": tree})

@@ -4,8 +4,8 @@ Every folder (plait's, img2dataset's, webdataset.ShardWriter's, hand-made): each
 regular files only (directories and links are reported: webdataset skips them silently); every member name has
 a key and an extension; no sample repeats an extension or reappears later in its shard; every sample has an
 image-like and a text-like member; a deterministic fraction of the images decodes, and every caption is UTF-8
-and every .json parses; no key appears in two shards; sizes.json and the S.idx.json offset indexes, where
-present, agree with the tars; no temporary files are left over.
+and every .json parses; no key appears in two shards; sizes.json, the per-shard stats files' counts and the
+S.idx.json offset indexes, where present, agree with the tars; no temporary files are left over.
 
 Only members the loader uses are decoded, each with an explicit decoder (PIL restricted to image formats, UTF-8,
 json); nothing is unpickled (webdataset's default decoders would unpickle .pyd/.pth members).
@@ -132,6 +132,8 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
             elif table[res.name] != len(res.keys):
                 report.problems.append(f"{res.name}: sizes.json says {table[res.name]}, the tar holds "
                                        f"{len(res.keys)} samples")
+        if res.readable:
+            report.problems += _check_stats_count(url, res)
         for key in res.keys:
             if key in seen and seen[key] != res.name:
                 duplicates += 1
@@ -148,6 +150,24 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
         why = f" (all {report.rows['num_input_rows']} input rows rejected)" if report.rows else ""
         report.problems.append(f"{target}: the dataset holds no samples{why}")
     return report
+
+
+def _check_stats_count(url: str, res: ShardResult) -> list[str]:
+    """The loader falls back on a shard's own stats file (plait: num_samples, img2dataset: successes) for its
+    count when sizes.json lacks it, so that count must be the tar's too."""
+    import fsspec
+    stats_url = url[: -len(".tar")] + "_stats.json"
+    fs, path = fsspec.core.url_to_fs(stats_url)
+    try:
+        stats = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return []
+    except ValueError as exn:
+        return [f"{posixpath.basename(stats_url)}: not valid JSON ({exn})"]
+    key = next((k for k in ("num_samples", "successes") if isinstance(stats, dict) and k in stats), None)
+    if key is not None and stats[key] != len(res.keys):
+        return [f"{posixpath.basename(stats_url)}: {key} {stats[key]!r}, the tar holds {len(res.keys)} samples"]
+    return []
 
 
 def _damage(problem: str) -> bool:

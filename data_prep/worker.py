@@ -16,7 +16,7 @@ from data_prep.fetch import Fetcher, redact
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image
-from data_prep.sources import Row
+from data_prep.sources import Row, is_local, local_access, resolve_local
 from data_prep.writer import OutputDir, Sample, write_shard
 
 _progress = None  # multiprocessing.Value('q') of processed rows, set by the pool initializer
@@ -68,6 +68,7 @@ class ShardBuild:
         self.opts, self.shard_id, self.num_rows = opts, shard_id, len(rows)
         self.earlier = earlier_hashes(opts.dedup_against)
         caption_required = opts.source.caption_col is not None and opts.source.input_format != "txt"
+        roots, base = local_access(opts.source)
         self.records: list[dict[str, Any]] = []
         self.captions: dict[int, str] = {}
         self.to_fetch: list[tuple[Row, str | None]] = []
@@ -81,7 +82,10 @@ class ShardBuild:
                 if row.pixels is None and not row.url:
                     raise Reject("missing url")
                 self.captions[row.index] = clean_caption(row.caption, opts.image, required=caption_required)
-                self.to_fetch.append((row, None if row.pixels is not None else row.url))
+                # a local path from the input is read only under the allowed folders, through its real path
+                url = None if row.pixels is not None else \
+                    resolve_local(row.url, roots, base) if is_local(row.url) else row.url
+                self.to_fetch.append((row, url))
             except Reject as r:
                 _reject(rec, r)
                 _tick()
@@ -142,7 +146,7 @@ def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
                   sha: str) -> list[Sample]:
     meta = {"key": rec["key"], "caption": caption, "url": rec["url"], "status": "success", "sha256": sha,
             **row.extra}
-    if opts.video.enabled:
+    if opts.video.video:
         from data_prep.video import video_samples
         return video_samples(opts, row, rec, data, caption, meta)
     enc = process_image(data, opts.image, pixels=row.pixels)
