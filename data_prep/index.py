@@ -116,7 +116,9 @@ def scan_shard(url: str) -> ShardScan:
     members: set[str] = set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            data_end = 0
             for info in tar:
+                data_end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not info.isreg():
                     scan.other_members.append(info.name)
                     continue
@@ -136,6 +138,9 @@ def scan_shard(url: str) -> ShardScan:
                 tar.members = []  # headers only: no need to keep every TarInfo of a 30k-member shard
             _close_sample(scan, members)
             scan.tar_bytes = fs.size(path)
+        if scan.tar_bytes < data_end + 2 * tarfile.BLOCKSIZE:  # a writer killed between two members
+            scan.error = (f"truncated tar: no end-of-archive blocks after its last member ({scan.num_samples} "
+                          "samples read)")
     except FileNotFoundError:
         scan.error = "missing"
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exn:
