@@ -108,6 +108,11 @@ def find_shards(target: str) -> list[str]:
     return urls
 
 
+def is_meta(name: str) -> bool:
+    """webdataset's metadata members (`__key__`-like names), which its tar reader skips."""
+    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
+
+
 def scan_shard(url: str) -> ShardScan:
     """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
     scan = ShardScan(url)
@@ -123,7 +128,7 @@ def scan_shard(url: str) -> ShardScan:
                     scan.other_members.append(info.name)
                     continue
                 name = info.name
-                if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                if is_meta(name):
                     continue
                 key, ext = base_plus_ext(name)
                 if key is None:
