@@ -356,7 +356,7 @@ def score(opts: ScoreOptions) -> dict[str, Any]:
                                  ft[i] if opts.embeddings else None))
         res.rows += [(key, None, reason, None, None) for key, reason in batch["bad"]]
         if bar is not None:
-            bar.update(len(batch["keys"]) + len(batch["bad"]))
+            bar.update((len(batch["keys"]) + len(batch["bad"])) * world)
         if batch["done"]:
             shard = batch["shard"]
             results.pop(shard).write(out, dim if opts.embeddings else None, expected_keys(dataset, shard),
@@ -403,8 +403,9 @@ def _bar(enabled: bool, dataset: Dataset, mine: list[str], world: int):
         return None
     from tqdm import tqdm
     total = sum(dataset.sizes.get(s, 0) for s in mine) * world if dataset.sizes else None
+    # rank 0 counts its own samples times the ranks: the others score equal shares of the shards
     return tqdm(total=total, unit=" samples", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                desc=f"scoring ({world} rank{'s' if world > 1 else ''}, rank 0 shown x{world})")
+                desc="scoring" if world == 1 else f"scoring ({world} ranks, estimated from rank 0)")
 
 
 def summarize(out: OutputDir, dataset: Dataset, seconds: float, scored_now: list[str]) -> dict[str, Any]:
