@@ -105,17 +105,23 @@ def build_in_workers(opts: JobOptions, units: Iterator[Unit], processes: int,
     for w in workers:
         w.start()
     load = [0] * processes  # units handed to each worker and not finished
+    failure: Exception | None = None
     try:
-        for unit in units:
-            while min(load) >= UNITS_PER_WORKER:
-                yield from _collect(results, workers, load, counter, on_progress)
-            i = load.index(min(load))
-            inboxes[i].put(unit)
-            load[i] += 1
+        try:
+            for unit in units:
+                while min(load) >= UNITS_PER_WORKER:
+                    yield from _collect(results, workers, load, counter, on_progress)
+                i = load.index(min(load))
+                inboxes[i].put(unit)
+                load[i] += 1
+        except Exception as e:  # the input failed: finish the shards already handed out (resume skips them)
+            failure = e
         for inbox in inboxes:
             inbox.put(None)
         while sum(load):
             yield from _collect(results, workers, load, counter, on_progress)
+        if failure is not None:
+            raise failure
         for w in workers:
             w.join(10)
     finally:

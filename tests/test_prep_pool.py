@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
-from data_prep.cli import main
-from tests.prep_corpus import asymmetric_rgb, jpeg_bytes, shard_members
+from data_prep import run
+from data_prep.cli import build_parser, job_options, main
+from data_prep.sources import read_rows
+from tests.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos, shard_members
 from tests.rude_server import RudeServer, reply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +88,24 @@ def test_web_benchmark_smoke(tmp_path):
     seen = result["politeness"]["web"]
     assert seen["early_retries"] == 0 and seen["status"].get("429", 0) + seen["status"].get("503", 0) > 0
     assert max(seen["max_active"].values()) <= 2 * 8  # 2 processes x --max-per-host 8
+
+
+def test_input_failure_with_workers_finishes_the_shards_handed_out(tmp_path):
+    photos = real_photos(limit=12)
+    table = _table(tmp_path / "in.jsonl", photos * 2)
+    out = tmp_path / "out"
+    opts = job_options(build_parser().parse_args(
+        ["shard", "--input", str(table), "--output", str(out), "--samples-per-shard", "4", "--image-size", "32",
+         "--local-root", "/usr/share/doc/opencv-doc", "--no-dedup"]))
+
+    def dies_at_row_17():
+        for row in read_rows(opts.source):
+            if row.index == 17:
+                raise RuntimeError("input lost")
+            yield row
+
+    with pytest.raises(RuntimeError, match="input lost"):
+        run.run_task(opts, processes=2, rows=dies_at_row_17(), progress=False, log=lambda _: None)
+    # rows 0-15 made four whole units before the failure: every one of them was built, none left half-done
+    assert sorted(p.name for p in out.glob("*_stats.json")) == [f"0000{i}_stats.json" for i in range(4)]
+    assert not list(out.glob("*.tmp*"))
