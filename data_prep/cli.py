@@ -36,6 +36,21 @@ Rerun the same command to resume. On SLURM: one array task per --task-index (or 
 `plait prep merge OUTPUT`."""
 
 
+WEB_SIZING = """\
+sizing for a web corpus (P = --processes, T = --threads, H = --max-per-host):
+  P  the CPU cores: decoding and resizing is the work (about 50 photos/s per core on a 2-core VM); downloads
+     are threads, not processes.
+  T  downloads in flight per process: T / seconds per download >= photos/s one core processes, with room for
+     jitter and retries. The default 16 covers ~150 ms per download; far or slow servers need 32-64.
+  H  open requests per process to one host, so a host sees up to P x H. Many hosts (LAION, CC12M): the cap
+     rarely binds, keep the default. One dominant host (YFCC100M's Flickr static hosts): that host alone feeds
+     every core, so H / seconds per download must reach photos/s per core (8 at 100 ms allows 80/s); if the
+     host's own limit is lower, the job runs at P x H / seconds per download, whatever T is.
+  Each process keeps max(128, 4 x T) rows fetching ahead of its decoding, across shard boundaries, and decodes
+  rows as they arrive, so a Retry-After of a second or a slow body does not idle its core; the shards are the
+  same as with local files. Measured with benchmarks/bench_prep_web.py (README, "Prep over the web")."""
+
+
 def _csv_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -161,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
                        description="Turn image-text (or video-text) rows into WebDataset shards. Every flag is "
-                       "a field of data_prep/options.py (same name, dashes for underscores).", epilog=LAYOUT)
+                       "a field of data_prep/options.py (same name, dashes for underscores).",
+                       epilog=LAYOUT + "\n\n" + WEB_SIZING)
     for title, cls in SECTIONS:
         add_options(p.add_argument_group(title), cls)
 

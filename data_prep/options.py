@@ -130,7 +130,7 @@ class SourceOptions:
 @dataclass(frozen=True)
 class FetchOptions:
     timeout_s: float = option(10.0, gt=0, aliases=("--timeout",))
-    """seconds for one whole http transfer"""
+    """seconds for one attempt at an http(s) URL, all of it: connect, TLS, headers, redirects, error page, body"""
     retries: int = option(2, ge=0)
     """retries of timeouts, 429, 5xx, connection errors"""
     backoff_s: float = option(0.5, ge=0, aliases=("--backoff",))
@@ -138,9 +138,10 @@ class FetchOptions:
     max_retry_after_s: float = option(30.0, ge=0, aliases=("--max-retry-after",))
     """longest Retry-After (seconds) to wait for; a longer one fails the row as transient"""
     max_per_host: int = option(8, gt=0)
-    """concurrent requests per host and process"""
+    """concurrent requests per host and process: a host sees up to processes x this (see "sizing" below)"""
     threads: int = option(16, gt=0)
-    """download threads per process"""
+    """download threads per process; each process also keeps max(128, 4 x threads) rows fetching ahead, across
+    shard boundaries (see "sizing" below)"""
     max_bytes: int = option(64 * 2**20, gt=0, parse="size", metavar="SIZE")
     """reject larger downloads (bytes, or 64MiB, 1GB ...)"""
     max_redirects: int = option(5, ge=0)
