@@ -1,14 +1,18 @@
 """Builds the image and text towers as an open_clip model, so that checkpoints stay loadable by open_clip."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.models.packing import Packing
 from pipeline.models.sizes import model_config
+
+if TYPE_CHECKING:  # an annotation only: pipeline.config imports the objective units, which import this module
+    from pipeline.config import ModelConfig
 
 
 def resolved_model_config(cfg: ModelConfig) -> dict:
