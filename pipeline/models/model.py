@@ -9,6 +9,8 @@ import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import open_clip
+import open_clip
 import torch
 from torch import nn
 
@@ -82,4 +84,5 @@ def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
     clip = build_clip(model_cfg)
     heads = {unit.name: head for unit in units if (head := unit.head(clip, model_cfg)) is not None}
     return PlaitModel(clip, heads, objective.max_logit_scale, uses_logit_scale=any(u.uses_logit_scale for u in units),
+                      trim_text=isinstance(clip, open_clip.CLIP),  # an HF text tower has its own forward only
                       units=units)
