@@ -31,6 +31,8 @@ CONFIGS = {
     "ae_bilinear": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "bilinear"},
     "ae_attention": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "attention"},
     "adversarial": {"adversarial": 0.1, "adversarial_warmup_steps": 4},
+    "itm": {"itm": {"weight": 1.0, "layers": 1}},
+    "flip_itm": {"flip": {"mask_ratio": 0.5}, "itm": {"weight": 1.0, "layers": 1}},
 }
 
 
@@ -133,7 +135,7 @@ def test_alternating_adversarial_updates_train_one_player_per_step():
 
 @pytest.mark.parametrize("name,key,ratio", [("flip_mae_mlm", "mae", 0.8), ("flip_mae_mlm", "mlm", 0.6),
                                             ("ae_bilinear", "autoencoder", 0.6), ("contrastive", "contrastive", 0.6),
-                                            ("siglip", "siglip", 0.6)])
+                                            ("siglip", "siglip", 0.6), ("flip_itm", "itm", 0.8)])
 def test_short_optimisation_lowers_each_loss(name, key, ratio):
     """Fifty AdamW steps on one fixed batch: each objective's own loss falls well below its start (MAE less:
     the masked patches of noise images are partly unpredictable)."""
