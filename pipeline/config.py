@@ -91,7 +91,8 @@ class DataConfig:
     train_shards: str = ""
     """Training shards: a brace-expanded path or fsspec URL (`data/{00000..00009}.tar`, `s3://b/{0..99}.tar`),
     several datasets joined with `::`, each optionally weighted as `spec@weight` (its share of the samples,
-    resampled mode only). Sample counts come from sizes.json beside the shards (or per-shard *_stats.json)."""
+    resampled mode only). Sample counts come from sizes.json beside the shards (or per-shard *_stats.json);
+    `plait prep index` writes them for shards from elsewhere, and resampled mode estimates missing ones."""
     mode: str = choice("exact", "exact", "resampled")
     """exact: every sample once per epoch across all ranks and workers. resampled: shards drawn with
     replacement, for huge datasets and short virtual epochs."""
