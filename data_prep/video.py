@@ -18,6 +18,7 @@ from typing import Any
 from data_prep.options import ImageOptions, JobOptions, VideoOptions
 from data_prep.process import Reject, encode, resize, target_geometry
 from data_prep.sources import Row
+from data_prep.layout import frame_member, frame_number, text_members
 from data_prep.writer import Sample
 
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
@@ -163,8 +164,6 @@ def _resize_frame(frame, iopts: ImageOptions):
 
 def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
                   meta: dict[str, Any]) -> list[Sample]:
-    from data_prep.worker import text_members
-
     fr = decode_frames(data, opts.video, opts.image, row.start_s, row.end_s)
     ext = opts.image.encode_format
     rec.update(width=fr.width, height=fr.height, original_width=fr.original_width,
@@ -177,7 +176,7 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
     if row.start_s is not None or row.end_s is not None:
         meta.update(start=row.start_s, end=row.end_s)
     if not opts.video.per_frame_samples:
-        frames = [(f"f{i:04d}.{ext}", img) for i, img in enumerate(fr.images)]
+        frames = [(frame_member(i, ext), img) for i, img in enumerate(fr.images)]
         return [Sample(rec["key"], frames + text_members(caption, meta))]
     samples = []
     for i, (img, t) in enumerate(zip(fr.images, fr.timestamps)):
@@ -190,7 +189,7 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
 
 def frames_of(sample: dict[str, Any]) -> list[Any]:
     """The frames of a video sample as read by webdataset (`{'f0000.jpg': ..., ...}`), in time order."""
-    return [sample[k] for k in sorted(k for k in sample if k.startswith("f") and k[1:5].isdigit())]
+    return [sample[k] for k in sorted((k for k in sample if frame_number(k) is not None), key=frame_number)]
 
 
 def pick_frames(sample: dict[str, Any], num_frames: int | None, rng: random.Random) -> list[Any]:

@@ -18,6 +18,8 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
+from data_prep import layout
+
 
 @dataclass(frozen=True)
 class ShardSet:
@@ -90,12 +92,12 @@ def shard_sizes(urls: list[str]) -> list[int]:
     for url in urls:
         folder, name = posixpath.split(url)
         if folder not in by_folder:
-            by_folder[folder] = _read_json(posixpath.join(folder, "sizes.json"))
+            by_folder[folder] = _read_json(posixpath.join(folder, layout.SIZES_FILE))
         table = by_folder[folder]
         if table is not None and name in table:
             sizes.append(int(table[name]))
             continue
-        stats = _read_json(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
+        stats = _read_json(layout.sibling(url, layout.STATS_SUFFIX)) if url.endswith(layout.TAR_SUFFIX) else None
         count = None if stats is None else next((stats[k] for k in _COUNT_KEYS if k in stats), None)
         if count is None:
             raise FileNotFoundError(f"no sample count for {url}: expected {folder}/sizes.json (plait prep merge) "
