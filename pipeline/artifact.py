@@ -131,9 +131,10 @@ def require_close(error: float, atol: float, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ model card
 def write_model_card(folder: Path, fmt: str, name: str, dtype: str, model_cfg: dict, meta: dict | None,
-                     usage: list[str], check: dict, state: dict, cast: dict) -> None:
-    """README.md + plait_metadata.json for an export in `folder` (pipeline/model_card.py), with the self-check
-    and how far the dtype cast moved the embeddings from the fp32 weights (absent for fp32 exports)."""
+                     check: dict, state: dict, cast: dict) -> None:
+    """README.md + plait_metadata.json for an export in `folder` (pipeline/model_card.py, which also writes the
+    loading code), with the self-check and how far the dtype cast moved the embeddings from the fp32 weights
+    (absent for fp32 exports)."""
     meta = dict(meta or {})
     check = dict(check)
     if dtype != "fp32":
@@ -142,7 +143,7 @@ def write_model_card(folder: Path, fmt: str, name: str, dtype: str, model_cfg: d
                                          embeddings(reference_model(cast, model_cfg), images, tokens))
     ctx = model_cfg["text_cfg"].get("context_length", 77)
     meta.update({"name": name, "format": fmt, "dtype": dtype, "model_cfg": model_cfg,
-                 "preprocess_cfg": preprocess_cfg(model_cfg), "usage": usage, "self_check": check,
+                 "preprocess_cfg": preprocess_cfg(model_cfg), "self_check": check,
                  "tokenizer": {"type": "open_clip SimpleTokenizer (CLIP BPE, bundled vocabulary)",
                                "context_length": ctx, "pad_id": 0, "sot_id": 49406, "eot_id": 49407}})
     write_card(folder, meta)

@@ -79,14 +79,8 @@ def export_open_clip(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: s
         error = max(max_error(expected, embeddings(from_dir.float(), images, tokens)),
                     max_error(expected, embeddings(from_pt.float(), images, tokens)))
         require_close(error, atol, "open_clip embeddings")
-        usage = ["import open_clip",
-                 f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{out}')",
-                 f"tokenizer = open_clip.get_tokenizer('local-dir:{out}')",
-                 "# or: the single .pt with a registered config",
-                 f"open_clip.add_model_config('{out}/{name}.json')",
-                 f"model = open_clip.create_model('{name}', pretrained='{out}/open_clip_model.pt')"]
         check = {"max_abs_error": error, "tolerance": atol, "compared": "image+text embeddings, local-dir and .pt"}
-        write_model_card(tmp, "open_clip", name, dtype, model_cfg, meta, usage, check, state, cast)
+        write_model_card(tmp, "open_clip", name, dtype, model_cfg, meta, check, state, cast)
         if add_files is not None:
             add_files(tmp)
     return out
@@ -110,12 +104,8 @@ def export_safetensors(state: dict[str, torch.Tensor], model_cfg: dict, out_dir:
             if reloaded.keys() != tensors.keys() or any(not torch.equal(reloaded[k], tensors[k]) for k in tensors):
                 raise RuntimeError(f"export self-check failed: {file} does not read back identically")
         (tmp / "model_config.json").write_text(json.dumps(model_cfg, indent=2))
-        usage = ["from safetensors.torch import load_file",
-                 f"towers = load_file('{out}/towers.safetensors')  # open_clip key names: visual.*, transformer.*",
-                 *([f"heads = load_file('{out}/heads.safetensors')"] if heads else [])]
         check = {"max_abs_error": 0.0, "tolerance": 0.0, "compared": "tensors read back bit for bit"}
-        write_model_card(tmp, "safetensors", name, dtype, model_cfg, meta, usage, check, state,
-                         files["towers.safetensors"])
+        write_model_card(tmp, "safetensors", name, dtype, model_cfg, meta, check, state, files["towers.safetensors"])
         if add_files is not None:
             add_files(tmp)
     return out

@@ -50,8 +50,9 @@ def hf_config(model_cfg: dict) -> dict:
         if key not in TOP_FREE and not (key == "init_logit_bias" and value is None):
             raise _unsupported(f"model_cfg.{key}" if key != "init_logit_bias"
                                else "a sigmoid-loss model (logit_bias)")
-    if model_cfg.get("custom_text"):
-        raise _unsupported("a custom (Hugging Face) text tower")
+    if model_cfg.get("custom_text") or model_cfg["text_cfg"].get("hf_model_name"):
+        raise _unsupported(f"a Hugging Face text tower ({model_cfg['text_cfg'].get('hf_model_name', 'custom')}; "
+                           "CLIPModel's text model is CLIP's own transformer, not BERT)")
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     _check_defaults(vision, CLIPVisionCfg, VISION_FREE, "vision_cfg")
     _check_defaults(text, CLIPTextCfg, TEXT_FREE, "text_cfg")
@@ -182,11 +183,8 @@ def export_hf(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Pa
             got = hf(input_ids=tokens, pixel_values=images).logits_per_image
         error = (expected - got).abs().max().item()
         require_close(error, atol, "HF logits and open_clip's")
-        usage = ["from transformers import CLIPModel, CLIPProcessor",
-                 f"model = CLIPModel.from_pretrained('{out}')",
-                 f"processor = CLIPProcessor.from_pretrained('{out}')"]
         check = {"max_abs_error": error, "tolerance": atol, "compared": "logits_per_image vs open_clip"}
-        write_model_card(tmp, "hf", name, dtype, model_cfg, meta, usage, check, state, cast)
+        write_model_card(tmp, "hf", name, dtype, model_cfg, meta, check, state, cast)
         if add_files is not None:
             add_files(tmp)
     return out

@@ -35,6 +35,7 @@ from pipeline.config import Config, TrainConfig, describe, load_config, save_con
 from pipeline.data import TrainStream
 from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
+from pipeline.models.pretrained import start_from
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
 from pipeline.optim import build_optimizer, lr_at, schedule_signature, set_lr
@@ -99,12 +100,16 @@ class Parts:
     global_batch: int
 
 
-def build_parts(cfg: Config, accelerator: Accelerator, world: World) -> Parts:
+def build_parts(cfg: Config, accelerator: Accelerator, world: World, resuming: Path | None) -> Parts:
     """The model (the same initial weights on every rank; afterwards each rank draws its own masks), its
-    optimizer and objective, the data stream and the run's restartable state."""
+    optimizer and objective, the data stream and the run's restartable state. When `resuming` a checkpoint,
+    pretrained weights are not loaded: the checkpoint has the weights."""
     set_seed(cfg.train.seed)
-    model_cfg = resolved_model_config(cfg.model)
+    model_cfg = resolved_model_config(cfg.model, resuming)
     model = build_model(model_cfg, cfg.objective)
+    started_from = start_from(model, cfg.model, model_cfg, load_weights=resuming is None)  # pretrained weights, locks
+    if started_from:
+        print0(world, f"plait train: {started_from}")
     if cfg.model.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     promoted = sharded_state.prepare_model(accelerator, model, cfg.train.compile)  # () unless FSDP
@@ -226,11 +231,11 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_config(cfg, run_dir / "config.toml")
-    parts = build_parts(cfg, accelerator, world)
-    print0(world, describe_run(parts, cfg))
-    trainer = parts.state.trainer
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last)
     resume_from = checkpointer.resolve(resume)
+    parts = build_parts(cfg, accelerator, world, resume_from)
+    print0(world, describe_run(parts, cfg))
+    trainer = parts.state.trainer
     if resume_from is not None:
         checkpointer.restore(resume_from, parts.state, world.rank)
         print0(world, f"resumed from {resume_from} at step {trainer.step}")
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain image-text towers (open_clip architectures) on WebDataset shards with Accelerate.",
         epilog=f"Exit status: 0 done, {EXIT_REQUEUE} checkpointed on SIGTERM/SIGUSR1 (requeue me and resume with "
                "--resume auto), 2 bad input.\nConfig keys (--set section.key=value):\n" + "\n".join(describe()))
-    parser.add_argument("--config", help="TOML preset (e.g. configs/tiny.toml); defaults apply to missing keys")
+    parser.add_argument("--config", help="preset name (tiny, demo, clip-vit-b32-gpu, flip-mae-vit-b16-4node) or TOML file; defaults apply to missing keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=5e-4 (repeatable)")
     parser.add_argument("--resume", metavar="auto|CKPT",
