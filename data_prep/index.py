@@ -110,6 +110,11 @@ def find_shards(target: str) -> list[str]:
     return urls
 
 
+def is_meta(name: str) -> bool:
+    """webdataset's metadata members (`__key__`-like names), which its tar reader skips."""
+    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
+
+
 def scan_shard(url: str) -> ShardScan:
     """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
     scan = ShardScan(url)
@@ -118,12 +123,14 @@ def scan_shard(url: str) -> ShardScan:
     members: set[str] = set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            data_end = 0
             for info in tar:
+                data_end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not info.isreg():
                     scan.other_members.append(info.name)
                     continue
                 name = info.name
-                if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                if is_meta(name):
                     continue
                 key, ext = base_plus_ext(name)
                 if key is None:
@@ -138,6 +145,9 @@ def scan_shard(url: str) -> ShardScan:
                 tar.members = []  # headers only: no need to keep every TarInfo of a 30k-member shard
             _close_sample(scan, members)
             scan.tar_bytes = fs.size(path)
+        if scan.tar_bytes < data_end + 2 * tarfile.BLOCKSIZE:  # a writer killed between two members
+            scan.error = (f"truncated tar: no end-of-archive blocks after its last member ({scan.num_samples} "
+                          "samples read)")
     except FileNotFoundError:
         scan.error = "missing"
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exn:
@@ -190,7 +200,10 @@ def write_index(scans: list[ShardScan]) -> dict[str, dict[str, int]]:
     written = {}
     for folder, group in by_folder.items():
         out = OutputDir(folder or ".")
-        sizes = read_sizes(out)
+        try:
+            sizes = read_sizes(out)
+        except ValueError:  # a damaged sizes.json is what index exists to rewrite
+            sizes = {}
         for scan in group:
             if scan.error is not None:
                 sizes.pop(scan.name, None)  # a count for a tar that does not read to its end would mislead
@@ -251,9 +264,11 @@ def train_hint(pattern: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="DIR_OR_PATTERN", help="folder, shard, brace pattern "
-                   "('shards/{00000..00099}.tar') or glob; local path or fsspec URL")
-    p.add_argument("--threads", type=int, default=IndexOptions.threads, help="shards scanned at once")
+    """The `plait prep index` flags; their help is IndexOptions' field docstrings."""
+    from pipeline.config import field_docs
+    docs = field_docs(IndexOptions)
+    p.add_argument("target", metavar="DIR_OR_PATTERN", help=docs["target"])
+    p.add_argument("--threads", type=int, default=IndexOptions.threads, help=docs["threads"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

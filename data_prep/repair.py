@@ -13,13 +13,22 @@ is completed by the next `repair` instead of being planned again.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from data_prep import layout, manifest
 from data_prep.merge import expected_shards, merge, read_plan
 from data_prep.run import build_units, format_summary
-from data_prep.sources import read_rows
+from data_prep.sources import input_fingerprint, read_rows
 from data_prep.writer import OutputDir, shard_name
+
+
+def check_input_unchanged(opts) -> None:
+    """Rows are found again by their position in the input: another version of it would put other rows there."""
+    now = json.loads(json.dumps(input_fingerprint(opts.source.input)))
+    if opts.input_fingerprint is not None and now != opts.input_fingerprint:
+        raise ValueError(f"--input {opts.source.input!r} changed since {opts.output!r} was built (was "
+                         f"{opts.input_fingerprint}, now {now}); rebuilding needs the same input")
 
 
 def damaged_shards(output: str) -> list[str]:
@@ -36,6 +45,7 @@ def rebuild_shards(output: str, names: list[str], processes: int = 1, progress: 
     """Builds shards `names` (e.g. "00003.tar") again from the input rows they were cut from, then merges."""
     out = OutputDir(output)
     opts = read_plan(out)
+    check_input_unchanged(opts)
     planned, _ = expected_shards(out)
     repair_rows = {int(s): rows for n in out.glob("_repairs/repair-*.json")
                    for s, rows in out.read_json(f"_repairs/{n}")["rows"].items()}
@@ -63,6 +73,7 @@ def repair(output: str, processes: int = 1, progress: bool = True, log=print) ->
     opts = read_plan(out)
     if not out.exists(layout.RECORDS_FILE):
         raise ValueError(f"{output!r}: not merged yet; run `plait prep merge {output}` first")
+    check_input_unchanged(opts)
     damaged = damaged_shards(output)
     if damaged:
         rebuild_shards(output, damaged, processes, progress, log)

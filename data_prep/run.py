@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator
 
 from data_prep import layout, lifeline, manifest
 from data_prep import merge as merge_mod
-from data_prep.options import JobOptions, format_size
+from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
-from data_prep.sources import Row, count_rows, read_rows
+from data_prep.sources import Row, count_rows, input_fingerprint, read_rows
 from data_prep.worker import build_shard, init_worker
 from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
@@ -43,10 +43,12 @@ def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], li
     Returns `opts` with the plan's sizing: with --shard-bytes, the rows per shard come from `_plan.json` when it
     exists (never measured again), else from a pilot over `first_rows(k)`, recorded by whichever task writes
     `_plan.json` first; a task that loses that race adopts the winner's value."""
+    if opts.input_fingerprint is None:
+        opts = dataclasses.replace(opts, input_fingerprint=input_fingerprint(opts.source.input))
     if out.exists(_PLAN):
         return _adopt(out.read_json(_PLAN), opts, log)
     if opts.shard_bytes is not None:
-        k = _PILOT_ROWS_VIDEO if opts.video.enabled else PILOT_ROWS
+        k = _PILOT_ROWS_VIDEO if opts.video.video else PILOT_ROWS
         opts = dataclasses.replace(opts, sizing=resolve_sizing(opts, first_rows(k)))
     have = _write_once(out, _PLAN, json.loads(json.dumps(opts.to_dict())))
     return _adopt(have, opts, log)
@@ -65,6 +67,14 @@ def _adopt(have: dict[str, Any], opts: JobOptions, log: Callable[[str], None]) -
 
 def _check_same_settings(have: dict[str, Any], opts: JobOptions) -> None:
     wanted = json.loads(json.dumps(opts.to_dict()))
+    old_print = have.get("input_fingerprint")
+    if old_print is not None and wanted["source"]["input"] == have["source"]["input"] and \
+            old_print != wanted["input_fingerprint"]:
+        raise ValueError(f"--input {opts.source.input!r} changed since {opts.output!r} was started (was "
+                         f"{_brief(old_print)}, now {_brief(wanted['input_fingerprint'])}): shards cut from two "
+                         "versions of an input do not form one dataset; use a new output folder")
+    # through JobOptions once: plans from before a field was renamed compare by today's names
+    have = json.loads(json.dumps(JobOptions.from_dict(have).to_dict()))
     diffs = []
     for section, values in wanted.items():
         if section in _DERIVED:
@@ -76,17 +86,23 @@ def _check_same_settings(have: dict[str, Any], opts: JobOptions) -> None:
         for k, v in values.items():
             old = (have.get(section) or {}).get(k)
             if old != v and k not in _RUNTIME:
-                diffs.append((f"{section}.{k}", old, v))
+                diffs.append((k, old, v))
     if diffs:
-        raise ValueError(f"{opts.output!r} was started with {', '.join(f'{k}={o!r}' for k, o, _ in diffs)}, now "
-                         f"{', '.join(f'{k}={v!r}' for k, _, v in diffs)}: use a new output folder or the same "
-                         "settings")
+        raise ValueError(f"{opts.output!r} was started with {', '.join(f'{flag_of(k)}={o!r}' for k, o, _ in diffs)}"
+                         f", now {', '.join(f'{flag_of(k)}={v!r}' for k, _, v in diffs)}: use a new output folder or "
+                         "the same settings")
 
 
-# settings that change how fast a job runs, not what it writes: a resume may change them
-_RUNTIME = {"threads", "max_per_host", "timeout_s", "retries", "backoff_s", "max_retry_after_s", "input"}
-# not settings: where the job writes (may be spelled differently) and what the pilot derived from the settings
-_DERIVED = {"output", "sizing"}
+def _brief(fingerprint: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in fingerprint.items())
+
+
+# settings that change how fast a job runs, not what it writes: a resume may change them. Not --input: a resume
+# or an array task reading another table would mix two inputs in one dataset (the path is absolute by then)
+_RUNTIME = {"threads", "max_per_host", "timeout_s", "retries", "backoff_s", "max_retry_after_s"}
+# not settings: where the job writes (may be spelled differently), what the pilot derived from the settings, and
+# the input's fingerprint (checked above with its own message)
+_DERIVED = {"output", "sizing", "input_fingerprint"}
 
 
 def _write_once(out: OutputDir, name: str, obj: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from data_prep.layout import text_members
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image
-from data_prep.sources import Row
+from data_prep.sources import Row, is_local, local_access, resolve_local
 from data_prep.writer import OutputDir, Sample, write_shard
 
 _progress = None  # multiprocessing.Value('q') of processed rows, set by the pool initializer
@@ -59,7 +59,9 @@ def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, A
     samples: list[Sample] = []
     seen: dict[str, str] = {}
 
+    roots, base = local_access(opts.source)
     captions: dict[int, str] = {}
+    urls: dict[int, str | None] = {}
     to_fetch: list[Row] = []
     for row in rows:
         rec = manifest.record(sample_key(row.index), row.index, shard_id, redact(row.url))
@@ -70,13 +72,16 @@ def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, A
             if row.pixels is None and not row.url:
                 raise Reject("missing url")
             captions[row.index] = clean_caption(row.caption, opts.image, required=caption_required)
+            # a local path from the input is read only under the allowed folders, through its real path
+            urls[row.index] = None if row.pixels is not None else \
+                resolve_local(row.url, roots, base) if is_local(row.url) else row.url
             to_fetch.append(row)
         except Reject as r:
             _reject(rec, r)
             _tick()
     by_row = {rec["row"]: rec for rec in records}
 
-    fetched = fetcher.fetch_many(None if r.pixels is not None else r.url for r in to_fetch)
+    fetched = fetcher.fetch_many(urls[r.index] for r in to_fetch)
     for row, data in zip(to_fetch, fetched):
         rec = by_row[row.index]
         try:
@@ -107,7 +112,7 @@ def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
                   sha: str) -> list[Sample]:
     meta = {"key": rec["key"], "caption": caption, "url": rec["url"], "status": "success", "sha256": sha,
             **row.extra}
-    if opts.video.enabled:
+    if opts.video.video:
         from data_prep.video import video_samples
         return video_samples(opts, row, rec, data, caption, meta)
     enc = process_image(data, opts.image, pixels=row.pixels)
