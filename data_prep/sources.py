@@ -76,6 +76,8 @@ class Row:
     """Set by a reader that already knows the row must be rejected (e.g. a YFCC video row)."""
     start_s: float | None = None
     end_s: float | None = None
+    label: Any = None
+    """The --label-col value as read (an id or a class name; mapped by the worker)."""
 
 
 def detect_format(path: str) -> str:
@@ -129,7 +131,8 @@ def count_rows(opts: SourceOptions) -> int | None:
 def _table_row(index: int, rec: dict[str, Any], opts: SourceOptions, url_col: str,
                caption_col: str | None) -> Row:
     row = Row(index=index, caption=rec.get(caption_col) if caption_col else None,
-              extra={c: _jsonable(rec.get(c)) for c in opts.extra_cols})
+              extra={c: _jsonable(rec.get(c)) for c in opts.extra_cols},
+              label=rec.get(opts.label_col) if opts.label_col else None)
     try:
         row.url = _url(rec.get(url_col))
         row.start_s, row.end_s = _seconds(opts.start_col, rec), _seconds(opts.end_col, rec)
@@ -159,7 +162,7 @@ def _seconds(col: str | None, rec: dict[str, Any]) -> float | None:
 
 def _check_columns(names: list[str], opts: SourceOptions, url_col: str, caption_col: str | None) -> None:
     wanted = [url_col] + ([caption_col] if caption_col else []) + list(opts.extra_cols)
-    wanted += [c for c in (opts.start_col, opts.end_col) if c]
+    wanted += [c for c in (opts.start_col, opts.end_col, opts.label_col) if c]
     missing = [c for c in wanted if c not in names]
     if missing:
         raise ValueError(f"--input {opts.input!r}: no column {missing[0]!r} (columns: {', '.join(names)})")

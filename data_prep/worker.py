@@ -13,6 +13,7 @@ from typing import Any
 
 from data_prep import manifest
 from data_prep.fetch import Fetcher, redact
+from data_prep.labels import label_id
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image
@@ -60,6 +61,7 @@ def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, A
     seen: dict[str, str] = {}
 
     roots, base = local_access(opts.source)
+    label_index = {name: i for i, name in enumerate(opts.class_names)} if opts.class_names else None
     captions: dict[int, str] = {}
     urls: dict[int, str | None] = {}
     to_fetch: list[Row] = []
@@ -72,6 +74,9 @@ def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, A
             if row.pixels is None and not row.url:
                 raise Reject("missing url")
             captions[row.index] = clean_caption(row.caption, opts.image, required=caption_required)
+            if opts.source.label_col:
+                cls, name = label_id(row.label, opts.class_names, label_index)
+                row.extra = {**row.extra, "cls": cls, **({"label": name} if name is not None else {})}
             # a local path from the input is read only under the allowed folders, through its real path
             urls[row.index] = None if row.pixels is not None else \
                 resolve_local(row.url, roots, base) if is_local(row.url) else row.url
