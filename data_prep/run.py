@@ -25,7 +25,8 @@ from data_prep import merge as merge_mod
 from data_prep.labels import plan_labels
 from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
-from data_prep.sources import Row, count_rows, input_fingerprint, read_rows
+from data_prep.access import input_fingerprint
+from data_prep.sources import Row, count_rows, read_rows
 from data_prep.worker import build_shard, init_worker
 from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name

@@ -17,7 +17,8 @@ from data_prep.labels import label_id
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image
-from data_prep.sources import Row, is_local, local_access, resolve_local
+from data_prep.access import is_local, local_access, resolve_local
+from data_prep.sources import Row
 from data_prep.writer import OutputDir, Sample, write_shard
 
 _progress = None  # multiprocessing.Value('q') of processed rows, set by the pool initializer
