@@ -201,21 +201,9 @@ def _add_score_filter(sub) -> None:
                        formatter_class=_Help, description="Write a new dataset of the selected samples of a plait "
                        "dataset, copying their tar members (no refetch, no re-encode).",
                        epilog=_filter_epilog())
-    p.add_argument("dataset", help="source plait dataset folder")
-    p.add_argument("--output", required=True, help="folder of the new dataset")
-    p.add_argument("--scores", default=None, help="score folder (default: DATASET/scores)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--min-score", type=float, default=None, help="keep samples whose score is at least S (-1..1)")
-    g.add_argument("--top-fraction", type=float, default=None, help="keep the best-scored fraction F (0..1] of "
-                   "the scored samples")
-    p.add_argument("--dedup-embeddings", type=float, default=None, metavar="THRESH", help="drop samples whose image "
-                   "embedding has cosine >= THRESH to a kept, better-scored one (needs `prep score --embeddings`)")
-    p.add_argument("--min-image-size", type=int, default=0, help="drop samples whose stored image's shorter side "
-                   "is smaller (pixels)")
-    p.add_argument("--caption-rule", action="append", default=None, metavar="RULE", help="min-words=N, max-words=N, "
-                   "min-chars=N, max-chars=N or exclude=REGEX (repeatable)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the near-duplicate search runs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from data_prep.filter import FilterOptions
+    p.add_argument("dataset", help=" ".join(field_docs(FilterOptions)["dataset"].split()))
+    add_options(p, FilterOptions)
 
 
 def _filter_epilog() -> str:
@@ -288,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.command == "filter":
         from data_prep import filter as filter_mod
-        opts = filter_mod.FilterOptions(
-            dataset=a.dataset, output=a.output, scores=a.scores, min_score=a.min_score, top_fraction=a.top_fraction,
-            dedup_embeddings=a.dedup_embeddings, min_image_size=a.min_image_size,
-            caption_rules=tuple(a.caption_rule or ()), device=a.device, progress=not a.no_progress)
+        opts = from_args(filter_mod.FilterOptions, a, caption_rules=tuple(a.caption_rules or ()))
         print(filter_mod.format_summary(filter_mod.filter_dataset(opts)))
         return 0
     if a.command == "repair":

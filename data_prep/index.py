@@ -108,6 +108,11 @@ def find_shards(target: str) -> list[str]:
     return urls
 
 
+def is_meta(name: str) -> bool:
+    """webdataset's metadata members (`__key__`-like names), which its tar reader skips."""
+    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
+
+
 def scan_shard(url: str) -> ShardScan:
     """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
     scan = ShardScan(url)
@@ -116,12 +121,14 @@ def scan_shard(url: str) -> ShardScan:
     members: set[str] = set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            data_end = 0
             for info in tar:
+                data_end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not info.isreg():
                     scan.other_members.append(info.name)
                     continue
                 name = info.name
-                if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                if is_meta(name):
                     continue
                 key, ext = base_plus_ext(name)
                 if key is None:
@@ -136,6 +143,9 @@ def scan_shard(url: str) -> ShardScan:
                 tar.members = []  # headers only: no need to keep every TarInfo of a 30k-member shard
             _close_sample(scan, members)
             scan.tar_bytes = fs.size(path)
+        if scan.tar_bytes < data_end + 2 * tarfile.BLOCKSIZE:  # a writer killed between two members
+            scan.error = (f"truncated tar: no end-of-archive blocks after its last member ({scan.num_samples} "
+                          "samples read)")
     except FileNotFoundError:
         scan.error = "missing"
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exn:

@@ -67,9 +67,14 @@ class ModelConfig:
     lock_text_freeze_norm: bool = True
     """With lock_text: the LayerNorms of the locked layers stay frozen too (open_clip's
     --lock-text-freeze-layer-norm, whose CLI default is off). false: they keep training."""
+    lock_text_cache: int = 0
+    """With a fully locked HF text tower: remember the locked trunk's pooled features of up to this many distinct
+    captions, so a repeated caption skips the transformer (the projection still trains). Pays off where captions
+    repeat (templates x class names); 0: off."""
     text_hf: str = ""
-    """A local Hugging Face model directory (config.json, model.safetensors, tokenizer files) used as the text
-    tower (open_clip's HFTextEncoder) with its own tokenizer, loaded offline; replaces model.name's text tower."""
+    """A local Hugging Face model directory (config.json, model.safetensors, tokenizer files), or
+    `package:NAME/SUB` for one inside an installed Python package, used as the text tower (open_clip's
+    HFTextEncoder) with its own tokenizer, loaded offline; replaces model.name's text tower."""
     text_hf_pooler: str = choice("mean", "mean", "cls")
     """How the HF text tower pools its tokens: mean over the caption's tokens, or the first ([CLS]) token."""
     text_hf_proj: str = choice("linear", "linear", "mlp")
@@ -78,7 +83,8 @@ class ModelConfig:
     """Tokens per caption for the HF tokenizer; 0: model.name's text context length."""
 
     def __post_init__(self):
-        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers", "text_hf_context_length"):
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers", "text_hf_context_length",
+                     "lock_text_cache"):
             require(getattr(self, name) >= 0, f"model.{name}", "must be >= 0")
         require(self.lock_image or not self.lock_image_unlocked_groups, "model.lock_image_unlocked_groups",
                 "needs model.lock_image = true")
