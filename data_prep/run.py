@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator
 
 from data_prep import manifest
 from data_prep import merge as merge_mod
+from data_prep.access import input_fingerprint
 from data_prep.labels import plan_labels
 from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
-from data_prep.access import input_fingerprint
 from data_prep.pool import build_in_process, build_in_workers
 from data_prep.sources import Row, count_rows, read_rows
 from data_prep.worker import build_shard
