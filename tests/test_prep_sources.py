@@ -113,7 +113,9 @@ def test_every_shard_flag_is_a_documented_field_and_old_spellings_still_work(tmp
     from data_prep.cli import SECTIONS, build_parser, job_options
     from data_prep.options import flag_of
     shard = build_parser()._subparsers._group_actions[0].choices["shard"]
-    by_dest = {a.dest: a for a in shard._actions}
+    by_dest = {}
+    for action in shard._actions:
+        by_dest.setdefault(action.dest, action)  # the field's own flag, added before its negative aliases
     for _, cls in SECTIONS:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
