@@ -24,8 +24,6 @@ except ModuleNotFoundError:
 
 from data_prep.sources import fashion_mnist_caption
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def shardwriter_folder(folder: Path, n: int = 96, per_shard: int = 32) -> str:
     """Real Fashion-MNIST photos written by webdataset's own ShardWriter: no sizes.json, no stats, no index."""
@@ -39,7 +37,7 @@ def shardwriter_folder(folder: Path, n: int = 96, per_shard: int = 32) -> str:
 
 
 def train_argv(run_dir: Path, shards: str, *overrides: str) -> list[str]:
-    return ["train", "--config", str(ROOT / "configs" / "tiny.toml"), "--set", f"data.train_shards={shards}",
+    return ["train", "--config", "tiny", "--set", f"data.train_shards={shards}",
             "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=16", "--set", "data.num_workers=0",
             "--set", "train.steps=2", "--set", "train.checkpoint_every=0", "--set", "train.log_every=1",
             *[a for o in overrides for a in ("--set", o)]]
@@ -147,3 +145,25 @@ def test_bad_counts_in_sizes_json_are_refused_naming_file_and_key(tmp_path, bad)
     (tmp_path / "sizes.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="sizes.json: expected an object"):
         parse_spec(str(tmp_path / "00000.tar"))
+
+
+def test_merge_of_a_foreign_folder_indexes_it_and_a_bad_sizes_json_is_rewritten(tmp_path):
+    folder = tmp_path / "wds"
+    shardwriter_folder(folder, n=8, per_shard=4)
+    (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": -1}))
+    with pytest.raises(ValueError, match="count of 'shard-000000.tar' must be a non-negative integer"):
+        parse_spec(str(folder / "shard-000000.tar"))
+    assert prep(["merge", str(folder)]) == 0  # before: "not a plait dataset folder (no _plan.json)"
+    assert json.loads((folder / "sizes.json").read_text()) == {"shard-000000.tar": 4, "shard-000001.tar": 4}
+
+
+def test_a_tar_cut_between_two_members_is_not_indexed(tmp_path):
+    folder = tmp_path / "cut"
+    shardwriter_folder(folder, n=8, per_shard=8)
+    tar = folder / "shard-000000.tar"
+    with tarfile.open(tar) as t:
+        members = t.getmembers()
+    cut = members[-3].offset  # the header of a later member: a writer killed between two members
+    tar.write_bytes(tar.read_bytes()[:cut])
+    assert prep(["index", str(folder), "--no-progress"]) == 1
+    assert json.loads((folder / "sizes.json").read_text()) == {}

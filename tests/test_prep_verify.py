@@ -33,7 +33,7 @@ def _table(tmp_path: Path, urls: list[str]) -> Path:
 
 def _shard(table: Path, out: Path, per: int) -> None:
     main(["shard", "--input", str(table), "--output", str(out), "--samples-per-shard", str(per),
-          "--image-size", "48", "--processes", "1", "--no-progress"])
+          "--image-size", "48", "--processes", "1", "--no-progress", "--local-root", "/usr/share/doc/opencv-doc"])
 
 
 def _writer_folder(folder: Path, shards: int = 2, per: int = 4) -> None:
@@ -72,17 +72,19 @@ def test_verify_any_webdataset_folder(tmp_path, capsys):
     images, _ = read_fmnist("train", 1)
     bad_jpg = encode(images[0], "jpg")[:60]
     members, payloads = [], []
-    for name, data in (("s9000.jpg", bad_jpg), ("s9000.txt", b"truncated image"), ("s9001.jpg", encode(images[0], "jpg")),
-                       ("s0001.txt", b"key of part-000"), ("s0001.jpg", encode(images[0], "jpg")),
-                       ("s9002.txt", b"\xff\xfe not utf-8"), ("s9002.jpg", encode(images[0], "jpg")),
+    good_jpg = encode(images[0], "jpg")
+    for name, data in (("s9000.jpg", bad_jpg), ("s9000.txt", b"truncated image"), ("s9001.jpg", good_jpg),
+                       ("s0001.txt", b"key of part-000"), ("s0001.jpg", good_jpg),
+                       ("s9002.txt", b"\xff\xfe not utf-8"), ("s9002.jpg", good_jpg),
                        ("s9002.pyd", pickle.dumps(_Trap(marker)))):
         info = tarfile.TarInfo(name)
         info.size = len(data)
         members.append(info)
         payloads.append(data)
-    # rebuild part-001 with these members after its own (appending keeps the end-of-archive blocks valid)
+    # appended after part-001's own members (tarfile's append mode rewrites the end-of-archive blocks)
     _append(folder / "part-001.tar", members, payloads)
     (folder / "sizes.json").write_text(json.dumps({"part-000.tar": 4, "part-001.tar": 4}))
+    (folder / "part-000_stats.json").write_text(json.dumps({"successes": 5}))  # img2dataset's, overstated
     report = verify(str(folder), decode_fraction=1.0)
     text = "\n".join(report.problems)
     assert "part-001.tar: s9000.jpg does not decode as jpg" in text
@@ -90,6 +92,7 @@ def test_verify_any_webdataset_folder(tmp_path, capsys):
     assert "part-001.tar: key s0001 also in part-000.tar" in text
     assert "part-001.tar: s9002.txt does not decode as txt" in text
     assert "part-001.tar: sizes.json says 4, the tar holds 8 samples" in text
+    assert "part-000_stats.json: successes 5, the tar holds 4 samples" in text
     assert not marker.exists(), "verify unpickled a .pyd member"
     assert main(["verify", str(folder)]) == 1
 
