@@ -10,22 +10,21 @@ import dataclasses
 import itertools
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
-from data_prep import lifeline, manifest
+from data_prep import layout, manifest
 from data_prep import merge as merge_mod
 from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
+from data_prep.pool import build_in_process, build_in_workers
 from data_prep.sources import Row, count_rows, input_fingerprint, read_rows
-from data_prep.worker import build_shard, init_worker
+from data_prep.worker import build_shard
 from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
 
@@ -33,7 +32,7 @@ from data_prep.writer import OutputDir, shard_name
 PILOT_ROWS = 64
 """Rows the --shard-bytes pilot builds (16 for video, whose decoding costs far more per row)."""
 _PILOT_ROWS_VIDEO = 16
-_PLAN = "_plan.json"
+_PLAN = layout.PLAN_FILE
 
 
 def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], list[Row]],
@@ -138,7 +137,7 @@ def resolve_sizing(opts: JobOptions, rows: list[Row]) -> dict[str, Any]:
     assert opts.shard_bytes is not None
     with tempfile.TemporaryDirectory(prefix="plait-pilot-") as tmp:
         stats = build_shard(dataclasses.replace(opts, output=tmp), 0, rows)
-        transient = manifest.read_records(OutputDir(tmp), f"{shard_name(0)}.parquet", ["transient"])
+        transient = manifest.read_records(OutputDir(tmp), layout.records_name(0), ["transient"])
         num_transient = sum(bool(t) for t in transient.column("transient").to_pylist())
     counted = len(rows) - num_transient
     mean = (stats["bytes"] - TAR_END_BYTES) / counted if counted else 0.0
@@ -173,7 +172,7 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
         return head
 
     opts = ensure_plan(out, opts, first_rows, log)
-    done = {int(n[:5]) for n in out.glob("*_stats.json")}
+    done = {int(n[: -len(layout.STATS_SUFFIX)]) for n in out.glob("*" + layout.STATS_SUFFIX)}
     per = opts.rows_per_shard
     if known_rows is not None:
         source = read_rows(opts.source, lambda a, b: task_row_ranges(a, b, per, task_index, num_tasks))
@@ -206,37 +205,21 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
 
 def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], processes: int = 1,
                 progress: bool = True) -> list[dict[str, Any]]:
-    """Builds each (shard id, rows) unit into a shard, in worker processes when processes > 1."""
+    """Builds each (shard id, rows) unit into a shard, in worker processes when processes > 1 (`data_prep.pool`:
+    each process fetches ahead across its shards and writes every shard as an in-order run would)."""
     started = time.monotonic()
     bar = _progress_bar(progress)
     finished: list[dict[str, Any]] = []
     if processes <= 1:
-        for shard_id, unit in units:
-            finished.append(build_shard(opts, shard_id, unit))
-            _update(bar, finished, started)
+        stream = build_in_process(opts, units)
     else:
-        # forkserver: no fork of a parent holding pyarrow/tqdm threads, yet workers start as forks of a server
-        # that imported the worker code once (spawn re-imported it in every worker: ~1 s each)
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["data_prep.worker", "data_prep.video"])
-        counter_value = ctx.Value("q", 0)
-        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_pool_worker,
-                                 initargs=(os.getpid(), counter_value)) as pool:
-            pending: set = set()
-            for shard_id, unit in units:
-                pending.add(pool.submit(build_shard, opts, shard_id, unit))
-                while len(pending) >= 2 * processes:
-                    pending = _collect(pending, finished, bar, started, counter_value)
-            while pending:
-                pending = _collect(pending, finished, bar, started, counter_value)
+        stream = build_in_workers(opts, units, processes, lambda rows_done: _update(bar, finished, started, rows_done))
+    for stats in stream:
+        finished.append(stats)
+        _update(bar, finished, started)
     if bar is not None:
         bar.close()
     return finished
-
-
-def _init_pool_worker(main_pid: int, counter_value) -> None:
-    lifeline.tie_to(main_pid)  # a kill -9 of the job must not leave its workers fetching for nobody
-    init_worker(counter_value)
 
 
 def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,
@@ -266,14 +249,6 @@ def format_summary(summary: dict[str, Any], top: int = 8) -> str:
     for reason, count in Counter(summary["reasons"]).most_common(top):
         lines.append(f"  {count:>8}  {reason}")
     return "\n".join(lines)
-
-
-def _collect(pending, finished, bar, started, counter_value):
-    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-    for fut in done:
-        finished.append(fut.result())
-    _update(bar, finished, started, counter_value.value)
-    return pending
 
 
 def _progress_bar(enabled: bool):
