@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_prep.layout import ENCODE_FORMATS
+
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
-ENCODE_FORMATS = ("jpg", "png", "webp")
 RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
                  "fashion-mnist")

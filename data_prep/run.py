@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from typing import Any, Callable, Iterator
 
-from data_prep import manifest
+from data_prep import layout, manifest
 from data_prep import merge as merge_mod
 from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
@@ -32,7 +32,7 @@ from data_prep.writer import OutputDir, shard_name
 PILOT_ROWS = 64
 """Rows the --shard-bytes pilot builds (16 for video, whose decoding costs far more per row)."""
 _PILOT_ROWS_VIDEO = 16
-_PLAN = "_plan.json"
+_PLAN = layout.PLAN_FILE
 
 
 def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], list[Row]],
@@ -137,7 +137,7 @@ def resolve_sizing(opts: JobOptions, rows: list[Row]) -> dict[str, Any]:
     assert opts.shard_bytes is not None
     with tempfile.TemporaryDirectory(prefix="plait-pilot-") as tmp:
         stats = build_shard(dataclasses.replace(opts, output=tmp), 0, rows)
-        transient = manifest.read_records(OutputDir(tmp), f"{shard_name(0)}.parquet", ["transient"])
+        transient = manifest.read_records(OutputDir(tmp), layout.records_name(0), ["transient"])
         num_transient = sum(bool(t) for t in transient.column("transient").to_pylist())
     counted = len(rows) - num_transient
     mean = (stats["bytes"] - TAR_END_BYTES) / counted if counted else 0.0
@@ -172,7 +172,7 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
         return head
 
     opts = ensure_plan(out, opts, first_rows, log)
-    done = {int(n[:5]) for n in out.glob("*_stats.json")}
+    done = {int(n[: -len(layout.STATS_SUFFIX)]) for n in out.glob("*" + layout.STATS_SUFFIX)}
     per = opts.rows_per_shard
     if known_rows is not None:
         source = read_rows(opts.source, lambda a, b: task_row_ranges(a, b, per, task_index, num_tasks))

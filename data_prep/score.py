@@ -453,7 +453,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ScoreOptions, generated from its fields (types, defaults, docstrings as help)."""
-    from data_prep.cli import add_options
+    from data_prep.flags import add_options
     from pipeline.config import field_docs
 
     p.add_argument("dataset", help=" ".join(field_docs(ScoreOptions)["dataset"].split()))
@@ -461,7 +461,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options(a: argparse.Namespace) -> ScoreOptions:
-    from data_prep.cli import from_args
+    from data_prep.flags import from_args
     from data_prep.plan import resolve_task
     task_index, num_tasks = resolve_task(a.task_index, a.num_tasks, os.environ)
     return from_args(ScoreOptions, a, task_index=task_index, num_tasks=num_tasks)

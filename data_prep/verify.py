@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from data_prep import manifest
+from data_prep import layout, manifest
 from data_prep.index import IMAGE_EXTS, TEXT_EXTS, find_shards, is_meta, scan_shard, validate_sizes
 from data_prep.writer import OutputDir
 
@@ -101,13 +101,13 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
     every = max(1, round(1 / decode_fraction)) if decode_fraction > 0 else 0
     is_folder = "{" not in target and not target.endswith(".tar") and not any(c in target for c in "*?[")
     out = OutputDir(target) if is_folder else None
-    report = VerifyReport(target, plait_dataset=out is not None and out.exists("_plan.json"))
+    report = VerifyReport(target, plait_dataset=out is not None and out.exists(layout.PLAN_FILE))
     if report.plait_dataset:
-        if not out.exists("manifest.json"):
+        if not out.exists(layout.MANIFEST_FILE):
             report.problems.append(f"{target}: no manifest.json (run `plait prep merge {target}` once all tasks "
                                    "are done)")
             return report
-        summary = out.read_json("manifest.json")
+        summary = out.read_json(layout.MANIFEST_FILE)
         entries = {s["name"]: s for s in summary["shards"]}
         urls = [out.path(n) if "://" not in target else f"{target.rstrip('/')}/{n}" for n in entries]
         report.rows = {k: summary[k] for k in ("num_input_rows", "num_ok", "num_rejected")}
@@ -182,7 +182,7 @@ def _check_stats_count(url: str, res: ShardResult) -> list[str]:
     """The loader falls back on a shard's own stats file (plait: num_samples, img2dataset: successes) for its
     count when sizes.json lacks it, so that count must be the tar's too."""
     import fsspec
-    stats_url = url[: -len(".tar")] + "_stats.json"
+    stats_url = layout.sibling(url, layout.STATS_SUFFIX)
     fs, path = fsspec.core.url_to_fs(stats_url)
     try:
         stats = json.loads(fs.cat_file(path))
@@ -202,10 +202,10 @@ def _damage(problem: str) -> bool:
 
 
 def _sizes(out: OutputDir, report: VerifyReport) -> dict[str, int] | None:
-    if not out.exists("sizes.json"):
+    if not out.exists(layout.SIZES_FILE):
         return None
     try:
-        return validate_sizes(out.read_bytes("sizes.json"), out.path("sizes.json"))
+        return validate_sizes(out.read_bytes(layout.SIZES_FILE), out.path(layout.SIZES_FILE))
     except ValueError as exn:
         report.problems.append(str(exn))
         return None
@@ -337,7 +337,7 @@ def _check_against_manifest(res: ShardResult, entry: dict) -> None:
 
 def _check_index(url: str, res: ShardResult) -> None:
     import fsspec
-    idx_url = url[: -len(".tar")] + ".idx.json"
+    idx_url = layout.sibling(url, layout.INDEX_SUFFIX)
     fs, path = fsspec.core.url_to_fs(idx_url)
     if not res.readable or not fs.exists(path):
         return
@@ -352,9 +352,9 @@ def _check_index(url: str, res: ShardResult) -> None:
 
 
 def _check_records(out: OutputDir, summary: dict) -> list[str]:
-    if not out.exists("samples.parquet"):
+    if not out.exists(layout.RECORDS_FILE):
         return ["samples.parquet: missing"]
-    table = manifest.read_records(out, "samples.parquet", ["row", "status", "num_samples"])
+    table = manifest.read_records(out, layout.RECORDS_FILE, ["row", "status", "num_samples"])
     rows, status = table.column("row").to_pylist(), table.column("status").to_pylist()
     problems = []
     if len(rows) != len(set(rows)):

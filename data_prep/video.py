@@ -14,6 +14,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from data_prep.layout import frame_member, text_members
 from data_prep.options import ImageOptions, JobOptions, VideoOptions
 from data_prep.process import Reject, encode, resize, target_geometry
 from data_prep.sources import Row
@@ -162,8 +163,6 @@ def _resize_frame(frame, iopts: ImageOptions):
 
 def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
                   meta: dict[str, Any]) -> list[Sample]:
-    from data_prep.worker import text_members
-
     fr = decode_frames(data, opts.video, opts.image, row.start_s, row.end_s)
     ext = opts.image.encode_format
     rec.update(width=fr.width, height=fr.height, original_width=fr.original_width,
@@ -176,7 +175,7 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
     if row.start_s is not None or row.end_s is not None:
         meta.update(start=row.start_s, end=row.end_s)
     if not opts.video.frames_as_samples:
-        frames = [(f"f{i:04d}.{ext}", img) for i, img in enumerate(fr.images)]
+        frames = [(frame_member(i, ext), img) for i, img in enumerate(fr.images)]
         return [Sample(rec["key"], frames + text_members(caption, meta))]
     samples = []
     for i, (img, t) in enumerate(zip(fr.images, fr.timestamps)):

@@ -8,11 +8,11 @@ Each stage may raise `Reject`; the reason becomes the row's manifest record, so 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from data_prep import manifest
 from data_prep.fetch import Fetcher, redact
+from data_prep.layout import text_members
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image
@@ -156,9 +156,3 @@ def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
                 original_height=enc.original_height)
     return [Sample(rec["key"], [(enc.ext, enc.data), *text_members(caption, meta)])]
 
-
-def text_members(caption: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
-    members = [("txt", caption.encode()), ("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())]
-    if isinstance(meta.get("cls"), int):
-        members.append(("cls", str(meta["cls"]).encode()))  # webdataset / clip_benchmark label convention
-    return members

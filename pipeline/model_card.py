@@ -19,11 +19,10 @@ from pathlib import Path
 
 import webdataset as wds
 
+from data_prep.layout import CONTENT_FILES as MANIFEST_FILES
 from pipeline.objectives.registry import objective_cards, objective_weights
 
 METADATA_FILE = "plait_metadata.json"
-# Files data_prep writes next to the shards that identify a dataset's content (see data_prep/manifest.py).
-MANIFEST_FILES = ("manifest.json", "sizes.json", "samples.parquet")
 
 
 def sha256_file(path: Path) -> str:
@@ -138,8 +137,7 @@ def render_readme(meta: dict) -> str:
     model_cfg = meta["model_cfg"]
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     lines = [f"# {meta['name']}", "",
-             f"Image-text model trained with plait, exported as **{fmt}** ({meta['dtype']} weights"
-             f"{', EMA' if meta.get('weights') == 'ema' else ''}).", "",
+             f"Image-text model trained with plait, exported as **{fmt}** ({meta['dtype']} weights).", "",
              "## Architecture", "",
              f"- image tower: ViT, {vision.get('layers')} layers, width {vision.get('width')}, patch "
              f"{vision.get('patch_size')}, input {vision.get('image_size')} px",

@@ -20,6 +20,8 @@ from typing import Iterator
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from data_prep import layout
+
 _BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members; the header walk must too
 
@@ -116,14 +118,14 @@ def _open_at(url: str, start: int):
 @lru_cache(maxsize=64)
 def sample_offsets(url: str) -> tuple[int, ...] | None:
     """Byte offsets of the samples of `url` from its plait index `S.idx.json`, or None when there is none."""
-    if not url.endswith(".tar"):
+    if not url.endswith(layout.TAR_SUFFIX):
         return None
     try:
-        with open_url(url[: -len(".tar")] + ".idx.json") as f:
+        with open_url(layout.sibling(url, layout.INDEX_SUFFIX)) as f:
             index = json.loads(f.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
-    if index.get("format") != "plait-tar-index/1":
+    if index.get("format") != layout.INDEX_FORMAT:
         return None
     return tuple(index["offsets"])
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from typing import Callable
 
 import numpy as np
@@ -23,10 +22,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from data_prep.layout import IMAGE_EXTS, frame_number
 from pipeline.models.towers import image_mean_std
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_FRAME = re.compile(r"^f(\d+)\.(jpg|jpeg|png|webp)$")  # video samples: {key}.f0000.jpg (data_prep issue 4)
 
 
 def image_transform(model_cfg: dict, is_train: bool) -> T.Compose:
@@ -103,7 +100,7 @@ def decode_image(data: bytes, min_side: int | None) -> Image.Image:
 
 def media_keys(sample: dict) -> tuple[list[str], bool]:
     """The sample's image member(s) and whether it is a video: frame members in time order, else one image."""
-    frames = sorted((int(m.group(1)), k) for k in sample if (m := _FRAME.match(k)))
+    frames = sorted((n, k) for k in sample if (n := frame_number(k)) is not None)
     if frames:
         return [k for _, k in frames], True
     for ext in IMAGE_EXTS:

@@ -101,7 +101,7 @@ def encode_batch(clip: nn.Module, batch: dict, needs: Needs, side: SidePass | No
     enc = Encoding(image=None if frames is not None else image, text=text, image_embed=image_embed,
                    text_embed=None, image_features=None, text_features=None,
                    keep=keep if frames is None else None, image_tokens=image_tokens if frames is None else None)
-    if needs.full_text or trim or side is not None:
+    if needs.full_text or needs.text_tokens or trim or side is not None:
         # cross-attention fusion reads every text position: the full length, unpacked
         length = text.shape[1] if needs.full_text or not trim else trimmed_text_length(clip, text)  # one host sync
         packed = trim and pack and not needs.full_text and padding_is_inert(clip)

@@ -17,12 +17,13 @@ from pipeline.objectives.autoencoder import Autoencoder, AutoencoderConfig
 from pipeline.objectives.base import Unit
 from pipeline.objectives.contrastive import Contrastive, ContrastiveConfig
 from pipeline.objectives.flip import Flip, FlipConfig
+from pipeline.objectives.itm import Itm, ItmConfig
 from pipeline.objectives.mae import Mae, MaeConfig
 from pipeline.objectives.mlm import Mlm, MlmConfig
 from pipeline.objectives.siglip import SigLip, SigLipConfig
 
 UNITS: dict[str, type[Unit]] = {unit.name: unit for unit in (Contrastive, SigLip, Flip, Mae, Mlm, Autoencoder,
-                                                             Adversarial)}
+                                                             Adversarial, Itm)}
 
 
 @dataclass(frozen=True, init=False)
@@ -43,6 +44,8 @@ class ObjectiveConfig:
     """the seed's multimodal autoencoder."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     """adversarial modality alignment."""
+    itm: ItmConfig = field(default_factory=ItmConfig)
+    """image-text matching with hard negatives (ALBEF, BLIP)."""
 
     def __init__(self, **values: Any):
         """Sections by name (dataclasses or dicts of their keys), or plait's flat keys from before the units
