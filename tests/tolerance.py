@@ -1,0 +1,29 @@
+"""Float comparisons with tolerances scaled to the values compared.
+
+The same fp32 computation rounds differently through torch's AVX-512, AVX2 and default kernels. Rounding errors of a
+sum scale with the magnitude of its largest terms, not with each output element: an element that cancels to ~0 out of
+terms of ~100 carries an error of ~100 * eps. So the absolute tolerance here is `rtol` times the largest magnitude of
+the expected tensor, plus `rtol` of each element; never a fixed `atol` that means nothing at another scale.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def scaled_atol(expected: torch.Tensor | float, rtol: float) -> float:
+    """`rtol` times the magnitude of `expected` (its largest absolute element); 0 for an all-zero tensor."""
+    return rtol * float(torch.as_tensor(expected).detach().abs().max())
+
+
+def close(actual, expected, rtol: float = 1e-5) -> bool:
+    """True where `actual` equals `expected` up to `rtol` of the elements' and of the tensor's magnitude."""
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
+    return actual.shape == expected.shape and torch.allclose(actual, expected, rtol=rtol,
+                                                             atol=scaled_atol(expected, rtol))
+
+
+def assert_close(actual, expected, rtol: float = 1e-5, name: str = "") -> None:
+    """`torch.testing.assert_close` with the scaled tolerance of `close`; `name` goes into the message."""
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=scaled_atol(expected, rtol),
+                               msg=(lambda m: f"{name}: {m}") if name else None)
