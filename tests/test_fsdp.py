@@ -104,7 +104,9 @@ def test_fsdp_trains_like_ddp(runs):
     wa, wb = (load_file(_checkpoint(runs[k]) / "model.safetensors") for k in ("ddp", "fsdp"))
     assert wa.keys() == wb.keys() and wb["clip.logit_scale"].shape == torch.Size([])
     for name in wa:
-        assert_close(wb[name], wa[name], rtol=1e-4, name=name)
+        # Adam's update has the same size for any gradient: float noise in tiny gradients moves weights by a
+        # fraction of the step, i.e. of a tensor's scale for a bias that started at 0
+        assert_close(wb[name], wa[name], rtol=1e-4, scale_rtol=1e-3, name=name)
     oa, ob = (torch.load(_checkpoint(runs[k]) / "optimizer.pt", weights_only=True)["optimizer"]
               for k in ("ddp", "fsdp"))
     assert set(oa["state"]) == set(ob["state"]) and "clip.logit_scale" in ob["state"] and set(ob["state"]) <= set(wb)

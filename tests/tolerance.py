@@ -12,7 +12,8 @@ import torch
 
 def scaled_atol(expected: torch.Tensor | float, rtol: float) -> float:
     """`rtol` times the magnitude of `expected` (its largest absolute element); 0 for an all-zero tensor."""
-    return rtol * float(torch.as_tensor(expected).detach().abs().max())
+    expected = torch.as_tensor(expected).detach()
+    return rtol * float(expected.abs().max()) if expected.numel() else 0.0
 
 
 def close(actual, expected, rtol: float = 1e-5) -> bool:
@@ -22,8 +23,11 @@ def close(actual, expected, rtol: float = 1e-5) -> bool:
                                                              atol=scaled_atol(expected, rtol))
 
 
-def assert_close(actual, expected, rtol: float = 1e-5, name: str = "") -> None:
-    """`torch.testing.assert_close` with the scaled tolerance of `close`; `name` goes into the message."""
+def assert_close(actual, expected, rtol: float = 1e-5, name: str = "", scale_rtol: float | None = None) -> None:
+    """`torch.testing.assert_close` with the scaled tolerance of `close`; `name` goes into the message.
+    `scale_rtol` (default `rtol`): the fraction of the tensor's magnitude allowed on every element, for values
+    whose noise follows the tensor's scale rather than each element's (Adam updates, sums that cancel)."""
     actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=scaled_atol(expected, rtol),
+    atol = scaled_atol(expected, rtol if scale_rtol is None else scale_rtol)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
                                msg=(lambda m: f"{name}: {m}") if name else None)
