@@ -29,7 +29,7 @@ from pipeline import metrics, sharded_state, train_eval
 from pipeline.accumulate import concat_batches, forward_backward
 from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
 from pipeline.config import Config, TrainConfig, describe, load_config, save_config
-from pipeline.data import TrainStream
+from pipeline.data import TrainStream, closing_streams
 from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    result = run(cfg, args.resume)
+    with closing_streams():  # an error in the loop stops the loader's workers (they ignore SIGTERM)
+        result = run(cfg, args.resume)
     return result["exit_code"]
 
 
