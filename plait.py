@@ -5,7 +5,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "prep": ("data_prep.cli", "shard image/video-text corpora into WebDataset tars; verify, repair, merge"),
+    "prep": ("data_prep.cli", "shard image/video-text corpora into WebDataset tars; index, verify, repair, merge"),
     "train": ("pipeline.train", "pretrain with contrastive / masked / fusion objectives (Accelerate)"),
     "eval": ("pipeline.evaluate", "zero-shot classification, retrieval and linear probe"),
     "export": ("pipeline.export", "export a checkpoint as open_clip / Hugging Face / safetensors"),

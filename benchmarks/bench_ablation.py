@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"train": batches[: args.max_batches], "val": batches[args.max_batches:],
             "tokenize": tokenizer_for(model_cfg), "probe_images": probe_images, "probe_labels": probe_labels,
             "test_images": test_images, "test_labels": test_labels}
-    templates = load_config(ROOT / "configs" / "demo.toml").eval.templates
+    templates = load_config("demo").eval.templates
     print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
 
     timing = [fresh(name, args, model_cfg, steps=1000) for name in names]

@@ -47,7 +47,7 @@ def make_shards(root: Path, num_images: int) -> str:
 def train_args(shards: str, steps: int) -> list[str]:
     settings = {"data.train_shards": shards, "data.batch_size": 4, "data.num_workers": 0,
                 "data.shuffle_buffer": 0, "train.steps": steps, "train.log_every": 1, "train.checkpoint_every": 0}
-    return ["--config", str(REPO / "configs" / "tiny.toml"),
+    return ["--config", "tiny",
             *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
 
 

@@ -59,6 +59,7 @@ examples:
   plait prep shard --input cc3m.tsv --shard-bytes 500MB --output cc3m/       # rows per shard from a pilot
   plait prep shard --input yfcc100m_dataset.bz2 --input-format yfcc100m --yfcc-caption title,tags --output yfcc/
   plait prep shard --input webvid.csv --input-format webvid --num-frames 8 --output videos/
+  plait prep index i2d/               # shards from img2dataset or webdataset: sizes.json + offset index
   plait prep verify shards/           # exit status 1 with a report if anything is wrong
   plait prep repair shards/           # retry timeouts, 429/5xx and connection errors into new shards
   jid=$(sbatch --parsable --array=0-15 --wrap 'plait prep shard ... --output shards/')   # one task each
@@ -66,11 +67,17 @@ examples:
 Run `plait prep shard --help` for every option and the output layout."""
 
 
+def _index_doc() -> str:
+    from data_prep import index
+    return index.__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="plait prep", description=__doc__.split("\n")[0], formatter_class=fmt,
                                      epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,repair,merge}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{shard,index,verify,repair,merge,score,filter}")
 
     p = sub.add_parser("shard", help="turn a table, folder or named dataset into shards", formatter_class=_Help,
                        description="Turn image-text (or video-text) rows into WebDataset shards.", epilog=LAYOUT)
@@ -125,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--user-agent-token", default=None, help="contact info appended to the user agent")
     g.add_argument("--allow-private-addresses", action="store_true", help="allow loopback/private/link-local "
                    "addresses (local test servers only: refused by default)")
+    g.add_argument("--allow-schemes", type=_csv_list, default="", metavar="SCHEMES", help="object stores the "
+                   "table's URLs may name besides http(s), comma-separated: s3, gs, az ... (their endpoint must "
+                   "be a public address unless --allow-private-addresses); any other scheme and chained fsspec "
+                   "URLs (simplecache::...) are rejected per row")
     g.add_argument("--ignore-opt-outs", action="store_true", help="do not drop samples whose server sends "
                    "X-Robots-Tag noai/noimageai/noindex/noimageindex")
 
@@ -157,19 +168,62 @@ def build_parser() -> argparse.ArgumentParser:
                    "SLURM_ARRAY_TASK_COUNT)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("verify", help="check a dataset: tars, counts, sha256, decodable images",
+    p = sub.add_parser("index", help="make a foreign WebDataset folder (img2dataset, ShardWriter) usable: "
+                       "sizes.json, offset index, stats", formatter_class=fmt, description=_index_doc())
+    from data_prep.index import add_arguments as add_index_arguments
+    add_index_arguments(p)
+    p = sub.add_parser("verify", help="check any WebDataset folder: tars, members, counts, decodable images; "
+                       "plait's: also sha256 and row accounting",
                        formatter_class=fmt)
-    p.add_argument("output", help="dataset folder")
+    p.add_argument("output", help="dataset folder (plait's or any WebDataset folder) or shard pattern")
     p.add_argument("--decode-fraction", type=float, default=0.05, help="fraction of images to decode")
+    p.add_argument("--threads", type=int, default=4, help="shards checked at once")
+    p.add_argument("--fix", action="store_true", help="plait datasets: rebuild damaged shards from the input "
+                   "(as `plait prep repair` does), then verify again")
+    p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes for --fix")
     p = sub.add_parser("repair", help="retry transient failures (timeouts, 429/5xx, connection errors) into new "
                        "shards", formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
     p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("merge", help="write sizes.json and manifests once every array task is done",
+    p = sub.add_parser("merge", help="write sizes.json and manifests once every array task is done (a folder "
+                       "plait did not write: what `index` writes)",
                        formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
+    _add_score_filter(sub)
     return parser
+
+
+def _add_score_filter(sub) -> None:
+    from data_prep import score
+    p = sub.add_parser("score", help="image-text cosine of every sample under an exported model (CLIP score)",
+                       formatter_class=_Help, description=score.__doc__.split("\n\n")[0], epilog="\n\n".join(
+                           score.__doc__.split("\n\n")[1:]))
+    score.add_arguments(p)
+    p = sub.add_parser("filter", help="a new dataset of the samples that pass score, dedup and rule thresholds",
+                       formatter_class=_Help, description="Write a new dataset of the selected samples of a plait "
+                       "dataset, copying their tar members (no refetch, no re-encode).",
+                       epilog=_filter_epilog())
+    p.add_argument("dataset", help="source plait dataset folder")
+    p.add_argument("--output", required=True, help="folder of the new dataset")
+    p.add_argument("--scores", default=None, help="score folder (default: DATASET/scores)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--min-score", type=float, default=None, help="keep samples whose score is at least S (-1..1)")
+    g.add_argument("--top-fraction", type=float, default=None, help="keep the best-scored fraction F (0..1] of "
+                   "the scored samples")
+    p.add_argument("--dedup-embeddings", type=float, default=None, metavar="THRESH", help="drop samples whose image "
+                   "embedding has cosine >= THRESH to a kept, better-scored one (needs `prep score --embeddings`)")
+    p.add_argument("--min-image-size", type=int, default=0, help="drop samples whose stored image's shorter side "
+                   "is smaller (pixels)")
+    p.add_argument("--caption-rule", action="append", default=None, metavar="RULE", help="min-words=N, max-words=N, "
+                   "min-chars=N, max-chars=N or exclude=REGEX (repeatable)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the near-duplicate search runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _filter_epilog() -> str:
+    from data_prep import filter as filter_mod
+    return "\n\n".join(filter_mod.__doc__.split("\n\n")[1:])
 
 
 def job_options(a: argparse.Namespace) -> JobOptions:
@@ -183,7 +237,8 @@ def job_options(a: argparse.Namespace) -> JobOptions:
     fetch = FetchOptions(timeout_s=a.timeout, retries=a.retries, backoff_s=a.backoff,
                          max_retry_after_s=a.max_retry_after, max_per_host=a.max_per_host, threads=a.threads,
                          max_bytes=a.max_bytes, user_agent_token=a.user_agent_token,
-                         allow_private=a.allow_private_addresses, respect_optouts=not a.ignore_opt_outs)
+                         allow_private=a.allow_private_addresses, respect_optouts=not a.ignore_opt_outs,
+                         allow_schemes=a.allow_schemes)
     image = ImageOptions(image_size=a.image_size, resize_mode=a.resize_mode, resample=a.resample, upscale=a.upscale,
                          encode_format=a.encode_format, encode_quality=a.encode_quality, background=a.background,
                          min_image_size=a.min_image_size, max_aspect_ratio=a.max_aspect_ratio,
@@ -219,15 +274,40 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "merge":
         from data_prep.merge import merge
         from data_prep.run import format_summary
+        from data_prep.writer import OutputDir
+        if not OutputDir(a.output).exists("_plan.json"):  # shards from elsewhere: their sizes.json is the index's
+            from data_prep.index import IndexOptions, index
+            print(f"{a.output}: not a plait dataset (no _plan.json): writing sizes.json with `plait prep index`")
+            return 1 if any(s.error for s in index(IndexOptions(a.output, progress=False))) else 0
         print(format_summary(merge(a.output)))
         return 0
+    if a.command == "index":
+        from data_prep.index import main_args
+        return main_args(a)
     if a.command == "verify":
-        from data_prep.verify import verify
-        problems = verify(a.output, decode_fraction=a.decode_fraction)
-        for line in problems:
-            print(line)
-        print("ok" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
+        from data_prep.verify import print_report, verify
+        report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        if a.fix and report.bad_shards:
+            from data_prep.repair import rebuild_shards
+            print_report(report)
+            rebuild_shards(a.output, report.bad_shards, processes=a.processes, progress=False)
+            report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        print_report(report)
+        return 0 if report.ok else 1
+    if a.command == "score":
+        from data_prep import score
+        summary = score.score(score.options(a))
+        if summary:
+            print(score.format_summary(summary))
+        return 0
+    if a.command == "filter":
+        from data_prep import filter as filter_mod
+        opts = filter_mod.FilterOptions(
+            dataset=a.dataset, output=a.output, scores=a.scores, min_score=a.min_score, top_fraction=a.top_fraction,
+            dedup_embeddings=a.dedup_embeddings, min_image_size=a.min_image_size,
+            caption_rules=tuple(a.caption_rule or ()), device=a.device, progress=not a.no_progress)
+        print(filter_mod.format_summary(filter_mod.filter_dataset(opts)))
+        return 0
     if a.command == "repair":
         from data_prep.repair import repair
         repair(a.output, processes=a.processes, progress=not a.no_progress)

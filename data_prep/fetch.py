@@ -1,21 +1,24 @@
-"""Fetch the bytes behind a URL or path: local files, any fsspec filesystem, and http(s) with safety rules.
+"""Fetch the bytes behind a URL or path: local files, http(s) with safety rules, and the object stores the user
+enabled (`--allow-schemes s3,gs`); every other scheme, and chained fsspec URLs (`simplecache::http://...`), is
+refused per row, because fsspec would otherwise reach any address (ftp, webhdfs, caches over http) unchecked.
 
 http(s) is written on the standard library's `http.client` rather than requests/urllib3/aiohttp because every
 hop (the first request and each redirect) must be resolved, checked against private/loopback/link-local/metadata
 addresses, and then connected to exactly the address that was checked (no second DNS lookup an attacker could
 rebind); the well-known clients resolve internally and give no such hook. Connections are kept per thread and
-host (keep-alive), concurrency per host is capped, retries back off exponentially and honour `Retry-After`, a
-whole transfer has one deadline (a slow drip cannot keep a worker forever), and `X-Robots-Tag` opt-outs drop
-the sample. Failures are `Reject`s; those worth retrying later (timeouts, 429/5xx, connection errors) are
-marked transient for `plait prep repair`.
+host (keep-alive, `data_prep.connection`), concurrency per host is capped, retries back off exponentially and
+honour `Retry-After`, each attempt has one deadline over connect, headers, bodies and redirects (a slow drip
+cannot keep a worker), and `X-Robots-Tag` opt-outs drop the sample. Local paths are read in `read_local` only. Failures are `Reject`s; those worth retrying later (timeouts, 429/5xx, connection errors, a body
+cut short of its Content-Length) are marked transient for `plait prep repair`. Whatever a row's URL or its
+server does, the failure is that row's reject: nothing a table or a server sends stops the job.
 """
 from __future__ import annotations
 
 import collections
 import http.client
 import ipaddress
+import re
 import socket
-import ssl
 import threading
 import time
 import urllib.parse
@@ -24,6 +27,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 
+from data_prep.connection import PinnedConnection
 from data_prep.options import FetchOptions
 from data_prep.process import Reject
 
@@ -41,9 +45,15 @@ VERSION = "0.1"
 
 def redact(url: str | None) -> str | None:
     """The URL without user:password@ and with secret-looking query values replaced: safe for manifests/logs."""
-    if not url or "://" not in url:
+    if not url or not isinstance(url, str):
         return url
-    parts = urllib.parse.urlsplit(url)
+    url = printable(url)
+    if "://" not in url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # malformed (e.g. "Invalid IPv6 URL"): still drop anything that looks like credentials
+        return re.sub(r"//[^/@]*@", "//", url)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = parts.query
     if query:
@@ -51,6 +61,11 @@ def redact(url: str | None) -> str | None:
         query = urllib.parse.urlencode([(k, "REDACTED" if k.lower() in _SECRET_QUERY_KEYS else v)
                                         for k, v in pairs])
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates (a table can hold them, UTF-8 cannot) escaped, so manifests can store it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_address(ip: str) -> str | None:
@@ -88,30 +103,78 @@ class Fetcher:
         self._local = threading.local()
         self._host_slots: dict[str, threading.Semaphore] = {}
         self._lock = threading.Lock()
+        self._endpoint_verdict: dict[str, str | None] = {}  # scheme -> why its endpoint is refused, None: allowed
 
     def fetch(self, url: str | None) -> bytes:
+        """The bytes behind `url`; any failure is a `Reject` naming the reason (transient when worth a retry)."""
         if not url:
             raise Reject("missing url")
-        scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+        if not isinstance(url, str):
+            raise Reject(f"url is not text ({type(url).__name__})")
+        try:
+            return self._fetch(url)
+        except Reject:
+            raise
+        except (ValueError, UnicodeError, http.client.InvalidURL) as e:  # urlsplit, ports, IDNA, surrogates
+            raise Reject(f"bad url ({type(e).__name__}: {printable(str(e))[:160]})") from None
+
+    def _fetch(self, url: str) -> bytes:
+        head, sep, _ = url.partition("://")
+        scheme = head.lower() if sep else "file"
         if scheme in ("http", "https"):
             return self._http(url)
-        path = url[7:] if url.startswith("file://") else url
+        if scheme == "file":
+            return self.read_local(url[7:] if sep else url)
+        if "::" in url:  # fsspec chaining (simplecache::, blockcache::, a::b): each link could reach anywhere
+            raise Reject("chained fsspec url refused")
+        if scheme not in self.opts.allow_schemes:
+            extra = f", {', '.join(self.opts.allow_schemes)}" if self.opts.allow_schemes else ""
+            raise Reject(f"url scheme {printable(scheme)[:20]!r} not allowed (http, https{extra}; see "
+                         "--allow-schemes)")
+        return self._store(scheme, url)
+
+    def read_local(self, path: str) -> bytes:
+        """A local path or file:// URL from the table: the one place local files are opened (never via fsspec)."""
         try:
-            if scheme == "file":
-                with open(path, "rb") as f:
-                    data = f.read(self.opts.max_bytes + 1)
-            else:
-                with fsspec.open(url, "rb") as f:
-                    data = f.read(self.opts.max_bytes + 1)
+            with open(path, "rb") as f:
+                data = f.read(self.opts.max_bytes + 1)
         except FileNotFoundError:
             raise Reject("file not found") from None
         except (IsADirectoryError, PermissionError) as e:
             raise Reject(f"unreadable file: {type(e).__name__}") from None
         except OSError as e:
-            raise Reject(f"read error: {str(e)[:200]}", transient=scheme != "file") from None
+            raise Reject(f"read error: {printable(str(e))[:200]}") from None
+        return self._check_size(data)
+
+    def _store(self, scheme: str, url: str) -> bytes:
+        fs = fsspec.filesystem(scheme)
+        self._check_endpoint(scheme, fs)
+        try:
+            with fs.open(fs._strip_protocol(url), "rb") as f:
+                data = f.read(self.opts.max_bytes + 1)
+        except FileNotFoundError:
+            raise Reject("file not found") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise Reject(f"unreadable file: {type(e).__name__}") from None
+        except OSError as e:
+            raise Reject(f"read error: {printable(str(e))[:200]}", transient=True) from None
+        return self._check_size(data)
+
+    def _check_size(self, data: bytes) -> bytes:
         if len(data) > self.opts.max_bytes:
             raise Reject(f"file too large (> {self.opts.max_bytes} bytes)")
         return data
+
+    def _check_endpoint(self, scheme: str, fs) -> None:
+        """The private-address rule for an object store: its endpoint comes from the environment or config (the
+        table only names buckets and keys), checked once per fetcher (one shard) and scheme."""
+        if self.opts.allow_private:
+            return
+        with self._lock:
+            if scheme not in self._endpoint_verdict:
+                self._endpoint_verdict[scheme] = _endpoint_problem(scheme, fs)
+        if self._endpoint_verdict[scheme]:
+            raise Reject(self._endpoint_verdict[scheme])
 
     def fetch_many(self, urls: Iterable[str | None]) -> Iterator[bytes | Reject | None]:
         """Fetches in input order; None items (inline media) give None."""
@@ -122,9 +185,11 @@ class Fetcher:
                 return self.fetch(url)
             except Reject as r:
                 return r
+            except Exception as e:  # a failure nobody listed must cost this row, never the shard or the job
+                return Reject(f"fetch error ({type(e).__name__}: {printable(str(e))[:160]})")
 
         urls = list(urls)
-        remote = any(u and "://" in u and not u.startswith("file://") for u in urls)
+        remote = any(isinstance(u, str) and "://" in u and not u.startswith("file://") for u in urls)
         yield from ordered_map(one, urls, self.opts.threads if remote else 1)
 
     # ---------------------------------------------------------------- http
@@ -138,7 +203,9 @@ class Fetcher:
         attempt = 0
         while True:
             try:
-                return self._follow(url)
+                # one deadline per attempt covers the whole exchange: every hop's connect, TLS, request, headers,
+                # error body and body (a server dripping header lines cannot hold a row past --timeout)
+                return self._follow(url, time.monotonic() + self.opts.timeout_s)
             except _Retry as r:
                 attempt += 1
                 if attempt > self.opts.retries:
@@ -150,15 +217,15 @@ class Fetcher:
                     delay = max(delay, r.retry_after)
                 time.sleep(delay)
 
-    def _follow(self, url: str) -> bytes:
+    def _follow(self, url: str, deadline: float) -> bytes:
         seen = {url}
         for _ in range(self.opts.max_redirects + 1):
-            status, headers, body = self._request(url)
+            status, headers, body = self._request(url, deadline)
             if status in (301, 302, 303, 307, 308):
                 location = headers.get("location")
                 if not location:
                     raise Reject(f"http {status} without Location")
-                url = urllib.parse.urljoin(url, location)
+                url = urllib.parse.urljoin(url, location.strip())  # ValueError on a malformed Location: bad url
                 if url in seen:
                     raise Reject("redirect loop")
                 seen.add(url)
@@ -170,14 +237,21 @@ class Fetcher:
             return body
         raise Reject(f"too many redirects (> {self.opts.max_redirects})")
 
-    def _request(self, url: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def _request(self, url: str, deadline: float) -> tuple[int, http.client.HTTPMessage, bytes]:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Reject(f"unsupported url scheme {parts.scheme!r}")
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+            raise Reject(f"unsupported url scheme {printable(parts.scheme)[:20]!r}" if parts.scheme not in
+                         ("http", "https") else "url without a host")
+        # IDNA for the name, percent-encoding for a non-ASCII path/query (as browsers send them); either raises
+        # ValueError/UnicodeError for what cannot be encoded, which `fetch` turns into this row's "bad url"
+        host = parts.hostname.encode("idna").decode("ascii")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         ip = self._resolve(host, port)
-        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        deadline = time.monotonic() + self.opts.timeout_s
+        path = urllib.parse.quote(urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                                  safe="/?&=%:@!$'()*+,;~-._")
+        host_header = host if parts.port is None else f"{host}:{parts.port}"
+        if ":" in host:
+            host_header = f"[{host}]" + ("" if parts.port is None else f":{parts.port}")
         with self._slot(host):
             conn_key = (parts.scheme, host, port, ip)
             conns = self._local.__dict__.setdefault("conns", {})
@@ -185,18 +259,18 @@ class Fetcher:
                 conn = conns.get(conn_key) if not fresh else None
                 reused = conn is not None
                 if conn is None:
-                    conn = _PinnedConnection(parts.scheme, host, port, ip, self.opts.timeout_s)
+                    conn = PinnedConnection(parts.scheme, host, port, ip, self.opts.timeout_s)
                     conns[conn_key] = conn
                 try:
-                    conn.timeout = self.opts.timeout_s
+                    conn.deadline = deadline
                     conn.request("GET", path, headers={"User-Agent": self.user_agent, "Accept": "*/*",
-                                                       "Host": parts.netloc.rsplit("@", 1)[-1]})
+                                                       "Host": host_header})
                     resp = conn.getresponse()
                     status, headers = resp.status, resp.headers
                     body = b""
                     if status < 300:
                         self._check_opt_out(headers)
-                        body = self._read_body(resp, conn, deadline)
+                        body = self._read_body(resp)
                     else:
                         resp.read(_CHUNK)  # drain a short error body so the connection can be reused
                     if resp.will_close or not resp.isclosed():
@@ -207,7 +281,7 @@ class Fetcher:
                     conn.close()
                     conns.pop(conn_key, None)
                     raise _Retry("timeout") from None
-                except Reject:
+                except (Reject, _Retry):
                     conn.close()
                     conns.pop(conn_key, None)
                     raise
@@ -244,17 +318,13 @@ class Fetcher:
                 if token in OPT_OUT_TAGS:
                     raise Reject(f"opt-out: X-Robots-Tag {token}")
 
-    def _read_body(self, resp: http.client.HTTPResponse, conn: "_PinnedConnection", deadline: float) -> bytes:
+    def _read_body(self, resp: http.client.HTTPResponse) -> bytes:
         length = resp.getheader("content-length")
-        if length and length.isdigit() and int(length) > self.opts.max_bytes:
-            raise Reject(f"file too large ({length} > {self.opts.max_bytes} bytes)")
+        expected = int(length) if length and length.strip().isdigit() else None
+        if expected is not None and expected > self.opts.max_bytes:
+            raise Reject(f"file too large ({expected} > {self.opts.max_bytes} bytes)")
         chunks, size = [], 0
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Retry("timeout (transfer too slow)")
-            if conn.sock is not None:
-                conn.sock.settimeout(remaining)
             chunk = resp.read1(_CHUNK)
             if not chunk:
                 break
@@ -262,6 +332,9 @@ class Fetcher:
             if size > self.opts.max_bytes:
                 raise Reject(f"file too large (> {self.opts.max_bytes} bytes)")
             chunks.append(chunk)
+        if expected is not None and size < expected and not resp.chunked:
+            # http.client's read1 ends quietly when the peer closes early: a dropped connection, not a bad image
+            raise _Retry(f"connection closed early ({size} of {expected} bytes)")
         resp.read()  # marks the response complete (read1 alone leaves it open) so the connection is reused
         return b"".join(chunks)
 
@@ -284,25 +357,33 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-class _PinnedConnection(http.client.HTTPConnection):
-    """An HTTP(S) connection to an address checked beforehand; TLS still verifies the host name."""
+def _endpoint_problem(scheme: str, fs) -> str | None:
+    """Why the endpoint an object-store filesystem talks to is refused by the private-address rule, or None."""
+    endpoint = store_endpoint(scheme, fs)
+    if endpoint is None:
+        return f"{scheme}:// endpoint unknown: refused (pass --allow-private-addresses to trust it)"
+    host = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}").hostname
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError) as e:
+        return f"{scheme}:// endpoint {host!r} does not resolve ({e})"
+    for ip in sorted(ips):
+        why = check_address(ip)
+        if why:
+            return (f"refused {why} address ({ip}, the {scheme}:// endpoint {host}; pass --allow-private-addresses "
+                    "for a local store)")
+    return None
 
-    def __init__(self, scheme: str, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.scheme, self.ip = scheme, ip
 
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.scheme == "https":
-            self.sock = _tls_context().wrap_socket(self.sock, server_hostname=self.host)
-
-
-_TLS: list[ssl.SSLContext] = []
-
-
-def _tls_context() -> ssl.SSLContext:
-    """One verifying TLS context per process (building one loads the CA bundle: milliseconds each)."""
-    if not _TLS:
-        _TLS.append(ssl.create_default_context())
-    return _TLS[0]
+def store_endpoint(scheme: str, fs) -> str | None:
+    """The service URL behind `fs` as configured (environment, config files, storage options)."""
+    if scheme in ("s3", "s3a"):
+        fs.connect()  # s3fs builds its botocore client here, resolving AWS_ENDPOINT_URL and config files
+        return fs.s3.meta.endpoint_url
+    for attr in ("_location", "account_url", "endpoint_url"):  # gcsfs, adlfs
+        value = getattr(fs, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    if scheme in ("gs", "gcs"):
+        return "https://storage.googleapis.com"
+    return None

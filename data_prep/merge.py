@@ -29,7 +29,9 @@ def read_plan(out: OutputDir) -> JobOptions:
     --shard-bytes the pilot's value, which `_plan.json` keeps apart from the user's cap), so `repair` sizes its
     shards like the others."""
     if not out.exists("_plan.json"):
-        raise FileNotFoundError(f"{out.url!r}: not a plait dataset folder (no _plan.json)")
+        raise FileNotFoundError(f"{out.url!r}: not a plait dataset folder (no _plan.json): only shards plait "
+                                "built from an input can be merged or rebuilt; for shards from elsewhere use "
+                                "`plait prep index` and `plait prep verify`")
     opts = JobOptions.from_dict(out.read_json("_plan.json"))
     return dataclasses.replace(opts, samples_per_shard=opts.rows_per_shard)
 

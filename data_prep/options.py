@@ -18,6 +18,7 @@ RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
                  "fashion-mnist")
 FRAME_SAMPLING = ("uniform", "fps", "keyframes")
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -80,6 +81,9 @@ class FetchOptions:
     user_agent_token: str | None = None
     allow_private: bool = False
     respect_optouts: bool = True
+    allow_schemes: tuple[str, ...] = ()
+    """Object stores a table's URLs may name besides http/https (e.g. ("s3", "gs")); every other scheme, chained
+    fsspec URLs (`simplecache::...`) included, is a per-row reject. Their endpoint is held to allow_private too."""
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "max_per_host", "threads", "max_bytes"):
@@ -87,6 +91,10 @@ class FetchOptions:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be positive")
         if self.retries < 0:
             raise ValueError(f"--retries {self.retries}: must be >= 0")
+        bad = sorted(set(self.allow_schemes) - set(OBJECT_STORE_SCHEMES))
+        if bad:
+            raise ValueError(f"--allow-schemes {','.join(bad)}: expected some of {', '.join(OBJECT_STORE_SCHEMES)} "
+                             "(http and https are always allowed; local paths are not URLs)")
 
 
 @dataclass(frozen=True)

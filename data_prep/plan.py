@@ -65,6 +65,22 @@ def resolve_task(task_index: int | None, num_tasks: int | None, env: Mapping[str
     return task_index, num_tasks
 
 
+def task_row_ranges(start: int, stop: int, samples_per_shard: int, task_index: int,
+                    num_tasks: int) -> list[tuple[int, int]]:
+    """The parts of input rows [start, stop) that belong to this task's shards, as [a, b) ranges in order.
+
+    A reader that knows where its rows lie before decoding them (parquet, by its row groups' metadata) reads only
+    these, so a task's start-up and streaming cost follow its own share, not the whole input. Jumps from one of
+    the task's shards to the next: O(ranges returned), whatever the number of tasks."""
+    out = []
+    shard = start // samples_per_shard
+    shard += (task_index - shard) % num_tasks  # the task's first shard at or after `start`
+    while shard * samples_per_shard < stop:
+        out.append((max(start, shard * samples_per_shard), min(stop, (shard + 1) * samples_per_shard)))
+        shard += num_tasks
+    return out
+
+
 def work_units(rows: Iterable[R], samples_per_shard: int, task_index: int = 0, num_tasks: int = 1,
                index_of=lambda r: r.index) -> Iterator[tuple[int, list[R]]]:
     """Groups a stream of rows (in index order) into (shard id, rows) of this task; other tasks' rows are

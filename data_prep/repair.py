@@ -1,4 +1,9 @@
-"""`plait prep repair DIR`: retry the transient failures of a finished dataset into additional shards.
+"""`plait prep repair DIR`: rebuild damaged shards, and retry the transient failures into additional shards.
+
+Damaged shards first: a tar that is missing, unreadable, truncated, or whose bytes or sha256 differ from the
+manifest (what `plait prep verify` reports as such), or an expected shard without its stats file, is built again
+from its input rows (its stats file, the done marker, is removed first, so a killed rebuild is redone by the next
+`repair` or `shard` run), and the dataset is merged again.
 
 Only rows whose record says `transient` (timeouts, 429/5xx, connection and DNS errors) are retried; they are
 read again from the original input (the manifests hold no credentials, the input may), built into new shards
@@ -17,11 +22,50 @@ from data_prep.sources import read_rows
 from data_prep.writer import OutputDir, shard_name
 
 
+def damaged_shards(output: str) -> list[str]:
+    """Tar names of a merged plait dataset that must be rebuilt: damaged, or expected but never finished."""
+    from data_prep.verify import verify
+    out = OutputDir(output)
+    planned, repairs = expected_shards(out)
+    unfinished = [f"{shard_name(s)}.tar" for s in planned + repairs if not out.exists(f"{shard_name(s)}_stats.json")]
+    return sorted(set(verify(output, decode_fraction=0).bad_shards) | set(unfinished))
+
+
+def rebuild_shards(output: str, names: list[str], processes: int = 1, progress: bool = True,
+                   log=print) -> dict[str, Any]:
+    """Builds shards `names` (e.g. "00003.tar") again from the input rows they were cut from, then merges."""
+    out = OutputDir(output)
+    opts = read_plan(out)
+    planned, _ = expected_shards(out)
+    repair_rows = {int(s): rows for n in out.glob("_repairs/repair-*.json")
+                   for s, rows in out.read_json(f"_repairs/{n}")["rows"].items()}
+    ids = sorted({int(n.removesuffix(".tar")) for n in names})
+    unknown = [shard_name(i) for i in ids if i not in repair_rows and not 0 <= i < len(planned)]
+    if unknown:
+        raise ValueError(f"{output!r}: shard(s) {', '.join(unknown)} are not part of this dataset's plan")
+    for i in ids:
+        out.remove(f"{shard_name(i)}_stats.json")  # the done marker first: a killed rebuild is redone, not skipped
+    shard_of = {row: i for i in ids if i in repair_rows for row in repair_rows[i]}
+    units: dict[int, list] = {i: [] for i in ids}
+    per = opts.samples_per_shard
+    for row in read_rows(opts.source):  # a retried row belongs to its planned shard and to its repair shard
+        if row.index in shard_of:
+            units[shard_of[row.index]].append(row)
+        if row.index // per in units and row.index // per < len(planned):
+            units[row.index // per].append(row)
+    log(f"rebuilding {len(ids)} damaged shard(s): {', '.join(shard_name(i) for i in ids)}")
+    build_units(opts, iter(sorted(units.items())), processes, progress)
+    return merge(output)
+
+
 def repair(output: str, processes: int = 1, progress: bool = True, log=print) -> dict[str, Any]:
     out = OutputDir(output)
     opts = read_plan(out)
     if not out.exists("samples.parquet"):
         raise ValueError(f"{output!r}: not merged yet; run `plait prep merge {output}` first")
+    damaged = damaged_shards(output)
+    if damaged:
+        rebuild_shards(output, damaged, processes, progress, log)
     pending = [out.read_json(f"_repairs/{n}") for n in out.glob("_repairs/repair-*.json")]
     pending = [m for m in pending if not m.get("done")]
     if pending:

@@ -20,11 +20,11 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
-from data_prep import manifest
+from data_prep import lifeline, manifest
 from data_prep import merge as merge_mod
 from data_prep.options import JobOptions, format_size
-from data_prep.plan import num_shards, rows_for_bytes, work_units
-from data_prep.sources import Row, read_rows
+from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
+from data_prep.sources import Row, count_rows, read_rows
 from data_prep.worker import build_shard, init_worker
 from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
@@ -145,15 +145,22 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
              rows: Iterator[Row] | None = None, marker: str | None = None) -> dict[str, Any]:
     """Builds this task's unfinished shards; returns {'shards': [...stats], 'num_input_rows': n}."""
     out = OutputDir(opts.output)
-    source = iter(rows if rows is not None else read_rows(opts.source))
+    # an input whose row count its metadata gives (parquet) is read by ranges: only this task's rows
+    known_rows = count_rows(opts.source) if rows is None else None
+    source = iter(rows if rows is not None else () if known_rows is not None else read_rows(opts.source))
     head: list[Row] = []  # rows a pilot looked at, put back in front of the stream
 
     def first_rows(k: int) -> list[Row]:
+        if known_rows is not None:  # the pilot reads the input's first rows, whichever task runs it
+            return list(itertools.islice(read_rows(opts.source), k))
         head.extend(itertools.islice(source, k))
         return head
 
     opts = ensure_plan(out, opts, first_rows, log)
     done = {int(n[:5]) for n in out.glob("*_stats.json")}
+    per = opts.rows_per_shard
+    if known_rows is not None:
+        source = read_rows(opts.source, lambda a, b: task_row_ranges(a, b, per, task_index, num_tasks))
     counter = {"rows": 0}
 
     def counted(stream: Iterator[Row]) -> Iterator[Row]:
@@ -162,10 +169,11 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
             yield row
 
     stream = counted(itertools.chain(head, source))
-    per = opts.rows_per_shard
     units = ((s, r) for s, r in work_units(stream, per, task_index, num_tasks) if s not in done)
     started = time.monotonic()
     finished = build_units(opts, units, processes, progress)
+    if known_rows is not None:
+        counter["rows"] = known_rows
     total_shards = num_shards(counter["rows"], per)
     marker = marker or f"_tasks/task-{task_index:05d}-of-{num_tasks:05d}.json"
     out.write_json(marker, {"task_index": task_index, "num_tasks": num_tasks, "num_input_rows": counter["rows"],
@@ -196,8 +204,8 @@ def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], proces
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["data_prep.worker", "data_prep.video"])
         counter_value = ctx.Value("q", 0)
-        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=init_worker,
-                                 initargs=(counter_value,)) as pool:
+        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_pool_worker,
+                                 initargs=(os.getpid(), counter_value)) as pool:
             pending: set = set()
             for shard_id, unit in units:
                 pending.add(pool.submit(build_shard, opts, shard_id, unit))
@@ -208,6 +216,11 @@ def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], proces
     if bar is not None:
         bar.close()
     return finished
+
+
+def _init_pool_worker(main_pid: int, counter_value) -> None:
+    lifeline.tie_to(main_pid)  # a kill -9 of the job must not leave its workers fetching for nobody
+    init_worker(counter_value)
 
 
 def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,

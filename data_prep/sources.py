@@ -17,7 +17,7 @@ import random
 import struct
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 
@@ -80,15 +80,38 @@ def detect_format(path: str) -> str:
     raise ValueError(f"--input {path!r}: cannot tell the format from the name; pass --input-format")
 
 
-def read_rows(opts: SourceOptions) -> Iterator[Row]:
-    """All rows of the input, in order, streamed."""
+RowRanges = Callable[[int, int], "list[tuple[int, int]]"]
+"""(start, stop) -> the [a, b) parts of rows [start, stop) a caller wants (see `read_rows`)."""
+
+
+def read_rows(opts: SourceOptions, ranges: RowRanges | None = None) -> Iterator[Row]:
+    """All rows of the input, in order, streamed.
+
+    With `ranges`, a reader that knows its rows' positions before decoding them (parquet: its row groups'
+    metadata) yields only the wanted rows and never reads the row groups that hold none: an array task of a
+    100M-row job reads its own share, not the whole table (benchmarks/bench_scale.py). Other readers ignore
+    `ranges` and yield every row; callers filter by index either way."""
     fs, root = fsspec.core.url_to_fs(opts.input)
     if not fs.exists(root):
         raise FileNotFoundError(f"--input {opts.input!r}: no such file or folder")
     fmt = detect_format(opts.input) if opts.input_format == "auto" else opts.input_format
     reader = {"parquet": _parquet, "csv": _csv, "tsv": _csv, "webvid": _csv, "jsonl": _jsonl, "json": _jsonl,
               "txt": _txt, "folder": _folder, "yfcc100m": _yfcc, "fashion-mnist": _fashion_mnist}[fmt]
-    yield from reader(opts, fmt)
+    if fmt == "parquet":
+        yield from _parquet(opts, fmt, ranges)
+    else:
+        yield from reader(opts, fmt)
+
+
+def count_rows(opts: SourceOptions) -> int | None:
+    """The input's row count when it is known without reading the rows (parquet metadata), else None."""
+    fmt = detect_format(opts.input) if opts.input_format == "auto" else opts.input_format
+    if fmt != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    with fsspec.open(opts.input, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _table_row(index: int, rec: dict[str, Any], opts: SourceOptions, url_col: str,
@@ -116,7 +139,7 @@ def _columns(opts: SourceOptions, fmt: str) -> tuple[str, str | None]:
     return opts.url_col, opts.caption_col
 
 
-def _parquet(opts: SourceOptions, fmt: str) -> Iterator[Row]:
+def _parquet(opts: SourceOptions, fmt: str, ranges: RowRanges | None = None) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     url_col, caption_col = _columns(opts, fmt)
@@ -125,11 +148,23 @@ def _parquet(opts: SourceOptions, fmt: str) -> Iterator[Row]:
         _check_columns(pf.schema_arrow.names, opts, url_col, caption_col)
         cols = list(dict.fromkeys(c for c in (url_col, caption_col, *opts.extra_cols, opts.start_col,
                                                opts.end_col) if c))
-        index = 0
-        for batch in pf.iter_batches(batch_size=8192, columns=cols):
-            for rec in batch.to_pylist():
-                yield _table_row(index, rec, opts, url_col, caption_col)
-                index += 1
+        if ranges is None:
+            index = 0
+            for batch in pf.iter_batches(batch_size=8192, columns=cols):
+                for rec in batch.to_pylist():
+                    yield _table_row(index, rec, opts, url_col, caption_col)
+                    index += 1
+            return
+        first = 0
+        for group in range(pf.num_row_groups):
+            count = pf.metadata.row_group(group).num_rows
+            wanted = ranges(first, first + count)
+            if wanted:  # a group nobody here wants is never read
+                table = pf.read_row_group(group, columns=cols)
+                for a, b in wanted:  # only the wanted rows become Python objects
+                    for offset, rec in enumerate(table.slice(a - first, b - a).to_pylist()):
+                        yield _table_row(a + offset, rec, opts, url_col, caption_col)
+            first += count
 
 
 def _csv(opts: SourceOptions, fmt: str) -> Iterator[Row]:

@@ -1,95 +1,326 @@
-"""`plait prep verify DIR`: everything a reader relies on, checked against the manifests; returns the problems.
+"""`plait prep verify DIR`: checks any WebDataset folder, and plait's own datasets against their manifests.
 
-Checks: the dataset was merged; no leftover temporary files; every listed shard exists with the recorded bytes
-and sha256, parses as a tar to the end, holds the recorded number of samples in key order, each with media, txt
-and json, at the offsets of its index; sizes.json agrees; a deterministic fraction of the images decodes; the
-per-sample manifest has each input row exactly once and ok + rejected == input rows; no unlisted tars.
+Every folder (plait's, img2dataset's, webdataset.ShardWriter's, hand-made): each tar reads to its end; it holds
+regular files only (directories and links are reported: webdataset skips them silently); every member name has
+a key and an extension; no sample repeats an extension or reappears later in its shard; every sample has an
+image-like and a text-like member; a deterministic fraction of the images decodes, and every caption is UTF-8
+and every .json parses; no key appears in two shards; sizes.json, the per-shard stats files' counts and the
+S.idx.json offset indexes, where present, agree with the tars; no temporary files are left over.
+
+Only members the loader uses are decoded, each with an explicit decoder (PIL restricted to image formats, UTF-8,
+json); nothing is unpickled (webdataset's default decoders would unpickle .pyd/.pth members).
+
+A plait dataset (one with `_plan.json`) is also checked against its manifests: it was merged; every listed shard
+has the recorded bytes and sha256 and sample count, in key order, with a .json per sample; the per-sample
+manifest has every input row exactly once and ok + rejected == input rows; no unlisted tars. In other folders
+that row accounting does not exist: the report says it was skipped, not that it failed.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
-from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from data_prep import manifest
+from data_prep.index import IMAGE_EXTS, TEXT_EXTS, find_shards, validate_sizes
 from data_prep.writer import OutputDir
 
-_MEDIA = ("jpg", "png", "webp")
+_PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF",
+                "tif": "TIFF", "tiff": "TIFF", "ppm": "PPM", "pgm": "PPM"}
+_MEMBER_KINDS = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link",
+                 tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a fifo"}
+MAX_LISTED = 20  # per kind of repeated finding (duplicate keys, samples without a member): the rest are counted
 
 
-def verify(output: str, decode_fraction: float = 0.05) -> list[str]:
-    out = OutputDir(output)
-    if not out.exists("_plan.json"):
-        raise FileNotFoundError(f"{output!r}: not a plait dataset folder (no _plan.json)")
-    problems: list[str] = []
-    if not out.exists("manifest.json"):
-        return [f"{output}: no manifest.json (run `plait prep merge {output}` once all tasks are done)"]
-    summary = out.read_json("manifest.json")
-    sizes = out.read_json("sizes.json") if out.exists("sizes.json") else {}
-    problems += [f"leftover temporary file {n}" for n in out.glob("*.tmp")]
-    listed = {s["name"] for s in summary["shards"]}
-    problems += [f"{n}: tar not listed in manifest.json" for n in out.glob("*.tar") if n not in listed]
+@dataclass
+class ShardResult:
+    """One tar's findings."""
+
+    name: str
+    keys: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    sha256: str = ""
+    readable: bool = True
+    data_end: int = 0
+    """Where the last member's padded payload ends; the end-of-archive blocks follow it."""
+    key_set: set[str] = field(default_factory=set)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found; `problems` empty means the dataset is fine to train on."""
+
+    target: str
+    plait_dataset: bool = False
+    num_shards: int = 0
+    num_samples: int = 0
+    problems: list[str] = field(default_factory=list)
+    bad_shards: list[str] = field(default_factory=list)
+    """Tars that are themselves damaged (missing, unreadable, bytes or sha256 differ): what `repair` rebuilds."""
+    notes: list[str] = field(default_factory=list)
+    rows: dict[str, Any] | None = None
+    """plait datasets: input rows, ok, rejected and the top reject reasons (manifest.json)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self, top: int = 5) -> list[str]:
+        lines = [f"{self.num_samples} samples in {self.num_shards} shard(s)"]
+        if self.rows is not None:
+            r = self.rows
+            line = f"{r['num_input_rows']} input rows: {r['num_ok']} ok, {r['num_rejected']} rejected"
+            reasons = list(r.get("reasons", {}).items())[:top]
+            if reasons:
+                line += "; top reject reasons: " + ", ".join(f"{k} ({n})" for k, n in reasons)
+            lines.append(line)
+        lines += self.notes
+        lines.append("ok" if self.ok else f"{len(self.problems)} problem(s)")
+        return lines
+
+
+def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> VerifyReport:
+    """Checks the WebDataset folder (or shard pattern) `target`; see the module docstring for what."""
+    if not 0 <= decode_fraction <= 1:
+        raise ValueError(f"--decode-fraction {decode_fraction}: must be within [0, 1]")
     every = max(1, round(1 / decode_fraction)) if decode_fraction > 0 else 0
-    for entry in summary["shards"]:
-        problems += _check_shard(out, entry, sizes.get(entry["name"]), every)
-    problems += _check_records(out, summary)
-    return problems
+    is_folder = "{" not in target and not target.endswith(".tar") and not any(c in target for c in "*?[")
+    out = OutputDir(target) if is_folder else None
+    report = VerifyReport(target, plait_dataset=out is not None and out.exists("_plan.json"))
+    if report.plait_dataset:
+        if not out.exists("manifest.json"):
+            report.problems.append(f"{target}: no manifest.json (run `plait prep merge {target}` once all tasks "
+                                   "are done)")
+            return report
+        summary = out.read_json("manifest.json")
+        entries = {s["name"]: s for s in summary["shards"]}
+        urls = [out.path(n) if "://" not in target else f"{target.rstrip('/')}/{n}" for n in entries]
+        report.rows = {k: summary[k] for k in ("num_input_rows", "num_ok", "num_rejected")}
+        report.rows["reasons"] = summary.get("reasons", {})
+        report.problems += [f"{n}: tar not listed in manifest.json" for n in out.glob("*.tar") if n not in entries]
+    else:
+        entries = {}
+        urls = find_shards(target)
+        report.notes.append("not a plait dataset (no _plan.json): row accounting skipped")
+    folders = sorted({posixpath.dirname(u) for u in urls})
+    for folder in folders:
+        report.problems += [f"leftover temporary file {n}" for n in OutputDir(folder or ".").glob("*.tmp")]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda u: check_shard(u, every, entries.get(posixpath.basename(u))), urls))
+    sizes = {f: _sizes(OutputDir(f or "."), report) for f in folders}
+    seen: dict[str, str] = {}
+    duplicates = 0
+    for url, res in zip(urls, results):
+        report.problems += res.problems
+        if not res.readable or any(_damage(p) for p in res.problems):
+            report.bad_shards.append(res.name)
+        report.num_samples += len(res.keys)
+        table = sizes[posixpath.dirname(url)]
+        if table is not None and res.readable:
+            if res.name not in table:
+                report.problems.append(f"{res.name}: not listed in sizes.json")
+            elif table[res.name] != len(res.keys):
+                report.problems.append(f"{res.name}: sizes.json says {table[res.name]}, the tar holds "
+                                       f"{len(res.keys)} samples")
+        if res.readable:
+            report.problems += _check_stats_count(url, res)
+        for key in res.keys:
+            if key in seen and seen[key] != res.name:
+                duplicates += 1
+                if duplicates <= MAX_LISTED:
+                    report.problems.append(f"{res.name}: key {key} also in {seen[key]}")
+            else:
+                seen[key] = res.name
+    if duplicates > MAX_LISTED:
+        report.problems.append(f"... {duplicates - MAX_LISTED} more keys in two shards")
+    report.num_shards = len(urls)
+    if report.plait_dataset:
+        report.problems += _check_records(out, summary)
+    if report.num_samples == 0:
+        why = f" (all {report.rows['num_input_rows']} input rows rejected)" if report.rows else ""
+        report.problems.append(f"{target}: the dataset holds no samples{why}")
+    return report
 
 
-def _check_shard(out: OutputDir, entry: dict, size_entry: int | None, every: int) -> list[str]:
-    name = entry["name"]
-    if not out.exists(name):
-        return [f"{name}: missing"]
-    data = out.read_bytes(name)
-    problems = []
-    if len(data) != entry["bytes"]:
-        problems.append(f"{name}: {len(data)} bytes, manifest says {entry['bytes']}")
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        problems.append(f"{name}: sha256 differs from manifest.json")
-    if size_entry != entry["num_samples"]:
-        problems.append(f"{name}: sizes.json says {size_entry}, manifest.json says {entry['num_samples']}")
-    members: dict[str, dict[str, bytes]] = defaultdict(dict)
-    offsets: dict[str, int] = {}
+def _check_stats_count(url: str, res: ShardResult) -> list[str]:
+    """The loader falls back on a shard's own stats file (plait: num_samples, img2dataset: successes) for its
+    count when sizes.json lacks it, so that count must be the tar's too."""
+    import fsspec
+    stats_url = url[: -len(".tar")] + "_stats.json"
+    fs, path = fsspec.core.url_to_fs(stats_url)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                key, ext = info.name.split(".", 1)
-                offsets.setdefault(key, info.offset)
-                members[key][ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, ValueError) as e:
-        return problems + [f"{name}: unreadable tar ({e})"]
-    keys = list(members)
-    if len(keys) != entry["num_samples"]:
-        problems.append(f"{name}: {len(keys)} samples, manifest says {entry['num_samples']}")
-    if keys != sorted(keys):
-        problems.append(f"{name}: samples not in key order")
-    stem = name.removesuffix(".tar")
-    if out.exists(f"{stem}.idx.json"):
-        idx = out.read_json(f"{stem}.idx.json")
-        if idx["keys"] != keys or idx["offsets"] != [offsets[k] for k in keys]:
-            problems.append(f"{stem}.idx.json: keys or offsets do not match the tar")
-    for i, key in enumerate(keys):
-        exts = members[key]
-        media = [e for e in exts if e.rsplit(".", 1)[-1] in _MEDIA]
-        if not media or "txt" not in exts or "json" not in exts:
-            problems.append(f"{name}: sample {key} lacks media, txt or json ({', '.join(sorted(exts))})")
-            continue
-        try:
-            json.loads(exts["json"])
-        except ValueError:
-            problems.append(f"{name}: sample {key} has invalid json")
-        if every and i % every == 0:
-            for ext in media:
-                try:
-                    with Image.open(io.BytesIO(exts[ext])) as im:
-                        im.load()
-                except Exception as e:  # any decoder failure is a finding, not a crash
-                    problems.append(f"{name}: {key}.{ext} does not decode ({type(e).__name__}: {e})")
-    return problems
+        stats = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return []
+    except ValueError as exn:
+        return [f"{posixpath.basename(stats_url)}: not valid JSON ({exn})"]
+    key = next((k for k in ("num_samples", "successes") if isinstance(stats, dict) and k in stats), None)
+    if key is not None and stats[key] != len(res.keys):
+        return [f"{posixpath.basename(stats_url)}: {key} {stats[key]!r}, the tar holds {len(res.keys)} samples"]
+    return []
+
+
+def _damage(problem: str) -> bool:
+    return any(s in problem for s in (": missing", "unreadable tar", "truncated tar", "sha256 differs",
+                                         " bytes, manifest says"))
+
+
+def _sizes(out: OutputDir, report: VerifyReport) -> dict[str, int] | None:
+    if not out.exists("sizes.json"):
+        return None
+    try:
+        return validate_sizes(out.read_bytes("sizes.json"), out.path("sizes.json"))
+    except ValueError as exn:
+        report.problems.append(str(exn))
+        return None
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes and counts the bytes read through it (tarfile's stream mode)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+def check_shard(url: str, every: int, entry: dict | None = None) -> ShardResult:
+    """Reads the tar at `url` once, start to end; `entry` (plait manifests) adds bytes/sha256/count checks."""
+    import fsspec
+    name = posixpath.basename(url)
+    res = ShardResult(name)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        res.readable = False
+        res.problems.append(f"{name}: missing")
+        return res
+    samples: list[dict[str, bytes | None]] = []
+    try:
+        with fs.open(path, "rb") as raw:
+            reader = _HashingReader(raw)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for info in tar:
+                    _read_member(tar, info, res, samples, every)
+                    tar.members = []  # stream mode: keep no TarInfo of the members already checked
+            while reader.read(1 << 20):  # the tail after the end-of-archive blocks counts for bytes and sha256
+                pass
+        res.size_bytes, res.sha256 = reader.size, reader.sha.hexdigest()
+        if res.size_bytes < res.data_end + 1024:
+            res.problems.append(f"{name}: truncated tar (no end-of-archive blocks after its last member)")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
+        res.readable = False
+        res.problems.append(f"{name}: unreadable tar after {len(res.keys)} samples ({type(exn).__name__}: {exn})")
+    missing = 0
+    for key, members in zip(res.keys, samples):
+        lacks = [kind for kind, exts in (("an image", IMAGE_EXTS), ("a text", TEXT_EXTS))
+                 if not any(e.rsplit(".", 1)[-1] in exts for e in members)]
+        if entry is not None and "json" not in members:
+            lacks.append("a json")
+        if lacks:
+            missing += 1
+            if missing <= MAX_LISTED:
+                res.problems.append(f"{name}: sample {key} lacks {' and '.join(lacks)} member "
+                                    f"(has {', '.join(sorted(members)) or 'nothing'})")
+    if missing > MAX_LISTED:
+        res.problems.append(f"{name}: ... {missing - MAX_LISTED} more samples lacking a member")
+    if entry is not None and res.readable:
+        _check_against_manifest(res, entry)
+    _check_index(url, res)
+    return res
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, res: ShardResult, samples: list, every: int) -> None:
+    name = res.name
+    res.data_end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if not info.isreg():
+        kind = _MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
+        res.problems.append(f"{name}: member {info.name!r} is {kind}, not a file (webdataset skips it)")
+        return
+    if info.name.startswith("__") or "/__" in info.name:
+        return  # webdataset's metadata members
+    key, ext = base_plus_ext(info.name)
+    if key is None:
+        res.problems.append(f"{name}: member {info.name!r} has no key.extension name (webdataset skips it)")
+        return
+    ext = ext.lower()
+    if not res.keys or res.keys[-1] != key:
+        if key in res.key_set:
+            res.problems.append(f"{name}: key {key} appears again after other samples (webdataset yields "
+                                "two samples with one key)")
+        res.key_set.add(key)
+        res.keys.append(key)
+        res.offsets.append(info.offset)
+        samples.append({})
+    members = samples[-1]
+    if ext in members:
+        res.problems.append(f"{name}: sample {key} has two {ext} members (webdataset raises on it)")
+    position = len(res.keys) - 1
+    wanted = (ext == "json" or ext in TEXT_EXTS or ext.endswith(".txt")
+              or (every and position % every == 0 and ext.rsplit(".", 1)[-1] in _PIL_FORMATS))
+    members[ext] = None
+    if wanted:
+        error = decode_member(ext, tar.extractfile(info).read())
+        if error:
+            res.problems.append(f"{name}: {key}.{ext} {error}")
+
+
+def decode_member(ext: str, data: bytes) -> str | None:
+    """None if member `ext` decodes with its explicit decoder, else why not. Only images, text and json are
+    decoded; any other extension (.pyd, .pth, .npy...) is never looked at."""
+    base = ext.rsplit(".", 1)[-1]
+    try:
+        if base in _PIL_FORMATS:
+            with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[base]]) as im:
+                im.load()
+        elif base == "json":
+            json.loads(data)
+        elif base in TEXT_EXTS or base == "txt":
+            data.decode("utf-8")
+    except Exception as exn:  # any decoder failure is a finding about the data, not a crash of verify
+        return f"does not decode as {base} ({type(exn).__name__}: {exn})"
+    return None
+
+
+def _check_against_manifest(res: ShardResult, entry: dict) -> None:
+    name = res.name
+    if res.size_bytes != entry["bytes"]:
+        res.problems.append(f"{name}: {res.size_bytes} bytes, manifest says {entry['bytes']}")
+    if res.sha256 != entry["sha256"]:
+        res.problems.append(f"{name}: sha256 differs from manifest.json")
+    if len(res.keys) != entry["num_samples"]:
+        res.problems.append(f"{name}: {len(res.keys)} samples, manifest says {entry['num_samples']}")
+    if res.keys != sorted(res.keys):
+        res.problems.append(f"{name}: samples not in key order")
+
+
+def _check_index(url: str, res: ShardResult) -> None:
+    import fsspec
+    idx_url = url[: -len(".tar")] + ".idx.json"
+    fs, path = fsspec.core.url_to_fs(idx_url)
+    if not res.readable or not fs.exists(path):
+        return
+    try:
+        idx = json.loads(fs.cat_file(path))
+        same = idx["keys"] == res.keys and idx["offsets"] == res.offsets
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        res.problems.append(f"{posixpath.basename(idx_url)}: keys or offsets do not match the tar "
+                            f"(rerun `plait prep index`)")
 
 
 def _check_records(out: OutputDir, summary: dict) -> list[str]:
@@ -110,3 +341,10 @@ def _check_records(out: OutputDir, summary: dict) -> list[str]:
     if in_tars != sum(s["num_samples"] for s in summary["shards"]):
         problems.append("samples.parquet: ok rows differ from the samples in the shards")
     return problems
+
+
+def print_report(report: VerifyReport, file=None) -> None:
+    for line in report.problems:
+        print(line, file=file)
+    for line in report.summary():
+        print(line, file=file)

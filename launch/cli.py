@@ -1,4 +1,4 @@
-"""`plait launch {train,prep,resubmit,local,status,cancel}`: parse, render, submit.
+"""`plait launch {train,prep,score,resubmit,local,status,cancel}`: parse, render, submit.
 
 Everything after the first `--` is passed through untouched to the payload
 (`pipeline.train` or `data_prep.cli shard`).
@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--output-dir", help="dataset directory the merge job finalizes (default: the shard "
                                            "args' --output)")
 
+    score = sub.add_parser("score", help="`plait prep score` as a job array (one task per shard range), then "
+                           "optionally `plait prep filter`: ... -- DATASET --model EXPORT [score args]")
+    _add_resources(score, multi_node=False)
+    score.add_argument("--tasks", dest="num_tasks", type=int, required=True, help="number of array tasks")
+    score.add_argument("--throttle", type=int, help="at most this many tasks at once (the %% in --array)")
+    score.add_argument("--filter", dest="filter_args", metavar="ARGS", help="`plait prep filter` arguments after "
+                       "DATASET, as one shell-quoted string, run once every task succeeded, e.g. "
+                       "'--output NEW --top-fraction 0.3'")
+
     resubmit = sub.add_parser("resubmit", help="rerun failed prep array tasks, then the merge again")
     resubmit.add_argument("run_dir", type=Path)
     resubmit.add_argument("--tasks", help="comma-separated task ids (default: the failed ones)")
@@ -168,6 +177,38 @@ def cmd_prep(args: argparse.Namespace, payload: list[str]) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace, payload: list[str]) -> int:
+    import shlex
+    container = _container(args)
+    dataset = next((a for a in payload if not a.startswith("-")), None)
+    if not dataset:
+        raise ValueError("score needs the dataset: pass DATASET --model EXPORT after --")
+    job = PrepJob(
+        run_dir=args.run_dir.resolve(), output_dir=dataset, prep_args=tuple(payload), num_tasks=args.num_tasks,
+        throttle=args.throttle, resources=_resources(args), job_name=args.job_name or "plait-score",
+        python=_python(args, container), container=container)
+    scripts = [("score.sbatch", render.render_score_array(job))]
+    if args.filter_args is not None:
+        filter_args = tuple(shlex.split(args.filter_args))
+        out = next((payload[i + 1] for i, a in enumerate(payload[:-1]) if a == "--out"), None)
+        if out and not any(a == "--scores" or a.startswith("--scores=") for a in filter_args):
+            filter_args += ("--scores", out)  # the filter reads the folder the array writes
+        scripts.append(("filter.sbatch", render.render_filter(job, filter_args)))
+    if args.dry_run:
+        sys.stdout.write("\n# ---- filter job (submitted with --dependency=afterok:ARRAY_ID)\n".join(
+            text for _, text in scripts))
+        return 0
+    paths = [_write(job.run_dir / name, text) for name, text in scripts]
+    array_id = slurm.submit(job.run_dir, "score-array", paths[0])
+    message = f"submitted score array {array_id} ({job.num_tasks} tasks)"
+    if len(paths) > 1:
+        filter_id = slurm.submit(job.run_dir, "score-filter", paths[1], f"--dependency=afterok:{array_id}",
+                                 "--kill-on-invalid-dep=yes")
+        message += f" and filter job {filter_id}"
+    print(message)
+    return 0
+
+
 def _submit_merge(run_dir: Path, merge_path: Path, array_id: str) -> str:
     # kill-on-invalid-dep: if a task fails the merge is cancelled instead of pending forever;
     # `plait launch resubmit` queues a new one after the rerun tasks.
@@ -205,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, payload)
         if args.command == "prep":
             return cmd_prep(args, payload)
+        if args.command == "score":
+            return cmd_score(args, payload)
         if args.command == "resubmit":
             return cmd_resubmit(args)
         if args.command == "local":

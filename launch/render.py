@@ -142,3 +142,38 @@ def render_prep_merge(job: PrepJob) -> str:
         merge_command=merge,
         command_prefix=command_prefix(job.container, job.run_dir, (job.output_dir,)),
     )
+
+
+def render_score_array(job: PrepJob, task_ids: list[int] | None = None) -> str:
+    """`plait prep score` as a job array: task i scores the i-th of num_tasks contiguous shard ranges."""
+    score = f"{shlex.quote(job.python)} -m data_prep.cli score {_join(job.prep_args)}"
+    return _env.get_template("prep_array.sbatch.j2").render(
+        job=job,
+        res=job.resources,
+        array_spec=array_spec(job.num_tasks, job.throttle, task_ids),
+        shard_command=score,
+        command_prefix=command_prefix(job.container, job.run_dir, (job.output_dir,)),
+    )
+
+
+def render_filter(job: PrepJob, filter_args: tuple[str, ...]) -> str:
+    """`plait prep filter DATASET ...` after the scoring array (the dataset is job.output_dir)."""
+    command = f"{shlex.quote(job.python)} -m data_prep.cli filter {shlex.quote(job.output_dir)} {_join(filter_args)}"
+    return _env.get_template("filter.sbatch.j2").render(
+        job=job,
+        res=job.resources,
+        filter_command=command,
+        command_prefix=command_prefix(job.container, job.run_dir, (job.output_dir, *_outputs(filter_args))),
+    )
+
+
+def _outputs(args: tuple[str, ...]) -> tuple[str, ...]:
+    """Folders named by --output / --scores in filter args (bound into a container)."""
+    found = []
+    for i, arg in enumerate(args):
+        for flag in ("--output", "--scores"):
+            if arg == flag and i + 1 < len(args):
+                found.append(args[i + 1])
+            elif arg.startswith(flag + "="):
+                found.append(arg.split("=", 1)[1])
+    return tuple(found)

@@ -65,6 +65,49 @@ class ModelConfig:
     Prefer objective.flip_mask_ratio, which also serves the MAE decoder."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (open_clip's set_grad_checkpointing)."""
+    pretrained: str = ""
+    """Initialise from these weights (a local path, never a hub): a plait run or checkpoint dir, a plait export
+    (open_clip dir, safetensors dir), an open_clip checkpoint file (.pt/.bin/.safetensors, `state_dict` and
+    `module.` wrapping accepted) or a Hugging Face CLIPModel dir. Its architecture comes from the files where they
+    record it (open_clip_config.json, config.json, the checkpoint), else from model.name. Read weights-only.
+    A resumed run takes its weights from its checkpoint; this path is only recorded."""
+    lock_image: bool = False
+    """Lock the image tower (LiT): no gradient, no optimizer state, no gradient sync; fully locked, it runs in
+    eval mode."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave the last N layer groups trainable (open_clip's groups; for a ViT: embeddings, each
+    block, the last block with ln_post, the projection)."""
+    lock_image_freeze_norm: bool = False
+    """With lock_image: freeze the BatchNorm statistics of the locked groups (ResNet/timm towers; open_clip's
+    --lock-image-freeze-bn-stats)."""
+    lock_text: bool = False
+    """Lock the text tower (LiT with a pretrained text encoder): as lock_image. An HF text tower's projection
+    (model.text_hf_proj) stays trainable; open_clip's own text tower locks its projection unless unlocked."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave the last N layer groups trainable (open_clip's text transformer: embeddings, each
+    block, the last block with ln_final, the projection; HF: embeddings, each layer)."""
+    lock_text_freeze_norm: bool = True
+    """With lock_text: the LayerNorms of the locked layers stay frozen too (open_clip's
+    --lock-text-freeze-layer-norm, whose CLI default is off). false: they keep training."""
+    text_hf: str = ""
+    """A local Hugging Face model directory (config.json, model.safetensors, tokenizer files) used as the text
+    tower (open_clip's HFTextEncoder) with its own tokenizer, loaded offline; replaces model.name's text tower."""
+    text_hf_pooler: str = choice("mean", "mean", "cls")
+    """How the HF text tower pools its tokens: mean over the caption's tokens, or the first ([CLS]) token."""
+    text_hf_proj: str = choice("linear", "linear", "mlp")
+    """The trained projection from the HF tower's width to the embedding: linear, or a 2-layer GELU MLP."""
+    text_hf_context_length: int = 0
+    """Tokens per caption for the HF tokenizer; 0: model.name's text context length."""
+
+    def __post_init__(self):
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers", "text_hf_context_length"):
+            require(getattr(self, name) >= 0, f"model.{name}", "must be >= 0")
+        require(self.lock_image or not self.lock_image_unlocked_groups, "model.lock_image_unlocked_groups",
+                "needs model.lock_image = true")
+        require(self.lock_text or not self.lock_text_unlocked_layers, "model.lock_text_unlocked_layers",
+                "needs model.lock_text = true")
+        require(bool(self.text_hf) or not self.text_hf_context_length, "model.text_hf_context_length",
+                "needs model.text_hf")
 
     def __post_init__(self):
         require(0 <= self.patch_dropout < 1, "model.patch_dropout", f"must lie in [0, 1), got {self.patch_dropout}")
@@ -315,6 +358,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during and after training."""
 
+    def __post_init__(self):
+        check_locks(self.model, self.objective)
+
+
+def check_locks(model: ModelConfig, objective: ObjectiveConfig) -> None:
+    """An objective that trains a tower cannot run on that tower fully locked (FLIP only masks: it may)."""
+    image_locked = model.lock_image and not model.lock_image_unlocked_groups
+    text_locked = model.lock_text and not model.lock_text_unlocked_layers
+    require(not (image_locked and objective.mae), "objective.mae",
+            "MAE trains the image tower, which model.lock_image locks (unlock groups with "
+            "model.lock_image_unlocked_groups, or drop one)")
+    require(not (text_locked and objective.mlm), "objective.mlm",
+            "MLM trains the text tower, which model.lock_text locks (unlock layers with "
+            "model.lock_text_unlocked_layers, or drop one)")
+    require(not (model.text_hf and (objective.mlm or objective.autoencoder)), "model.text_hf",
+            "objective.mlm and objective.autoencoder need open_clip's own text tower, not an HF one")
+    require(not (image_locked and text_locked and not model.text_hf), "model.lock_text",
+            "with model.lock_image too, every tower parameter is locked: nothing to train but the temperature")
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Loading, overriding, validating
@@ -325,9 +387,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Reads a TOML preset (optional), applies `a.b=value` overrides, validates, returns a frozen config."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        from pipeline.presets import resolve
+        path = resolve(path)  # a preset name (`tiny`) or a file
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:

@@ -117,7 +117,7 @@ class TrainStream:
         self.cfg, self.world, self.tokenize = cfg, world, tokenize
         self.with_keys, self.collate_hook = with_keys, collate_hook
         self.decoder = SampleDecoder(image_transform, cfg.video_frames, cfg.draft)
-        self.shards: ShardSet = parse_spec(cfg.train_shards)
+        self.shards: ShardSet = parse_spec(cfg.train_shards, estimate=cfg.mode == "resampled")
         self.topology = topology(world, cfg.num_workers)
         self.num_samples = self.shards.num_samples
         if cfg.mode == "exact":

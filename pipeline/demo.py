@@ -20,7 +20,7 @@ from pipeline.models.towers import build_clip
 from pipeline.train import run as train
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+DEMO_PRESET = "demo"  # pipeline/presets/demo.toml, inside the package: `plait demo` runs from any directory
 
 
 def shard_split(source: Path, split: str, out: Path, samples_per_shard: int) -> str:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo", help="where shards, checkpoints and the report go")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of configs/demo.toml, e.g. --set train.steps=50")
+                        help="override a key of the demo preset (pipeline/presets/demo.toml), e.g. --set train.steps=50")
     parser.add_argument("--samples-per-shard", type=int, default=5000, help="shard size for both splits")
     parser.add_argument("--fashion-mnist", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST idx gz "
                         "files (Debian package dataset-fashion-mnist)")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     train_shards = shard_split(source, "train", run_dir / "shards" / "train", args.samples_per_shard)
     test_shards = shard_split(source, "test", run_dir / "shards" / "test", args.samples_per_shard)
 
-    cfg = load_config(DEMO_CONFIG, [f"data.train_shards={json.dumps(train_shards)}",
+    cfg = load_config(DEMO_PRESET, [f"data.train_shards={json.dumps(train_shards)}",
                                     f"eval.zeroshot_shards={json.dumps(test_shards)}",
                                     f"eval.classnames={json.dumps(list(FASHION_MNIST_CLASSES))}",
                                     f"train.run_dir={json.dumps(str(run_dir))}", *args.overrides])

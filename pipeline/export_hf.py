@@ -50,8 +50,9 @@ def hf_config(model_cfg: dict) -> dict:
         if key not in TOP_FREE and not (key == "init_logit_bias" and value is None):
             raise _unsupported(f"model_cfg.{key}" if key != "init_logit_bias"
                                else "a sigmoid-loss model (logit_bias)")
-    if model_cfg.get("custom_text"):
-        raise _unsupported("a custom (Hugging Face) text tower")
+    if model_cfg.get("custom_text") or model_cfg["text_cfg"].get("hf_model_name"):
+        raise _unsupported(f"a Hugging Face text tower ({model_cfg['text_cfg'].get('hf_model_name', 'custom')}; "
+                           "CLIPModel's text model is CLIP's own transformer, not BERT)")
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     _check_defaults(vision, CLIPVisionCfg, VISION_FREE, "vision_cfg")
     _check_defaults(text, CLIPTextCfg, TEXT_FREE, "text_cfg")

@@ -1,8 +1,14 @@
 """The model card every export carries: `README.md` for people, `plait_metadata.json` for programs.
 
 Metadata: the open_clip model config, preprocess and tokenizer settings, the training config, the enabled
-objectives, steps and samples seen, the training datasets' manifest hashes, eval results and the export's
+objectives, steps and samples seen, the training datasets' manifest hashes and how `plait prep` made their images
+(size, resize, the background transparent pixels were composited onto), eval results and the export's
 self-check. Everything is read tolerantly: a missing piece is left out, never invented.
+
+The card says what reproducing the training view takes: the preprocessing at shard time, at training time and
+for inference, the background for transparent images, the constructor and config that build the model from the
+weights, and the formula of a fine-tuned classifier head. Its loading code names files relative to the export
+folder (`EXPORT = "."`), never the path the export was written to.
 """
 from __future__ import annotations
 
@@ -44,6 +50,31 @@ def dataset_manifests(train_shards: str) -> list[dict]:
     return out
 
 
+# The `plait prep` image settings (data_prep/options.py ImageOptions, recorded in `_plan.json`) that shape what
+# the model saw; the input's path or URL is not copied (it may hold credentials).
+PREP_IMAGE_KEYS = ("image_size", "resize_mode", "resample", "upscale", "background", "encode_format",
+                   "encode_quality", "keep_original_jpeg")
+
+
+def dataset_prep(train_shards: str) -> list[dict]:
+    """For each local folder of a shard spec: the image settings its `_plan.json` records, or `made_by` other
+    when the shards were not made by `plait prep` (their preprocessing is then unknown)."""
+    out = []
+    for part in filter(None, train_shards.split("::")):
+        spec = part.rsplit("@", 1)[0] if "@" in part.rsplit("/", 1)[-1] else part
+        urls = wds.shardlists.expand_urls(spec) if spec else []
+        for folder in sorted({str(Path(u).parent) for u in urls if "://" not in u}):
+            plan = Path(folder) / "_plan.json"
+            entry: dict = {"folder": folder}
+            try:
+                image = json.loads(plan.read_text()).get("image", {})
+                entry.update(made_by="plait prep", **{k: image[k] for k in PREP_IMAGE_KEYS if k in image})
+            except (OSError, ValueError, AttributeError):
+                entry["made_by"] = "other (no _plan.json)"
+            out.append(entry)
+    return out
+
+
 def training_metadata(trainer: dict, run_dir: Path | None) -> dict:
     """What a checkpoint's `trainer.pt` (and its run dir's report.json) say about how the model was trained."""
     meta: dict = {"step": trainer.get("step"), "samples_seen": trainer.get("samples_seen")}
@@ -65,6 +96,11 @@ def training_metadata(trainer: dict, run_dir: Path | None) -> dict:
             meta["datasets"] = dataset_manifests(config["data"]["train_shards"])
         except (ValueError, OSError):
             meta["datasets"] = [{"shards": config["data"]["train_shards"], "manifests": {}}]
+    if config.get("data", {}).get("train_shards"):
+        try:
+            meta["data_prep"] = dataset_prep(config["data"]["train_shards"])
+        except (ValueError, OSError):
+            pass
     report = run_dir / "report.json" if run_dir else None
     if report is not None and report.is_file():
         try:
@@ -123,14 +159,14 @@ def render_readme(meta: dict) -> str:
     lines += ["", "## Evaluation", ""]
     evals = _eval_lines(meta.get("eval", {}))
     lines += (["| metric | value |", "|---|---|"] + evals) if evals else ["No evaluation results were recorded."]
-    pre = meta["preprocess_cfg"]
-    lines += ["", "## Preprocessing and tokenizer", "",
-              f"- images: RGB, resize shortest side to {pre['size']} ({pre['interpolation']}), centre crop, "
-              f"mean {pre['mean']}, std {pre['std']}",
+    lines += ["", "## Preprocessing and tokenizer", "", *preprocessing_lines(meta),
               f"- text: {meta['tokenizer']['type']}, context length {meta['tokenizer']['context_length']}, "
               "lower-cased, padded with id 0", "",
-              "## Loading", "", "```python", *meta["usage"], "```", "",
-              f"Self-check at export: {meta['self_check']['compared']} reproduced within "
+              "## Loading", "", "Paths are relative to this folder (`EXPORT`); run from here or set it to the "
+              "folder's path.", "", "```python", *meta["usage"], "```", ""]
+    if meta.get("finetune"):
+        lines += classifier_lines(meta["finetune"])
+    lines += [f"Self-check at export: {meta['self_check']['compared']} reproduced within "
               f"{meta['self_check']['max_abs_error']:.1e} (tolerance {meta['self_check']['tolerance']:.0e})"
               + (f"; the {meta['dtype']} cast itself moves embeddings by up to {meta['self_check']['dtype_error']:.1e}"
                  if "dtype_error" in meta["self_check"] else "") + ".", "",
@@ -138,6 +174,92 @@ def render_readme(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def preprocessing_lines(meta: dict) -> list[str]:
+    """What the model saw, stage by stage, and what an inference image must go through to look the same."""
+    pre, size = meta["preprocess_cfg"], meta["preprocess_cfg"]["size"]
+    norm = f"ToTensor (0..1), Normalize(mean={pre['mean']}, std={pre['std']})"
+    lines = []
+    backgrounds = set()
+    for ds in meta.get("training", {}).get("data_prep", []):
+        if ds.get("made_by") == "plait prep":
+            bg = tuple(ds.get("background", (255, 255, 255)))
+            backgrounds.add(bg)
+            lines.append(f"- shards `{Path(ds['folder']).name}/` (plait prep): resize {ds.get('resize_mode')} to "
+                         f"{ds.get('image_size')} px ({ds.get('resample')}, upscale {ds.get('upscale')}), stored as "
+                         f"{ds.get('encode_format')} (quality {ds.get('encode_quality')}, original JPEGs kept "
+                         f"{ds.get('keep_original_jpeg')}); transparent pixels composited onto RGB {bg}")
+        else:
+            lines.append(f"- shards `{Path(ds['folder']).name}/`: not made by plait prep; their preprocessing is "
+                         "not recorded, and an alpha channel was dropped at load time (PIL `convert('RGB')`)")
+    lines += [f"- training: decode to RGB (JPEGs larger than needed at 1/2-1/8 scale, never below {size} px), "
+              f"RandomResizedCrop({size}, scale=(0.9, 1.0), ratio=(3/4, 4/3), bicubic), {norm} (open_clip's train "
+              "transform)",
+              f"- inference (`preprocess`): RGB, Resize shortest side to {size} ({pre['interpolation']}), "
+              f"CenterCrop({size}), {norm}"]
+    if len(backgrounds) == 1:
+        (bg,) = backgrounds
+        lines.append(f"- transparent images: composite onto RGB {bg} first, as in training: "
+                     f"`Image.alpha_composite(Image.new('RGBA', im.size, {(*bg, 255)}), im.convert('RGBA'))"
+                     ".convert('RGB')` (`preprocess` alone drops the alpha channel)")
+    elif backgrounds:
+        lines.append(f"- transparent images: the training sets used different backgrounds {sorted(backgrounds)}")
+    return lines
+
+
+def usage_lines(meta: dict, files: set[str] = frozenset()) -> list[str]:
+    """Loading code for the card, every path relative to the export folder `EXPORT` (holding `files`)."""
+    fmt, name, model_cfg = meta["format"], meta["name"], meta["model_cfg"]
+    lines = ['EXPORT = "."  # this folder']
+    if fmt == "open_clip":
+        lines += ["import open_clip",
+                  "model, _, preprocess = open_clip.create_model_and_transforms(f'local-dir:{EXPORT}')",
+                  "tokenizer = open_clip.get_tokenizer(f'local-dir:{EXPORT}')",
+                  "# or: the single .pt with a registered config",
+                  f"# open_clip.add_model_config(f'{{EXPORT}}/{name}.json')",
+                  f"# model = open_clip.create_model('{name}', pretrained=f'{{EXPORT}}/open_clip_model.pt')"]
+    elif fmt == "safetensors":
+        cls = "CustomTextCLIP" if "hf_model_name" in model_cfg.get("text_cfg", {}) else "CLIP"
+        lines += ["import json", "import open_clip", "from safetensors.torch import load_file",
+                  "cfg = json.load(open(f'{EXPORT}/model_config.json'))  # embed_dim, vision_cfg, text_cfg, ...",
+                  "cfg.pop('custom_text', None)",
+                  f"model = open_clip.{cls}(**cfg).eval()  # the class plait trains; weights next line",
+                  "model.load_state_dict(load_file(f'{EXPORT}/towers.safetensors'))  # open_clip key names",
+                  "v = cfg['vision_cfg']",
+                  "preprocess = open_clip.image_transform(v['image_size'], is_train=False, "
+                  "mean=v.get('image_mean', open_clip.OPENAI_DATASET_MEAN), "
+                  "std=v.get('image_std', open_clip.OPENAI_DATASET_STD))",
+                  "tokenizer = open_clip.tokenizer.HFTokenizer(cfg['text_cfg']['hf_tokenizer_name'], "
+                  "context_length=cfg['text_cfg']['context_length'])" if "hf_tokenizer_name" in
+                  model_cfg.get("text_cfg", {}) else
+                  "tokenizer = open_clip.SimpleTokenizer(context_length=cfg['text_cfg'].get('context_length', 77))"]
+        if "heads.safetensors" in files:
+            lines.append("heads = load_file(f'{EXPORT}/heads.safetensors')")
+    else:
+        lines += ["from transformers import CLIPModel, CLIPProcessor",
+                  "model = CLIPModel.from_pretrained(EXPORT)",
+                  "processor = CLIPProcessor.from_pretrained(EXPORT)"]
+    return lines
+
+
+def classifier_lines(finetune: dict) -> list[str]:
+    """The fine-tuned head: what `classifier.safetensors` holds and the formula of its logits."""
+    return ["## Classifier head", "",
+            f"Fine-tuned ({finetune.get('mode')}) as an image classifier. `{finetune.get('classifier')}` holds "
+            "`weight` [C, D], `bias` [C] and `scale` []; class i is line i of "
+            f"`{finetune.get('classnames')}`:", "",
+            "    logits = scale * (normalize(encode_image(preprocess(image))) @ weight.T + bias)    # [B, C]", "",
+            "with `normalize` the L2 normalisation over D (the image embedding dimension).", "",
+            "```python", "from PIL import Image", "from safetensors.torch import load_file",
+            f"head = load_file(f'{{EXPORT}}/{finetune.get('classifier')}')",
+            f"classnames = open(f'{{EXPORT}}/{finetune.get('classnames')}').read().splitlines()",
+            "images = preprocess(Image.open('photo.jpg').convert('RGB')).unsqueeze(0)  # [1, 3, H, W]",
+            "emb = model.encode_image(images, normalize=True)  # [1, D]",
+            "logits = head['scale'] * (emb @ head['weight'].T + head['bias'])  # [1, C]",
+            "print(classnames[int(logits.argmax())])", "```", ""]
+
+
 def write_card(out_dir: Path, meta: dict) -> None:
+    # relative to the export, whatever path the exporter was given
+    meta = {**meta, "usage": usage_lines(meta, {p.name for p in out_dir.iterdir()})}
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     (out_dir / "README.md").write_text(render_readme(meta))

@@ -6,11 +6,14 @@ optionally followed by `@weight` (`laion/{0..9}.tar@3::cc/{0..4}.tar@1`). A weig
 the samples drawn in resampled mode (3:1 above means 75% of the samples come from laion, whatever its size).
 
 Sample counts per shard come, in this order, from the folder's `sizes.json` (open_clip's convention, written by
-`plait prep merge`), or from each shard's `{shard}_stats.json` (plait: `num_samples`; img2dataset: `successes`).
+`plait prep merge` and by `plait prep index` for shards from elsewhere), or from each shard's `{shard}_stats.json`
+(plait: `num_samples`; img2dataset: `successes`). Without either, resampled mode estimates them from file sizes
+(and says so); exact mode stops with the `plait prep index` command that writes them.
 """
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from dataclasses import dataclass
 
@@ -18,7 +21,10 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
+from data_prep.index import check_count, scan_shard, train_hint, validate_sizes
 from pipeline.tarseek import PIPE_PREFIX, check_no_pipe
+
+log = logging.getLogger("plait.data")
 
 
 @dataclass(frozen=True)
@@ -78,40 +84,109 @@ def expand(pattern: str, allow_pipe: bool = False, flag: str = "") -> list[str]:
 
 # Sample count keys of per-shard stats files: plait's data_prep, then img2dataset's.
 _COUNT_KEYS = ("num_samples", "successes")
+# Estimated counts are scaled down by this much: a shard read short of its count costs bad samples (counted
+# against data.max_bad_fraction), one read short of its end only leaves its last samples out of resampled draws.
+ESTIMATE_MARGIN = 0.95
 
 
-def _read_json(url: str) -> dict | None:
+def _read_bytes(url: str) -> bytes | None:
     fs, path = fsspec.core.url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
-            return json.loads(f.read())
+            return f.read()
     except FileNotFoundError:
         return None
 
 
-def shard_sizes(urls: list[str]) -> list[int]:
-    """Sample count of every shard, from sizes.json per folder or the shard's own stats file."""
-    by_folder: dict[str, dict | None] = {}
-    sizes = []
+def _read_json(url: str) -> dict | None:
+    raw = _read_bytes(url)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exn:
+        raise ValueError(f"{url}: not valid JSON ({exn})") from None
+
+
+def _sizes_table(folder: str) -> dict[str, int] | None:
+    """A folder's sizes.json, every count checked (a negative or fractional count would skew the epoch)."""
+    where = posixpath.join(folder, "sizes.json") if folder else "sizes.json"
+    raw = _read_bytes(where)
+    return None if raw is None else validate_sizes(raw, where)
+
+
+def _known_size(url: str, table: dict[str, int] | None) -> int | None:
+    name = posixpath.basename(url)
+    if table is not None and name in table:
+        return table[name]
+    if not url.endswith(".tar"):
+        return None
+    stats_url = url[: -len(".tar")] + "_stats.json"
+    stats = _read_json(stats_url)
+    if not isinstance(stats, dict):
+        return None
+    key = next((k for k in _COUNT_KEYS if k in stats), None)
+    return None if key is None else check_count(stats[key], stats_url, key)
+
+
+def shard_sizes(urls: list[str], pattern: str | None = None, estimate: bool = False) -> list[int]:
+    """Sample count of every shard, from sizes.json per folder or the shard's own stats file.
+
+    Without either: `estimate` (resampled mode) estimates the counts from file sizes (see estimate_sizes) and
+    says so; otherwise FileNotFoundError with the command that writes exact counts (`plait prep index`)."""
+    tables: dict[str, dict[str, int] | None] = {}
+    sizes: list[int | None] = []
     for url in urls:
-        folder, name = posixpath.split(url)
-        if folder not in by_folder:
-            by_folder[folder] = _read_json(posixpath.join(folder, "sizes.json"))
-        table = by_folder[folder]
-        if table is not None and name in table:
-            sizes.append(int(table[name]))
-            continue
-        stats = _read_json(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
-        count = None if stats is None else next((stats[k] for k in _COUNT_KEYS if k in stats), None)
-        if count is None:
-            raise FileNotFoundError(f"no sample count for {url}: expected {folder}/sizes.json (plait prep merge) "
-                                    f"or {name[:-4]}_stats.json beside it; exact epochs need per-shard counts")
-        sizes.append(int(count))
-    return sizes
+        folder = posixpath.dirname(url)
+        if folder not in tables:
+            tables[folder] = _sizes_table(folder)
+        sizes.append(_known_size(url, tables[folder]))
+    missing = [i for i, n in enumerate(sizes) if n is None]
+    if missing and not estimate:
+        url = urls[missing[0]]
+        folder = posixpath.dirname(url)
+        where = posixpath.join(folder, "sizes.json") if folder else "./sizes.json"
+        raise FileNotFoundError(
+            f"no sample count for {url} ({len(missing)} of {len(urls)} shards): exact epochs need per-shard "
+            f"counts, and {where} does not list it; write them with `{train_hint(pattern or url)}` "
+            f"(no tar is changed), or train with data.mode=resampled (counts then estimated)")
+    if missing:
+        estimated = estimate_sizes([urls[i] for i in missing])
+        for i, n in zip(missing, estimated):
+            sizes[i] = n
+        log.warning("data.train_shards: %d of %d shards have no sample count (no sizes.json or stats beside them); "
+                    "estimated from their file sizes: ~%d samples. Run `%s` for exact counts.", len(missing),
+                    len(urls), sum(estimated), train_hint(pattern or urls[missing[0]]))
+    return sizes  # type: ignore[return-value]
 
 
-def parse_spec(spec: str) -> ShardSet:
-    """The ShardSet of `data.train_shards`; raises ValueError/FileNotFoundError naming the bad part."""
+def estimate_sizes(urls: list[str]) -> list[int]:
+    """Counts of shards without one: the first shard of each folder is counted exactly by a header walk
+    (data_prep/index.py); the others get its samples per byte times their own file size, x ESTIMATE_MARGIN."""
+    by_folder: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        by_folder.setdefault(posixpath.dirname(url), []).append(i)
+    out = [0] * len(urls)
+    for folder, members in by_folder.items():
+        probe = scan_shard(urls[members[0]])
+        if probe.error is not None or probe.tar_bytes == 0:
+            raise ValueError(f"cannot estimate sample counts: {probe.url}: {probe.error or 'empty file'}; "
+                             f"run `plait prep verify {folder or '.'}`")
+        per_byte = probe.num_samples / probe.tar_bytes
+        fs = fsspec.core.url_to_fs(urls[members[0]])[0]
+        for i in members:
+            if i == members[0]:
+                out[i] = probe.num_samples
+                continue
+            size = fs.size(fsspec.core.url_to_fs(urls[i])[1])
+            out[i] = int(size * per_byte * ESTIMATE_MARGIN)
+    return out
+
+
+def parse_spec(spec: str, estimate: bool = False) -> ShardSet:
+    """The ShardSet of `data.train_shards`; raises ValueError/FileNotFoundError naming the bad part.
+
+    `estimate` (resampled mode): shards without a count get an estimated one instead of an error."""
     if not spec or not spec.strip():
         raise ValueError("config key 'data.train_shards' is empty: point it at shards, e.g. data/{00000..00009}.tar")
     urls, sizes, dataset, weights = [], [], [], []
@@ -124,7 +199,7 @@ def parse_spec(spec: str) -> ShardSet:
                              f"(it reads shards by byte range and needs their sample counts): give the shards' path "
                              f"or URL (https://, s3://, ...)")
         expanded = expand(pattern)
-        counts = shard_sizes(expanded)
+        counts = shard_sizes(expanded, pattern, estimate)
         if sum(counts) == 0:
             raise ValueError(f"data.train_shards: dataset {pattern!r} holds no samples")
         urls += expanded

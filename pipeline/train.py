@@ -32,6 +32,7 @@ from pipeline.config import Config, TrainConfig, describe, load_config, save_con
 from pipeline.data import TrainStream, closing_streams
 from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
+from pipeline.models.pretrained import start_from
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
 from pipeline.optim import build_optimizer, check_schedule, lr_at, schedule_signature, set_lr
@@ -88,8 +89,12 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     # The same initial weights on every rank; afterwards each rank draws its own masks.
     set_seed(cfg.train.seed)
-    model_cfg = resolved_model_config(cfg.model)
+    resuming = Checkpointer(run_dir, cfg.train.keep_last).resolve(resume)  # then weights come from the checkpoint
+    model_cfg = resolved_model_config(cfg.model, resuming)
     model = build_model(model_cfg, cfg.objective)
+    started_from = start_from(model, cfg.model, model_cfg, load_weights=resuming is None)  # pretrained weights, locks
+    if started_from:
+        print0(world, f"plait train: {started_from}")
     if cfg.model.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     promoted = sharded_state.prepare_model(accelerator, model, cfg.train.compile)  # () unless FSDP
@@ -239,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain image-text towers (open_clip architectures) on WebDataset shards with Accelerate.",
         epilog=f"Exit status: 0 done, {EXIT_REQUEUE} checkpointed on SIGTERM/SIGUSR1 (requeue me and resume with "
                "--resume auto), 2 bad input.\nConfig keys (--set section.key=value):\n" + "\n".join(describe()))
-    parser.add_argument("--config", help="TOML preset (e.g. configs/tiny.toml); defaults apply to missing keys")
+    parser.add_argument("--config", help="preset name (tiny, demo, clip-vit-b32-gpu, flip-mae-vit-b16-4node) or TOML file; defaults apply to missing keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=5e-4 (repeatable)")
     parser.add_argument("--resume", metavar="auto|CKPT",

@@ -172,7 +172,7 @@ def _train_args(shards: str, steps: int) -> list[str]:
     settings = {"data.train_shards": shards, "data.batch_size": 4, "data.num_workers": 0,
                 "data.shuffle_buffer": 0, "optim.warmup_steps": 2, "train.steps": steps, "train.log_every": 1,
                 "train.checkpoint_every": 0}
-    return ["--config", str(REPO / "configs" / "tiny.toml"),
+    return ["--config", "tiny",
             *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]]
 
 

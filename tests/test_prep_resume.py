@@ -128,7 +128,7 @@ def test_verify_reports_damage(tmp_path, photos):
     (out / "00002.tar").write_bytes((out / "00002.tar").read_bytes()[:1500])
     (out / "00000.tar.tmp").write_bytes(b"partial")
     from data_prep.verify import verify
-    problems = verify(str(out), decode_fraction=1.0)
+    problems = verify(str(out), decode_fraction=1.0).problems
     text = "\n".join(problems)
     assert "00001.tar: sha256 differs" in text
     assert "00002.tar" in text and "leftover temporary file 00000.tar.tmp" in text

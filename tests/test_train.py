@@ -31,7 +31,7 @@ def shards(tmp_path_factory) -> dict:
 
 
 def train_args(run_dir: Path, shards: dict, *overrides: str) -> list[str]:
-    return ["--config", str(ROOT / "configs/tiny.toml"), "--set", f"data.train_shards={shards['train']}",
+    return ["--config", "tiny", "--set", f"data.train_shards={shards['train']}",
             "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=16", "--set", "train.log_every=1",
             *[a for o in overrides for a in ("--set", o)]]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,4 +184,5 @@ def build_model(model_cfg: dict, objective: ObjectiveConfig) -> PlaitModel:
     if objective.adversarial:
         heads["adversarial"] = ModalityDiscriminator(model_cfg["embed_dim"], objective.adversarial_hidden)
     return PlaitModel(clip, heads, objective.max_logit_scale,
-                      uses_logit_scale=bool(objective.contrastive or objective.siglip))
+                      uses_logit_scale=bool(objective.contrastive or objective.siglip),
+                      trim_text=isinstance(clip, open_clip.CLIP))  # an HF text tower has its own forward only

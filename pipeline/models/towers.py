@@ -1,6 +1,8 @@
 """Builds the image and text towers as an open_clip model, so that checkpoints stay loadable by open_clip."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -8,12 +10,14 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.models.packing import Packing
-from pipeline.models.sizes import model_config
+from pipeline.models.pretrained import architecture
 
 
-def resolved_model_config(cfg: ModelConfig) -> dict:
-    """The open_clip model config this run trains, with plait's overrides applied (what the export writes)."""
-    model_cfg = model_config(cfg.name)
+def resolved_model_config(cfg: ModelConfig, resuming: Path | None = None) -> dict:
+    """The open_clip model config this run trains, with plait's overrides applied (what the export writes):
+    model.pretrained's own architecture where its files record one (the checkpoint's copy when `resuming` one),
+    else model.name's; model.text_hf's tower."""
+    model_cfg = architecture(cfg, resuming)
     if cfg.patch_dropout:
         model_cfg["vision_cfg"]["patch_dropout"] = cfg.patch_dropout
     return model_cfg
@@ -28,9 +32,17 @@ def build_clip(model_cfg: dict) -> nn.Module:
     return cls(**model_cfg, output_dict=True)
 
 
-def tokenizer_for(model_cfg: dict) -> open_clip.SimpleTokenizer:
-    """open_clip's BPE tokenizer (vocabulary bundled in the wheel: no network) at the model's context length."""
-    return open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+def tokenizer_for(model_cfg: dict) -> open_clip.SimpleTokenizer | open_clip.tokenizer.HFTokenizer:
+    """open_clip's BPE tokenizer (vocabulary bundled in the wheel: no network) at the model's context length;
+    for an HF text tower, its own tokenizer read from the local directory the config names."""
+    text = model_cfg["text_cfg"]
+    if text.get("hf_tokenizer_name"):
+        try:
+            return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], context_length=text["context_length"])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"HF tokenizer {text['hf_tokenizer_name']}: cannot load it offline "
+                             f"({str(e).splitlines()[0]})") from None
+    return open_clip.SimpleTokenizer(context_length=text.get("context_length", 77))
 
 
 def image_mean_std(model_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:

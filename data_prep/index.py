@@ -1,0 +1,265 @@
+"""`plait prep index DIR_OR_PATTERN`: make any WebDataset folder a plait dataset, without touching its tars.
+
+Shards written by img2dataset, by `webdataset.ShardWriter` or by hand carry no `sizes.json` and no offset index.
+This scans them (local paths or fsspec URLs, several shards at a time in threads: the work is I/O) and writes,
+beside each shard S.tar, each file atomically (temporary name, then rename):
+
+  S.idx.json     byte offset of every sample's first tar header (pipeline/tarseek.py: resume inside a shard in
+                 O(1) instead of walking the headers before the resume point)
+  S_stats.json   sample count, member extensions, samples without an image or a text member; only where the
+                 folder has no stats file for S (img2dataset's own are kept as they are)
+  sizes.json     {"S.tar": num_samples, ...} per folder, open_clip's format; entries of shards not scanned are kept
+
+The scan reads tar headers only and seeks over the payloads, so it costs one header read per member, not the
+bytes of the images. Samples are grouped exactly as webdataset's `group_by_keys` groups them (regular files
+only, `__meta__` names skipped, key = the name up to the first dot of its last component, a new sample where
+the key changes), so the offsets are where the loader's own reader finds each sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import re
+import shlex
+import sys
+import tarfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import fsspec
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from data_prep.writer import OutputDir
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+TEXT_EXTS = ("txt", "text", "caption", "cap")
+INDEX_FORMAT = "plait-tar-index/1"
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """`plait prep index`: what to scan and how."""
+
+    target: str
+    """A folder (its `*.tar`), one shard, a brace pattern (`shards/{00000..00099}.tar`) or a glob, local or an
+    fsspec URL (s3://, gs://, https://)."""
+    threads: int = 8
+    """Shards scanned at once."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class ShardScan:
+    """What one tar holds, in the loader's terms."""
+
+    url: str
+    keys: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    """Byte offset of the first header (long-name and pax headers included) of each sample."""
+    extensions: Counter = field(default_factory=Counter)
+    without_image: int = 0
+    without_text: int = 0
+    other_members: list[str] = field(default_factory=list)
+    """Directories, links and devices: webdataset skips them; `verify` reports them."""
+    tar_bytes: int = 0
+    error: str | None = None
+    """Why the tar could not be read to its end (the counts then cover what came before)."""
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url)
+
+    def stats(self) -> dict[str, Any]:
+        return {"format": "plait-index-stats/1", "tar": self.name, "num_samples": self.num_samples,
+                "bytes": self.tar_bytes, "extensions": dict(sorted(self.extensions.items())),
+                "samples_without_image": self.without_image, "samples_without_text": self.without_text,
+                "other_members": len(self.other_members)}
+
+
+def find_shards(target: str) -> list[str]:
+    """The shard URLs of `target` (see IndexOptions.target), sorted; FileNotFoundError naming it when none."""
+    fs, path = fsspec.core.url_to_fs(target)
+
+    def url(p: str) -> str:  # glob gives bare paths; keep the user's form (plain local path or URL)
+        return fs.unstrip_protocol(p) if "://" in target else p
+    if "{" in target:
+        urls = wds.shardlists.expand_urls(target)
+    elif any(c in path for c in "*?["):
+        urls = [url(p) for p in sorted(fs.glob(path))]
+    elif fs.isdir(path):
+        urls = [url(p) for p in sorted(fs.glob(path.rstrip("/") + "/*.tar"))]
+        if not urls:
+            raise FileNotFoundError(f"{target}: no *.tar files in this folder")
+    else:
+        urls = [target]
+    urls = [u for u in urls if u.endswith(".tar")]
+    if not urls:
+        raise FileNotFoundError(f"{target}: matches no .tar files")
+    return urls
+
+
+def scan_shard(url: str) -> ShardScan:
+    """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
+    scan = ShardScan(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    current: str | None = None
+    members: set[str] = set()
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    scan.other_members.append(info.name)
+                    continue
+                name = info.name
+                if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                    continue
+                key, ext = base_plus_ext(name)
+                if key is None:
+                    continue
+                if key != current:
+                    _close_sample(scan, members)
+                    current, members = key, set()
+                    scan.keys.append(key)
+                    scan.offsets.append(info.offset)
+                members.add(ext.lower())
+                scan.extensions[ext.lower()] += 1
+                tar.members = []  # headers only: no need to keep every TarInfo of a 30k-member shard
+            _close_sample(scan, members)
+            scan.tar_bytes = fs.size(path)
+    except FileNotFoundError:
+        scan.error = "missing"
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exn:
+        _close_sample(scan, members)
+        scan.error = f"unreadable tar after {scan.num_samples} samples ({type(exn).__name__}: {exn})"
+    return scan
+
+
+def _close_sample(scan: ShardScan, members: set[str]) -> None:
+    if not members:
+        return
+    # video samples: {key}.f0000.jpg -> extension "f0000.jpg"; any dotted extension ending in an image counts
+    if not any(e.rsplit(".", 1)[-1] in IMAGE_EXTS for e in members):
+        scan.without_image += 1
+    if not any(e in TEXT_EXTS or e.endswith(".txt") for e in members):
+        scan.without_text += 1
+    members.clear()
+
+
+def read_sizes(out: OutputDir) -> dict[str, int]:
+    """A folder's sizes.json, validated: every count a non-negative integer (ValueError naming file and key)."""
+    if not out.exists("sizes.json"):
+        return {}
+    return validate_sizes(out.read_bytes("sizes.json"), out.path("sizes.json"))
+
+
+def validate_sizes(raw: bytes, where: str) -> dict[str, int]:
+    """The counts of a sizes.json's bytes; ValueError naming `where` and the bad key."""
+    try:
+        table = json.loads(raw)
+    except ValueError as exn:
+        raise ValueError(f"{where}: not valid JSON ({exn})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected an object {{\"shard.tar\": count}}, got {type(table).__name__}")
+    return {key: check_count(value, where, key) for key, value in table.items()}
+
+
+def check_count(value: Any, where: str, key: str) -> int:
+    """`value` if it is a non-negative integer, else ValueError naming the file and key it came from."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: count of {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def write_index(scans: list[ShardScan]) -> dict[str, dict[str, int]]:
+    """Writes each readable shard's index (and stats where none exist) and every folder's sizes.json."""
+    by_folder: dict[str, list[ShardScan]] = {}
+    for scan in scans:
+        by_folder.setdefault(posixpath.dirname(scan.url), []).append(scan)
+    written = {}
+    for folder, group in by_folder.items():
+        out = OutputDir(folder or ".")
+        try:
+            sizes = read_sizes(out)
+        except ValueError:  # a damaged sizes.json is what index exists to rewrite
+            sizes = {}
+        for scan in group:
+            if scan.error is not None:
+                sizes.pop(scan.name, None)  # a count for a tar that does not read to its end would mislead
+                continue
+            stem = scan.name[: -len(".tar")]
+            out.write_json(f"{stem}.idx.json", {"format": INDEX_FORMAT, "keys": scan.keys, "offsets": scan.offsets,
+                                                "tar_bytes": scan.tar_bytes})
+            if not out.exists(f"{stem}_stats.json"):
+                out.write_json(f"{stem}_stats.json", scan.stats())
+            sizes[scan.name] = scan.num_samples
+        out.write_json("sizes.json", dict(sorted(sizes.items())))
+        written[folder] = sizes
+    return written
+
+
+def scan_all(urls: list[str], threads: int = 8, progress: bool = False) -> list[ShardScan]:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(urls), unit=" shards", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            scans = []
+            for scan in pool.map(scan_shard, urls):
+                scans.append(scan)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return scans
+
+
+def index(opts: IndexOptions, log: Callable[[str], None] = print) -> list[ShardScan]:
+    """Scans every shard of `opts.target` and writes what plait needs beside them; returns the scans."""
+    if opts.threads < 1:
+        raise ValueError(f"--threads {opts.threads}: must be >= 1")
+    urls = find_shards(opts.target)
+    scans = scan_all(urls, opts.threads, opts.progress)
+    write_index(scans)
+    bad = [s for s in scans if s.error]
+    total = sum(s.num_samples for s in scans if not s.error)
+    log(f"indexed {len(scans) - len(bad)} shard(s), {total} samples; wrote sizes.json, *.idx.json and missing "
+        f"*_stats.json beside them")
+    for s in scans:
+        if not s.error and (s.without_image or s.without_text):
+            log(f"  {s.name}: {s.without_image} sample(s) without an image, {s.without_text} without a text member")
+    for s in bad:
+        log(f"  {s.url}: {s.error}; left out of sizes.json")
+    if total == 0 and not bad:
+        log("  no samples: the shards hold no regular members grouped by key")
+    return scans
+
+
+def train_hint(pattern: str) -> str:
+    """The exact command that writes the counts for `pattern` (used in the loader's error messages)."""
+    return f"plait prep index {shlex.quote(pattern)}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `plait prep index` flags; their help is IndexOptions' field docstrings."""
+    from pipeline.config import field_docs
+    docs = field_docs(IndexOptions)
+    p.add_argument("target", metavar="DIR_OR_PATTERN", help=docs["target"])
+    p.add_argument("--threads", type=int, default=IndexOptions.threads, help=docs["threads"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main_args(a: argparse.Namespace) -> int:
+    scans = index(IndexOptions(target=a.target, threads=a.threads, progress=not a.no_progress))
+    return 1 if any(s.error for s in scans) else 0

@@ -1,0 +1,382 @@
+"""Starting from existing weights: `model.pretrained` (what to load, and the architecture it implies), the LiT
+locks (`model.lock_image`, `model.lock_text`) and Hugging Face text towers (`model.text_hf`).
+
+Weights come from files the user names, never from a hub, and are read weights-only: safetensors, or
+`torch.load(weights_only=True)`, which refuses any pickle that would construct objects (run code).
+"""
+from __future__ import annotations
+
+import json
+import types
+import warnings
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.models.sizes import model_config
+
+# Keys that change training only, not the tensors: a pretrained file and model.name may differ in them.
+TRAINING_ONLY = {"patch_dropout", "init_logit_bias", "init_logit_scale", "custom_text", "hf_model_pretrained"}
+# What each `model.text_hf_pooler` value means in open_clip's HFTextEncoder.
+HF_POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+SHOWN_KEYS = 5  # mismatched keys named in an error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The architecture: from the pretrained files where they say it, else from model.name; plus model.text_hf
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def architecture(cfg: ModelConfig, resuming: Path | None = None) -> dict:
+    """The open_clip model config the run builds (a fresh dict), before plait's training-only overrides.
+    A resumed run reads model.pretrained's architecture from its checkpoint: the pretrained files may be gone."""
+    model_cfg = model_config(cfg.name)
+    found = None
+    if cfg.pretrained:
+        found = (pretrained_architecture(cfg.pretrained) if resuming is None
+                 else json.loads(torch.load(Path(resuming) / "trainer.pt", weights_only=True)["model_cfg"]))
+    if found is not None:
+        if _arch_key(found) != _arch_key(model_cfg):
+            warnings.warn(f"model.pretrained {cfg.pretrained} holds its own architecture; model.name {cfg.name!r} "
+                          "(a different one) is ignored", stacklevel=2)
+        model_cfg = found
+    if cfg.text_hf:
+        text = hf_text_cfg(cfg, model_cfg["text_cfg"].get("context_length", 77))
+        if found is None:
+            model_cfg["text_cfg"] = text
+        else:
+            held = {k: found["text_cfg"].get(k) for k in text}
+            if held != text:
+                changed = ", ".join(f"{k} {held[k]!r} -> {text[k]!r}" for k in text if held[k] != text[k])
+                raise ValueError(f"config key 'model.text_hf': model.pretrained {cfg.pretrained} holds a whole model "
+                                 f"whose text tower differs ({changed}); drop model.text_hf (and text_hf_*) to "
+                                 "continue that model")
+    return model_cfg
+
+
+def _arch_key(model_cfg: dict) -> str:
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in TRAINING_ONLY}
+    return json.dumps(strip(model_cfg), sort_keys=True)
+
+
+def hf_text_cfg(cfg: ModelConfig, default_context_length: int) -> dict:
+    """open_clip's text_cfg for a Hugging Face text tower read from the local directory `model.text_hf`."""
+    path = Path(cfg.text_hf)
+    key = "config key 'model.text_hf'"
+    if not path.is_dir():
+        raise ValueError(f"{key}: {path} is not a directory (a Hugging Face model folder is expected)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{key}: {path} has no config.json: not a Hugging Face model directory")
+    config = _read_json(path / "config.json")
+    model_type = config.get("model_type")
+    if model_type not in open_clip.hf_configs.arch_dict:
+        raise ValueError(f"{key}: {path} is a {model_type!r} model; open_clip's HF text tower supports "
+                         + ", ".join(sorted(open_clip.hf_configs.arch_dict)))
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"{key}: {path} has no model.safetensors (plait reads HF weights from safetensors only: "
+                         "pickled .bin files could run code)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{key}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    context = cfg.text_hf_context_length or default_context_length
+    return {"hf_model_name": str(path.resolve()), "hf_tokenizer_name": str(path.resolve()),
+            "hf_proj_type": cfg.text_hf_proj, "hf_pooler_type": HF_POOLERS[cfg.text_hf_pooler],
+            "context_length": min(context, config.get("max_position_embeddings", context)),
+            "vocab_size": config.get("vocab_size", 0)}
+
+
+def pretrained_architecture(path_str: str) -> dict | None:
+    """The model config `path` records (open_clip_config.json, model_config.json, a plait checkpoint's trainer.pt,
+    an HF CLIPModel config.json), or None for a bare weights file (model.name gives the architecture)."""
+    path = Path(path_str)
+    key = "config key 'model.pretrained'"
+    if not path.exists():
+        raise ValueError(f"{key}: {path} does not exist")
+    if path.is_file():
+        return None
+    if (path / "open_clip_config.json").is_file():
+        return _read_json(path / "open_clip_config.json")["model_cfg"]
+    if (path / "model_config.json").is_file() and (path / "towers.safetensors").is_file():
+        return _read_json(path / "model_config.json")
+    if (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        if config.get("model_type") != "clip":
+            raise ValueError(f"{key}: {path} is a Hugging Face {config.get('model_type')!r} model, not a CLIPModel; "
+                             "a pretrained text encoder goes in model.text_hf")
+        return clip_cfg_from_hf(config, path)
+    trainer = _checkpoint_dir(path) / "trainer.pt"
+    if not trainer.is_file():
+        raise ValueError(f"{key}: {path} holds no model plait reads (no open_clip_config.json, config.json, "
+                         "towers.safetensors, or plait checkpoint with trainer.pt)")
+    return json.loads(torch.load(trainer, weights_only=True)["model_cfg"])
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    from pipeline.checkpoint import Checkpointer
+    if (path / "model.safetensors").is_file():
+        return path
+    return Checkpointer(path, keep_last=1).latest() or path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config key 'model.pretrained': {path} is not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel -> open_clip (the inverse of pipeline/export_hf.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_cfg_from_hf(config: dict, path: Path) -> dict:
+    vision, text = config["vision_config"], config["text_config"]
+    acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
+        raise ValueError(f"config key 'model.pretrained': {path}/config.json: activation {sorted(acts)} has no "
+                         "open_clip equivalent (gelu or quick_gelu in both towers)")
+    for section in (vision, text):
+        if abs(section.get("layer_norm_eps", 1e-5) - 1e-5) > 1e-12:
+            raise ValueError(f"config key 'model.pretrained': {path}/config.json: layer_norm_eps "
+                             f"{section['layer_norm_eps']} differs from open_clip's 1e-5")
+    vwidth, twidth = vision.get("hidden_size", 768), text.get("hidden_size", 512)
+    cfg = {"embed_dim": config.get("projection_dim", 512),
+           "vision_cfg": {"image_size": vision.get("image_size", 224), "layers": vision.get("num_hidden_layers", 12),
+                          "width": vwidth, "head_width": vwidth // vision.get("num_attention_heads", 12),
+                          "mlp_ratio": vision.get("intermediate_size", 4 * vwidth) / vwidth,
+                          "patch_size": vision.get("patch_size", 32)},
+           "text_cfg": {"context_length": text.get("max_position_embeddings", 77),
+                        "vocab_size": text.get("vocab_size", 49408), "width": twidth,
+                        "heads": text.get("num_attention_heads", 8), "layers": text.get("num_hidden_layers", 12),
+                        "mlp_ratio": text.get("intermediate_size", 4 * twidth) / twidth}}
+    if acts == {"quick_gelu"}:
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def clip_state_from_hf(hf: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.Tensor]:
+    """CLIPModel keys -> open_clip CLIP keys (q/k/v fused into in_proj, projections transposed)."""
+    v, t = "vision_model", "text_model"
+    hf = {k: x for k, x in hf.items() if not k.endswith("position_ids")}  # a buffer in older transformers
+    names = {"logit_scale": "logit_scale",
+             "visual.class_embedding": f"{v}.embeddings.class_embedding",
+             "visual.conv1.weight": f"{v}.embeddings.patch_embedding.weight",
+             "visual.positional_embedding": f"{v}.embeddings.position_embedding.weight",
+             "visual.ln_pre.weight": f"{v}.pre_layrnorm.weight", "visual.ln_pre.bias": f"{v}.pre_layrnorm.bias",
+             "visual.ln_post.weight": f"{v}.post_layernorm.weight", "visual.ln_post.bias": f"{v}.post_layernorm.bias",
+             "token_embedding.weight": f"{t}.embeddings.token_embedding.weight",
+             "positional_embedding": f"{t}.embeddings.position_embedding.weight",
+             "ln_final.weight": f"{t}.final_layer_norm.weight", "ln_final.bias": f"{t}.final_layer_norm.bias"}
+    used = set(names.values()) | {"visual_projection.weight", "text_projection.weight"}
+    try:
+        out = {ours: hf[theirs] for ours, theirs in names.items()}
+        out["visual.proj"] = hf["visual_projection.weight"].T
+        out["text_projection"] = hf["text_projection.weight"].T
+        for ours, theirs, layers in (("visual.transformer.resblocks", f"{v}.encoder.layers",
+                                      model_cfg["vision_cfg"]["layers"]),
+                                     ("transformer.resblocks", f"{t}.encoder.layers", model_cfg["text_cfg"]["layers"])):
+            for i in range(layers):
+                s, d = f"{theirs}.{i}", f"{ours}.{i}"
+                for n in ("weight", "bias"):
+                    qkv = [f"{s}.self_attn.{p}_proj.{n}" for p in ("q", "k", "v")]
+                    out[f"{d}.attn.in_proj_{n}"] = torch.cat([hf[k] for k in qkv])
+                    pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+                    for a, b in pairs.items():
+                        out[f"{d}.{a}.{n}"] = hf[f"{s}.{b}.{n}"]
+                    used.update(qkv, (f"{s}.{b}.{n}" for b in pairs.values()))
+    except KeyError as e:
+        raise ValueError(f"config key 'model.pretrained': the CLIPModel weights lack {e.args[0]!r}") from None
+    left = sorted(set(hf) - used)
+    if left:
+        raise ValueError(f"config key 'model.pretrained': CLIPModel weights with no open_clip place: {left[:SHOWN_KEYS]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the weights (never executing a pickle) and loading them into the towers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A tensor dict from a safetensors file or a weights-only torch file, by content rather than suffix."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    key = "config key 'model.pretrained'"
+    head = path.open("rb").read(9)
+    try:
+        if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+            return load_file(path)
+        # torch.save's zip archive, or a legacy pickle; weights_only refuses any object that is not a tensor,
+        # a container or a number (a pickle that would construct objects, i.e. run code)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{key}: {path} is not a weights file plait can read safely ({first})") from None
+    except Exception as e:  # pickle.UnpicklingError (weights_only refusals) and other malformed input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{key}: {path} is not a weights-only checkpoint: torch.load(weights_only=True) "
+                         f"refused it ({first})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # open_clip's training checkpoints: {"epoch", "name", "state_dict", "optimizer"}
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{key}: {path} holds no state dict of tensors (nor a 'state_dict' entry with one)")
+    return obj
+
+
+def pretrained_state(path_str: str, model_cfg: dict) -> dict[str, torch.Tensor]:
+    """The open_clip weights behind `model.pretrained`, keyed like the towers' own state dict."""
+    path = Path(path_str)
+    if not path.exists():
+        raise ValueError(f"config key 'model.pretrained': {path} does not exist")
+    if path.is_file():
+        state = read_weights(path)
+    elif (path / "open_clip_config.json").is_file():
+        files = [path / n for n in ("open_clip_model.safetensors", "model.safetensors", "open_clip_model.pt",
+                                    "open_clip_pytorch_model.bin")]
+        state = read_weights(next((f for f in files if f.is_file()), files[0]))
+    elif (path / "towers.safetensors").is_file():
+        state = read_weights(path / "towers.safetensors")
+    elif (path / "config.json").is_file():
+        file = path / "model.safetensors"
+        if not file.is_file():
+            raise ValueError(f"config key 'model.pretrained': {path} has no model.safetensors (plait reads HF "
+                             "weights from safetensors only: pickled .bin files could run code)")
+        state = clip_state_from_hf(read_weights(file), model_cfg)
+    else:
+        state = read_weights(_checkpoint_dir(path) / "model.safetensors")
+    return strip_wrappers(state)
+
+
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops DDP's `module.`, torch.compile's `_orig_mod.` and a PlaitModel's `clip.` (its `heads.*` go)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        if key.startswith("heads."):
+            continue
+        out[key.removeprefix("clip.")] = value
+    return out
+
+
+@torch.no_grad()
+def load_pretrained(clip: nn.Module, path: str, model_cfg: dict) -> str:
+    """Copies the weights of `path` into `clip`; any missing, unexpected or mis-shaped tensor fails, naming the
+    first few keys. A logit bias present on one side only is left as it is (SigLIP adds one to a CLIP model)."""
+    state = pretrained_state(path, model_cfg)
+    own = clip.state_dict()
+    optional = {"logit_bias"}
+    missing = [k for k in own if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in own and k not in optional]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    for what, keys in (("tensors of another shape (file vs model)", shapes), ("missing tensors", missing),
+                       ("tensors the model does not have", unexpected)):
+        if keys:
+            raise ValueError(f"config key 'model.pretrained': {path} does not fit this architecture: {len(keys)} "
+                             f"{what}: {', '.join(keys[:SHOWN_KEYS])}")
+    for k, v in own.items():
+        if k in state:
+            v.copy_(state[k])
+    return f"initialised from {path} ({len(state)} tensors)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locks (LiT): no gradient, no optimizer state, no gradient sync for locked parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def apply_locks(clip: nn.Module, cfg: ModelConfig) -> None:
+    """open_clip's tower locks with open_clip's meanings; a fully locked tower is kept in eval mode (as LiT runs
+    it: dropout off, batch-norm statistics frozen), whatever train() the loop calls."""
+    if cfg.lock_image:
+        groups = image_lock_groups(clip)
+        if groups is not None and cfg.lock_image_unlocked_groups >= groups:
+            raise ValueError(f"config key 'model.lock_image_unlocked_groups': {cfg.lock_image_unlocked_groups} "
+                             f"unlocks every one of the image tower's {groups} groups (nothing stays locked)")
+        clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                              freeze_bn_stats=cfg.lock_image_freeze_norm)
+        if cfg.lock_image_unlocked_groups == 0:
+            keep_eval(clip.visual)
+    if cfg.lock_text:
+        lock_text(clip, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_norm)
+
+
+def image_lock_groups(clip: nn.Module) -> int | None:
+    """How many groups open_clip's ViT lock knows: embeddings, each block but the last, last block + ln_post,
+    projection (None for towers whose grouping open_clip does not expose)."""
+    visual = clip.visual
+    if isinstance(visual, open_clip.transformer.VisionTransformer):
+        return len(visual.transformer.resblocks) + 2
+    return None
+
+
+def lock_text(clip: nn.Module, unlocked_layers: int, freeze_norm: bool) -> None:
+    """Freezes the text tower but its last `unlocked_layers` groups (open_clip's grouping: embeddings, each block,
+    the last block with the final norm, then the projection for open_clip's text transformer; embeddings, each
+    layer for an HF tower, whose projection always trains). Without freeze_norm the norms keep training."""
+    if isinstance(clip, open_clip.CLIP):
+        groups = len(clip.transformer.resblocks) + 2
+        if unlocked_layers >= groups:
+            raise ValueError(f"config key 'model.lock_text_unlocked_layers': {unlocked_layers} unlocks every one "
+                             f"of the text tower's {groups} groups (nothing stays locked)")
+        open_clip.transformer.lock_text_tower(clip, unlocked_layers)
+        trunk, tower = clip.transformer, [clip.token_embedding, clip.transformer, clip.ln_final]
+    else:
+        trunk = clip.text.transformer
+        hf_cfg = open_clip.hf_configs.arch_dict[clip.text.config.model_type]["config_names"]
+        encoder = getattr(trunk, "encoder", trunk)
+        layers = list(getattr(encoder, hf_cfg.get("layer_attr", "layer")))
+        embeddings = getattr(trunk, hf_cfg.get("token_embeddings_attr", "embeddings"))
+        groups = [embeddings, *layers]
+        if unlocked_layers > len(groups):
+            raise ValueError(f"config key 'model.lock_text_unlocked_layers': {unlocked_layers} exceeds the HF text "
+                             f"tower's {len(groups)} groups (embeddings + {len(layers)} layers)")
+        trunk.requires_grad_(False)
+        for group in groups[len(groups) - unlocked_layers:]:
+            group.requires_grad_(True)
+        tower = [trunk]
+    if not freeze_norm:
+        for module in tower:
+            for m in module.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.requires_grad_(True)
+    if not any(p.requires_grad for m in tower for p in m.parameters()):
+        keep_eval(trunk)
+
+
+def keep_eval(module: nn.Module) -> None:
+    """Puts `module` in eval mode for good: its train(True) becomes train(False). Module.train(mode) calls each
+    child's train(mode), so the loop's model.train() reaches this override and leaves the locked tower alone."""
+    module.eval()
+    module.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), module)
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Fails when the locks leave nothing to train but the temperature (and SigLIP's bias)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "logit_" not in n]
+    if not trainable:
+        raise ValueError("config keys 'model.lock_image' / 'model.lock_text': every tower parameter is locked "
+                         "and no head trains: nothing to train (unlock groups with "
+                         "model.lock_image_unlocked_groups / model.lock_text_unlocked_layers, or lock one tower)")
+
+
+def start_from(model: nn.Module, cfg: ModelConfig, model_cfg: dict, load_weights: bool) -> str:
+    """The training loop's one call: pretrained weights (unless resuming: the checkpoint has them), then locks.
+    Returns a line for the log."""
+    notes = []
+    if cfg.pretrained and load_weights:
+        notes.append(load_pretrained(model.clip, cfg.pretrained, model_cfg))
+    apply_locks(model.clip, cfg)
+    check_trainable(model)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if frozen:
+        notes.append(f"{frozen / 1e6:.1f}M parameters locked")
+    return "; ".join(notes)
