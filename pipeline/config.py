@@ -108,8 +108,6 @@ class ModelConfig:
                 "needs model.lock_text = true")
         require(bool(self.text_hf) or not self.text_hf_context_length, "model.text_hf_context_length",
                 "needs model.text_hf")
-
-    def __post_init__(self):
         require(0 <= self.patch_dropout < 1, "model.patch_dropout", f"must lie in [0, 1), got {self.patch_dropout}")
 
 

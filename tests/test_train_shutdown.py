@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spawn(run_dir: Path, spec: str, *overrides: str) -> subprocess.Popen:
-    args = ["--config", str(ROOT / "configs/tiny.toml"), "--set", f"data.train_shards={spec}",
+    args = ["--config", "tiny", "--set", f"data.train_shards={spec}",
             "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=8", "--set", "data.num_workers=2",
             "--set", "train.log_every=1", *[a for o in overrides for a in ("--set", o)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
