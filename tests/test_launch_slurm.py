@@ -140,6 +140,26 @@ def test_prep_array_with_resubmitted_task_matches_local_run(slurm_env, tmp_path)
     assert _comparable(sharded) == _comparable(local)
 
 
+def test_hostile_run_and_dataset_dirs_stay_names(slurm_env, tmp_path):
+    """Directory names with a space, `$(...)`, backquotes, `;`, quotes and `#`: sbatch writes the logs into the
+    run dir named so (its `#SBATCH --output="..."` quoting), the array task and the merge run on the dataset dir
+    named so, and nothing in either name runs."""
+    cluster = slurm_env
+    images = _image_folder(tmp_path / "images", 4)
+    run_dir = tmp_path / "run dir $(touch PWNED) `touch PWNED`; 'q' #x"
+    out = tmp_path / 'data "$(touch PWNED)" `touch PWNED`'
+    assert cli.main(["prep", "--run-dir", str(run_dir), "--tasks", "1", "--", "--input", str(images),
+                     "--input-format", "folder", "--samples-per-shard", "4", "--image-size", "32", "--processes", "1",
+                     "--no-progress", "--output", str(out)]) == 0
+    (array_id,), (merge_id,) = _records(run_dir, "prep-array"), _records(run_dir, "prep-merge")
+    states = _wait_array(cluster, array_id, 120)
+    assert [v.split()[0] for v in states.values()] == ["COMPLETED"], _log_tail(run_dir)
+    assert cluster.wait_job(merge_id, 120)["JobState"] == "COMPLETED", _log_tail(run_dir)
+    assert list(run_dir.glob("prep-*.out")) and list(run_dir.glob("merge-*.out"))
+    assert json.loads((out / "manifest.json").read_text())
+    assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
+
+
 def test_status_and_cancel(slurm_env, tmp_path, capsys):
     run_dir = tmp_path / "run"
     # A job held in the queue: status must show it pending, cancel must remove it.
