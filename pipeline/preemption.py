@@ -9,6 +9,7 @@ that: the launcher repeats it every 30 s while a checkpoint is being written.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -60,6 +61,18 @@ class StopFlag:
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def restoring_signals():
+    """Puts back the handlers of the stop signals when the block ends, however it ends: a run that raised before
+    StopFlag.restore must not leave its handler (which swallows the first Ctrl-C) in a longer-lived process."""
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 

@@ -13,6 +13,7 @@ that passes `allow_pipe=True` (the user's explicit `--allow-pipe`); a shard spec
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Iterator
 
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+log = logging.getLogger("plait.data")
 
 _BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members; the header walk must too
@@ -158,14 +161,26 @@ def sample_offsets(url: str) -> tuple[int, ...] | None:
     """Byte offsets of the samples of `url` from its plait index `S.idx.json`, or None when there is none."""
     if not url.endswith(".tar"):
         return None
+    where = url[: -len(".tar")] + ".idx.json"
     try:
-        with open_url(url[: -len(".tar")] + ".idx.json") as f:
-            index = json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
+        with open_url(where) as f:
+            raw = f.read()
+    except (FileNotFoundError, OSError):
         return None
-    if index.get("format") != "plait-tar-index/1":
+    try:
+        index = json.loads(raw)
+        if not isinstance(index, dict) or index.get("format") != "plait-tar-index/1":
+            return None
+        offsets = tuple(index["offsets"])
+        if not all(type(o) is int for o in offsets) or any(b <= a for a, b in zip(offsets, offsets[1:])) or (
+                offsets and offsets[0] < 0):
+            raise ValueError("offsets are not increasing byte positions")
+    except (ValueError, KeyError, TypeError) as exn:
+        # The index only saves reading tar headers: without it the samples are found by walking them.
+        log.warning("ignoring the damaged index %s (%s: %s); positioning by tar headers", where,
+                    type(exn).__name__, exn)
         return None
-    return tuple(index["offsets"])
+    return offsets
 
 
 def _octal(field: bytes) -> int:

@@ -36,7 +36,7 @@ from pipeline.models.pretrained import start_from
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
 from pipeline.optim import build_optimizer, check_schedule, lr_at, schedule_signature, set_lr
-from pipeline.preemption import EXIT_REQUEUE, StopFlag, StopPolicy
+from pipeline.preemption import EXIT_REQUEUE, StopFlag, StopPolicy, restoring_signals
 from pipeline.report import write_report
 from pipeline.transforms import image_transform
 
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    with closing_streams():  # an error in the loop stops the loader's workers (they ignore SIGTERM)
+    # Whatever ends the run: the loader's workers (which ignore SIGTERM) stop, the signal handlers go back.
+    with closing_streams(), restoring_signals():
         result = run(cfg, args.resume)
     return result["exit_code"]
 

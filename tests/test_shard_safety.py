@@ -160,3 +160,26 @@ def test_eval_templates_are_checked_before_the_model_loads(trapped, tmp_path, ca
                        "--templates", str(templates)]) == 2
     err = capsys.readouterr().err
     assert str(templates) in err and "'a {0} next to a {1}.'" in err and "(found: {0}, {1})" in err
+
+
+def test_damaged_index_and_stats_files_are_named(tmp_path, caplog):
+    """A corrupt member index is named and ignored (the samples are found by their tar headers); a corrupt stats
+    file or sizes.json is an error naming the file."""
+    from pipeline.tarseek import read_piece, sample_offsets
+    samples = [{"jpg": _jpeg(i), "txt": f"c{i}".encode()} for i in range(6)]
+    shard = tmp_path / "00000.tar"
+    _write_tar(shard, samples)
+    index = tmp_path / "00000.idx.json"
+    for damaged in ("{not json", json.dumps({"format": "plait-tar-index/1", "offsets": [0, 9, 3]})):
+        index.write_text(damaged)
+        sample_offsets.cache_clear()
+        assert sample_offsets(str(shard)) is None
+        assert str(index) in caplog.text and "damaged index" in caplog.text
+        caplog.clear()
+        assert [s["__key__"] for s in read_piece(str(shard), 3, 6)] == ["s0003", "s0004", "s0005"]
+    (tmp_path / "00000_stats.json").write_text("{oops")
+    with pytest.raises(ValueError, match="00000_stats.json"):
+        parse_spec(str(shard))
+    (tmp_path / "sizes.json").write_text('{"00000.tar": "six"}')
+    with pytest.raises(ValueError, match="sizes.json"):
+        parse_spec(str(shard))
