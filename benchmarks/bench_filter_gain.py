@@ -14,6 +14,7 @@ Run under the shared lock: `flock /tmp/plait-bench.lock python benchmarks/bench_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -38,10 +39,10 @@ from pipeline.export import export_open_clip, load_checkpoint_model  # noqa: E40
 from pipeline.train import run as train  # noqa: E402
 
 
-def noisy_rows(source: str, fraction: float, seed: int):
+def noisy_rows(source: str, fraction: float, seed: int, limit: int | None = None):
     """The training rows with round(fraction * 60k) captions, drawn with `seed`, replaced by a caption of another
     class (uniform over the other nine, the template drawn as the demo draws it for that row)."""
-    rows = list(read_rows(SourceOptions(source, "fashion-mnist", split="train")))
+    rows = list(itertools.islice(read_rows(SourceOptions(source, "fashion-mnist", split="train")), limit))
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(rows)), round(fraction * len(rows))))
     for i in sorted(chosen):
@@ -57,6 +58,11 @@ def shard_spec(folder: Path) -> str:
 
 
 def train_on(shards: str, test_shards: str, run_dir: Path, steps: int) -> dict:
+    """The demo's training on `shards`; a finished run's report is reused (the script resumes stage by stage)."""
+    if (run_dir / "report.json").exists():
+        report = json.loads((run_dir / "report.json").read_text())
+        if report.get("steps") == steps and "checkpoint" in report:
+            return report
     cfg = load_config(DEMO_PRESET, [f"data.train_shards={json.dumps(shards)}",
                                     f"eval.zeroshot_shards={json.dumps(test_shards)}",
                                     f"eval.classnames={json.dumps(list(FASHION_MNIST_CLASSES))}",
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps of both runs (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=2, help="prep processes")
+    p.add_argument("--limit", type=int, default=None, help="first N training images only (a smoke run)")
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir)
     steps = a.steps or load_config(DEMO_PRESET, []).train.steps
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
 
     noisy = run_dir / "noisy"
-    rows, corrupted = noisy_rows(FASHION_MNIST_DIR, a.noise, a.seed)
+    rows, corrupted = noisy_rows(FASHION_MNIST_DIR, a.noise, a.seed, a.limit)
     if not (noisy / "manifest.json").exists():
         opts = JobOptions(output=str(noisy), source=SourceOptions(FASHION_MNIST_DIR, "fashion-mnist", split="train"),
                           samples_per_shard=5000)

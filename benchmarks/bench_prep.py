@@ -52,7 +52,8 @@ def write_corpus(path: Path, files: list[str], rows: int) -> None:
 def run_plait(corpus: Path, out: Path, processes: int, per_shard: int) -> tuple[float, int]:
     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--output", str(out),
            "--image-size", "256", "--resize-mode", "keep_ratio", "--encode-quality", "95", "--processes",
-           str(processes), "--samples-per-shard", str(per_shard), "--no-dedup", "--no-progress"]
+           str(processes), "--samples-per-shard", str(per_shard), "--no-dedup", "--no-progress",
+           "--local-root", "/usr/share"]  # the photos' folders (opencv-doc, mate-backgrounds)
     t = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                        "webvid", "--output", str(out), "--processes", str(a.processes), "--num-frames",
                        str(a.num_frames), "--image-size", "256", "--encode-quality", "95", "--no-dedup",
                        "--no-progress", "--samples-per-shard", str(a.samples_per_shard)]
+                for folder in sorted({str(Path(p).parent) for p in files}):  # the table names videos there
+                    cmd += ["--local-root", folder]
                 t = time.perf_counter()
                 subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
                 plait_s = min(plait_s, time.perf_counter() - t)

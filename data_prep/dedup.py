@@ -93,7 +93,16 @@ def near_duplicates(embeddings: Callable[[np.ndarray], np.ndarray], order: np.nd
             sims = (q @ q.T).cpu().numpy()  # [c, c]: within the chunk, visited in order
             keep = np.zeros(c, bool)
             all_kept = np.concatenate(kept_positions) if kept_positions else np.zeros(0, np.int64)
+            # only a candidate near an earlier one of its own chunk depends on the chunk's earlier verdicts
+            near_earlier = np.tril(sims >= threshold, k=-1).any(axis=1)  # [c]
             for i in range(c):
+                if not near_earlier[i]:
+                    if best[i] >= threshold:
+                        dropped[start + i], cosine[start + i] = True, best[i]
+                        duplicate_of[start + i] = all_kept[where[i]]
+                    else:
+                        keep[i] = True
+                    continue
                 earlier = np.flatnonzero(keep[:i])
                 inner = sims[i, earlier]
                 j = int(inner.argmax()) if len(earlier) else -1

@@ -68,6 +68,11 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def is_remote(url: str | None) -> bool:
+    """True for a URL fetched over the network (worth a thread); False for local paths and inline media."""
+    return isinstance(url, str) and "://" in url and not url.startswith("file://")
+
+
 def check_address(ip: str) -> str | None:
     """Why connecting to `ip` is refused by default, or None."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -176,21 +181,21 @@ class Fetcher:
         if self._endpoint_verdict[scheme]:
             raise Reject(self._endpoint_verdict[scheme])
 
+    def fetch_or_reject(self, url: str | None) -> bytes | Reject | None:
+        """`fetch` with its failure as a value: None for inline media (no url), a Reject for any failure."""
+        if url is None:
+            return None
+        try:
+            return self.fetch(url)
+        except Reject as r:
+            return r
+        except Exception as e:  # a failure nobody listed must cost this row, never the shard or the job
+            return Reject(f"fetch error ({type(e).__name__}: {printable(str(e))[:160]})")
+
     def fetch_many(self, urls: Iterable[str | None]) -> Iterator[bytes | Reject | None]:
         """Fetches in input order; None items (inline media) give None."""
-        def one(url):
-            if url is None:
-                return None
-            try:
-                return self.fetch(url)
-            except Reject as r:
-                return r
-            except Exception as e:  # a failure nobody listed must cost this row, never the shard or the job
-                return Reject(f"fetch error ({type(e).__name__}: {printable(str(e))[:160]})")
-
         urls = list(urls)
-        remote = any(isinstance(u, str) and "://" in u and not u.startswith("file://") for u in urls)
-        yield from ordered_map(one, urls, self.opts.threads if remote else 1)
+        yield from ordered_map(self.fetch_or_reject, urls, self.opts.threads if any(map(is_remote, urls)) else 1)
 
     # ---------------------------------------------------------------- http
     def _slot(self, host: str) -> threading.Semaphore:

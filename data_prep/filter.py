@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep import manifest
+from data_prep.options import option
 from data_prep.score import PLAN as SCORE_PLAN
 from data_prep.score import open_dataset
 from data_prep.tarwalk import TarFormatError, iter_members, split_name
@@ -48,25 +49,28 @@ CAPTION_RULES = ("min-words", "max-words", "min-chars", "max-chars", "exclude")
 
 @dataclass(frozen=True)
 class FilterOptions:
-    dataset: str
-    """Source: a plait dataset folder (manifest.json, per-shard records)."""
-    output: str
-    """Folder of the new dataset."""
-    scores: str | None = None
-    """Score folder of `plait prep score` (default: DATASET/scores); needed by the score and dedup rules."""
-    min_score: float | None = None
-    """Keep samples whose image-text cosine is at least this (-1..1)."""
-    top_fraction: float | None = None
-    """Keep the best-scored fraction (0..1] of the scored samples."""
-    dedup_embeddings: float | None = None
-    """Drop samples whose image embedding has cosine >= this (0..1] to a kept, better-scored one."""
+    dataset: str = option(no_flag=True)
+    """source: a plait dataset folder (manifest.json, per-sample records)"""
+    output: str = option(metavar="NEW")
+    """folder of the new dataset"""
+    scores: str | None = option(None, metavar="DIR")
+    """score folder of `plait prep score` (default: DATASET/scores); needed by the score and dedup rules"""
+    min_score: float | None = option(None, metavar="S")
+    """keep samples whose image-text cosine is at least S (-1..1)"""
+    top_fraction: float | None = option(None, metavar="F")
+    """keep the best-scored fraction F (0..1] of the scored samples"""
+    dedup_embeddings: float | None = option(None, metavar="THRESH")
+    """drop samples whose image embedding has cosine >= THRESH (0..1] to a kept, better-scored one (needs
+    `plait prep score --embeddings`)"""
     min_image_size: int = 0
-    """Drop samples whose stored image's shorter side is smaller (pixels)."""
-    caption_rules: tuple[str, ...] = ()
-    """Caption rules, each `min-words=N`, `max-words=N`, `min-chars=N`, `max-chars=N` or `exclude=REGEX`."""
-    device: str = "cpu"
-    """Where the near-duplicate search runs (cpu, cuda)."""
+    """drop samples whose stored image's shorter side is smaller (pixels)"""
+    caption_rules: tuple[str, ...] = option((), repeat=True, aliases=("--caption-rule",), metavar="RULE")
+    """caption rule, repeatable: min-words=N, max-words=N, min-chars=N, max-chars=N or exclude=REGEX
+    (case-insensitive search)"""
+    device: str = option("cpu", choices=("cpu", "cuda"))
+    """where the near-duplicate search runs"""
     progress: bool = True
+    """progress bar"""
 
     def __post_init__(self) -> None:
         if self.min_score is not None and self.top_fraction is not None:

@@ -33,11 +33,13 @@ import fsspec
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from data_prep import layout
+from data_prep.layout import INDEX_FORMAT
 from data_prep.writer import OutputDir
 
+# Foreign shards: any image member a decoder reads, any caption member name seen in the wild.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 TEXT_EXTS = ("txt", "text", "caption", "cap")
-INDEX_FORMAT = "plait-tar-index/1"
 _META = re.compile(r"__[^/]*__($|/)")
 
 
@@ -108,6 +110,11 @@ def find_shards(target: str) -> list[str]:
     return urls
 
 
+def is_meta(name: str) -> bool:
+    """webdataset's metadata members (`__key__`-like names), which its tar reader skips."""
+    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
+
+
 def scan_shard(url: str) -> ShardScan:
     """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
     scan = ShardScan(url)
@@ -116,12 +123,14 @@ def scan_shard(url: str) -> ShardScan:
     members: set[str] = set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            data_end = 0
             for info in tar:
+                data_end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not info.isreg():
                     scan.other_members.append(info.name)
                     continue
                 name = info.name
-                if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                if is_meta(name):
                     continue
                 key, ext = base_plus_ext(name)
                 if key is None:
@@ -136,6 +145,9 @@ def scan_shard(url: str) -> ShardScan:
                 tar.members = []  # headers only: no need to keep every TarInfo of a 30k-member shard
             _close_sample(scan, members)
             scan.tar_bytes = fs.size(path)
+        if scan.tar_bytes < data_end + 2 * tarfile.BLOCKSIZE:  # a writer killed between two members
+            scan.error = (f"truncated tar: no end-of-archive blocks after its last member ({scan.num_samples} "
+                          "samples read)")
     except FileNotFoundError:
         scan.error = "missing"
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exn:
@@ -157,9 +169,9 @@ def _close_sample(scan: ShardScan, members: set[str]) -> None:
 
 def read_sizes(out: OutputDir) -> dict[str, int]:
     """A folder's sizes.json, validated: every count a non-negative integer (ValueError naming file and key)."""
-    if not out.exists("sizes.json"):
+    if not out.exists(layout.SIZES_FILE):
         return {}
-    return validate_sizes(out.read_bytes("sizes.json"), out.path("sizes.json"))
+    return validate_sizes(out.read_bytes(layout.SIZES_FILE), out.path(layout.SIZES_FILE))
 
 
 def validate_sizes(raw: bytes, where: str) -> dict[str, int]:
@@ -196,13 +208,13 @@ def write_index(scans: list[ShardScan]) -> dict[str, dict[str, int]]:
             if scan.error is not None:
                 sizes.pop(scan.name, None)  # a count for a tar that does not read to its end would mislead
                 continue
-            stem = scan.name[: -len(".tar")]
-            out.write_json(f"{stem}.idx.json", {"format": INDEX_FORMAT, "keys": scan.keys, "offsets": scan.offsets,
-                                                "tar_bytes": scan.tar_bytes})
-            if not out.exists(f"{stem}_stats.json"):
-                out.write_json(f"{stem}_stats.json", scan.stats())
+            stem = scan.name[: -len(layout.TAR_SUFFIX)]
+            out.write_json(stem + layout.INDEX_SUFFIX, {"format": INDEX_FORMAT, "keys": scan.keys,
+                                                        "offsets": scan.offsets, "tar_bytes": scan.tar_bytes})
+            if not out.exists(stem + layout.STATS_SUFFIX):
+                out.write_json(stem + layout.STATS_SUFFIX, scan.stats())
             sizes[scan.name] = scan.num_samples
-        out.write_json("sizes.json", dict(sorted(sizes.items())))
+        out.write_json(layout.SIZES_FILE, dict(sorted(sizes.items())))
         written[folder] = sizes
     return written
 

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.writer import OutputDir, reason_kind
+from data_prep import layout
+from data_prep.outdir import OutputDir
 
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("shard", pa.int32()), ("status", pa.string()),
@@ -28,6 +29,12 @@ RECORD_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
     ("original_height", pa.int32()), ("bytes", pa.int64()), ("num_samples", pa.int32()),
 ])
+
+
+def reason_kind(reason: str) -> str:
+    """The fixed phrase of a reason, without its details: 'http 404' stays, 'image too small (3x3 < 8)' ->
+    'image too small'."""
+    return reason.split(" (", 1)[0].split(": ", 1)[0]
 
 
 def record(key: str, row: int, shard: int, url: str | None) -> dict[str, Any]:
@@ -53,21 +60,19 @@ def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int],
                             repair_shards: Iterable[int] = ()) -> dict[str, Any]:
     """sizes.json, manifest.json and samples.parquet from the finished shards' stats and records, streamed shard
     by shard: memory grows with the rows of repair shards only, not with the dataset."""
-    from data_prep.writer import shard_name
-
     shard_ids = sorted(shard_ids)
-    stats = [out.read_json(f"{shard_name(s)}_stats.json") for s in shard_ids]
+    stats = [out.read_json(layout.stats_name(s)) for s in shard_ids]
     # planned shards hold disjoint rows; a repaired row is also in a later repair shard, whose record wins
     latest: dict[int, int] = {}
     for s in sorted(repair_shards):
-        for row in read_records(out, f"{shard_name(s)}.parquet", ["row"]).column("row").to_pylist():
+        for row in read_records(out, layout.records_name(s), ["row"]).column("row").to_pylist():
             latest[row] = s
     num_rows = 0
     reasons: Counter[str] = Counter()
     num_ok = num_rejected = num_samples = 0
-    with out.open_atomic("samples.parquet") as f, pq.ParquetWriter(f, RECORD_SCHEMA) as writer:
+    with out.open_atomic(layout.RECORDS_FILE) as f, pq.ParquetWriter(f, RECORD_SCHEMA) as writer:
         for s in shard_ids:
-            table = read_records(out, f"{shard_name(s)}.parquet")
+            table = read_records(out, layout.records_name(s))
             keep = [latest.get(r, s) == s for r in table.column("row").to_pylist()]
             table = table.filter(pa.array(keep, pa.bool_()))
             num_rows += table.num_rows
@@ -80,9 +85,9 @@ def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int],
                     num_rejected += 1
                     reasons[reason_kind(reason)] += 1
     sizes = {st["tar"]: st["num_samples"] for st in stats}
-    out.write_json("sizes.json", sizes)
+    out.write_json(layout.SIZES_FILE, sizes)
     summary = {
-        "format": "plait-dataset/1",
+        "format": layout.MANIFEST_FORMAT,
         "num_shards": len(stats), "num_input_rows": num_rows, "num_ok": num_ok, "num_rejected": num_rejected,
         "num_samples": num_samples,
         "reasons": dict(reasons.most_common()),
@@ -90,5 +95,5 @@ def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int],
                    for st in stats],
     }
     assert num_samples == sum(sizes.values()), "per-sample manifest and shard stats disagree"
-    out.write_json("manifest.json", summary)
+    out.write_json(layout.MANIFEST_FILE, summary)
     return summary

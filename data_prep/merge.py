@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import manifest
+from data_prep import layout, manifest
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.writer import OutputDir, Sample, shard_name, write_shard
@@ -28,11 +28,11 @@ def read_plan(out: OutputDir) -> JobOptions:
     """The job's options as its shards were cut: `samples_per_shard` is the rows per shard actually used (with
     --shard-bytes the pilot's value, which `_plan.json` keeps apart from the user's cap), so `repair` sizes its
     shards like the others."""
-    if not out.exists("_plan.json"):
+    if not out.exists(layout.PLAN_FILE):
         raise FileNotFoundError(f"{out.url!r}: not a plait dataset folder (no _plan.json): only shards plait "
                                 "built from an input can be merged or rebuilt; for shards from elsewhere use "
                                 "`plait prep index` and `plait prep verify`")
-    opts = JobOptions.from_dict(out.read_json("_plan.json"))
+    opts = JobOptions.from_dict(out.read_json(layout.PLAN_FILE))
     return dataclasses.replace(opts, samples_per_shard=opts.rows_per_shard)
 
 
@@ -58,7 +58,7 @@ def merge(output: str) -> dict[str, Any]:
     opts = read_plan(out)
     planned, repairs = expected_shards(out)
     shards = planned + repairs
-    missing = [shard_name(s) for s in shards if not out.exists(f"{shard_name(s)}_stats.json")]
+    missing = [shard_name(s) for s in shards if not out.exists(layout.stats_name(s))]
     if missing:
         raise ValueError(f"{output!r}: shards not finished: {', '.join(missing[:20])}"
                          f"{' ...' if len(missing) > 20 else ''} (rerun the tasks that own them)")
@@ -75,7 +75,7 @@ def dedup_across_shards(out: OutputDir, shards: list[int]) -> int:
     The first 128 bits of sha256 stand for the hash (a collision is not a practical concern)."""
     hi, lo, rows, shard_of = [], [], [], []
     for s in shards:
-        t = manifest.read_records(out, f"{shard_name(s)}.parquet", ["row", "status", "sha256"])
+        t = manifest.read_records(out, layout.records_name(s), ["row", "status", "sha256"])
         ok = [(r, h) for r, st, h in zip(*(t.column(c).to_pylist() for c in ("row", "status", "sha256")))
               if st == "ok" and h]
         hi.append(np.array([int(h[:16], 16) for _, h in ok], np.uint64))
@@ -98,18 +98,17 @@ def dedup_across_shards(out: OutputDir, shards: list[int]) -> int:
 
 
 def _drop_samples(out: OutputDir, shard_id: int, dropped: dict[str, str]) -> None:
-    name = shard_name(shard_id)
     members: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
-    with tarfile.open(fileobj=io.BytesIO(out.read_bytes(f"{name}.tar"))) as tar:
+    with tarfile.open(fileobj=io.BytesIO(out.read_bytes(layout.tar_name(shard_id)))) as tar:
         for info in tar:
             key, ext = info.name.split(".", 1)
             if key.split("_", 1)[0] not in dropped:  # per-frame samples are `{row key}_{frame}`
                 members[key].append((ext, tar.extractfile(info).read()))
-    records = manifest.read_records(out, f"{name}.parquet").to_pylist()
+    records = manifest.read_records(out, layout.records_name(shard_id)).to_pylist()
     for rec in records:
         if rec["key"] in dropped:
             rec.update(status="rejected", reason=f"duplicate (of {dropped[rec['key']]})", transient=False,
                        num_samples=0)
-    stats = out.read_json(f"{name}_stats.json")
-    out.remove(f"{name}_stats.json")  # not done while being rewritten: a crash here is redone by resume
+    stats = out.read_json(layout.stats_name(shard_id))
+    out.remove(layout.stats_name(shard_id))  # not done while being rewritten: a crash here is redone by resume
     write_shard(out, shard_id, [Sample(k, m) for k, m in members.items()], records, stats["num_input_rows"])

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_prep.layout import ENCODE_FORMATS
+
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
-ENCODE_FORMATS = ("jpg", "png", "webp")
 RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
                  "fashion-mnist")
@@ -46,51 +48,118 @@ def format_size(num_bytes: float) -> str:
     return f"{num_bytes:.3g} TB"
 
 
+def option(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
+           le: float | None = None, inf: bool = False, choices: tuple[str, ...] | None = None,
+           aliases: tuple[str, ...] = (), **meta: Any) -> Any:
+    """A dataclass field with what its flag needs: numeric bounds (gt/ge/le; inf=True lets infinity mean "no
+    limit"), choices, older flag spellings kept working (aliases), and for the CLI: metavar, parse, repeat,
+    negative (a store_false alias), no_flag (derived, never set by a flag)."""
+    meta.update(gt=gt, ge=ge, le=le, inf=inf, choices=choices, aliases=aliases)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")
+    return field(default=default, metadata=meta)
+
+
+def flag_of(name: str) -> str:
+    """The flag of a field: the field name with dashes (`image_size` -> `--image-size`)."""
+    return "--" + name.replace("_", "-")
+
+
+def validate(obj: Any) -> None:
+    """Checks every field's choices and bounds; the error names the flag and the value."""
+    for f in dataclasses.fields(obj):
+        m, value = f.metadata, getattr(obj, f.name)
+        if m.get("choices") and value not in m["choices"]:
+            raise ValueError(f"{flag_of(f.name)} {value!r}: expected one of {', '.join(m['choices'])}")
+        bounds = [(op, m.get(op)) for op in ("gt", "ge", "le") if m.get(op) is not None]
+        if not bounds or value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not m.get("inf"))):
+            raise ValueError(f"{flag_of(f.name)} {value!r}: must be a finite number{_bounds_text(m)}")
+        if math.isinf(value) and value > 0 and m.get("inf"):
+            continue
+        if any((op == "gt" and not value > b) or (op == "ge" and not value >= b) or (op == "le" and not value <= b)
+               for op, b in bounds):
+            raise ValueError(f"{flag_of(f.name)} {value!r}: must be{_bounds_text(m)}")
+
+
+def _bounds_text(m: Any) -> str:
+    parts = [f"{sym} {m[op]:g}" for op, sym in (("gt", ">"), ("ge", ">="), ("le", "<=")) if m.get(op) is not None]
+    return (" " + " and ".join(parts) if parts else "") + (" (inf for no limit)" if m.get("inf") else "")
+
+
 @dataclass(frozen=True)
 class SourceOptions:
-    input: str
-    input_format: str = "auto"
+    input: str = option(metavar="PATH")
+    """table (parquet, csv/tsv[.gz], jsonl/json, txt of URLs), folder of images with sidecar .txt captions, or a
+    named dataset folder; local path or fsspec URL. A resume or array task must name the same input, unchanged"""
+    input_format: str = option("auto", choices=INPUT_FORMATS)
+    """auto = from the file extension; tsv is unquoted (a '"' is text); csv quotes within one line;
+    yfcc100m = the YFCC100M metadata dump (tab-separated, no header); webvid = WebVid CSV (videoid, contentUrl,
+    duration, page_dir, name); fashion-mnist = the idx gz files of --split (a JSON array input is loaded whole)"""
     url_col: str = "url"
-    caption_col: str | None = "caption"
+    """column with the URL or path (webvid: contentUrl)"""
+    caption_col: str | None = option("caption", parse="caption_col")
+    """column with the caption; 'none' for no caption (webvid: name)"""
     extra_cols: tuple[str, ...] = ()
-    split: str = "train"            # fashion-mnist only
+    """comma-separated columns kept in {key}.json"""
+    split: str = option("train", choices=("train", "test"))
+    """fashion-mnist split"""
     yfcc_caption: tuple[str, ...] = ("title", "description")
-    start_col: str | None = None    # video: optional time window columns (seconds)
+    """yfcc100m caption parts, in order: title, description, tags"""
+    start_col: str | None = None
+    """video: column with the window start in seconds"""
     end_col: str | None = None
+    """video: column with the window end in seconds"""
+    local_root: tuple[str, ...] = option((), repeat=True, metavar="DIR")
+    """folder that local paths in the table (no scheme, or file://) may point into, after symlinks are resolved;
+    repeatable. Default: the table's own folder (none for a table that is not local: its local paths are
+    refused). Relative paths start from the table's folder. Rows pointing elsewhere are rejected"""
 
     def __post_init__(self) -> None:
-        if self.input_format not in INPUT_FORMATS:
-            raise ValueError(f"--input-format {self.input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
-        if self.split not in ("train", "test"):
-            raise ValueError(f"--split {self.split!r}: expected train or test")
+        validate(self)
         bad = set(self.yfcc_caption) - {"title", "description", "tags"}
         if bad:
             raise ValueError(f"--yfcc-caption {','.join(sorted(bad))!r}: expected title, description and/or tags")
+        for root in self.local_root:
+            if "://" in root and not root.startswith("file://"):
+                raise ValueError(f"--local-root {root!r}: must be a local folder")
+            if not os.path.isdir(root.removeprefix("file://")):
+                raise ValueError(f"--local-root {root!r}: no such folder")
 
 
 @dataclass(frozen=True)
 class FetchOptions:
-    timeout_s: float = 10.0
-    retries: int = 2
-    backoff_s: float = 0.5
-    max_retry_after_s: float = 30.0
-    max_per_host: int = 8
-    threads: int = 16
-    max_bytes: int = 64 * 1024 * 1024
-    max_redirects: int = 5
+    timeout_s: float = option(10.0, gt=0, aliases=("--timeout",))
+    """seconds for one whole http transfer"""
+    retries: int = option(2, ge=0)
+    """retries of timeouts, 429, 5xx, connection errors"""
+    backoff_s: float = option(0.5, ge=0, aliases=("--backoff",))
+    """first retry delay in seconds, doubled each time"""
+    max_retry_after_s: float = option(30.0, ge=0, aliases=("--max-retry-after",))
+    """longest Retry-After (seconds) to wait for; a longer one fails the row as transient"""
+    max_per_host: int = option(8, gt=0)
+    """concurrent requests per host and process"""
+    threads: int = option(16, gt=0)
+    """download threads per process"""
+    max_bytes: int = option(64 * 2**20, gt=0, parse="size", metavar="SIZE")
+    """reject larger downloads (bytes, or 64MiB, 1GB ...)"""
+    max_redirects: int = option(5, ge=0)
+    """redirects followed at most"""
     user_agent_token: str | None = None
-    allow_private: bool = False
-    respect_optouts: bool = True
-    allow_schemes: tuple[str, ...] = ()
-    """Object stores a table's URLs may name besides http/https (e.g. ("s3", "gs")); every other scheme, chained
-    fsspec URLs (`simplecache::...`) included, is a per-row reject. Their endpoint is held to allow_private too."""
+    """contact info appended to the user agent"""
+    allow_private: bool = option(False, aliases=("--allow-private-addresses",))
+    """allow loopback/private/link-local addresses (local test servers only: refused by default)"""
+    respect_optouts: bool = option(True, negative=("--ignore-opt-outs",))
+    """drop samples whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex (--ignore-opt-outs:
+    keep them)"""
+    allow_schemes: tuple[str, ...] = option((), metavar="SCHEMES")
+    """object stores the table's URLs may name besides http(s), comma-separated: s3, gs, az ... (their endpoint
+    must be a public address unless --allow-private-addresses); any other scheme and chained fsspec URLs
+    (simplecache::...) are rejected per row"""
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "max_per_host", "threads", "max_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be positive")
-        if self.retries < 0:
-            raise ValueError(f"--retries {self.retries}: must be >= 0")
+        validate(self)
         bad = sorted(set(self.allow_schemes) - set(OBJECT_STORE_SCHEMES))
         if bad:
             raise ValueError(f"--allow-schemes {','.join(bad)}: expected some of {', '.join(OBJECT_STORE_SCHEMES)} "
@@ -99,76 +168,95 @@ class FetchOptions:
 
 @dataclass(frozen=True)
 class ImageOptions:
-    image_size: int = 256
-    resize_mode: str = "keep_ratio"
-    resample: str = "bicubic"             # open_clip's and torchvision's CLIP preprocessing filter
+    image_size: int = option(256, gt=0)
+    """target size in pixels (see --resize-mode)"""
+    resize_mode: str = option("keep_ratio", choices=RESIZE_MODES)
+    """keep_ratio: shorter side to --image-size; keep_ratio_largest: longer side; center_crop: shorter side then
+    a centred square; border: longer side then padded to a square; no: as is"""
+    resample: str = option("bicubic", choices=RESAMPLE_FILTERS)
+    """resampling filter when resizing (after JPEG draft decoding at 1/2, 1/4 or 1/8 size); bicubic is open_clip's
+    and torchvision's CLIP preprocessing filter"""
     upscale: bool = False
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    background: tuple[int, int, int] = (255, 255, 255)
-    min_image_size: int = 0
-    max_aspect_ratio: float = math.inf
-    max_pixels: int = 89_478_485          # Pillow's own default decompression-bomb threshold
-    keep_original_jpeg: bool = True
-    max_caption_length: int = 4096
+    """also enlarge images smaller than the target (default: never upscale)"""
+    encode_format: str = option("jpg", choices=ENCODE_FORMATS)
+    """image format in the shards"""
+    encode_quality: int = option(95, ge=1, le=100)
+    """jpg/webp quality"""
+    background: tuple[int, int, int] = option((255, 255, 255), parse="rgb", metavar="R,G,B")
+    """colour behind transparent pixels (alpha, transparent palette entries, PNG colour keys) and border padding"""
+    min_image_size: int = option(0, ge=0)
+    """reject images whose shorter side is smaller (pixels)"""
+    max_aspect_ratio: float = option(math.inf, ge=1, inf=True)
+    """reject images with a larger long/short side ratio"""
+    max_pixels: int = option(89_478_485, gt=0)
+    """reject larger images (decompression bombs) before decoding them, and resized (upscaled) images larger
+    than this; the default is Pillow's own decompression-bomb threshold"""
+    max_decode_bytes: int = option(512 * 2**20, gt=0, parse="size", metavar="SIZE")
+    """reject images whose decoded pixels would take more memory (width x height x bytes per pixel of the
+    decoded mode, after JPEG draft scaling); a worker's decode memory stays near this bound"""
+    keep_original_jpeg: bool = option(True, negative=("--no-keep-original",))
+    """keep the original bytes of JPEGs that already fit and are upright RGB (--no-keep-original-jpeg:
+    re-encode them)"""
+    max_caption_length: int = option(4096, gt=0)
+    """reject longer captions (characters)"""
     allow_empty_caption: bool = False
+    """keep rows whose caption is empty"""
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"--resize-mode {self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
-        if self.resample not in RESAMPLE_FILTERS:
-            raise ValueError(f"--resample {self.resample!r}: expected one of {', '.join(RESAMPLE_FILTERS)}")
-        if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(f"--encode-format {self.encode_format!r}: expected one of {', '.join(ENCODE_FORMATS)}")
-        if self.image_size <= 0:
-            raise ValueError(f"--image-size {self.image_size}: must be positive")
-        if not 1 <= self.encode_quality <= 100:
-            raise ValueError(f"--encode-quality {self.encode_quality}: must be in 1..100")
-        if self.max_aspect_ratio < 1:
-            raise ValueError(f"--max-aspect-ratio {self.max_aspect_ratio}: must be >= 1")
+        validate(self)
 
 
 @dataclass(frozen=True)
 class VideoOptions:
-    enabled: bool = False
-    sampling: str = "uniform"
-    num_frames: int = 8
-    fps: float = 1.0
-    max_duration_s: float = math.inf
-    max_frames: int = 256
-    per_frame_samples: bool = False
+    video: bool = False
+    """rows are videos: sample frames with PyAV (implied by --input-format webvid)"""
+    frame_sampling: str = option("uniform", choices=FRAME_SAMPLING)
+    """uniform: --num-frames spread over the video; fps: --fps frames per second; keyframes: keyframes only"""
+    num_frames: int = option(8, gt=0)
+    """frames per video (uniform)"""
+    fps: float = option(1.0, gt=0)
+    """frames per second (fps sampling)"""
+    max_duration_s: float = option(math.inf, gt=0, inf=True, aliases=("--max-duration",))
+    """seconds of video read at most"""
+    max_frames: int = option(256, gt=0)
+    """frames per video at most (fps, keyframes)"""
+    frames_as_samples: bool = False
+    """write one image-text sample per frame (caption, frame index, timestamp) instead of one per video"""
 
     def __post_init__(self) -> None:
-        if self.sampling not in FRAME_SAMPLING:
-            raise ValueError(f"--frame-sampling {self.sampling!r}: expected one of {', '.join(FRAME_SAMPLING)}")
-        if self.num_frames <= 0 or self.fps <= 0 or self.max_frames <= 0:
-            raise ValueError("--num-frames, --fps and --max-frames must be positive")
+        validate(self)
 
 
 @dataclass(frozen=True)
 class JobOptions:
-    output: str
-    source: SourceOptions
+    output: str = option(metavar="PATH")
+    """output folder, local path or fsspec URL"""
+    source: SourceOptions = option(no_flag=True)
     fetch: FetchOptions = field(default_factory=FetchOptions)
     image: ImageOptions = field(default_factory=ImageOptions)
     video: VideoOptions = field(default_factory=VideoOptions)
-    samples_per_shard: int | None = 10_000
-    """Input rows per shard; with shard_bytes, the most rows per shard (None: no limit, only with shard_bytes)."""
+    samples_per_shard: int | None = option(10_000, gt=0, cli_default=None)
+    """input rows per shard; with --shard-bytes the most rows per shard (default: 10000, no limit with
+    --shard-bytes)"""
     dedup: bool = True
-    dedup_against: str | None = None
-    shard_bytes: int | None = None
-    """Target tar size; None = shards sized by samples_per_shard alone."""
-    sizing: dict[str, Any] | None = None
+    """drop exact duplicates (same sha256 of the bytes); --no-dedup keeps them"""
+    dedup_against: str | None = option(None, metavar="PARQUET")
+    """samples.parquet of an earlier dataset: drop its images"""
+    shard_bytes: int | None = option(None, gt=0, parse="size", metavar="SIZE")
+    """target tar size, e.g. 500MB, 1GiB or bytes: a pilot builds the first 64 input rows (16 videos) in a
+    temporary folder to measure bytes per row, and the rows per shard it derives are kept in _plan.json for
+    resumes and every array task (default: off, shards sized by --samples-per-shard)"""
+    sizing: dict[str, Any] | None = option(None, no_flag=True)
     """With shard_bytes: the pilot's result (see `run.resolve_sizing`), recorded in `_plan.json` so that resumes
     and array tasks reuse it; derived, not a setting, so never compared between runs."""
+    input_fingerprint: dict[str, Any] | None = option(None, no_flag=True)
+    """The input's size and modification time (see `sources.input_fingerprint`), recorded in `_plan.json` when
+    the job starts: a resume or array task that finds another is refused."""
 
     def __post_init__(self) -> None:
         if self.samples_per_shard is None and self.shard_bytes is None:
             raise ValueError("--samples-per-shard or --shard-bytes is needed to size the shards")
-        if self.samples_per_shard is not None and self.samples_per_shard <= 0:
-            raise ValueError(f"--samples-per-shard {self.samples_per_shard}: must be positive")
-        if self.shard_bytes is not None and self.shard_bytes <= 0:
-            raise ValueError(f"--shard-bytes {self.shard_bytes}: must be positive")
+        validate(self)
 
     @property
     def rows_per_shard(self) -> int:
@@ -191,6 +279,7 @@ class JobOptions:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "JobOptions":
         def build(cls, values):
+            values = {_RENAMED.get(k, k): v for k, v in values.items()}
             kw = {}
             for f in dataclasses.fields(cls):
                 if f.name not in values:
@@ -207,4 +296,24 @@ class JobOptions:
             output=d["output"], source=build(SourceOptions, d["source"]), fetch=build(FetchOptions, d["fetch"]),
             image=build(ImageOptions, d["image"]), video=build(VideoOptions, d.get("video", {})),
             samples_per_shard=d["samples_per_shard"], dedup=d["dedup"], dedup_against=d.get("dedup_against"),
-            shard_bytes=d.get("shard_bytes"), sizing=d.get("sizing"))
+            shard_bytes=d.get("shard_bytes"), sizing=d.get("sizing"), input_fingerprint=d.get("input_fingerprint"))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How this process runs the job; not part of `_plan.json` (a resume may change them)."""
+    processes: int = option(max(1, os.cpu_count() or 1), ge=1)
+    """worker processes, each building whole shards (default: the number of CPUs)"""
+    task_index: int | None = option(None, ge=0)
+    """this task of a job array (default: SLURM_ARRAY_TASK_ID, else a single local run that also merges)"""
+    num_tasks: int | None = option(None, gt=0)
+    """tasks in the job array (default: SLURM_ARRAY_TASK_COUNT)"""
+    progress: bool = True
+    """progress bar on stderr (--no-progress: none)"""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# fields renamed so that each flag equals its field name; plans written before still load
+_RENAMED = {"enabled": "video", "sampling": "frame_sampling", "per_frame_samples": "frames_as_samples"}

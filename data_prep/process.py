@@ -17,7 +17,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from data_prep.options import ImageOptions
 
@@ -26,6 +26,17 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LA
              "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
 _ORIENTATION = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)
+# what undoes each EXIF orientation (as `ImageOps.exif_transpose`)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+# Pillow orients these while loading and already reports the upright size: turning them again rotates twice
+_LOADER_ORIENTS = ("TIFF",)
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# decoded bytes per pixel (Pillow stores RGB, CMYK, YCbCr padded to 4 bytes)
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "La": 4, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                    "I;16N": 2}
+_MAX_SIDE = {"jpg": 65_500, "webp": 16_383, "png": 2**31 - 1}
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 
 
@@ -50,6 +61,8 @@ class Encoded:
 
 def clean_caption(raw: str | bytes | None, opts: ImageOptions, required: bool = True) -> str:
     """Unicode NFC, control characters and runs of whitespace to one space; rejects empty/long/undecodable."""
+    if not isinstance(raw, (str, bytes, type(None))):  # a number or list in a JSON or parquet caption column
+        raise Reject(f"caption is not text ({type(raw).__name__})")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -92,18 +105,14 @@ def process_image(data: bytes | None, opts: ImageOptions,
     else:
         img = _open(data)
         fmt = img.format
-        try:
-            orientation = img.getexif().get(_ORIENTATION, 1)
-        except Exception:  # a broken EXIF block must not lose the image
-            orientation = 1
-        if orientation not in range(1, 9):
-            orientation = 1
+        orientation = 1 if fmt in _LOADER_ORIENTS else _orientation(img)
     stored_w, stored_h = img.size
     if stored_w * stored_h > opts.max_pixels:
         raise Reject(f"decompression bomb ({stored_w}x{stored_h} > {opts.max_pixels} pixels)")
     width, height = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
     check_geometry(width, height, opts)
     scale, canvas = target_geometry(width, height, opts)
+    check_output_size(width, height, scale, canvas, opts)
 
     if (opts.keep_original_jpeg and fmt == "JPEG" and img.mode == "RGB" and orientation == 1 and scale == 1.0
             and canvas in (None, (width, height)) and opts.encode_format == "jpg"
@@ -116,9 +125,15 @@ def process_image(data: bytes | None, opts: ImageOptions,
         img.draft("RGB", request)
         if img.decoderconfig[:1] == (8,) and img.info.get("progressive"):
             img = _dc_only(data, request) or img
+    decoded = img.size[0] * img.size[1] * _BYTES_PER_PIXEL.get(img.mode, 4)
+    if decoded > opts.max_decode_bytes:
+        raise Reject(f"decoded image too large ({img.size[0]}x{img.size[1]} {img.mode}: {decoded} > "
+                     f"{opts.max_decode_bytes} bytes)")
     try:
         img.load()
-        img = to_rgb(img, opts.background)
+        # reduced by an integer factor before any conversion: each conversion copies the image at its bytes per
+        # pixel, so converting a large 16-bit or transparent image first would multiply the decode memory
+        img = to_rgb(img, opts.background, _reduce_factor(img.size, scale))
     except Reject:
         raise
     except OSError as e:
@@ -127,9 +142,18 @@ def process_image(data: bytes | None, opts: ImageOptions,
     except (ValueError, SyntaxError, IndexError, struct.error, Image.DecompressionBombError) as e:
         raise Reject(f"decode error: {type(e).__name__}: {str(e)[:200]}") from None
     if orientation != 1:
-        img = ImageOps.exif_transpose(img) or img
+        # from the value read before decoding: a converted image no longer carries the EXIF block
+        img = img.transpose(_TRANSPOSE[orientation])
     img = resize(img, scale, canvas, width, height, opts.background, opts.resample)
     return Encoded(encode(img, opts), opts.encode_format, img.width, img.height, width, height)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        orientation = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block must not lose the image
+        return 1
+    return orientation if orientation in range(1, 9) else 1
 
 
 def check_geometry(width: int, height: int, opts: ImageOptions) -> None:
@@ -138,6 +162,21 @@ def check_geometry(width: int, height: int, opts: ImageOptions) -> None:
     ratio = max(width, height) / min(width, height)
     if ratio > opts.max_aspect_ratio:
         raise Reject(f"aspect ratio too large ({ratio:.1f} > {opts.max_aspect_ratio:g})")
+
+
+def check_output_size(width: int, height: int, scale: float, canvas: tuple[int, int] | None,
+                      opts: ImageOptions) -> None:
+    """Refuses a resized image larger than --max-pixels or than the encoder takes, before allocating it: with
+    --upscale a 4000x1 strip would otherwise become a 1,024,000x256 canvas (a gigabyte)."""
+    w, h = canvas or (max(1, round(width * scale)), max(1, round(height * scale)))
+    if w * h > opts.max_pixels or max(w, h) > _MAX_SIDE[opts.encode_format]:
+        raise Reject(f"resized image too large ({width}x{height} -> {w}x{h}; at most {opts.max_pixels} pixels "
+                     f"and {_MAX_SIDE[opts.encode_format]} per side for {opts.encode_format})")
+
+
+def _reduce_factor(size: tuple[int, int], scale: float) -> int:
+    """Integer shrink that keeps at least twice the target size (as Pillow's `reducing_gap=2`)."""
+    return max(1, int(1 / (2 * scale))) if scale < 1.0 else 1
 
 
 def resize(img: Image.Image, scale: float, canvas: tuple[int, int] | None, width: int, height: int,
@@ -156,23 +195,52 @@ def resize(img: Image.Image, scale: float, canvas: tuple[int, int] | None, width
     return out
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited on `background`."""
+def to_rgb(img: Image.Image, background: tuple[int, int, int], reduce: int = 1) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, shrunk by the integer `reduce` on the way; transparency (an alpha channel,
+    a transparent palette entry, or a PNG tRNS colour key on an RGB/L/16-bit image) is composited on
+    `background`. Every intermediate is at most 4 bytes per pixel of the decoded image."""
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)).convert("RGB")
-    if mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    key = img.info.get("transparency")
+    if img.mode in _DEEP_MODES:
+        img = _deep_to_8bit(img, key)  # L, or LA where the tRNS key marked pixels transparent
+        key = None
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or key is not None:
+        img = img.convert("RGBA") if img.mode not in ("RGBA", "LA") else img  # Pillow applies the tRNS key
+    elif img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if reduce > 1:
+        img = img.reduce(reduce)  # alpha premultiplied by Pillow while averaging
+    if img.mode in ("RGBA", "LA"):
         rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    return img.convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _deep_to_8bit(img: Image.Image, key: int | None) -> Image.Image:
+    """16/32-bit grey or float to 8-bit L (LA with a transparency key), converted in bands of rows: a whole
+    6000x6000 16-bit image as float64 arrays took a gigabyte."""
+    import numpy as np
+    lo, hi = img.getextrema()
+    peak = 65535 if img.mode.startswith("I;16") or hi > 255 else 255
+    width, height = img.size
+    grey = Image.new("L", img.size)
+    alpha = Image.new("L", img.size, 255) if isinstance(key, int) else None
+    band = max(1, (1 << 22) // max(1, width))  # about 4 M pixels per band
+    for top in range(0, height, band):
+        box = (0, top, width, min(height, top + band))
+        arr = np.asarray(img.crop(box))
+        if img.mode == "F":
+            out = np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)
+        else:
+            out = (np.clip(arr.astype(np.int64), 0, peak) * 255 // peak).astype(np.uint8)
+        grey.paste(Image.fromarray(out, "L"), box[:2])
+        if alpha is not None:
+            alpha.paste(Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8), "L"), box[:2])
+    if alpha is None:
+        return grey
+    grey.putalpha(alpha)
+    return grey
 
 
 def encode(img: Image.Image, opts: ImageOptions) -> bytes:

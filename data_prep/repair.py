@@ -13,13 +13,22 @@ is completed by the next `repair` instead of being planned again.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from data_prep import manifest
+from data_prep import layout, manifest
 from data_prep.merge import expected_shards, merge, read_plan
 from data_prep.run import build_units, format_summary
-from data_prep.sources import read_rows
+from data_prep.sources import input_fingerprint, read_rows
 from data_prep.writer import OutputDir, shard_name
+
+
+def check_input_unchanged(opts) -> None:
+    """Rows are found again by their position in the input: another version of it would put other rows there."""
+    now = json.loads(json.dumps(input_fingerprint(opts.source.input)))
+    if opts.input_fingerprint is not None and now != opts.input_fingerprint:
+        raise ValueError(f"--input {opts.source.input!r} changed since {opts.output!r} was built (was "
+                         f"{opts.input_fingerprint}, now {now}); rebuilding needs the same input")
 
 
 def damaged_shards(output: str) -> list[str]:
@@ -27,7 +36,7 @@ def damaged_shards(output: str) -> list[str]:
     from data_prep.verify import verify
     out = OutputDir(output)
     planned, repairs = expected_shards(out)
-    unfinished = [f"{shard_name(s)}.tar" for s in planned + repairs if not out.exists(f"{shard_name(s)}_stats.json")]
+    unfinished = [layout.tar_name(s) for s in planned + repairs if not out.exists(layout.stats_name(s))]
     return sorted(set(verify(output, decode_fraction=0).bad_shards) | set(unfinished))
 
 
@@ -36,6 +45,7 @@ def rebuild_shards(output: str, names: list[str], processes: int = 1, progress: 
     """Builds shards `names` (e.g. "00003.tar") again from the input rows they were cut from, then merges."""
     out = OutputDir(output)
     opts = read_plan(out)
+    check_input_unchanged(opts)
     planned, _ = expected_shards(out)
     repair_rows = {int(s): rows for n in out.glob("_repairs/repair-*.json")
                    for s, rows in out.read_json(f"_repairs/{n}")["rows"].items()}
@@ -44,7 +54,7 @@ def rebuild_shards(output: str, names: list[str], processes: int = 1, progress: 
     if unknown:
         raise ValueError(f"{output!r}: shard(s) {', '.join(unknown)} are not part of this dataset's plan")
     for i in ids:
-        out.remove(f"{shard_name(i)}_stats.json")  # the done marker first: a killed rebuild is redone, not skipped
+        out.remove(layout.stats_name(i))  # the done marker first: a killed rebuild is redone, not skipped
     shard_of = {row: i for i in ids if i in repair_rows for row in repair_rows[i]}
     units: dict[int, list] = {i: [] for i in ids}
     per = opts.samples_per_shard
@@ -61,8 +71,9 @@ def rebuild_shards(output: str, names: list[str], processes: int = 1, progress: 
 def repair(output: str, processes: int = 1, progress: bool = True, log=print) -> dict[str, Any]:
     out = OutputDir(output)
     opts = read_plan(out)
-    if not out.exists("samples.parquet"):
+    if not out.exists(layout.RECORDS_FILE):
         raise ValueError(f"{output!r}: not merged yet; run `plait prep merge {output}` first")
+    check_input_unchanged(opts)
     damaged = damaged_shards(output)
     if damaged:
         rebuild_shards(output, damaged, processes, progress, log)
@@ -71,12 +82,12 @@ def repair(output: str, processes: int = 1, progress: bool = True, log=print) ->
     if pending:
         marker = pending[0]
     else:
-        table = manifest.read_records(out, "samples.parquet", ["row", "status", "transient"])
+        table = manifest.read_records(out, layout.RECORDS_FILE, ["row", "status", "transient"])
         retry = sorted(r for r, s, t in zip(*(table.column(c).to_pylist() for c in ("row", "status", "transient")))
                        if s != "ok" and t)
         if not retry:
             log("nothing to repair: no transient failures")
-            return out.read_json("manifest.json")
+            return out.read_json(layout.MANIFEST_FILE)
         planned, repairs = expected_shards(out)
         first = max(planned + repairs, default=-1) + 1
         per = opts.samples_per_shard
@@ -90,7 +101,7 @@ def repair(output: str, processes: int = 1, progress: bool = True, log=print) ->
     for row in read_rows(opts.source):
         if row.index in shard_of:
             units[shard_of[row.index]].append(row)
-    todo = ((s, rows) for s, rows in sorted(units.items()) if not out.exists(f"{shard_name(s)}_stats.json"))
+    todo = ((s, rows) for s, rows in sorted(units.items()) if not out.exists(layout.stats_name(s)))
     log(f"repairing {len(shard_of)} row(s) into shard(s) {', '.join(shard_name(s) for s in units)}")
     build_units(opts, todo, processes, progress)
     out.write_json(name, {**marker, "done": True})

@@ -10,22 +10,21 @@ import dataclasses
 import itertools
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
-from data_prep import lifeline, manifest
+from data_prep import layout, manifest
 from data_prep import merge as merge_mod
-from data_prep.options import JobOptions, format_size
+from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
-from data_prep.sources import Row, count_rows, read_rows
-from data_prep.worker import build_shard, init_worker
+from data_prep.pool import build_in_process, build_in_workers
+from data_prep.sources import Row, count_rows, input_fingerprint, read_rows
+from data_prep.worker import build_shard
 from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
 
@@ -33,7 +32,7 @@ from data_prep.writer import OutputDir, shard_name
 PILOT_ROWS = 64
 """Rows the --shard-bytes pilot builds (16 for video, whose decoding costs far more per row)."""
 _PILOT_ROWS_VIDEO = 16
-_PLAN = "_plan.json"
+_PLAN = layout.PLAN_FILE
 
 
 def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], list[Row]],
@@ -43,10 +42,12 @@ def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], li
     Returns `opts` with the plan's sizing: with --shard-bytes, the rows per shard come from `_plan.json` when it
     exists (never measured again), else from a pilot over `first_rows(k)`, recorded by whichever task writes
     `_plan.json` first; a task that loses that race adopts the winner's value."""
+    if opts.input_fingerprint is None:
+        opts = dataclasses.replace(opts, input_fingerprint=input_fingerprint(opts.source.input))
     if out.exists(_PLAN):
         return _adopt(out.read_json(_PLAN), opts, log)
     if opts.shard_bytes is not None:
-        k = _PILOT_ROWS_VIDEO if opts.video.enabled else PILOT_ROWS
+        k = _PILOT_ROWS_VIDEO if opts.video.video else PILOT_ROWS
         opts = dataclasses.replace(opts, sizing=resolve_sizing(opts, first_rows(k)))
     have = _write_once(out, _PLAN, json.loads(json.dumps(opts.to_dict())))
     return _adopt(have, opts, log)
@@ -65,6 +66,14 @@ def _adopt(have: dict[str, Any], opts: JobOptions, log: Callable[[str], None]) -
 
 def _check_same_settings(have: dict[str, Any], opts: JobOptions) -> None:
     wanted = json.loads(json.dumps(opts.to_dict()))
+    old_print = have.get("input_fingerprint")
+    if old_print is not None and wanted["source"]["input"] == have["source"]["input"] and \
+            old_print != wanted["input_fingerprint"]:
+        raise ValueError(f"--input {opts.source.input!r} changed since {opts.output!r} was started (was "
+                         f"{_brief(old_print)}, now {_brief(wanted['input_fingerprint'])}): shards cut from two "
+                         "versions of an input do not form one dataset; use a new output folder")
+    # through JobOptions once: plans from before a field was renamed compare by today's names
+    have = json.loads(json.dumps(JobOptions.from_dict(have).to_dict()))
     diffs = []
     for section, values in wanted.items():
         if section in _DERIVED:
@@ -76,17 +85,23 @@ def _check_same_settings(have: dict[str, Any], opts: JobOptions) -> None:
         for k, v in values.items():
             old = (have.get(section) or {}).get(k)
             if old != v and k not in _RUNTIME:
-                diffs.append((f"{section}.{k}", old, v))
+                diffs.append((k, old, v))
     if diffs:
-        raise ValueError(f"{opts.output!r} was started with {', '.join(f'{k}={o!r}' for k, o, _ in diffs)}, now "
-                         f"{', '.join(f'{k}={v!r}' for k, _, v in diffs)}: use a new output folder or the same "
-                         "settings")
+        raise ValueError(f"{opts.output!r} was started with {', '.join(f'{flag_of(k)}={o!r}' for k, o, _ in diffs)}"
+                         f", now {', '.join(f'{flag_of(k)}={v!r}' for k, _, v in diffs)}: use a new output folder or "
+                         "the same settings")
 
 
-# settings that change how fast a job runs, not what it writes: a resume may change them
-_RUNTIME = {"threads", "max_per_host", "timeout_s", "retries", "backoff_s", "max_retry_after_s", "input"}
-# not settings: where the job writes (may be spelled differently) and what the pilot derived from the settings
-_DERIVED = {"output", "sizing"}
+def _brief(fingerprint: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in fingerprint.items())
+
+
+# settings that change how fast a job runs, not what it writes: a resume may change them. Not --input: a resume
+# or an array task reading another table would mix two inputs in one dataset (the path is absolute by then)
+_RUNTIME = {"threads", "max_per_host", "timeout_s", "retries", "backoff_s", "max_retry_after_s"}
+# not settings: where the job writes (may be spelled differently), what the pilot derived from the settings, and
+# the input's fingerprint (checked above with its own message)
+_DERIVED = {"output", "sizing", "input_fingerprint"}
 
 
 def _write_once(out: OutputDir, name: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +137,7 @@ def resolve_sizing(opts: JobOptions, rows: list[Row]) -> dict[str, Any]:
     assert opts.shard_bytes is not None
     with tempfile.TemporaryDirectory(prefix="plait-pilot-") as tmp:
         stats = build_shard(dataclasses.replace(opts, output=tmp), 0, rows)
-        transient = manifest.read_records(OutputDir(tmp), f"{shard_name(0)}.parquet", ["transient"])
+        transient = manifest.read_records(OutputDir(tmp), layout.records_name(0), ["transient"])
         num_transient = sum(bool(t) for t in transient.column("transient").to_pylist())
     counted = len(rows) - num_transient
     mean = (stats["bytes"] - TAR_END_BYTES) / counted if counted else 0.0
@@ -157,7 +172,7 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
         return head
 
     opts = ensure_plan(out, opts, first_rows, log)
-    done = {int(n[:5]) for n in out.glob("*_stats.json")}
+    done = {int(n[: -len(layout.STATS_SUFFIX)]) for n in out.glob("*" + layout.STATS_SUFFIX)}
     per = opts.rows_per_shard
     if known_rows is not None:
         source = read_rows(opts.source, lambda a, b: task_row_ranges(a, b, per, task_index, num_tasks))
@@ -190,37 +205,21 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
 
 def build_units(opts: JobOptions, units: Iterator[tuple[int, list[Row]]], processes: int = 1,
                 progress: bool = True) -> list[dict[str, Any]]:
-    """Builds each (shard id, rows) unit into a shard, in worker processes when processes > 1."""
+    """Builds each (shard id, rows) unit into a shard, in worker processes when processes > 1 (`data_prep.pool`:
+    each process fetches ahead across its shards and writes every shard as an in-order run would)."""
     started = time.monotonic()
     bar = _progress_bar(progress)
     finished: list[dict[str, Any]] = []
     if processes <= 1:
-        for shard_id, unit in units:
-            finished.append(build_shard(opts, shard_id, unit))
-            _update(bar, finished, started)
+        stream = build_in_process(opts, units)
     else:
-        # forkserver: no fork of a parent holding pyarrow/tqdm threads, yet workers start as forks of a server
-        # that imported the worker code once (spawn re-imported it in every worker: ~1 s each)
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["data_prep.worker", "data_prep.video"])
-        counter_value = ctx.Value("q", 0)
-        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_pool_worker,
-                                 initargs=(os.getpid(), counter_value)) as pool:
-            pending: set = set()
-            for shard_id, unit in units:
-                pending.add(pool.submit(build_shard, opts, shard_id, unit))
-                while len(pending) >= 2 * processes:
-                    pending = _collect(pending, finished, bar, started, counter_value)
-            while pending:
-                pending = _collect(pending, finished, bar, started, counter_value)
+        stream = build_in_workers(opts, units, processes, lambda rows_done: _update(bar, finished, started, rows_done))
+    for stats in stream:
+        finished.append(stats)
+        _update(bar, finished, started)
     if bar is not None:
         bar.close()
     return finished
-
-
-def _init_pool_worker(main_pid: int, counter_value) -> None:
-    lifeline.tie_to(main_pid)  # a kill -9 of the job must not leave its workers fetching for nobody
-    init_worker(counter_value)
 
 
 def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,
@@ -250,14 +249,6 @@ def format_summary(summary: dict[str, Any], top: int = 8) -> str:
     for reason, count in Counter(summary["reasons"]).most_common(top):
         lines.append(f"  {count:>8}  {reason}")
     return "\n".join(lines)
-
-
-def _collect(pending, finished, bar, started, counter_value):
-    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-    for fut in done:
-        finished.append(fut.result())
-    _update(bar, finished, started, counter_value.value)
-    return pending
 
 
 def _progress_bar(enabled: bool):

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.options import option
 from data_prep.tarwalk import TarFormatError, iter_samples
 from data_prep.writer import OutputDir, reason_kind
 
@@ -43,29 +44,30 @@ _MEDIA = ("jpg", "jpeg", "png", "webp")
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    dataset: str
-    """Dataset folder: a plait dataset or any folder of WebDataset tars (local path or fsspec URL)."""
-    model: str
-    """Exported model: a `plait export --format open_clip` folder, an open_clip `local-dir:` folder, or anything
-    `plait eval` loads (Hugging Face CLIP folder, safetensors export, checkpoint)."""
-    out: str | None = None
-    """Score folder (default: DATASET/scores)."""
+    dataset: str = option(no_flag=True)
+    """dataset folder: a plait dataset or any folder of WebDataset tars (local path or fsspec URL)"""
+    model: str = option(metavar="EXPORT")
+    """exported model: a `plait export --format open_clip` folder, an open_clip `local-dir:` folder, or anything
+    `plait eval` loads (Hugging Face CLIP folder, safetensors export, checkpoint)"""
+    out: str | None = option(None, metavar="DIR")
+    """score folder (default: DATASET/scores)"""
     batch_size: int = 256
-    """Samples per forward pass."""
+    """samples per forward pass"""
     num_workers: int = 2
-    """DataLoader worker processes per rank that read and decode shards (0: in the main process)."""
+    """DataLoader worker processes per rank that read and decode shards (0: in the main process)"""
     embeddings: bool = False
-    """Also keep the image and text embeddings (float16), e.g. for `plait prep filter --dedup-embeddings`."""
-    precision: str = "fp32"
-    """fp32, or bf16 / fp16 autocast (GPUs)."""
-    device: str = "auto"
-    """auto (a GPU per rank when there is one), cpu or cuda."""
+    """also keep the image and text embeddings (float16), needed by `plait prep filter --dedup-embeddings`"""
+    precision: str = option("fp32", choices=tuple(PRECISIONS))
+    """fp32, or bf16 / fp16 autocast (GPUs)"""
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    """auto: a GPU per rank when there is one"""
     progress: bool = True
-    """Show a progress bar (rank 0)."""
-    task_index: int = 0
-    """This task of a job array: it scores the task_index-th of num_tasks contiguous shard ranges."""
-    num_tasks: int = 1
-    """Tasks in the job array (SLURM: one per shard range, `plait launch score`)."""
+    """progress bar (rank 0)"""
+    task_index: int = option(0, cli_default=None)
+    """this task of a job array: scores the TASK_INDEX-th of --num-tasks contiguous shard ranges (default:
+    SLURM_ARRAY_TASK_ID, else all shards)"""
+    num_tasks: int = option(1, cli_default=None)
+    """tasks in the job array (default: SLURM_ARRAY_TASK_COUNT; `plait launch score` submits one per range)"""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -356,7 +358,7 @@ def score(opts: ScoreOptions) -> dict[str, Any]:
                                  ft[i] if opts.embeddings else None))
         res.rows += [(key, None, reason, None, None) for key, reason in batch["bad"]]
         if bar is not None:
-            bar.update(len(batch["keys"]) + len(batch["bad"]))
+            bar.update((len(batch["keys"]) + len(batch["bad"])) * world)
         if batch["done"]:
             shard = batch["shard"]
             results.pop(shard).write(out, dim if opts.embeddings else None, expected_keys(dataset, shard),
@@ -403,8 +405,9 @@ def _bar(enabled: bool, dataset: Dataset, mine: list[str], world: int):
         return None
     from tqdm import tqdm
     total = sum(dataset.sizes.get(s, 0) for s in mine) * world if dataset.sizes else None
+    # rank 0 counts its own samples times the ranks: the others score equal shares of the shards
     return tqdm(total=total, unit=" samples", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                desc=f"scoring ({world} rank{'s' if world > 1 else ''}, rank 0 shown x{world})")
+                desc="scoring" if world == 1 else f"scoring ({world} ranks, estimated from rank 0)")
 
 
 def summarize(out: OutputDir, dataset: Dataset, seconds: float, scored_now: list[str]) -> dict[str, Any]:
@@ -449,31 +452,19 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ScoreOptions("", "")
-    p.add_argument("dataset", help="dataset folder: a plait dataset or any folder of WebDataset tars")
-    p.add_argument("--model", required=True, help="exported model: `plait export --format open_clip` folder, an "
-                   "open_clip local-dir: folder, or anything `plait eval` loads")
-    p.add_argument("--out", default=None, help="score folder (default: DATASET/scores)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="reader/decoder processes per rank")
-    p.add_argument("--embeddings", action="store_true", help="also keep image and text embeddings (float16), "
-                   "needed by `plait prep filter --dedup-embeddings`")
-    p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS), help="bf16/fp16: autocast (GPUs)")
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="auto: a GPU per rank when "
-                   "there is one")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--task-index", type=int, default=None, help="this task of a job array: scores the TASK_INDEX-th "
-                   "of --num-tasks contiguous shard ranges (default: SLURM_ARRAY_TASK_ID, else all shards)")
-    p.add_argument("--num-tasks", type=int, default=None, help="tasks in the job array (default: "
-                   "SLURM_ARRAY_TASK_COUNT)")
+    """The flags of ScoreOptions, generated from its fields (types, defaults, docstrings as help)."""
+    from data_prep.flags import add_options
+    from pipeline.config import field_docs
+
+    p.add_argument("dataset", help=" ".join(field_docs(ScoreOptions)["dataset"].split()))
+    add_options(p, ScoreOptions)
 
 
 def options(a: argparse.Namespace) -> ScoreOptions:
+    from data_prep.flags import from_args
     from data_prep.plan import resolve_task
     task_index, num_tasks = resolve_task(a.task_index, a.num_tasks, os.environ)
-    return ScoreOptions(dataset=a.dataset, model=a.model, out=a.out, batch_size=a.batch_size,
-                        num_workers=a.num_workers, embeddings=a.embeddings, precision=a.precision,
-                        device=a.device, progress=not a.no_progress, task_index=task_index, num_tasks=num_tasks)
+    return from_args(ScoreOptions, a, task_index=task_index, num_tasks=num_tasks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,14 +5,25 @@ streaming reader (gzip handled by fsspec), jsonl and txt line by line, folders b
 depends on the block size, not on the number of rows. `Row.index` is the position in the input, the only thing
 keys and shards are derived from.
 
+Every physical line of a line-based table is one row or a reject naming its line (blank lines hold no row): TSV
+is unquoted (the YFCC100M and CC3M convention), so a caption that starts with `"` stays one caption; a CSV record
+must sit on one line, so a quote left open rejects its line instead of swallowing the lines after it.
+
+Local paths in a table (no scheme, or file://) are untrusted: `resolve_local` opens them only under the table's
+own folder or the folders named with --local-root, after resolving symlinks; a folder input is walked without
+following directory links, and a sidecar caption that is a link out of the folder rejects its row.
+
 Named formats: `yfcc100m` (the tab-separated metadata dump), `webvid` (its CSV layout), `fashion-mnist` (idx gz
 files with inline pixels; class names and caption templates exported as constants for the demo's zero-shot
 evaluation, which should use other templates than the training ones).
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import json
+import math
+import os
 import random
 import struct
 import urllib.parse
@@ -22,6 +33,7 @@ from typing import Any, Callable, Iterator
 import fsspec
 
 from data_prep.options import SourceOptions
+from data_prep.process import Reject
 
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -116,13 +128,33 @@ def count_rows(opts: SourceOptions) -> int | None:
 
 def _table_row(index: int, rec: dict[str, Any], opts: SourceOptions, url_col: str,
                caption_col: str | None) -> Row:
-    def num(col):
-        v = rec.get(col) if col else None
-        return float(v) if v not in (None, "") else None
+    row = Row(index=index, caption=rec.get(caption_col) if caption_col else None,
+              extra={c: _jsonable(rec.get(c)) for c in opts.extra_cols})
+    try:
+        row.url = _url(rec.get(url_col))
+        row.start_s, row.end_s = _seconds(opts.start_col, rec), _seconds(opts.end_col, rec)
+    except ValueError as e:
+        row.skip_reason = str(e)
+    return row
 
-    return Row(index=index, url=_str(rec.get(url_col)), caption=rec.get(caption_col) if caption_col else None,
-               extra={c: _jsonable(rec.get(c)) for c in opts.extra_cols},
-               start_s=num(opts.start_col), end_s=num(opts.end_col))
+
+def _url(v: Any) -> str | None:
+    if v is None or isinstance(v, (str, bytes)):
+        return _str(v)
+    raise ValueError(f"url is not text ({type(v).__name__})")
+
+
+def _seconds(col: str | None, rec: dict[str, Any]) -> float | None:
+    v = rec.get(col) if col else None
+    if v in (None, "", b""):
+        return None
+    try:
+        seconds = float(v)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise ValueError(f"{col} {v!r} is not a number of seconds")
+    return seconds
 
 
 def _check_columns(names: list[str], opts: SourceOptions, url_col: str, caption_col: str | None) -> None:
@@ -168,24 +200,42 @@ def _parquet(opts: SourceOptions, fmt: str, ranges: RowRanges | None = None) -> 
 
 
 def _csv(opts: SourceOptions, fmt: str) -> Iterator[Row]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
+    """CSV (RFC 4180 quoting within a line) or TSV (no quoting at all), one record per physical line."""
     url_col, caption_col = _columns(opts, fmt)
-    parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-    read = pacsv.ReadOptions(block_size=1 << 20)
+    kind = "tsv" if fmt == "tsv" else "csv"
     with fsspec.open(opts.input, "rb", compression="infer") as f:
-        names = pacsv.open_csv(f, read_options=read, parse_options=parse).schema.names
-    _check_columns(names, opts, url_col, caption_col)
-    # every column as binary: a caption that is not valid UTF-8 must reject its row, not stop the whole file
-    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names})
-    with fsspec.open(opts.input, "rb", compression="infer") as f:
-        index = 0
-        for batch in pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert):
-            for rec in batch.to_pylist():
-                rec = {k: (v if k == caption_col else _decode_lenient(v)) for k, v in rec.items()}
-                yield _table_row(index, rec, opts, url_col, caption_col)
-                index += 1
+        lines = ((n, raw.rstrip(b"\r\n")) for n, raw in enumerate(f, start=1))
+        lines = ((n, line) for n, line in lines if line.strip())  # blank lines hold no row
+        first = next(lines, None)
+        if first is None:
+            return
+        try:
+            names = [v.decode("utf-8", "replace") for v in _fields(first[1].removeprefix(b"\xef\xbb\xbf"), kind)]
+        except csv.Error as e:
+            raise ValueError(f"--input {opts.input!r}: header line {first[0]}: {e}") from None
+        _check_columns(names, opts, url_col, caption_col)
+        for index, (number, line) in enumerate(lines):
+            try:
+                values = _fields(line, kind)
+            except csv.Error as e:
+                yield Row(index=index, skip_reason=f"{kind} line {number}: {e}")
+                continue
+            if len(values) != len(names):
+                yield Row(index=index, skip_reason=f"{kind} line {number}: {len(values)} fields, expected "
+                                                   f"{len(names)}")
+                continue
+            # a caption that is not valid UTF-8 stays bytes: it must reject its row, not stop the whole file
+            rec = {k: (v if k == caption_col else v.decode("utf-8", "replace")) for k, v in zip(names, values)}
+            yield _table_row(index, rec, opts, url_col, caption_col)
+
+
+def _fields(line: bytes, kind: str) -> list[bytes]:
+    if kind == "tsv":
+        return line.split(b"\t")
+    # a reader per line: one that saw the whole file would let an open quote take the following lines along
+    text = line.decode("utf-8", "surrogateescape")
+    fields = next(csv.reader([text], strict=True), [])
+    return [v.encode("utf-8", "surrogateescape") for v in fields]
 
 
 def _jsonl(opts: SourceOptions, fmt: str) -> Iterator[Row]:
@@ -195,13 +245,34 @@ def _jsonl(opts: SourceOptions, fmt: str) -> Iterator[Row]:
         f.seek(0)
         if first == b"[":
             # a single JSON array cannot be streamed line by line; documented in --help as loaded whole
-            records = json.load(f)
+            try:
+                items = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--input {opts.input!r}: invalid JSON ({e})") from None
+            records = ((f"json item {i + 1}", rec, None) for i, rec in enumerate(items))
         else:
-            records = (json.loads(line) for line in f if line.strip())
-        for index, rec in enumerate(records):
-            if index == 0:
-                _check_columns(list(rec), opts, url_col, caption_col)
-            yield _table_row(index, rec, opts, url_col, caption_col)
+            records = _json_lines(f)
+        checked = False
+        for index, (where, rec, error) in enumerate(records):
+            if error is not None:
+                yield Row(index=index, skip_reason=f"{where}: invalid JSON ({error})")
+            elif not isinstance(rec, dict):
+                yield Row(index=index, skip_reason=f"{where}: not an object ({type(rec).__name__})")
+            else:
+                if not checked:
+                    _check_columns(list(rec), opts, url_col, caption_col)
+                    checked = True
+                yield _table_row(index, rec, opts, url_col, caption_col)
+
+
+def _json_lines(f) -> Iterator[tuple[str, Any, str | None]]:
+    for number, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"jsonl line {number}", json.loads(line), None
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            yield f"jsonl line {number}", None, str(e)[:120]
 
 
 def _txt(opts: SourceOptions, fmt: str) -> Iterator[Row]:
@@ -216,16 +287,29 @@ def _txt(opts: SourceOptions, fmt: str) -> Iterator[Row]:
 def _folder(opts: SourceOptions, fmt: str) -> Iterator[Row]:
     fs, root = fsspec.core.url_to_fs(opts.input)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    local = protocol in ("file", "local")
     media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-    paths = sorted(p for p in fs.find(root) if p.lower().endswith(media))
+    paths = sorted(p for p in (_walk_local(root) if local else fs.find(root)) if p.lower().endswith(media))
     if not paths:
         raise ValueError(f"--input {opts.input!r}: no image or video files in this folder (a named dataset needs "
                          "--input-format, e.g. fashion-mnist)")
+    real_root = os.path.realpath(root) if local else None
     for index, path in enumerate(paths):
         sidecar = path.rsplit(".", 1)[0] + ".txt"
-        caption = fs.cat_file(sidecar) if fs.exists(sidecar) else None
-        url = path if protocol == "file" else f"{protocol}://{path}"
-        yield Row(index=index, url=url, caption=caption, extra={"path": path[len(root):].lstrip("/")})
+        url = path if local else f"{protocol}://{path}"
+        row = Row(index=index, url=url, extra={"path": path[len(root):].lstrip("/")})
+        if local and os.path.lexists(sidecar) and not _under(os.path.realpath(sidecar), (real_root,)):
+            row.skip_reason = "caption file outside the input folder (a link)"
+        elif fs.exists(sidecar):
+            row.caption = fs.cat_file(sidecar)
+        yield row
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    """Files under `root`, without entering linked directories (a link to / or back to the folder itself)."""
+    for folder, _, files in os.walk(root, followlinks=False):
+        for name in files:
+            yield os.path.join(folder, name)
 
 
 def _yfcc(opts: SourceOptions, fmt: str) -> Iterator[Row]:
@@ -290,3 +374,73 @@ def _jsonable(v: Any) -> Any:
         return v
     return str(v)
 
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_access(opts: SourceOptions, fmt: str | None = None) -> tuple[tuple[str, ...], str | None]:
+    """(allowed folders, folder that relative paths start from) for the local paths the input names.
+
+    A table: the folders of --local-root, else the table's own folder; a table that is not local (s3://, http)
+    gets no default, so its local paths are refused unless --local-root names a folder. A folder input: the
+    folder itself plus --local-root. Relative paths start from a local table's folder, else the first root."""
+    fmt = fmt or (opts.input_format if opts.input_format != "auto" else detect_format(opts.input))
+    roots = [os.path.realpath(r) for r in opts.local_root]
+    fs, path = fsspec.core.url_to_fs(opts.input)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    base = None
+    if protocol in ("file", "local"):
+        base = os.path.realpath(path if fmt == "folder" else os.path.dirname(path))
+        if fmt == "folder" or not roots:
+            roots.append(base)
+    elif roots:
+        base = roots[0]
+    return tuple(roots), base
+
+
+def resolve_local(url: str, roots: tuple[str, ...], base: str | None) -> str:
+    """The real path behind a local `url` of the input, or Reject when it leaves the allowed folders (after
+    symlinks and `..` are resolved, so a link inside a root cannot lead out of it)."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if path.startswith("localhost/"):
+        path = path[len("localhost"):]
+    if not roots or base is None:
+        raise Reject("local path in a table that is not local (pass --local-root DIR to allow a folder)")
+    real = os.path.realpath(os.path.join(base, path))
+    if not _under(real, roots):
+        raise Reject("local path outside the allowed folders (the table's folder, or --local-root)")
+    return real
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def input_fingerprint(path: str) -> dict[str, Any]:
+    """What tells one input from another under the same name: a file's size and modification time (or ETag),
+    a folder's number of media files, bytes and newest modification time. A resume or an array task must see
+    the same, else it would cut another input into the same dataset."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.isdir(root):
+        info = fs.info(root)
+        out = {"size": info.get("size")}
+        for key in ("mtime", "LastModified", "last_modified", "ETag", "etag", "updated", "md5Hash"):
+            if info.get(key) is not None:
+                out[key.lower()] = info[key] if isinstance(info[key], (int, float)) else str(info[key])
+        return out
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+    count = size = 0
+    newest = 0.0
+    if protocol in ("file", "local"):
+        for p in _walk_local(root):
+            if p.lower().endswith(media + (".txt",)):
+                st = os.lstat(p)
+                count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime)
+    else:
+        for p, info in fs.find(root, detail=True).items():
+            if p.lower().endswith(media + (".txt",)):
+                count, size = count + 1, size + (info.get("size") or 0)
+    return {"files": count, "size": size, "mtime": newest}

@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from data_prep import manifest
-from data_prep.index import IMAGE_EXTS, TEXT_EXTS, find_shards, validate_sizes
+from data_prep import layout, manifest
+from data_prep.index import IMAGE_EXTS, TEXT_EXTS, find_shards, is_meta, scan_shard, validate_sizes
 from data_prep.writer import OutputDir
 
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF",
@@ -54,6 +55,10 @@ class ShardResult:
     data_end: int = 0
     """Where the last member's padded payload ends; the end-of-archive blocks follow it."""
     key_set: set[str] = field(default_factory=set)
+    num_samples: int = 0
+    key_hashes: np.ndarray | None = None
+    """64-bit hashes of the keys, kept once the shard is checked (its keys are not: a dataset's keys as Python
+    strings would not fit in memory at web scale)."""
 
 
 @dataclass
@@ -96,13 +101,13 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
     every = max(1, round(1 / decode_fraction)) if decode_fraction > 0 else 0
     is_folder = "{" not in target and not target.endswith(".tar") and not any(c in target for c in "*?[")
     out = OutputDir(target) if is_folder else None
-    report = VerifyReport(target, plait_dataset=out is not None and out.exists("_plan.json"))
+    report = VerifyReport(target, plait_dataset=out is not None and out.exists(layout.PLAN_FILE))
     if report.plait_dataset:
-        if not out.exists("manifest.json"):
+        if not out.exists(layout.MANIFEST_FILE):
             report.problems.append(f"{target}: no manifest.json (run `plait prep merge {target}` once all tasks "
                                    "are done)")
             return report
-        summary = out.read_json("manifest.json")
+        summary = out.read_json(layout.MANIFEST_FILE)
         entries = {s["name"]: s for s in summary["shards"]}
         urls = [out.path(n) if "://" not in target else f"{target.rstrip('/')}/{n}" for n in entries]
         report.rows = {k: summary[k] for k in ("num_input_rows", "num_ok", "num_rejected")}
@@ -118,31 +123,21 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda u: check_shard(u, every, entries.get(posixpath.basename(u))), urls))
     sizes = {f: _sizes(OutputDir(f or "."), report) for f in folders}
-    seen: dict[str, str] = {}
-    duplicates = 0
     for url, res in zip(urls, results):
         report.problems += res.problems
         if not res.readable or any(_damage(p) for p in res.problems):
             report.bad_shards.append(res.name)
-        report.num_samples += len(res.keys)
+        report.num_samples += res.num_samples
         table = sizes[posixpath.dirname(url)]
         if table is not None and res.readable:
             if res.name not in table:
                 report.problems.append(f"{res.name}: not listed in sizes.json")
-            elif table[res.name] != len(res.keys):
+            elif table[res.name] != res.num_samples:
                 report.problems.append(f"{res.name}: sizes.json says {table[res.name]}, the tar holds "
-                                       f"{len(res.keys)} samples")
+                                       f"{res.num_samples} samples")
         if res.readable:
             report.problems += _check_stats_count(url, res)
-        for key in res.keys:
-            if key in seen and seen[key] != res.name:
-                duplicates += 1
-                if duplicates <= MAX_LISTED:
-                    report.problems.append(f"{res.name}: key {key} also in {seen[key]}")
-            else:
-                seen[key] = res.name
-    if duplicates > MAX_LISTED:
-        report.problems.append(f"... {duplicates - MAX_LISTED} more keys in two shards")
+    report.problems += _cross_shard_duplicates(urls, results)
     report.num_shards = len(urls)
     if report.plait_dataset:
         report.problems += _check_records(out, summary)
@@ -152,11 +147,42 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
     return report
 
 
+def _key_hashes(keys: list[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
+                    dtype=np.uint64)
+
+
+def _cross_shard_duplicates(urls: list[str], results: list[ShardResult]) -> list[str]:
+    """Keys found in two shards, from the sorted key hashes (16 bytes per sample); the keys named in the report
+    are read again from the headers of the shards involved."""
+    hashes = [r.key_hashes if r.key_hashes is not None else np.zeros(0, np.uint64) for r in results]
+    if not hashes or sum(len(h) for h in hashes) == 0:
+        return []
+    flat = np.concatenate(hashes)
+    shard = np.concatenate([np.full(len(h), i, np.int64) for i, h in enumerate(hashes)])
+    position = np.concatenate([np.arange(len(h), dtype=np.int64) for h in hashes])
+    order = np.argsort(flat, kind="stable")
+    flat, shard, position = flat[order], shard[order], position[order]
+    first = np.maximum.accumulate(np.where(np.r_[True, flat[1:] != flat[:-1]], np.arange(len(flat)), 0))
+    dup = np.flatnonzero(shard != shard[first])  # same key as an earlier shard's (repeats inside one shard apart)
+    problems = []
+    keys_of: dict[int, list[str]] = {}
+    for i in dup[:MAX_LISTED]:
+        a, b = int(shard[first[i]]), int(shard[i])
+        for s in (a, b):
+            if s not in keys_of:
+                keys_of[s] = scan_shard(urls[s]).keys
+        problems.append(f"{results[b].name}: key {keys_of[b][int(position[i])]} also in {results[a].name}")
+    if len(dup) > MAX_LISTED:
+        problems.append(f"... {len(dup) - MAX_LISTED} more keys in two shards")
+    return problems
+
+
 def _check_stats_count(url: str, res: ShardResult) -> list[str]:
     """The loader falls back on a shard's own stats file (plait: num_samples, img2dataset: successes) for its
     count when sizes.json lacks it, so that count must be the tar's too."""
     import fsspec
-    stats_url = url[: -len(".tar")] + "_stats.json"
+    stats_url = layout.sibling(url, layout.STATS_SUFFIX)
     fs, path = fsspec.core.url_to_fs(stats_url)
     try:
         stats = json.loads(fs.cat_file(path))
@@ -165,8 +191,8 @@ def _check_stats_count(url: str, res: ShardResult) -> list[str]:
     except ValueError as exn:
         return [f"{posixpath.basename(stats_url)}: not valid JSON ({exn})"]
     key = next((k for k in ("num_samples", "successes") if isinstance(stats, dict) and k in stats), None)
-    if key is not None and stats[key] != len(res.keys):
-        return [f"{posixpath.basename(stats_url)}: {key} {stats[key]!r}, the tar holds {len(res.keys)} samples"]
+    if key is not None and stats[key] != res.num_samples:
+        return [f"{posixpath.basename(stats_url)}: {key} {stats[key]!r}, the tar holds {res.num_samples} samples"]
     return []
 
 
@@ -176,10 +202,10 @@ def _damage(problem: str) -> bool:
 
 
 def _sizes(out: OutputDir, report: VerifyReport) -> dict[str, int] | None:
-    if not out.exists("sizes.json"):
+    if not out.exists(layout.SIZES_FILE):
         return None
     try:
-        return validate_sizes(out.read_bytes("sizes.json"), out.path("sizes.json"))
+        return validate_sizes(out.read_bytes(layout.SIZES_FILE), out.path(layout.SIZES_FILE))
     except ValueError as exn:
         report.problems.append(str(exn))
         return None
@@ -240,6 +266,8 @@ def check_shard(url: str, every: int, entry: dict | None = None) -> ShardResult:
     if entry is not None and res.readable:
         _check_against_manifest(res, entry)
     _check_index(url, res)
+    res.num_samples, res.key_hashes = len(res.keys), _key_hashes(res.keys)
+    res.keys, res.offsets, res.key_set = [], [], set()
     return res
 
 
@@ -250,8 +278,8 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, res: ShardResult, 
         kind = _MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
         res.problems.append(f"{name}: member {info.name!r} is {kind}, not a file (webdataset skips it)")
         return
-    if info.name.startswith("__") or "/__" in info.name:
-        return  # webdataset's metadata members
+    if is_meta(info.name):
+        return
     key, ext = base_plus_ext(info.name)
     if key is None:
         res.problems.append(f"{name}: member {info.name!r} has no key.extension name (webdataset skips it)")
@@ -309,7 +337,7 @@ def _check_against_manifest(res: ShardResult, entry: dict) -> None:
 
 def _check_index(url: str, res: ShardResult) -> None:
     import fsspec
-    idx_url = url[: -len(".tar")] + ".idx.json"
+    idx_url = layout.sibling(url, layout.INDEX_SUFFIX)
     fs, path = fsspec.core.url_to_fs(idx_url)
     if not res.readable or not fs.exists(path):
         return
@@ -324,9 +352,9 @@ def _check_index(url: str, res: ShardResult) -> None:
 
 
 def _check_records(out: OutputDir, summary: dict) -> list[str]:
-    if not out.exists("samples.parquet"):
+    if not out.exists(layout.RECORDS_FILE):
         return ["samples.parquet: missing"]
-    table = manifest.read_records(out, "samples.parquet", ["row", "status", "num_samples"])
+    table = manifest.read_records(out, layout.RECORDS_FILE, ["row", "status", "num_samples"])
     rows, status = table.column("row").to_pylist(), table.column("status").to_pylist()
     problems = []
     if len(rows) != len(set(rows)):

@@ -11,10 +11,10 @@ FFmpeg cannot decode; none of them crash the job or reach a tar.
 from __future__ import annotations
 
 import io
-import random
 from dataclasses import dataclass
 from typing import Any
 
+from data_prep.layout import frame_member, text_members
 from data_prep.options import ImageOptions, JobOptions, VideoOptions
 from data_prep.process import Reject, encode, resize, target_geometry
 from data_prep.sources import Row
@@ -44,10 +44,10 @@ def sample_timestamps(times: list[float], keyframe: list[bool], opts: VideoOptio
     n = len(times)
     if n == 0:
         return []
-    if opts.sampling == "uniform":
+    if opts.frame_sampling == "uniform":
         k = min(opts.num_frames, n)
         return [times[int((i + 0.5) * n / k)] for i in range(k)]
-    if opts.sampling == "keyframes":
+    if opts.frame_sampling == "keyframes":
         picked = [t for t, key in zip(times, keyframe) if key]
     else:  # fps: the first frame at or after each tick of the clock
         picked, j, tick = [], 0, times[0]
@@ -163,21 +163,19 @@ def _resize_frame(frame, iopts: ImageOptions):
 
 def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
                   meta: dict[str, Any]) -> list[Sample]:
-    from data_prep.worker import text_members
-
     fr = decode_frames(data, opts.video, opts.image, row.start_s, row.end_s)
     ext = opts.image.encode_format
     rec.update(width=fr.width, height=fr.height, original_width=fr.original_width,
                original_height=fr.original_height, bytes=sum(map(len, fr.images)),
-               num_samples=len(fr.images) if opts.video.per_frame_samples else 1)
+               num_samples=len(fr.images) if opts.video.frames_as_samples else 1)
     meta.update(fps=fr.fps, duration=fr.duration_s, timestamps=fr.timestamps, num_frames=len(fr.images),
                 num_decoded_frames=fr.num_decoded, header_frames=fr.header_frames, width=fr.width,
                 height=fr.height, original_width=fr.original_width, original_height=fr.original_height,
-                sampling=opts.video.sampling)
+                sampling=opts.video.frame_sampling)
     if row.start_s is not None or row.end_s is not None:
         meta.update(start=row.start_s, end=row.end_s)
-    if not opts.video.per_frame_samples:
-        frames = [(f"f{i:04d}.{ext}", img) for i, img in enumerate(fr.images)]
+    if not opts.video.frames_as_samples:
+        frames = [(frame_member(i, ext), img) for i, img in enumerate(fr.images)]
         return [Sample(rec["key"], frames + text_members(caption, meta))]
     samples = []
     for i, (img, t) in enumerate(zip(fr.images, fr.timestamps)):
@@ -186,21 +184,3 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
         frame_meta.pop("timestamps")
         samples.append(Sample(key, [(ext, img)] + text_members(caption, frame_meta)))
     return samples
-
-
-def frames_of(sample: dict[str, Any]) -> list[Any]:
-    """The frames of a video sample as read by webdataset (`{'f0000.jpg': ..., ...}`), in time order."""
-    return [sample[k] for k in sorted(k for k in sample if k.startswith("f") and k[1:5].isdigit())]
-
-
-def pick_frames(sample: dict[str, Any], num_frames: int | None, rng: random.Random) -> list[Any]:
-    """Loader helper: one random frame (num_frames=1, image-text training) or T evenly spaced frames (temporal
-    pooling; repeats the last frames of a short video so every sample has exactly T)."""
-    frames = frames_of(sample)
-    if not frames:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no frames")
-    if num_frames == 1:
-        return [frames[rng.randrange(len(frames))]]
-    t = num_frames or len(frames)
-    return [frames[min(len(frames) - 1, int(i * len(frames) / t))] for i in range(t)]
-

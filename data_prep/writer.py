@@ -17,18 +17,16 @@ Files of shard S in the output folder (S formatted as `{S:05d}`):
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from data_prep import layout, manifest
+from data_prep.manifest import reason_kind
+from data_prep.outdir import OutputDir
+
+__all__ = ["OutputDir", "Sample", "reason_kind", "shard_name", "tar_header", "write_shard"]
 
 
 @dataclass
@@ -36,66 +34,6 @@ class Sample:
     key: str
     members: list[tuple[str, bytes]]
     """(extension, payload) in the order they go into the tar: media first, then txt, json, cls."""
-
-
-class OutputDir:
-    """A folder on any fsspec filesystem with atomic writes."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self.root, exist_ok=True)
-
-    def path(self, name: str) -> str:
-        return f"{self.root.rstrip('/')}/{name}"
-
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
-
-    def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
-
-    def read_json(self, name: str) -> Any:
-        return json.loads(self.read_bytes(name))
-
-    def glob(self, pattern: str) -> list[str]:
-        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(self.path(pattern)))
-
-    def remove(self, name: str) -> None:
-        if self.exists(name):
-            self.fs.rm(self.path(name))
-
-    @contextlib.contextmanager
-    def open_atomic(self, name: str) -> Iterator[BinaryIO]:
-        final = self.path(name)
-        if "/" in name:
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        if self.local:
-            tmp = final + ".tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
-        else:
-            # object stores have no rename; a single upload of a complete local file is atomic there
-            with tempfile.NamedTemporaryFile(suffix=".plait") as f:
-                yield f
-                f.flush()
-                self.fs.put_file(f.name, final)
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        with self.open_atomic(name) as f:
-            f.write(data)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n")
 
 
 class _HashingWriter:
@@ -136,25 +74,15 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:05d}"
-
-
-def reason_kind(reason: str) -> str:
-    """The fixed phrase of a reason, without its details: 'http 404' stays, 'image too small (3x3 < 8)' ->
-    'image too small'."""
-    return reason.split(" (", 1)[0].split(": ", 1)[0]
+shard_name = layout.shard_name
 
 
 def write_shard(out: OutputDir, shard_id: int, samples: list[Sample], records: list[dict[str, Any]],
                 num_input_rows: int) -> dict[str, Any]:
     """Writes the four files of one shard; returns its stats (also the content of S_stats.json)."""
-    from data_prep import manifest  # manifest imports writer for OutputDir; import here avoids the cycle
-
-    name = shard_name(shard_id)
     samples = sorted(samples, key=lambda s: s.key)
     offsets = []
-    with out.open_atomic(f"{name}.tar") as raw:
+    with out.open_atomic(layout.tar_name(shard_id)) as raw:
         hw = _HashingWriter(raw)
         for sample in samples:
             offsets.append(hw.size)
@@ -164,14 +92,14 @@ def write_shard(out: OutputDir, shard_id: int, samples: list[Sample], records: l
                 if len(payload) % 512:
                     hw.write(bytes(512 - len(payload) % 512))
         hw.write(bytes(END_OF_ARCHIVE))
-    out.write_json(f"{name}.idx.json", {"format": "plait-tar-index/1", "keys": [s.key for s in samples],
-                                         "offsets": offsets, "tar_bytes": hw.size})
-    manifest.write_shard_records(out, f"{name}.parquet", records)
+    out.write_json(layout.index_name(shard_id), {"format": layout.INDEX_FORMAT, "keys": [s.key for s in samples],
+                                                  "offsets": offsets, "tar_bytes": hw.size})
+    manifest.write_shard_records(out, layout.records_name(shard_id), records)
     reasons = Counter(reason_kind(r["reason"]) for r in records if r["status"] != "ok")
     num_ok = sum(1 for r in records if r["status"] == "ok")
-    stats = {"format": "plait-shard/1", "shard": shard_id, "tar": f"{name}.tar", "num_input_rows": num_input_rows,
-             "num_samples": len(samples), "num_ok": num_ok, "num_rejected": num_input_rows - num_ok,
+    stats = {"format": layout.STATS_FORMAT, "shard": shard_id, "tar": layout.tar_name(shard_id),
+             "num_input_rows": num_input_rows, "num_samples": len(samples), "num_ok": num_ok, "num_rejected": num_input_rows - num_ok,
              "reasons": dict(sorted(reasons.items())), "bytes": hw.size, "sha256": hw.sha.hexdigest()}
     assert sum(r["num_samples"] for r in records if r["status"] == "ok") == len(samples), "manifest and tar disagree"
-    out.write_json(f"{name}_stats.json", stats)
+    out.write_json(layout.stats_name(shard_id), stats)
     return stats

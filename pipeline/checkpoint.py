@@ -1,13 +1,17 @@
 """Atomic, weights-only-safe training checkpoints: collects `state_dict`s, writes a temp dir, renames.
 
+`Checkpointer.save` / `restore` take a run's restartable objects (`pipeline.train_state.RunState`) and put each
+into its file; the same table drives both directions, so resume cannot drift from save.
+
 Layout of `RUN_DIR/checkpoints/step-00001000/`:
   model.safetensors     the whole unwrapped model (no `module.` / `_orig_mod.` prefixes), also when trained
                         sharded (FSDP): gathered on save, scattered on load (pipeline/sharded_state.py)
   optimizer.pt          {"optimizer": the whole AdamW state keyed by parameter name (torch.distributed.checkpoint's
                         full optimizer state dict)}; the LR schedule is a pure function of the step (optim.py)
-  trainer.pt            step, samples seen, world size, schedule signature, fp16 gradient scaler state (or None),
-                        model_cfg (JSON text), resolved config (TOML text)
-  rank-00000.pt ...     per-rank RNG states and loader state
+  trainer.pt            step, samples seen, world size, schedule signature, model_cfg (JSON text), resolved config
+                        (TOML text) (`TrainState`), and one key per shared object (`grad_scaler`: fp16 gradient
+                        scaler state or None)
+  rank-00000.pt ...     one key per per-rank object: `rng` (RNG states) and `loader` (the stream's position)
 Every .pt loads with `torch.load(weights_only=True)`. Files are written under `.tmp-step-N/`, fsynced, and the
 directory is renamed once every rank has written: a checkpoint dir without `.tmp-` is complete, so a run killed
 mid-write (kill -9, node loss) resumes from the previous one.
@@ -18,12 +22,18 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+if TYPE_CHECKING:  # annotations only: train_state imports this module
+    from pipeline.train_state import RunState
+
 PREFIX = "step-"
+# What every trainer.pt holds since plait's first checkpoints; a file without them is refused, not guessed at.
+TRAINER_KEYS = ("step", "samples_seen", "world_size", "schedule")
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,6 +103,7 @@ class Checkpointer:
     def write_main_state(self, step: int, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
         staging = self.staging_dir(step)
         save_file(clean_state_dict(model_state), staging / "model.safetensors")
+        follow_umask(staging / "model.safetensors")
         _fsync(staging / "model.safetensors")
         _save(optim_state, staging / "optimizer.pt")
         _save(trainer_state, staging / "trainer.pt")
@@ -108,6 +119,36 @@ class Checkpointer:
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def save(self, step: int, state: "RunState", rank: int, barrier: Callable[[], None]) -> None:
+        """Writes a checkpoint of `state` at `step`. Every rank calls it (the weights are gathered collectively);
+        rank 0 writes the shared files and publishes once every rank has written its own."""
+        self.write_rank_state(step, rank, {name: obj.state_dict() for name, obj in state.per_rank.items()})
+        weights = state.weights.state_dict()  # collective under FSDP
+        barrier()
+        if rank == 0:
+            shared = {name: obj.state_dict() for name, obj in state.shared.items()}
+            self.write_main_state(step, weights["model"], {"optimizer": weights["optimizer"]},
+                                  {**state.trainer.state_dict(), **shared})
+            self.publish(step)
+        barrier()
+
+    def restore(self, path: Path, state: "RunState", rank: int) -> None:
+        """Loads every object of `state` from the checkpoint at `path`: the trainer state first (it refuses a
+        different schedule or process count before anything else changes), then the weights, then the rest."""
+        files = self.load(path, rank, whole=state.weights.reads_files)
+        trainer = files["trainer"]
+        missing = [k for k in (*TRAINER_KEYS, *state.shared) if k not in trainer]
+        missing += [f"rank-{rank:05d}.pt:{k}" for k in state.per_rank if k not in files["rank"]]
+        if missing:
+            raise ValueError(f"cannot resume {path}: the checkpoint lacks {', '.join(missing)} (not written by "
+                             "this version of plait train); start a new train.run_dir")
+        state.trainer.load_state_dict(trainer, str(path))
+        state.weights.load_state_dict({"model": files["model"], "optimizer": files["optim"]["optimizer"]})
+        for name, obj in state.shared.items():
+            obj.load_state_dict(trainer[name])
+        for name, obj in state.per_rank.items():
+            obj.load_state_dict(files["rank"][name])
 
     @staticmethod
     def load(path: Path, rank: int, whole: bool = True) -> dict:
@@ -125,6 +166,14 @@ class Checkpointer:
 def _save(obj, path: Path) -> None:
     torch.save(obj, path)
     _fsync(path)
+
+
+def follow_umask(path: Path) -> None:
+    """Gives `path` the mode the user's umask asks for. safetensors (and mkdtemp) create owner-only files, so
+    weights would be unreadable by the rest of a shared cluster group whatever the umask says."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _fsync(path: Path) -> None:

@@ -18,12 +18,8 @@ from typing import Any
 
 import tomli_w
 
-
-def require(ok: bool, key: str, message: str) -> None:
-    """Raises the user-facing error for a bad value; `key` is the dotted config key."""
-    if not ok:
-        raise ValueError(f"config key {key!r}: {message}")
-
+from pipeline.config_fields import choice, require  # noqa: F401  (re-exported: sections outside this module use them)
+from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
 
 # Seeds reach numpy's legacy seeding (below 2**32, via accelerate's set_seed) after adding the rank.
 MAX_SEED = 2**31 - 1
@@ -45,11 +41,6 @@ def check_template(template: str, key: str) -> str:
     return template
 
 
-def choice(default: Any, *choices: Any) -> Any:
-    """A field restricted to `choices`; the allowed values appear in errors and in --help."""
-    return field(default=default, metadata={"choices": choices})
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------------------
@@ -62,7 +53,7 @@ class ModelConfig:
     model name (ViT-B-32, ViT-S-32-alt, ...). Weights start random: no hub downloads."""
     patch_dropout: float = 0.0
     """Fraction of image patches dropped in the image tower at train time (open_clip's patch_dropout).
-    Prefer objective.flip_mask_ratio, which also serves the MAE decoder."""
+    Prefer objective.flip.mask_ratio, which also serves the MAE decoder."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (open_clip's set_grad_checkpointing)."""
     pretrained: str = ""
@@ -89,9 +80,14 @@ class ModelConfig:
     lock_text_freeze_norm: bool = True
     """With lock_text: the LayerNorms of the locked layers stay frozen too (open_clip's
     --lock-text-freeze-layer-norm, whose CLI default is off). false: they keep training."""
+    lock_text_cache: int = 0
+    """With a fully locked HF text tower: remember the locked trunk's pooled features of up to this many distinct
+    captions, so a repeated caption skips the transformer (the projection still trains). Pays off where captions
+    repeat (templates x class names); 0: off."""
     text_hf: str = ""
-    """A local Hugging Face model directory (config.json, model.safetensors, tokenizer files) used as the text
-    tower (open_clip's HFTextEncoder) with its own tokenizer, loaded offline; replaces model.name's text tower."""
+    """A local Hugging Face model directory (config.json, model.safetensors, tokenizer files), or
+    `package:NAME/SUB` for one inside an installed Python package, used as the text tower (open_clip's
+    HFTextEncoder) with its own tokenizer, loaded offline; replaces model.name's text tower."""
     text_hf_pooler: str = choice("mean", "mean", "cls")
     """How the HF text tower pools its tokens: mean over the caption's tokens, or the first ([CLS]) token."""
     text_hf_proj: str = choice("linear", "linear", "mlp")
@@ -100,7 +96,8 @@ class ModelConfig:
     """Tokens per caption for the HF tokenizer; 0: model.name's text context length."""
 
     def __post_init__(self):
-        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers", "text_hf_context_length"):
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers", "text_hf_context_length",
+                     "lock_text_cache"):
             require(getattr(self, name) >= 0, f"model.{name}", "must be >= 0")
         require(self.lock_image or not self.lock_image_unlocked_groups, "model.lock_image_unlocked_groups",
                 "needs model.lock_image = true")
@@ -116,7 +113,8 @@ class DataConfig:
     train_shards: str = ""
     """Training shards: a brace-expanded path or fsspec URL (`data/{00000..00009}.tar`, `s3://b/{0..99}.tar`),
     several datasets joined with `::`, each optionally weighted as `spec@weight` (its share of the samples,
-    resampled mode only). Sample counts come from sizes.json beside the shards (or per-shard *_stats.json)."""
+    resampled mode only). Sample counts come from sizes.json beside the shards (or per-shard *_stats.json);
+    `plait prep index` writes them for shards from elsewhere, and resampled mode estimates missing ones."""
     mode: str = choice("exact", "exact", "resampled")
     """exact: every sample once per epoch across all ranks and workers. resampled: shards drawn with
     replacement, for huge datasets and short virtual epochs."""
@@ -152,85 +150,6 @@ class DataConfig:
         require(0 <= self.seed <= MAX_SEED, "data.seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
         require(self.epoch_samples >= 0, "data.epoch_samples", f"must be >= 0, got {self.epoch_samples}")
         require(self.video_frames >= 0, "data.video_frames", f"must be >= 0, got {self.video_frames}")
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    contrastive: float = 1.0
-    """Weight of the symmetric InfoNCE (CLIP) loss; 0 disables it."""
-    same_modality_negatives: bool = False
-    """Add the seed's same-modality negatives (t_i, t_j) and (v_i, v_j) to the InfoNCE denominators."""
-    max_logit_scale: float = 100.0
-    """Clamp of the learnable inverse temperature 1/tau (CLIP: 100), applied in the forward and after each step."""
-    siglip: float = 0.0
-    """Weight of the SigLIP sigmoid loss; 0 disables it. Adds a learnable logit bias to the model (init -10)."""
-    siglip_exchange: str = choice("bidir", "bidir", "shift", "reduce", "gather")
-    """How SigLIP's text features travel between ranks (open_clip's SigLipLoss dist_impl): bidir/shift pass
-    neighbours' blocks around the ring, so no rank ever holds the global logit matrix."""
-    flip_mask_ratio: float = 0.0
-    """FLIP: fraction of image patches masked in the contrastive forward (the tower sees only the rest)."""
-    flip_unmasked_steps: int = 0
-    """FLIP: final steps trained without masking (FLIP's unmasked tuning phase); needs the run's step count."""
-    mae: float = 0.0
-    """Weight of masked-image reconstruction (MAE decoder on the FLIP-visible tokens); needs flip_mask_ratio > 0."""
-    mae_decoder_width: int = 128
-    """Width of the MAE decoder's transformer."""
-    mae_decoder_layers: int = 2
-    """Blocks of the MAE decoder's transformer."""
-    mae_decoder: str = choice("cross", "self", "cross")
-    """cross: CrossMAE's decoder (Fu et al. 2024): only the masked positions' queries, each cross-attending to the
-    visible tokens; nothing is computed for the visible positions. self: MAE's own, self-attention over [class +
-    visible + mask tokens] at every patch position. cross is the default: in the objectives ablation it matches self's
-    held-out reconstruction, zero-shot and probe accuracy, with 0.56x the decoder's forward + backward time."""
-    mae_norm_pix: bool = True
-    """MAE targets are each patch's pixels normalised by the patch's own mean and variance."""
-    mlm: float = 0.0
-    """Weight of masked language modeling on the text tower (bidirectional pass, head tied to the embedding)."""
-    mlm_mask_ratio: float = 0.15
-    """Fraction of each caption's tokens masked for MLM (BERT 80/10/10 replacement; at least one token)."""
-    mlm_candidates: int = 0
-    """0: the MLM softmax spans the whole vocabulary. K > 0: while training, a sampled softmax over the batch's
-    masked tokens plus K random vocabulary ids; with a small text tower the 49k-way softmax is most of MLM's cost.
-    Evaluation always scores the whole vocabulary."""
-    autoencoder: float = 0.0
-    """Weight of the seed's multimodal autoencoder (L = L_txt + L_img from a fused joint embedding)."""
-    fusion: str = choice("concat", "concat", "bilinear", "attention")
-    """Fusion of the autoencoder's joint embedding: concatenation, low-rank bilinear pooling, cross-attention."""
-    fusion_dim: int = 256
-    """Width of the autoencoder's joint embedding."""
-    bilinear_rank: int = 128
-    """Rank of the factorised bilinear fusion."""
-    autoencoder_text_candidates: int = 0
-    """0: the text decoder's softmax spans the whole vocabulary. K > 0: a sampled softmax over the batch's own
-    tokens plus K random vocabulary ids (Jean et al. 2015): ~50x less work per position with CLIP's 49k vocabulary."""
-    adversarial: float = 0.0
-    """Weight of adversarial modality alignment (a discriminator on the embeddings, trained against the towers)."""
-    adversarial_mode: str = choice("reversal", "reversal", "alternating")
-    """reversal: one loss, the towers get the discriminator's gradient reversed (Ganin & Lempitsky).
-    alternating: the players take turns, one step each: the discriminator learns on detached embeddings, then the
-    towers learn to fool a frozen discriminator (flipped labels, GAN's non-saturating loss)."""
-    adversarial_warmup_steps: int = 0
-    """Steps over which the reversed gradient reaching the towers ramps up from 0 (the discriminator trains
-    at full strength from the start)."""
-    adversarial_hidden: int = 256
-    """Hidden width of the modality discriminator."""
-
-    def __post_init__(self):
-        for name in ("contrastive", "siglip", "mae", "mlm", "autoencoder", "adversarial"):
-            require(getattr(self, name) >= 0, f"objective.{name}", "weights must be >= 0")
-        require(0 <= self.flip_mask_ratio < 1, "objective.flip_mask_ratio", "must lie in [0, 1)")
-        require(self.flip_unmasked_steps >= 0, "objective.flip_unmasked_steps", "must be >= 0")
-        require(0 < self.mlm_mask_ratio < 1, "objective.mlm_mask_ratio", "must lie in (0, 1)")
-        require(self.mae == 0 or self.flip_mask_ratio > 0, "objective.mae",
-                "needs objective.flip_mask_ratio > 0 (MAE reconstructs the patches FLIP masks)")
-        require(self.max_logit_scale >= 1, "objective.max_logit_scale", "must be >= 1")
-        for name in ("mae_decoder_width", "mae_decoder_layers", "fusion_dim", "bilinear_rank", "adversarial_hidden"):
-            require(getattr(self, name) > 0, f"objective.{name}", "must be positive")
-        require(self.autoencoder_text_candidates >= 0, "objective.autoencoder_text_candidates", "must be >= 0")
-        require(self.mlm_candidates >= 0, "objective.mlm_candidates", "must be >= 0")
-        require(self.adversarial_warmup_steps >= 0, "objective.adversarial_warmup_steps", "must be >= 0")
-        total = self.contrastive + self.siglip + self.mae + self.mlm + self.autoencoder
-        require(total > 0, "objective", "every objective weight is 0: nothing would train")
 
 
 @dataclass(frozen=True)
@@ -364,13 +283,13 @@ def check_locks(model: ModelConfig, objective: ObjectiveConfig) -> None:
     """An objective that trains a tower cannot run on that tower fully locked (FLIP only masks: it may)."""
     image_locked = model.lock_image and not model.lock_image_unlocked_groups
     text_locked = model.lock_text and not model.lock_text_unlocked_layers
-    require(not (image_locked and objective.mae), "objective.mae",
+    require(not (image_locked and objective.mae.weight), "objective.mae",
             "MAE trains the image tower, which model.lock_image locks (unlock groups with "
             "model.lock_image_unlocked_groups, or drop one)")
-    require(not (text_locked and objective.mlm), "objective.mlm",
+    require(not (text_locked and objective.mlm.weight), "objective.mlm",
             "MLM trains the text tower, which model.lock_text locks (unlock layers with "
             "model.lock_text_unlocked_layers, or drop one)")
-    require(not (model.text_hf and (objective.mlm or objective.autoencoder)), "model.text_hf",
+    require(not (model.text_hf and (objective.mlm.weight or objective.autoencoder.weight)), "model.text_hf",
             "objective.mlm and objective.autoencoder need open_clip's own text tower, not an HF one")
     require(not (image_locked and text_locked and not model.text_hf), "model.lock_text",
             "with model.lock_image too, every tower parameter is locked: nothing to train but the temperature")
@@ -416,6 +335,17 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Builds dataclass `cls` from nested dicts; unknown keys and bad values raise ValueError naming the key."""
+    if hasattr(cls, "translate_legacy"):  # sections that renamed keys read the old ones too (ObjectiveConfig)
+        data, renamed = cls.translate_legacy(data, prefix)
+        try:
+            return _from_dict(cls, data, prefix)
+        except ValueError as e:
+            old = [f" (given as {old}, the key's name before {new})" for new, old in renamed.items() if new in str(e)]
+            raise ValueError(f"{e}{old[0] if old else ''}") from None
+    return _from_dict(cls, data, prefix)
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

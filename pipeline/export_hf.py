@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 
+from pipeline.artifact import (cast_state, fixed_batch, reference_model, require_close, staged, with_logit_bias,
+                               write_model_card)
 from pipeline.checkpoint import clean_state_dict
-from pipeline.export import (_card, _publish, _staging, cast_state, fixed_batch, reference_model,
-                             with_logit_bias)
 from pipeline.models.towers import tokenizer_for
 from pipeline.transforms import preprocess_cfg
 
@@ -161,33 +161,30 @@ def open_clip_logits(model, images, tokens) -> torch.Tensor:
 
 
 def export_hf(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Path, dtype: str = "fp32",
-              atol: float = HF_ATOL, name: str = "plait-model", meta: dict | None = None) -> Path:
+              atol: float = HF_ATOL, name: str = "plait-model", meta: dict | None = None,
+              add_files: Callable[[Path], None] | None = None) -> Path:
     from transformers import CLIPModel  # heavy import, only for this format
 
     state = clean_state_dict(state)
     model_cfg = with_logit_bias(state, model_cfg)
     config = hf_config(model_cfg)  # refuses unsupported architectures before anything is written
     out = Path(out_dir)
-    tmp = _staging(out)
     cast = cast_state(state, dtype)
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(to_hf_state(cast, model_cfg), tmp / "model.safetensors", metadata={"format": "pt"})
-    write_tokenizer(tmp, model_cfg)
+    with staged(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(to_hf_state(cast, model_cfg), tmp / "model.safetensors", metadata={"format": "pt"})
+        write_tokenizer(tmp, model_cfg)
 
-    images, tokens = fixed_batch(model_cfg)
-    expected = open_clip_logits(reference_model(cast, model_cfg), images, tokens)
-    hf = CLIPModel.from_pretrained(tmp, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = hf(input_ids=tokens, pixel_values=images).logits_per_image
-    error = (expected - got).abs().max().item()
-    if error > atol:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"export self-check failed: HF logits differ from open_clip's by {error:.2e} "
-                           f"(> {atol:.0e})")
-    usage = ["from transformers import CLIPModel, CLIPProcessor",
-             f"model = CLIPModel.from_pretrained('{out}')",
-             f"processor = CLIPProcessor.from_pretrained('{out}')"]
-    check = {"max_abs_error": error, "tolerance": atol, "compared": "logits_per_image vs open_clip"}
-    _card(tmp, "hf", name, dtype, model_cfg, meta, usage, check, state, cast)
-    return _publish(tmp, out)
+        images, tokens = fixed_batch(model_cfg)
+        expected = open_clip_logits(reference_model(cast, model_cfg), images, tokens)
+        hf = CLIPModel.from_pretrained(tmp, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = hf(input_ids=tokens, pixel_values=images).logits_per_image
+        error = (expected - got).abs().max().item()
+        require_close(error, atol, "HF logits and open_clip's")
+        check = {"max_abs_error": error, "tolerance": atol, "compared": "logits_per_image vs open_clip"}
+        write_model_card(tmp, "hf", name, dtype, model_cfg, meta, check, state, cast)
+        if add_files is not None:
+            add_files(tmp)
+    return out

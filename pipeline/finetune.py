@@ -13,16 +13,92 @@ import json
 import math
 import re
 import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline import cli_options
+from pipeline.config import OptimConfig
 from pipeline.eval_data import batches, normalise_template, read_lines, resolve
 from pipeline.eval_models import load_model
 from pipeline.evaluate import (DEFAULT_TEMPLATES, class_embeddings, classification_counts, image_features,
                                summarise_classification)
+from pipeline.export import FORMATS, Source, export
+from pipeline.optim import lr_factor, no_decay
+from pipeline.shardspec import shard_sizes
+
+# The first tenth of the steps warms the learning rate up; a cosine (pipeline/optim.py) takes it to zero.
+WARMUP_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: str = field(metadata={"positional": True})
+    """Exported model dir (open_clip / safetensors / hf), weights file, or training checkpoint."""
+    train_data: str
+    """Labelled training shards (image + cls): a spec, a folder, or a clip_benchmark root."""
+    test_data: str
+    """Labelled test shards: a spec, a folder, or a clip_benchmark root."""
+    arch: str | None = field(default=None, metadata={"flag": "--model"})
+    """Architecture of a bare weights file (open_clip model name or .json config)."""
+    classnames: str | None = None
+    """File with one class name per line (default: the data's classnames.txt)."""
+    templates: str | None = None
+    """File with one prompt template per line (default: the data's, else 'a photo of a {}.')."""
+    mode: str = field(default="full", metadata={"choices": ("linear", "full")})
+    """linear: the head only, on cached features of the frozen tower; full: head and image tower."""
+    epochs: int = 1
+    """Passes over the training data."""
+    lr: float | None = None
+    """Peak learning rate (default: 1e-3 in linear mode, 1e-4 in full mode)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (norms, biases and embeddings are exempt, as in pretraining)."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay in full mode: each image block trains at this times the next one's LR; 1.0: off."""
+    batch_size: int = 128
+    """Samples per step, in training and evaluation."""
+    max_train_samples: int = 0
+    """Train on at most this many samples per epoch; 0: all."""
+    max_test_samples: int = 0
+    """Evaluate on at most this many samples; 0: all."""
+    seed: int = 0
+    """Seed of the training order."""
+    device: str = "auto"
+    """auto (GPU when present), cpu, cuda, cuda:1, ..."""
+    out: str | None = None
+    """Export the fine-tuned model here (with classifier.safetensors + classnames.txt)."""
+    format: str = field(default="open_clip", metadata={"choices": FORMATS})
+    """Export format of --out."""
+    output: str | None = None
+    """Write the JSON result here."""
+
+    def __post_init__(self):
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
+            if value <= 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        for flag, value in (("--max-train-samples", self.max_train_samples),
+                            ("--max-test-samples", self.max_test_samples)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer-decay must lie in (0, 1], got {self.layer_decay}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr or (1e-3 if self.mode == "linear" else 1e-4)
+
+    def schedule(self, total_steps: int) -> OptimConfig:
+        """The pretraining optimizer's schedule settings for a run of `total_steps`."""
+        return OptimConfig(lr=self.peak_lr, weight_decay=self.weight_decay, schedule="cosine", min_lr_ratio=0.0,
+                           warmup_steps=max(1, int(WARMUP_FRACTION * total_steps)))
 
 
 class ClassifierHead(nn.Module):
@@ -73,14 +149,14 @@ def layer_id(name: str, num_layers: int) -> int:
 def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float,
                  num_layers: int, train_tower: bool) -> list[dict]:
     """AdamW groups: head always; image-tower params when `train_tower`, each at lr * decay^(depth from top).
-    No weight decay on 1-d tensors (norms, biases) and embeddings."""
+    Weight decay as in pretraining (pipeline/optim.py's `no_decay`)."""
     groups: dict[tuple[int, bool], dict] = {}
     named = list(model.head.named_parameters(prefix="head"))
     if train_tower:
         named += [(n, p) for n, p in model.clip.named_parameters() if _is_image_tower(n)]
     for name, param in named:
         depth = num_layers + 1 if name.startswith("head") else layer_id(name, num_layers)
-        decay = param.ndim >= 2 and "embedding" not in name
+        decay = not no_decay(name, param)
         key = (depth, decay)
         if key not in groups:
             groups[key] = {"params": [], "lr": lr * layer_decay ** (num_layers + 1 - depth),
@@ -112,16 +188,10 @@ def evaluate_classifier(model: Classifier, urls, transform, classnames, batch_si
     return summarise_classification(counts, list(classnames))
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train(model: Classifier, args, train_urls, transform, device, num_layers: int) -> dict:
+def train(model: Classifier, cfg: FinetuneConfig, train_urls, transform, device, num_layers: int) -> dict:
     """Trains in place; returns {'steps', 'train_s', 'final_loss'}."""
-    torch.manual_seed(args.seed)
-    groups = param_groups(model, args.lr, args.weight_decay, args.layer_decay, num_layers, args.mode == "full")
+    torch.manual_seed(cfg.seed)
+    groups = param_groups(model, cfg.peak_lr, cfg.weight_decay, cfg.layer_decay, num_layers, cfg.mode == "full")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     for p in model.clip.parameters():
         p.requires_grad_(False)
@@ -130,34 +200,35 @@ def train(model: Classifier, args, train_urls, transform, device, num_layers: in
             p.requires_grad_(True)
     loss_fn = nn.CrossEntropyLoss()
     started, step, loss = time.monotonic(), 0, torch.tensor(float("nan"))
-    if args.mode == "linear":
+    if cfg.mode == "linear":
         # Frozen tower: encode the training set once, then train the head on cached features.
-        feats, labels = image_features(model.clip, train_urls, transform, args.batch_size, device,
-                                       args.max_train_samples)
+        feats, labels = image_features(model.clip, train_urls, transform, cfg.batch_size, device,
+                                       cfg.max_train_samples)
         feats, labels = torch.from_numpy(feats).to(device), torch.from_numpy(labels).to(device)
-        steps_per_epoch = math.ceil(len(feats) / args.batch_size)
-        total = steps_per_epoch * args.epochs
-        gen = torch.Generator().manual_seed(args.seed)
-        for _ in range(args.epochs):
-            for idx in torch.randperm(len(feats), generator=gen).split(args.batch_size):
-                loss = _step(model.head(feats[idx]), labels[idx], loss_fn, optimizer, step, total, args)
+        total = math.ceil(len(feats) / cfg.batch_size) * cfg.epochs
+        schedule = cfg.schedule(total)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(len(feats), generator=gen).split(cfg.batch_size):
+                loss = _step(model.head(feats[idx]), labels[idx], loss_fn, optimizer, step, total, schedule)
                 step += 1
     else:
-        sizes = resolve_count(train_urls, args.max_train_samples)
-        total = max(1, math.ceil(sizes / args.batch_size) * args.epochs)
-        for _ in range(args.epochs):
+        sizes = resolve_count(train_urls, cfg.max_train_samples)
+        total = max(1, math.ceil(sizes / cfg.batch_size) * cfg.epochs)
+        schedule = cfg.schedule(total)
+        for _ in range(cfg.epochs):
             model.train()
-            for images, labels in batches(list(train_urls), transform, "cls", args.batch_size,
-                                          args.max_train_samples, shuffle=1000):
+            for images, labels in batches(list(train_urls), transform, "cls", cfg.batch_size,
+                                          cfg.max_train_samples, shuffle=1000):
                 loss = _step(model(images.to(device)), torch.as_tensor(labels, device=device), loss_fn, optimizer,
-                             min(step, total - 1), total, args)
+                             min(step, total - 1), total, schedule)
                 step += 1
     model.eval()
     return {"steps": step, "train_s": round(time.monotonic() - started, 1), "final_loss": float(loss)}
 
 
-def _step(logits, labels, loss_fn, optimizer, step, total, args) -> torch.Tensor:
-    factor = cosine_lr(step, total, max(1, int(0.1 * total)))
+def _step(logits, labels, loss_fn, optimizer, step: int, total: int, schedule: OptimConfig) -> torch.Tensor:
+    factor = lr_factor(step, schedule, total)  # each group keeps its layer-decayed share of the peak LR
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
     loss = loss_fn(logits, labels)
@@ -169,7 +240,6 @@ def _step(logits, labels, loss_fn, optimizer, step, total, args) -> torch.Tensor
 
 def resolve_count(urls, max_samples: int) -> int:
     """Training samples per epoch (for the LR schedule): sizes.json/_stats.json counts, capped by max_samples."""
-    from pipeline.shardspec import shard_sizes
     try:
         count = sum(shard_sizes(list(urls)))
     except FileNotFoundError:
@@ -178,80 +248,57 @@ def resolve_count(urls, max_samples: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="plait finetune", description=(
+    parser = argparse.ArgumentParser(prog="plait finetune", description=(
         "Fine-tune an exported model (or checkpoint) as an image classifier on labelled shards (image + cls), "
         "starting from its zero-shot head; evaluate on a test split; export the result."))
-    p.add_argument("model", help="exported model dir (open_clip / safetensors / hf), weights file, or checkpoint")
-    p.add_argument("--model", dest="arch", help="architecture of a weights file (open_clip name or .json)")
-    p.add_argument("--train-data", required=True, help="labelled training shards (spec, folder, or clip_benchmark root)")
-    p.add_argument("--test-data", required=True, help="labelled test shards (spec, folder, or clip_benchmark root)")
-    p.add_argument("--classnames", help="file, one class name per line (default: the data's classnames.txt)")
-    p.add_argument("--templates", help="file, one template per line (default: the data's, else 'a photo of a {}.')")
-    p.add_argument("--mode", choices=["linear", "full"], default="full",
-                   help="linear: head only on frozen features; full: head + image tower (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="peak LR (default: 1e-3 linear, 1e-4 full)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--layer-decay", type=float, default=1.0,
-                   help="layer-wise LR decay for full mode, e.g. 0.75; 1.0 disables it (default: 1.0)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-train-samples", type=int, default=0, help="0: all")
-    p.add_argument("--max-test-samples", type=int, default=0, help="0: all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="export the fine-tuned model here (with classifier.safetensors + classnames.txt)")
-    p.add_argument("--format", choices=["open_clip", "hf", "safetensors"], default="open_clip")
-    p.add_argument("--output", help="write the JSON result here")
-    return p
+    cli_options.add_options(parser, FinetuneConfig)
+    return parser
 
 
-def run(args) -> dict:
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.layer_decay <= 1:
-        raise ValueError(f"--layer-decay must lie in (0, 1], got {args.layer_decay}")
-    args.lr = args.lr or (1e-3 if args.mode == "linear" else 1e-4)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    train_set, test_set = resolve(args.train_data, "train"), resolve(args.test_data, "test")
-    classnames = read_lines(args.classnames) if args.classnames else (test_set.classnames or train_set.classnames)
+def run(cfg: FinetuneConfig) -> dict:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    train_set, test_set = resolve(cfg.train_data, "train"), resolve(cfg.test_data, "test")
+    classnames = read_lines(cfg.classnames) if cfg.classnames else (test_set.classnames or train_set.classnames)
     if not classnames:
         raise ValueError("class names needed: --classnames FILE (or classnames.txt beside the data)")
-    templates = (tuple(map(normalise_template, read_lines(args.templates))) if args.templates
+    templates = (tuple(map(normalise_template, read_lines(cfg.templates))) if cfg.templates
                  else test_set.templates or DEFAULT_TEMPLATES)
-    loaded = load_model(args.model, args.arch)
-    if args.out and loaded.kind == "hf":
+    loaded = load_model(cfg.model, cfg.arch)
+    if cfg.out and loaded.kind == "hf":
         raise ValueError("--out: fine-tuned HF models cannot be re-exported; start from an open_clip export")
     clip = loaded.model.to(device)
     model = Classifier(clip, zero_shot_head(clip, loaded.tokenize, classnames, templates, device))
-    result = {"model": str(args.model), "mode": args.mode, "classnames": list(classnames),
-              "zero_shot": evaluate_classifier(model, test_set.urls, loaded.transform, classnames, args.batch_size,
-                                               device, args.max_test_samples)}
-    result["training"] = train(model, args, train_set.urls, loaded.transform, device, _num_image_layers(clip))
-    result["finetuned"] = evaluate_classifier(model, test_set.urls, loaded.transform, classnames, args.batch_size,
-                                              device, args.max_test_samples)
-    if args.out:
-        result["export"] = str(export_finetuned(model, loaded, args, result))
+    result = {"model": str(cfg.model), "mode": cfg.mode, "classnames": list(classnames),
+              "zero_shot": evaluate_classifier(model, test_set.urls, loaded.transform, classnames, cfg.batch_size,
+                                               device, cfg.max_test_samples)}
+    result["training"] = train(model, cfg, train_set.urls, loaded.transform, device, _num_image_layers(clip))
+    result["finetuned"] = evaluate_classifier(model, test_set.urls, loaded.transform, classnames, cfg.batch_size,
+                                              device, cfg.max_test_samples)
+    if cfg.out:
+        result["export"] = str(export_finetuned(model, loaded, cfg, result))
     return result
 
 
-def export_finetuned(model: Classifier, loaded, args, result: dict) -> Path:
-    from pipeline.export import Source, export
-
-    source_meta = Path(args.model) / "plait_metadata.json"
+def export_finetuned(model: Classifier, loaded, cfg: FinetuneConfig, result: dict) -> Path:
+    """Exports the fine-tuned towers like any model, with the head and class names in the same directory."""
+    source_meta = Path(cfg.model) / "plait_metadata.json"
     training = json.loads(source_meta.read_text()).get("training", {}) if source_meta.is_file() else {}
-    finetune = {"mode": args.mode, "train_shards": args.train_data, "test_shards": args.test_data,
-                "epochs": args.epochs, "lr": args.lr, "layer_decay": args.layer_decay, "from": str(args.model),
+    finetune = {"mode": cfg.mode, "train_shards": cfg.train_data, "test_shards": cfg.test_data,
+                "epochs": cfg.epochs, "lr": cfg.peak_lr, "layer_decay": cfg.layer_decay, "from": str(cfg.model),
                 "classifier": "classifier.safetensors", "classnames": "classnames.txt"}
     state = {k: v.detach().cpu() for k, v in model.clip.state_dict().items()}
-    src = Source(clip=state, model_cfg=loaded.model_cfg, training=training, checkpoint=str(args.model),
+    head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    src = Source(clip=state, model_cfg=loaded.model_cfg, training=training, checkpoint=str(cfg.model),
                  name="plait-finetuned")
     evals = {"zero_shot_before": _scalars(result["zero_shot"]), "finetuned": _scalars(result["finetuned"])}
-    out = export(src, args.format, args.out, eval_results=evals, extra_meta={"finetune": finetune})
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
-              out / "classifier.safetensors")
-    (out / "classnames.txt").write_text("\n".join(result["classnames"]) + "\n")
-    return out
+    return export(src, cfg.format, cfg.out, eval_results=evals, extra_meta={"finetune": finetune},
+                  add_files=partial(write_head, head=head, classnames=result["classnames"]))
+
+
+def write_head(folder: Path, head: dict[str, torch.Tensor], classnames: list[str]) -> None:
+    """The classifier beside the exported towers: its weights and the class names in label order."""
+    save_file(head, folder / "classifier.safetensors")
+    (folder / "classnames.txt").write_text("\n".join(classnames) + "\n")
 
 
 def _scalars(metrics: dict) -> dict:
@@ -259,12 +306,12 @@ def _scalars(metrics: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    if args.output:
-        Path(args.output).write_text(text)
+    cfg = cli_options.from_args(FinetuneConfig, build_parser().parse_args(argv))
+    result = run(cfg)
+    text = json.dumps({**result, "config": asdict(cfg)}, indent=2)
+    if cfg.output:
+        Path(cfg.output).write_text(text)
     print(text)
     zs, ft = result["zero_shot"]["top1"], result["finetuned"]["top1"]
-    print(f"plait finetune ({args.mode}): top-1 zero-shot {zs:.2%} -> fine-tuned {ft:.2%}")
+    print(f"plait finetune ({cfg.mode}): top-1 zero-shot {zs:.2%} -> fine-tuned {ft:.2%}")
     return 0

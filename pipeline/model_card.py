@@ -19,10 +19,10 @@ from pathlib import Path
 
 import webdataset as wds
 
+from data_prep.layout import CONTENT_FILES as MANIFEST_FILES
+from pipeline.objectives.registry import objective_cards, objective_weights
+
 METADATA_FILE = "plait_metadata.json"
-# Files data_prep writes next to the shards that identify a dataset's content (see data_prep/manifest.py).
-MANIFEST_FILES = ("manifest.json", "sizes.json", "samples.parquet")
-OBJECTIVE_WEIGHTS = ("contrastive", "siglip", "mae", "mlm", "autoencoder", "adversarial")
 
 
 def sha256_file(path: Path) -> str:
@@ -86,7 +86,9 @@ def training_metadata(trainer: dict, run_dir: Path | None) -> dict:
             config = {}
     meta["config"] = config
     objective = config.get("objective", {})
-    meta["objectives"] = {k: objective[k] for k in OBJECTIVE_WEIGHTS if objective.get(k)}
+    # stored configs hold the unit sections ([objective.mae] weight = ...) or, before units, flat keys (mae = ...)
+    meta["objectives"] = objective_weights(objective)
+    meta["objective_descriptions"] = objective_cards(objective)
     # The training helper may record the manifests it read; otherwise hash what is on disk now.
     if trainer.get("datasets"):
         datasets = trainer["datasets"]
@@ -135,8 +137,7 @@ def render_readme(meta: dict) -> str:
     model_cfg = meta["model_cfg"]
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     lines = [f"# {meta['name']}", "",
-             f"Image-text model trained with plait, exported as **{fmt}** ({meta['dtype']} weights"
-             f"{', EMA' if meta.get('weights') == 'ema' else ''}).", "",
+             f"Image-text model trained with plait, exported as **{fmt}** ({meta['dtype']} weights).", "",
              "## Architecture", "",
              f"- image tower: ViT, {vision.get('layers')} layers, width {vision.get('width')}, patch "
              f"{vision.get('patch_size')}, input {vision.get('image_size')} px",
@@ -150,6 +151,7 @@ def render_readme(meta: dict) -> str:
              f"| steps | {_fmt(training.get('step'))} |",
              f"| samples seen | {_fmt(training.get('samples_seen'))} |",
              f"| objectives | {', '.join(f'{k}={v}' for k, v in training.get('objectives', {}).items()) or 'n/a'} |"]
+    lines += [f"| objective | {line} |" for line in training.get("objective_descriptions", [])]
     if meta.get("finetune"):
         ft = meta["finetune"]
         lines.append(f"| fine-tuned | {ft.get('mode')} on {ft.get('train_shards')}, {ft.get('epochs')} epoch(s) |")

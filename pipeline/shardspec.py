@@ -21,6 +21,7 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
+from data_prep import layout
 from data_prep.index import check_count, scan_shard, train_hint, validate_sizes
 from pipeline.tarseek import PIPE_PREFIX, check_no_pipe
 
@@ -110,7 +111,7 @@ def _read_json(url: str) -> dict | None:
 
 def _sizes_table(folder: str) -> dict[str, int] | None:
     """A folder's sizes.json, every count checked (a negative or fractional count would skew the epoch)."""
-    where = posixpath.join(folder, "sizes.json") if folder else "sizes.json"
+    where = posixpath.join(folder, layout.SIZES_FILE) if folder else layout.SIZES_FILE
     raw = _read_bytes(where)
     return None if raw is None else validate_sizes(raw, where)
 
@@ -119,9 +120,9 @@ def _known_size(url: str, table: dict[str, int] | None) -> int | None:
     name = posixpath.basename(url)
     if table is not None and name in table:
         return table[name]
-    if not url.endswith(".tar"):
+    if not url.endswith(layout.TAR_SUFFIX):
         return None
-    stats_url = url[: -len(".tar")] + "_stats.json"
+    stats_url = layout.sibling(url, layout.STATS_SUFFIX)
     stats = _read_json(stats_url)
     if not isinstance(stats, dict):
         return None
@@ -145,7 +146,7 @@ def shard_sizes(urls: list[str], pattern: str | None = None, estimate: bool = Fa
     if missing and not estimate:
         url = urls[missing[0]]
         folder = posixpath.dirname(url)
-        where = posixpath.join(folder, "sizes.json") if folder else "./sizes.json"
+        where = posixpath.join(folder, layout.SIZES_FILE) if folder else f"./{layout.SIZES_FILE}"
         raise FileNotFoundError(
             f"no sample count for {url} ({len(missing)} of {len(urls)} shards): exact epochs need per-shard "
             f"counts, and {where} does not list it; write them with `{train_hint(pattern or url)}` "

@@ -23,6 +23,8 @@ from typing import Iterator
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from data_prep import layout
+
 log = logging.getLogger("plait.data")
 
 _BLOCK = 512
@@ -159,9 +161,9 @@ def _open_at(url: str, start: int):
 @lru_cache(maxsize=64)
 def sample_offsets(url: str) -> tuple[int, ...] | None:
     """Byte offsets of the samples of `url` from its plait index `S.idx.json`, or None when there is none."""
-    if not url.endswith(".tar"):
+    if not url.endswith(layout.TAR_SUFFIX):
         return None
-    where = url[: -len(".tar")] + ".idx.json"
+    where = layout.sibling(url, layout.INDEX_SUFFIX)
     try:
         with open_url(where) as f:
             raw = f.read()
@@ -169,7 +171,7 @@ def sample_offsets(url: str) -> tuple[int, ...] | None:
         return None
     try:
         index = json.loads(raw)
-        if not isinstance(index, dict) or index.get("format") != "plait-tar-index/1":
+        if not isinstance(index, dict) or index.get("format") != layout.INDEX_FORMAT:
             return None
         offsets = tuple(index["offsets"])
         if not all(type(o) is int for o in offsets) or any(b <= a for a, b in zip(offsets, offsets[1:])) or (

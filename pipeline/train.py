@@ -13,31 +13,35 @@ resume with --resume auto), 2 bad input (via the plait CLI).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable, Iterator
 
+import tomli_w
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from torch import nn
 from tqdm import tqdm
 
 from pipeline import metrics, sharded_state, train_eval
 from pipeline.accumulate import concat_batches, forward_backward
-from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
-from pipeline.config import Config, TrainConfig, describe, load_config, save_config
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import Config, TrainConfig, describe, load_config, save_config, to_dict
 from pipeline.data import TrainStream, closing_streams
 from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
 from pipeline.models.pretrained import start_from
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
-from pipeline.optim import build_optimizer, check_schedule, lr_at, schedule_signature, set_lr
+from pipeline.optim import build_optimizer, lr_at, schedule_signature, set_lr
 from pipeline.preemption import EXIT_REQUEUE, StopFlag, StopPolicy, restoring_signals
 from pipeline.report import write_report
+from pipeline.train_state import GradScalerState, ModelAndOptimizer, RNGState, RunState, TrainState
 from pipeline.transforms import image_transform
 
 
@@ -77,19 +81,30 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, lr: float, grad_c
     return norm
 
 
-def run(cfg: Config, resume: str | None = None) -> dict:
-    """Trains per `cfg`; returns the final report (also written to RUN_DIR/report.json)."""
-    stop_flag = StopFlag()  # first: a SIGTERM during start-up must not kill the job uncheckpointed
-    accelerator = build_accelerator(cfg.train)
-    world = World.from_accelerator(accelerator)
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:
-        save_config(cfg, run_dir / "config.toml")
+@dataclass
+class Parts:
+    """What a run builds once, before its first step."""
+    accelerator: Accelerator
+    world: World
+    model: nn.Module
+    """As prepared (DDP wrapper, torch.compile): forward and backward go through it."""
+    core: nn.Module
+    """The unwrapped PlaitModel: checkpoints, evaluation, the logit-scale clamp."""
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    stream: TrainStream
+    tokenize: Callable
+    model_cfg: dict
+    state: RunState
+    """Everything a checkpoint saves and a resume restores."""
+    global_batch: int
 
-    # The same initial weights on every rank; afterwards each rank draws its own masks.
+
+def build_parts(cfg: Config, accelerator: Accelerator, world: World, resuming: Path | None) -> Parts:
+    """The model (the same initial weights on every rank; afterwards each rank draws its own masks), its
+    optimizer and objective, the data stream and the run's restartable state. When `resuming` a checkpoint,
+    pretrained weights are not loaded: the checkpoint has the weights."""
     set_seed(cfg.train.seed)
-    resuming = Checkpointer(run_dir, cfg.train.keep_last).resolve(resume)  # then weights come from the checkpoint
     model_cfg = resolved_model_config(cfg.model, resuming)
     model = build_model(model_cfg, cfg.objective)
     started_from = start_from(model, cfg.model, model_cfg, load_weights=resuming is None)  # pretrained weights, locks
@@ -106,131 +121,145 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     # The loader is never passed through prepare(): it already splits shards by rank and worker. Nor is an LR
     # scheduler (see optim.set_lr).
     model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model, keep_torch_compile=False)  # the PlaitModel: checkpoints, eval
-    sharded = sharded_state.is_sharded(accelerator)
+    core = accelerator.unwrap_model(model, keep_torch_compile=False)
     tokenize = tokenizer_for(model_cfg)
     stream = TrainStream(cfg.data, world, image_transform(model_cfg, is_train=True), tokenize)
-    accum, local_batch = cfg.train.accum_steps, cfg.data.batch_size * cfg.train.accum_steps
-    global_batch = local_batch * world.world_size
-    print0(world, f"plait train: {count_parameters(core) / 1e6:.1f}M parameters, {stream.num_samples} samples, "
-                  f"{world.world_size} process(es) on {accelerator.device}"
-                  + (" (FSDP)" if sharded else "") + f", global batch {global_batch}"
-                  + (f" ({accum} accumulated micro-batches)" if accum > 1 else ""))
+    trainer = TrainState(world_size=world.world_size, schedule=schedule_signature(cfg.optim, cfg.train.steps),
+                         model_cfg=model_cfg, config_text=tomli_w.dumps(to_dict(cfg)))
+    weights = ModelAndOptimizer(core, optimizer.optimizer, promoted, sharded_state.is_sharded(accelerator),
+                                world.rank)
+    state = RunState(trainer, weights, shared={"grad_scaler": GradScalerState(accelerator.scaler)},
+                     per_rank={"rng": RNGState(), "loader": stream})
+    global_batch = cfg.data.batch_size * cfg.train.accum_steps * world.world_size
+    return Parts(accelerator, world, model, core, optimizer, objective, stream, tokenize, model_cfg, state,
+                 global_batch)
 
+
+def describe_run(parts: Parts, cfg: Config) -> str:
+    accum, sharded = cfg.train.accum_steps, sharded_state.is_sharded(parts.accelerator)
+    return (f"plait train: {count_parameters(parts.core) / 1e6:.1f}M parameters, {parts.stream.num_samples} "
+            f"samples, {parts.world.world_size} process(es) on {parts.accelerator.device}"
+            + (" (FSDP)" if sharded else "") + f", global batch {parts.global_batch}"
+            + (f" ({accum} accumulated micro-batches)" if accum > 1 else ""))
+
+
+def train_step(parts: Parts, cfg: Config, batches: Iterator[dict], step: int, want_norm: bool) -> dict:
+    """One optimizer step on accum_steps micro-batches; the loss, its parts, the LR, timings (and grad norm)."""
+    t_fetch = time.perf_counter()
+    batch = concat_batches([next(batches) for _ in range(cfg.train.accum_steps)])
+    batch = {k: v.to(parts.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in batch.items()}
+    t_compute = time.perf_counter()
+    batch = parts.objective.augment(batch, step)
+    loss, losses, report = forward_backward(parts.model, parts.objective, batch, step, cfg.train.accum_steps,
+                                            parts.accelerator)
+    lr = lr_at(step, cfg.optim, cfg.train.steps)
+    grad_norm = optimizer_step(parts.accelerator, parts.model, parts.optimizer, lr, cfg.optim.grad_clip, want_norm)
+    clamp_logit_scale(parts.core.clip, cfg.objective.max_logit_scale)
+    return {"loss": loss, "losses": losses, "report": report, "lr": lr, "grad_norm": grad_norm,
+            "wait_s": t_compute - t_fetch, "total_s": time.perf_counter() - t_fetch}
+
+
+def train_record(parts: Parts, out: dict, window: metrics.Window, elapsed_s: float) -> dict:
+    """The metrics record of a logged step. Each rank's loss covers its rows against all columns: the mean over
+    ranks is the global loss."""
+    trainer, names = parts.state.trainer, list(out["losses"])
+    values = parts.accelerator.reduce(torch.stack([out["loss"], *(out["losses"][k] for k in names)]).float(), "mean")
+    return {"kind": "train", "step": trainer.step, "samples_seen": trainer.samples_seen, "elapsed_s": elapsed_s,
+            "loss": values[0].item(), **{f"loss/{k}": v.item() for k, v in zip(names, values[1:])},
+            **out["report"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+            **window.summary(parts.world.world_size),
+            **{f"data/{k}": v for k, v in parts.stream.counters().items()}}
+
+
+def evaluate(parts: Parts, cfg: Config, log: metrics.MetricsLog) -> dict:
+    """Evaluation on eval.* data, sharded over the ranks (pipeline/train_eval.py); logged at the current step."""
+    with sharded_state.gathered_params(parts.core):
+        result = train_eval.evaluate_all(parts.core.clip, parts.tokenize, cfg.eval,
+                                         image_transform(parts.model_cfg, is_train=False),
+                                         parts.accelerator.device, parts.world)
+    fields = train_eval.log_fields(result)
+    step = parts.state.trainer.step
+    log.write({"kind": "eval", "step": step, **fields})
+    print0(parts.world, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items()))
+    return result
+
+
+def train_loop(parts: Parts, cfg: Config, checkpointer: Checkpointer, batches: Iterator[dict],
+               log: metrics.MetricsLog, policy: StopPolicy) -> str | None:
+    """Steps until train.steps or a stop; returns why it stopped early ('signal', 'max_time_s') or None."""
+    trainer, world, train = parts.state.trainer, parts.world, cfg.train
+    interactive = world.is_main and sys.stdout.isatty()
+    window, started = metrics.Window(), time.monotonic()
+    with tqdm(total=train.steps, initial=trainer.step, disable=not interactive, desc="train", unit="step") as bar:
+        while trainer.step < train.steps:
+            logging_now = (trainer.step + 1) % train.log_every == 0 or trainer.step + 1 == train.steps
+            out = train_step(parts, cfg, batches, trainer.step, want_norm=logging_now)
+            trainer.advance(parts.global_batch)
+            window.add(samples=parts.global_batch, wait_s=out["wait_s"], total_s=out["total_s"])
+            bar.update(1)
+            if logging_now:
+                record = train_record(parts, out, window, time.monotonic() - started)
+                log.write(record)
+                if interactive:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+                else:
+                    print0(world, f"step {trainer.step}/{train.steps} loss {record['loss']:.4f} lr {out['lr']:.3g} "
+                                  f"{record['samples_per_s']:.0f} samples/s")
+                window = metrics.Window()
+            if (train.eval_every and trainer.step % train.eval_every == 0 and trainer.step < train.steps
+                    and train_eval.enabled(cfg.eval)):  # the final evaluation follows the loop
+                evaluate(parts, cfg, log)
+            if trainer.step == train.steps:
+                return None  # done: a signal now changes nothing (the final checkpoint follows)
+            # Every rank agrees on stopping at this step boundary, so the checkpoint covers the same step everywhere.
+            stopped = policy.check()
+            if stopped or (train.checkpoint_every and trainer.step % train.checkpoint_every == 0):
+                checkpointer.save(trainer.step, parts.state, world.rank, parts.accelerator.wait_for_everyone)
+            if stopped:
+                print0(world, f"stopping at step {trainer.step} ({stopped}); checkpoint saved")
+                return stopped
+    return None
+
+
+def run(cfg: Config, resume: str | None = None) -> dict:
+    """Trains per `cfg`; returns the final report (also written to RUN_DIR/report.json)."""
+    stop_flag = StopFlag()  # first: a SIGTERM during start-up must not kill the job uncheckpointed
+    accelerator = build_accelerator(cfg.train)
+    world = World.from_accelerator(accelerator)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last)
-    signature = schedule_signature(cfg.optim, cfg.train.steps)
-    step, samples_seen, resumed_step = 0, 0, 0
     resume_from = checkpointer.resolve(resume)
+    parts = build_parts(cfg, accelerator, world, resume_from)
+    print0(world, describe_run(parts, cfg))
+    trainer = parts.state.trainer
     if resume_from is not None:
-        # Under FSDP rank 0 alone reads the whole model and optimizer state and broadcasts it.
-        state = Checkpointer.load(resume_from, world.rank, whole=world.is_main or not sharded)
-        check_schedule(state["trainer"]["schedule"], signature, str(resume_from))
-        if state["trainer"]["world_size"] != world.world_size:
-            raise ValueError(f"cannot resume {resume_from}: written by {state['trainer']['world_size']} processes, "
-                             f"this run has {world.world_size} (the data order depends on the topology)")
-        sharded_state.load_full_state_dicts(core, optimizer.optimizer, state["model"], state["optim"]["optimizer"],
-                                            promoted, from_rank0=sharded)
-        if accelerator.scaler is not None and state["trainer"].get("grad_scaler"):
-            accelerator.scaler.load_state_dict(state["trainer"]["grad_scaler"])
-        step, samples_seen = state["trainer"]["step"], state["trainer"]["samples_seen"]
-        resumed_step = step
-        stream.load_state_dict(state["rank"]["loader"])
-        set_rng_state(state["rank"]["rng"])
-        print0(world, f"resumed from {resume_from} at step {step}")
-
-    def save_checkpoint() -> None:
-        checkpointer.write_rank_state(step, world.rank, {"rng": rng_state(), "loader": stream.state_dict()})
-        model_state, optim_state = sharded_state.full_state_dicts(core, optimizer.optimizer, promoted)  # collective
-        accelerator.wait_for_everyone()
-        if world.is_main:
-            checkpointer.write_main_state(
-                step, model_state, {"optimizer": optim_state},
-                {"step": step, "samples_seen": samples_seen, "world_size": world.world_size,
-                 "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                 "schedule": signature, "model_cfg": json.dumps(model_cfg),
-                 "config": (run_dir / "config.toml").read_text()})
-            checkpointer.publish(step)
-        accelerator.wait_for_everyone()
-
-    eval_transform = image_transform(model_cfg, is_train=False)
-
-    def evaluate() -> dict:
-        with sharded_state.gathered_params(core):
-            result = train_eval.evaluate_all(core.clip, tokenize, cfg.eval, eval_transform, accelerator.device, world)
-        fields = train_eval.log_fields(result)
-        log.write({"kind": "eval", "step": step, **fields})
-        print0(world, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items()))
-        return result
+        checkpointer.restore(resume_from, parts.state, world.rank)
+        print0(world, f"resumed from {resume_from} at step {trainer.step}")
 
     log = metrics.MetricsLog(run_dir, enabled=world.is_main)
-    policy = StopPolicy(stop_flag, cfg.train.max_time_s, accelerator.device)
-    interactive = world.is_main and sys.stdout.isatty()
-    progress = tqdm(total=cfg.train.steps, initial=step, disable=not interactive, desc="train", unit="step")
-    batches = iter(stream)
-    window = metrics.Window()
-    stopped = None
+    batches = iter(parts.stream)
     started = time.monotonic()
-    while step < cfg.train.steps:
-        t_fetch = time.perf_counter()
-        batch = concat_batches([next(batches) for _ in range(accum)])
-        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in batch.items()}
-        t_compute = time.perf_counter()
-
-        batch = objective.augment(batch, step)
-        loss, losses, report = forward_backward(model, objective, batch, step, accum, accelerator)
-        logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-        lr = lr_at(step, cfg.optim, cfg.train.steps)
-        grad_norm = optimizer_step(accelerator, model, optimizer, lr, cfg.optim.grad_clip, logging_now)
-        clamp_logit_scale(core.clip, cfg.objective.max_logit_scale)
-
-        step += 1
-        samples_seen += global_batch
-        window.add(samples=global_batch, wait_s=t_compute - t_fetch, total_s=time.perf_counter() - t_fetch)
-        progress.update(1)
-        if logging_now:
-            # Each rank's loss covers its rows against all columns: the mean over ranks is the global loss.
-            names = list(losses)
-            values = accelerator.reduce(torch.stack([loss, *(losses[k] for k in names)]).float(), "mean")
-            record = {"kind": "train", "step": step, "samples_seen": samples_seen,
-                      "elapsed_s": time.monotonic() - started, "loss": values[0].item(),
-                      **{f"loss/{k}": v.item() for k, v in zip(names, values[1:])}, **report, "lr": lr,
-                      "grad_norm": grad_norm, **window.summary(world.world_size),
-                      **{f"data/{k}": v for k, v in stream.counters().items()}}
-            log.write(record)
-            if interactive:
-                progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            else:
-                print0(world, f"step {step}/{cfg.train.steps} loss {record['loss']:.4f} lr {lr:.3g} "
-                              f"{record['samples_per_s']:.0f} samples/s")
-            window = metrics.Window()
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
-                and train_eval.enabled(cfg.eval)):  # the final evaluation follows the loop
-            evaluate()
-
-        if step == cfg.train.steps:
-            break  # done: a signal now changes nothing (the final checkpoint follows)
-        # Every rank agrees on stopping at this step boundary, so the checkpoint covers the same step everywhere.
-        stopped = policy.check()
-        if stopped:
-            save_checkpoint()
-            print0(world, f"stopping at step {step} ({stopped}); checkpoint saved")
-            break
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            save_checkpoint()
-    progress.close()
-
-    if step >= cfg.train.steps and (resume_from is None or step > resumed_step):  # not when resuming a done run
-        save_checkpoint()
-    exit_code = EXIT_REQUEUE if stopped == "signal" else 0
-    result = {"steps": step, "samples_seen": samples_seen, "wall_s": time.monotonic() - started,
-              "exit_code": exit_code, "stopped": stopped, "checkpoint": str(checkpointer.latest())}
-    if exit_code == 0 and train_eval.enabled(cfg.eval):
-        result.update(evaluate())
-    if world.is_main:
-        result = write_report(run_dir, result)
-    log.close()
-    stop_flag.restore()
+    try:
+        stopped = train_loop(parts, cfg, checkpointer, batches, log,
+                             StopPolicy(stop_flag, cfg.train.max_time_s, accelerator.device))
+        batches.close()  # the loader's workers end here (on an exception, in `finally`)
+        if trainer.step >= cfg.train.steps and (trainer.resumed_step is None or trainer.step > trainer.resumed_step):
+            checkpointer.save(trainer.step, parts.state, world.rank, accelerator.wait_for_everyone)
+        exit_code = EXIT_REQUEUE if stopped == "signal" else 0
+        result = {"steps": trainer.step, "samples_seen": trainer.samples_seen, "wall_s": time.monotonic() - started,
+                  "exit_code": exit_code, "stopped": stopped, "checkpoint": str(checkpointer.latest())}
+        if exit_code == 0 and train_eval.enabled(cfg.eval):
+            result.update(evaluate(parts, cfg, log))
+        if world.is_main:
+            result = write_report(run_dir, result)
+    finally:
+        batches.close()  # idempotent; on an exception the workers must not keep the process alive
+        log.close()
+        stop_flag.restore()
     # Every rank leaves together and the process group is destroyed: a rank exiting early left its peer in a
     # 300 s exit barrier (NOTES.md).
     accelerator.wait_for_everyone()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from typing import Callable
 
 import numpy as np
@@ -30,15 +29,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from data_prep.layout import IMAGE_EXTS, frame_number
 from pipeline.models.towers import image_mean_std
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # The image formats a shard member may hold: PIL's other plugins (EPS runs Ghostscript, for one) stay unused.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_DECODE_PIXELS = 8192 * 8192
 """Images claiming more pixels are refused from their header, before any decoding (a 100-byte PNG can claim
 100k x 100k pixels); PIL's own bomb check only warns below twice its 89M-pixel limit."""
-_FRAME = re.compile(r"^f(\d+)\.(jpg|jpeg|png|webp)$")  # video samples: {key}.f0000.jpg (data_prep issue 4)
 
 
 def image_transform(model_cfg: dict, is_train: bool) -> T.Compose:
@@ -161,7 +159,7 @@ def decode_fields(sample: dict, *fields: str) -> tuple:
 
 def media_keys(sample: dict) -> tuple[list[str], bool]:
     """The sample's image member(s) and whether it is a video: frame members in time order, else one image."""
-    frames = sorted((int(m.group(1)), k) for k in sample if (m := _FRAME.match(k)))
+    frames = sorted((n, k) for k in sample if (n := frame_number(k)) is not None)
     if frames:
         return [k for _, k in frames], True
     for ext in IMAGE_EXTS:

@@ -41,7 +41,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("train.steps=ten", "'train.steps' expects int"),
     ("train.steps=0", "'train.steps': must be positive"),
     ("data.batch_size=true", "'data.batch_size' expects int"),
-    ("objective.mae=1.0", "'objective.mae': needs objective.flip_mask_ratio > 0"),
+    ("objective.mae=1.0", "'objective.mae': needs objective.flip.mask_ratio > 0"),
     ("train=3", "'train' is a section"),
     ("justakey", "--set expects section.key=value"),
 ])
@@ -63,7 +63,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_describe_lists_every_key_with_choices():
     text = "\n".join(describe())
     assert "train.precision = 'fp32'  (one of fp32, bf16, fp16)" in text
-    assert "data.train_shards" in text and "objective.flip_mask_ratio" in text
+    assert "data.train_shards" in text and "objective.flip.mask_ratio" in text
 
 
 @pytest.mark.parametrize("override, message", [

@@ -284,7 +284,7 @@ def test_real_video_shards_from_plait_prep(tmp_path, tokenize, transform):
     table.write_text("url,caption\n" + "".join(f"{v},a clip of {v.stem}\n" for v in videos))
     out = tmp_path / "shards"
     prep(["shard", "--input", str(table), "--video", "--num-frames", "5", "--image-size", "48", "--output",
-          str(out), "--processes", "1", "--no-progress"])
+          str(out), "--processes", "1", "--no-progress", "--local-root", str(videos[0].parent)])
     spec = str(out / "00000.tar")
     one = take(stream(spec, tokenize, transform, num_workers=0, batch_size=2), 1)[0]
     assert one["image"].shape == (2, 3, SIZE, SIZE)

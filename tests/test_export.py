@@ -140,30 +140,22 @@ def test_sigmoid_model_carries_init_logit_bias_and_loads_strictly(tmp_path):
     assert torch.load(out / "open_clip_model.pt", weights_only=True)["logit_bias"].item() == -6.25
 
 
-def test_safetensors_export_with_heads_dtype_and_ema(run, tmp_path):
-    # A checkpoint that kept EMA weights and an objective head (written here the way the loop would).
+def test_safetensors_export_with_heads_and_dtype(run, tmp_path):
+    # A checkpoint with an objective head (written here the way the loop would).
     src = Path(ex.checkpoint_dir(run["run_dir"]))
     ckpt = tmp_path / "run" / "checkpoints" / src.name
     shutil.copytree(src, ckpt)
     model = load_file(ckpt / "model.safetensors")
     model["heads.mae.decoder.weight"] = torch.randn(8, 4)
     save_file(model, ckpt / "model.safetensors")
-    ema = {k: v + 0.5 if k == "clip.logit_scale" else v for k, v in model.items()}
-    save_file(ema, ckpt / "ema.safetensors")
 
     out = tmp_path / "raw"
     assert plait.main(["export", str(ckpt), "--format", "safetensors", "--heads", "--dtype", "fp16",
                        "--out", str(out)]) == 0
     towers, heads = load_file(out / "towers.safetensors"), load_file(out / "heads.safetensors")
     assert towers["visual.conv1.weight"].dtype == torch.float16
-    assert_close(towers["logit_scale"].float(), (model["clip.logit_scale"] + 0.5).half().float(), rtol=1e-3)
+    assert torch.equal(towers["logit_scale"], model["clip.logit_scale"].half())
     assert list(heads) == ["mae.decoder.weight"]
-    assert json.loads((out / "plait_metadata.json").read_text())["weights"] == "ema"
-
-    assert plait.main(["export", str(ckpt), "--format", "open_clip", "--weights", "online",
-                       "--out", str(tmp_path / "online")]) == 0
-    online = load_file(tmp_path / "online" / "open_clip_model.safetensors")
-    assert torch.equal(online["logit_scale"], model["clip.logit_scale"])
 
 
 def test_failed_self_check_keeps_nothing(run, tmp_path, monkeypatch):
@@ -187,3 +179,46 @@ def test_failed_self_check_keeps_nothing(run, tmp_path, monkeypatch):
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert plait.main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_export_refuses_a_directory_it_did_not_write_and_replaces_its_own(run, tmp_path, capsys):
+    # --out pointing at the run directory once replaced the run's checkpoints and metrics with the export.
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["run_dir"], run_dir)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert plait.main(["export", str(run_dir), "--out", str(run_dir)]) == 2
+    assert "not a plait export" in capsys.readouterr().err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert plait.main(["export", str(run_dir), "--format", "safetensors", "--out", str(notes)]) == 2
+    assert (notes / "todo.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    assert plait.main(["export", str(run_dir), "--out", str(tmp_path / "file")]) == 2
+
+    # New, empty, or an earlier export: written (and re-written) in place.
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    assert plait.main(["export", str(run_dir), "--format", "safetensors", "--out", str(empty)]) == 0
+    assert plait.main(["export", str(run_dir), "--format", "safetensors", "--out", str(out)]) == 0
+    assert plait.main(["export", str(run_dir), "--format", "safetensors", "--dtype", "bf16", "--out", str(out)]) == 0
+    assert load_file(out / "towers.safetensors")["logit_scale"].dtype == torch.bfloat16
+    assert (out / ".plait-export").is_file() and (empty / "towers.safetensors").is_file()
+
+
+def test_exported_and_checkpoint_files_follow_the_umask(run, tmp_path):
+    import os
+    previous = os.umask(0o022)
+    try:
+        out = ex.export(ex.load_source(run["run_dir"]), "safetensors", tmp_path / "out")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes["towers.safetensors"] == 0o644 and modes["out"] == 0o755, modes
+    assert set(modes.values()) <= {0o644, 0o755}, modes
+    ckpt = ex.checkpoint_dir(run["run_dir"])  # written by the fixture's training run under the default umask
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (ckpt / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

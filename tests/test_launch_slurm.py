@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from launch import cli, slurm
+from tolerance import assert_close
 
 try:
     from slurm_cluster import SlurmCluster
@@ -239,7 +240,7 @@ def _assert_same_training(run_dir: Path, reference: Path) -> None:
     remote, here = _final_weights(run_dir), _final_weights(reference)
     assert remote.keys() == here.keys()
     for name in here:
-        torch.testing.assert_close(remote[name], here[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(remote[name], here[name], rtol=1e-4, scale_rtol=1e-3, name=name)
 
 
 def test_two_node_training_matches_local_four_process_run(slurm_env, train_shards, local_reference, tmp_path):

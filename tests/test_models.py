@@ -10,7 +10,7 @@ from pipeline.models.mae_decoder import patchify
 from pipeline.models.masking import IGNORE_INDEX, keep_to_mask, mask_tokens, num_masked, random_keep
 from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
-from pipeline.models.towers import build_clip, encode_image_tokens, encode_text_tokens
+from pipeline.models.towers import build_clip, encode_image_tokens, encode_text_tokens, text_padding_mask
 from tolerance import assert_close, close
 
 pytestmark = pytest.mark.numeric
@@ -311,3 +311,17 @@ def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_voc
     assert_close(picked_sampled, picked_full, rtol=1e-5)
     objective(sampled, batch, 0)[0].backward()
     assert model.clip.token_embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("trim,pack", [(True, True), (True, False), (False, False)])
+def test_shared_encoding_gives_the_text_tokens_a_unit_needs_in_every_text_mode(clip, text, trim, pack):
+    """A unit that declares Needs(text_tokens=True) gets the text tower's tokens at the caption positions, whether the
+    pass is packed, trimmed or over the whole context, and they equal the plain token-level forward's there."""
+    from pipeline.models.encoding import Needs, encode_batch
+    with torch.no_grad():
+        enc = encode_batch(clip, {"image": torch.randn(4, 3, 64, 64), "text": text}, Needs(text_tokens=True),
+                           trim=trim, pack=pack)
+        _, plain = encode_text_tokens(clip, text)                  # [B, 32, W]
+    assert enc.text_tokens is not None and torch.equal(enc.text_ids, text[:, :enc.text_ids.shape[1]])
+    real = ~text_padding_mask(text)[:, :enc.text_ids.shape[1]]  # [B, L'] the caption positions
+    assert_close(enc.text_tokens[real], plain[:, :enc.text_ids.shape[1]][real], rtol=1e-5)

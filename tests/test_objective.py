@@ -1,13 +1,15 @@
 """The objective: augment's masks per step, every configuration end to end, and short optimisation runs."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-from pipeline.config import ObjectiveConfig, load_config
+from pipeline.config import ObjectiveConfig, load_config, save_config
 from pipeline.distributed import World
 from pipeline.losses.adversarial import AdversarialLoss
 from pipeline.models.model import build_model
@@ -32,6 +34,8 @@ CONFIGS = {
     "ae_bilinear": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "bilinear"},
     "ae_attention": {"contrastive": 0.0, "autoencoder": 1.0, "fusion": "attention"},
     "adversarial": {"adversarial": 0.1, "adversarial_warmup_steps": 4},
+    "itm": {"itm": {"weight": 1.0, "layers": 1}},
+    "flip_itm": {"flip": {"mask_ratio": 0.5}, "itm": {"weight": 1.0, "layers": 1}},
 }
 
 
@@ -135,7 +139,7 @@ def test_alternating_adversarial_updates_train_one_player_per_step():
 
 @pytest.mark.parametrize("name,key,ratio", [("flip_mae_mlm", "mae", 0.8), ("flip_mae_mlm", "mlm", 0.6),
                                             ("ae_bilinear", "autoencoder", 0.6), ("contrastive", "contrastive", 0.6),
-                                            ("siglip", "siglip", 0.6)])
+                                            ("siglip", "siglip", 0.6), ("flip_itm", "itm", 0.8)])
 def test_short_optimisation_lowers_each_loss(name, key, ratio):
     """Fifty AdamW steps on one fixed batch: each objective's own loss falls well below its start (MAE less:
     the masked patches of noise images are partly unpredictable)."""
@@ -169,8 +173,39 @@ def test_clamp_keeps_the_temperature_in_range():
 def test_objective_options_are_selectable_from_config():
     cfg = load_config(None, ["objective.contrastive=0", "objective.autoencoder=1", "objective.fusion=bilinear",
                              "objective.siglip=0.5", "objective.siglip_exchange=shift"])
-    assert (cfg.objective.autoencoder, cfg.objective.fusion, cfg.objective.siglip_exchange) == (1.0, "bilinear", "shift")
+    assert (cfg.objective.autoencoder.weight, cfg.objective.autoencoder.fusion, cfg.objective.siglip.exchange) == (
+        1.0, "bilinear", "shift")
     with pytest.raises(ValueError, match="objective.fusion"):
         load_config(None, ["objective.fusion=sum"])
     with pytest.raises(ValueError, match="objective.mae"):
         load_config(None, ["objective.mae=1"])
+
+
+def test_checkpoint_layout_is_unchanged_by_the_objective_units():
+    """The model's parameter names, shapes and order (the optimizer state's indexing) and its state-dict keys equal
+    those recorded from the code before the objective units (tests/golden/model_keys_before_units.json, written by
+    the old build_model from the old flat keys): checkpoints written before load, and resume their optimizer."""
+    golden = json.loads((Path(__file__).parent / "golden" / "model_keys_before_units.json").read_text())
+    for name, recorded in golden.items():
+        model = build_model(model_config("tiny"), ObjectiveConfig(**recorded["objective"]))
+        assert [[n, list(p.shape)] for n, p in model.named_parameters()] == recorded["parameters"], name
+        assert sorted(model.state_dict()) == recorded["state_dict"], name
+
+
+def test_old_flat_keys_and_unit_sections_give_the_same_config(tmp_path):
+    flat = tmp_path / "flat.toml"
+    flat.write_text('[objective]\ncontrastive = 1.0\nflip_mask_ratio = 0.5\nmae = 0.5\nmae_decoder = "self"\n'
+                    'mlm = 0.2\nmlm_candidates = 64\n')
+    sections = tmp_path / "sections.toml"
+    sections.write_text('[objective.contrastive]\nweight = 1.0\n[objective.flip]\nmask_ratio = 0.5\n'
+                        '[objective.mae]\nweight = 0.5\ndecoder = "self"\n[objective.mlm]\nweight = 0.2\ncandidates = 64\n')
+    with pytest.warns(DeprecationWarning, match="objective.mae_decoder is deprecated: write objective.mae.decoder"):
+        old = load_config(flat)
+    assert old == load_config(sections)
+    assert old.objective.mae.decoder == "self" and old.objective.mlm.candidates == 64
+    # the resolved config a run writes uses the sections, and reads back the same
+    save_config(old, tmp_path / "resolved.toml")
+    assert "[objective.mae]" in (tmp_path / "resolved.toml").read_text()
+    assert load_config(tmp_path / "resolved.toml") == old
+    with pytest.raises(ValueError, match="objective.mae.decoder.*given as objective.mae_decoder"):
+        load_config(None, ["objective.flip_mask_ratio=0.5", "objective.mae=1", "objective.mae_decoder=sideways"])

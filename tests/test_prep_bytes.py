@@ -21,6 +21,8 @@ from tests.test_prep_resume import _digest, _table
 
 TARGET = 150_000
 
+PHOTOS = "/usr/share/doc/opencv-doc"  # the tables name photos here: a folder the tests allow explicitly
+
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
@@ -30,7 +32,8 @@ def table(tmp_path_factory) -> Path:
 
 
 def _args(table: Path, out: Path, *extra: str) -> list[str]:
-    return ["shard", "--no-progress", "--processes", "1", "--image-size", "64", "--no-dedup", "--input", str(table),
+    return ["shard", "--no-progress", "--processes", "1", "--image-size", "64", "--no-dedup", "--local-root", PHOTOS,
+            "--input", str(table),
             "--output", str(out), *extra]
 
 
@@ -118,8 +121,8 @@ def test_plan_is_written_once_and_refuses_other_settings(tmp_path, table):
     assert first.sizing["pilot_rows"] == 3 and later.sizing == first.sizing
     assert later.rows_per_shard == first.sizing["samples_per_shard"]
     assert not list(out.glob("_plan.json.candidate-*"))
-    for changed, key in ((["--shard-bytes", "200KB"], "shard_bytes"), ([], "shard_bytes"),
-                         (["--shard-bytes", "100KB", "--samples-per-shard", "10"], "samples_per_shard")):
+    for changed, key in ((["--shard-bytes", "200KB"], "--shard-bytes"), ([], "--shard-bytes"),
+                         (["--shard-bytes", "100KB", "--samples-per-shard", "10"], "--samples-per-shard")):
         with pytest.raises(ValueError, match=key):
             main(_args(table, out, *changed))
 
@@ -148,7 +151,8 @@ def test_rows_for_bytes_is_pure_arithmetic():
 
 def test_a_job_with_fewer_shards_than_processes_says_how_to_use_them_all(tmp_path, table, capsys):
     """Processes own whole shards: one big shard on 2 processes leaves one idle, and the summary says so."""
-    main(["shard", "--no-progress", "--processes", "2", "--image-size", "64", "--no-dedup", "--input", str(table),
+    main(["shard", "--no-progress", "--processes", "2", "--image-size", "64", "--no-dedup", "--local-root", PHOTOS,
+          "--input", str(table),
           "--output", str(tmp_path / "o")])
     rows = _manifest(tmp_path / "o")["num_input_rows"]
     assert f"1 shard(s) for 2 processes, so 1 sat idle; --samples-per-shard {-(-rows // 4)} or less" in \

@@ -30,21 +30,22 @@ def test_fsspec_input_and_output_and_dedup_against_earlier(tmp_path):
     fs = fsspec.filesystem("memory")
     fs.pipe("/in/table.jsonl", "".join(json.dumps({"url": p, "caption": f"p{i}"}) + "\n"
                                         for i, p in enumerate(photos)).encode())
+    roots = ["--local-root", "/usr/share/doc/opencv-doc", "--local-root", str(tmp_path)]  # a remote table: no default
     main(["shard", "--input", "memory://in/table.jsonl", "--output", "memory://out", "--processes", "1",
-          "--no-progress", "--image-size", "64"])
+          "--no-progress", "--image-size", "64", *roots])
     assert json.loads(fs.cat("/out/sizes.json")) == {"00000.tar": 6}
     assert not [p for p in fs.find("/out") if p.endswith(".tmp")]
     assert main(["verify", "memory://out"]) == 0
 
     first = tmp_path / "first"
     main(["shard", "--input", "memory://in/table.jsonl", "--output", str(first), "--processes", "1",
-          "--no-progress", "--image-size", "64"])
+          "--no-progress", "--image-size", "64", *roots])
     extra = tmp_path / "new.jpg"
     extra.write_bytes(jpeg_bytes(asymmetric_rgb(80, 80)))
     fs.pipe("/in/more.jsonl", "".join(json.dumps({"url": p, "caption": "again"}) + "\n"
                                        for p in [photos[2], str(extra)]).encode())
     second = tmp_path / "second"
     main(["shard", "--input", "memory://in/more.jsonl", "--output", str(second), "--processes", "1",
-          "--no-progress", "--dedup-against", str(first / "samples.parquet")])
+          "--no-progress", "--dedup-against", str(first / "samples.parquet"), *roots])
     recs = pq.read_table(second / "samples.parquet").to_pylist()
     assert [r["reason"] for r in recs] == ["duplicate of an earlier dataset", None]

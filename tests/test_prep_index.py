@@ -155,3 +155,15 @@ def test_merge_of_a_foreign_folder_indexes_it_and_a_bad_sizes_json_is_rewritten(
         parse_spec(str(folder / "shard-000000.tar"))
     assert prep(["merge", str(folder)]) == 0  # before: "not a plait dataset folder (no _plan.json)"
     assert json.loads((folder / "sizes.json").read_text()) == {"shard-000000.tar": 4, "shard-000001.tar": 4}
+
+
+def test_a_tar_cut_between_two_members_is_not_indexed(tmp_path):
+    folder = tmp_path / "cut"
+    shardwriter_folder(folder, n=8, per_shard=8)
+    tar = folder / "shard-000000.tar"
+    with tarfile.open(tar) as t:
+        members = t.getmembers()
+    cut = members[-3].offset  # the header of a later member: a writer killed between two members
+    tar.write_bytes(tar.read_bytes()[:cut])
+    assert prep(["index", str(folder), "--no-progress"]) == 1
+    assert json.loads((folder / "sizes.json").read_text()) == {}

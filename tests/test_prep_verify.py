@@ -33,7 +33,7 @@ def _table(tmp_path: Path, urls: list[str]) -> Path:
 
 def _shard(table: Path, out: Path, per: int) -> None:
     main(["shard", "--input", str(table), "--output", str(out), "--samples-per-shard", str(per),
-          "--image-size", "48", "--processes", "1", "--no-progress"])
+          "--image-size", "48", "--processes", "1", "--no-progress", "--local-root", "/usr/share/doc/opencv-doc"])
 
 
 def _writer_folder(folder: Path, shards: int = 2, per: int = 4) -> None:

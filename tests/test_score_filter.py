@@ -346,3 +346,16 @@ def test_launch_score_renders_a_quoted_array_and_a_dependent_filter(tmp_path, ca
     assert shlex.split(line)[1:] == [sys.executable, "-m", "data_prep.cli", "filter", dataset, "--output", "new set",
                                      "--top-fraction", "0.3", "--scores", f"{dataset}/s"]
     assert "pwned" not in filt.replace(line, "")
+
+
+def test_truncated_shard_records_every_missing_key(data, tmp_path):
+    ds = tmp_path / "ds"
+    noisy_dataset(ds, n=200, per_shard=100)
+    tar = ds / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # killed copy: half a tar
+    summary = score(ScoreOptions(str(ds), str(data["untrained"]), num_workers=1, progress=False))
+    rows = read_scores(ds / "scores")
+    assert len(rows) == 200 and summary["num_samples"] == 200
+    lost = [r for r in rows.values() if r["score"] is None]
+    assert 40 <= len(lost) <= 60 and all(r["reason"].startswith("unreadable shard (TarFormatError") for r in lost)
+    assert list(summary["shard_errors"]) == ["00001.tar"]

