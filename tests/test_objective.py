@@ -209,3 +209,18 @@ def test_old_flat_keys_and_unit_sections_give_the_same_config(tmp_path):
     assert load_config(tmp_path / "resolved.toml") == old
     with pytest.raises(ValueError, match="objective.mae.decoder.*given as objective.mae_decoder"):
         load_config(None, ["objective.flip_mask_ratio=0.5", "objective.mae=1", "objective.mae_decoder=sideways"])
+
+
+def test_model_card_reads_old_flat_and_new_section_configs_alike():
+    """A checkpoint's stored config.toml, before the units (flat keys) or after (sections): the card lists the same
+    weighted objectives, each with its unit's description."""
+    from pipeline.model_card import training_metadata
+    flat = 'contrastive = 1.0\nflip_mask_ratio = 0.5\nmae = 0.5\nmae_decoder = "self"\nitm = 0.0\n'
+    sections = ('[objective.contrastive]\nweight = 1.0\n[objective.flip]\nmask_ratio = 0.5\n'
+                '[objective.mae]\nweight = 0.5\ndecoder = "self"\n')
+    metas = [training_metadata({"config": "[objective]\n" + flat}, None),
+             training_metadata({"config": sections}, None)]
+    for meta in metas:
+        assert meta["objectives"] == {"contrastive": 1.0, "mae": 0.5}
+        assert [line.split(":")[0] for line in meta["objective_descriptions"]] == ["contrastive", "FLIP", "MAE"]
+        assert "MAE self-attention decoder" in meta["objective_descriptions"][2]
