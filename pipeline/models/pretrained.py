@@ -226,8 +226,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     key = "config key 'model.pretrained'"
     head = path.open("rb").read(9)
+    if not (head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")):
+        raise ValueError(f"{key}: {path} is not a weights file (neither safetensors nor a torch.save archive)")
     try:
-        if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
             return load_file(path)
         # torch.save's zip archive, or a legacy pickle; weights_only refuses any object that is not a tensor,
         # a container or a number (a pickle that would construct objects, i.e. run code)
