@@ -65,7 +65,7 @@ def _numbered(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: (int(m.group()) if (m := re.search(r"\d+", p.stem)) else -1, p.name))
 
 
-def resolve(data: str, split: str = "test", allow_pipe: bool = False, flag: str = "--allow-pipe") -> EvalSet:
+def resolve(data: str, split: str = "test", allow_pipe: bool = False, flag: str = "") -> EvalSet:
     """An EvalSet from a clip_benchmark root, a folder of shards, or a shard spec (`a/{0..9}.tar::b/x.tar`);
     a `pipe:` spec (a shell command) only with `allow_pipe` (`flag` names the user's switch in the error)."""
     root = Path(data)

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    data = resolve(args.data, args.split, allow_pipe=args.allow_pipe)
+    data = resolve(args.data, args.split, allow_pipe=args.allow_pipe, flag="--allow-pipe")
     classnames = read_lines(args.classnames) if args.classnames else data.classnames
     templates = read_templates(args.templates) if args.templates else data.templates or DEFAULT_TEMPLATES
     train_data = args.train_data
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         result["retrieval"] = retrieval(model, loaded.tokenize, data.urls, loaded.transform, args.batch_size,
                                         device, args.max_samples, world, allow_pipe=args.allow_pipe)
     if "linear_probe" in tasks:
-        train_urls = resolve(train_data, "train", allow_pipe=args.allow_pipe).urls
+        train_urls = resolve(train_data, "train", allow_pipe=args.allow_pipe, flag="--allow-pipe").urls
         train = image_features(model, train_urls, loaded.transform, args.batch_size, device,
                                args.train_max_samples, world, allow_pipe=args.allow_pipe)
         test = image_features(model, data.urls, loaded.transform, args.batch_size, device, args.max_samples, world,

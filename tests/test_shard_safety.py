@@ -138,6 +138,8 @@ def test_pipe_specs_are_refused_unless_allowed(trapped, tmp_path):
     command = f"pipe:touch {ran}; cat {trapped['shard']}"
     for spec in (command, f"{trapped['shard']}::{command}", "{" + command + ",x}"):
         with pytest.raises(PipeRefused, match="pipe: URL, which runs a shell command: refused; pass --allow-pipe"):
+            resolve(spec, flag="--allow-pipe")
+        with pytest.raises(PipeRefused, match="runs a shell command: refused$"):  # finetune: no such switch
             resolve(spec)
     with pytest.raises(ValueError, match="data.train_shards: .* holds a pipe: command"):
         parse_spec(command)
@@ -146,6 +148,7 @@ def test_pipe_specs_are_refused_unless_allowed(trapped, tmp_path):
     with pytest.raises(PipeRefused):
         list(batches([command], _transform, "cls", 4))
     assert plait.main(["eval", str(tmp_path / "no-model"), "--data", command]) == 2
+    assert plait.main(["finetune", str(tmp_path / "no-model"), "--train-data", command, "--test-data", command]) == 2
     assert not ran.exists()
     # The user's own command, explicitly allowed, runs and its output is read like the shard itself.
     allowed = resolve(command, allow_pipe=True)
