@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEB_PKGS := dataset-fashion-mnist opencv-doc mate-backgrounds
 DEB_STAMP := $(VENV)/.debs
 
-.PHONY: demo test install clean-runs
+.PHONY: demo test test-numeric install clean-runs
 
 install: $(STAMP) $(DEB_STAMP)
 
@@ -32,9 +32,19 @@ $(DEB_STAMP): $(VENV)/bin/python
 demo: install
 	$(BIN)/plait demo
 
+# The tests marked `numeric` compare floats between code paths; fp32 rounds differently through torch's AVX-512,
+# AVX2 and default kernels, so they run again under each capability this CPU has besides its own.
 test: install
 	@if [ -x scripts/install_slurm.sh ]; then scripts/install_slurm.sh; fi
 	$(BIN)/python -m pytest tests
+	@$(MAKE) --no-print-directory test-numeric
+
+test-numeric: install
+	@caps=$$(env -u ATEN_CPU_CAPABILITY $(BIN)/python scripts/cpu_capabilities.py) || exit 1; \
+	for cap in $$caps; do \
+	  echo "numeric tests again with ATEN_CPU_CAPABILITY=$$cap"; \
+	  ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest tests -m numeric -p no:cacheprovider || exit 1; \
+	done
 
 clean-runs:
 	rm -rf runs

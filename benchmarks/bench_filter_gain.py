@@ -68,7 +68,8 @@ def train_on(shards: str, test_shards: str, run_dir: Path, steps: int) -> dict:
                                     f"eval.classnames={json.dumps(list(FASHION_MNIST_CLASSES))}",
                                     f"train.run_dir={json.dumps(str(run_dir))}", f"train.steps={steps}",
                                     "train.max_time_s=100000.0"])
-    return train(cfg)
+    # a killed experiment continues from its last checkpoint (plait's resume is exact: same data order)
+    return train(cfg, resume="auto")
 
 
 def main(argv: list[str] | None = None) -> int:

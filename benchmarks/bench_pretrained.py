@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -105,6 +106,16 @@ def recording_batches(store: list):
         train_module.forward_backward = real
 
 
+def fresh_run_dir(run_dir: Path) -> Path:
+    """An empty run dir: a previous run's metrics and checkpoints would mix with this one's (a plait run dir,
+    recognised by its config.toml, is removed; anything else is refused)."""
+    if run_dir.exists():
+        if not (run_dir / "config.toml").is_file():
+            raise ValueError(f"{run_dir} exists and is not a plait run dir: choose another --work")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
 def first_logged_loss(run_dir: Path) -> float:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -115,7 +126,7 @@ def first_logged_loss(run_dir: Path) -> float:
 
 def continued_pretraining(export: Path, shards: dict, work: Path, overrides: list[str], steps: int) -> dict:
     batches: list = []
-    run_dir = work / "continued"
+    run_dir = fresh_run_dir(work / "continued")
     with recording_batches(batches):
         cfg = load_config("demo", [*overrides, f"train.run_dir='{run_dir}'", f"model.pretrained='{export}'",
                                    "model.lock_image=true", f"train.steps={steps}", "train.log_every=1",
@@ -191,11 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_samples = 200 if args.smoke else 0
     base = [f"data.train_shards='{shards['train']}'", f"eval.zeroshot_shards='{shards['test']}'",
             f"eval.classnames={json.dumps(list(FASHION_MNIST_CLASSES))}", f"eval.max_samples={eval_samples}", *sizes]
-    demo_prompts = load_config("demo").eval.templates
 
     runs = {}
     for name, preset in (("demo (text from scratch)", "demo"), ("LiT (locked MiniLM)", "lit-fmnist")):
-        run_dir = work / preset
+        run_dir = fresh_run_dir(work / preset)
         cfg = load_config(preset, [*base, f"train.run_dir='{run_dir}'"])
         result = train_module.run(cfg)
         loaded = load_model(result["checkpoint"])

@@ -41,7 +41,7 @@ from data_prep.options import option
 from data_prep.score import PLAN as SCORE_PLAN
 from data_prep.score import open_dataset
 from data_prep.tarwalk import TarFormatError, iter_members, split_name
-from data_prep.writer import END_OF_ARCHIVE, OutputDir, _HashingWriter, reason_kind, tar_header
+from data_prep.writer import END_OF_ARCHIVE, HashingWriter, OutputDir, reason_kind, tar_header
 
 DECISIONS = "_filter_decisions.parquet"
 CAPTION_RULES = ("min-words", "max-words", "min-chars", "max-chars", "exclude")
@@ -251,7 +251,7 @@ def copy_shard(src: OutputDir, out: OutputDir, name: str, records: list[dict], k
     stem = name.removesuffix(".tar")
     keys, offsets, found = [], [], set()
     with src.fs.open(src.path(name), "rb") as f, out.open_atomic(name) as raw:
-        hw = _HashingWriter(raw)
+        hw = HashingWriter(raw)
         want = lambda member: (s := split_name(member)) is not None and s[0] in kept
         try:
             for member, payload, size in iter_members(f, want):

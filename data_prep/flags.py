@@ -54,7 +54,8 @@ def _metavar(name: str, base: type) -> str:
 
 def add_options(group: argparse._ArgumentGroup, cls: type) -> None:
     """One flag per field of `cls`: `--field-name`, typed, its docstring as help, choices and bounds from
-    `options.option`, older spellings as aliases. The dataclass is the only place that states a default."""
+    `options.option`, older spellings as aliases; `option(positional=True)` makes an operand instead. The dataclass
+    is the only place that states a default."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         m, hint = f.metadata, hints[f.name]
@@ -85,6 +86,10 @@ def add_options(group: argparse._ArgumentGroup, cls: type) -> None:
             kw["metavar"] = m.get("metavar") or (None if kw["choices"] else _metavar(f.name, base))
             kw["required"] = required
         kw["default"] = m["cli_default"] if "cli_default" in m else None if m.get("repeat") else default
+        if m.get("positional"):  # an operand rather than a flag: the dataset or model a command works on
+            kw["metavar"] = m.get("metavar")
+            group.add_argument(f.name, **{k: v for k, v in kw.items() if k in ("help", "type", "metavar")})
+            continue
         group.add_argument(*flags, **kw)
         for neg in m.get("negative", ()):
             group.add_argument(neg, dest=f.name, action="store_false", help=f"same as --no-{flag_of(f.name)[2:]}")

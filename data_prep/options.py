@@ -116,8 +116,21 @@ class SourceOptions:
     repeatable. Default: the table's own folder (none for a table that is not local: its local paths are
     refused). Relative paths start from the table's folder. Rows pointing elsewhere are rejected"""
 
+    label_col: str | None = option(None, metavar="COL")
+    """column with each row's class: integer ids are written as they are; class names are mapped to ids in
+    sorted order (or the order of --classnames), the same in every array task, and the list is written to
+    classnames.txt beside the shards, where plait eval and plait finetune find it. Writes {key}.cls (and the
+    name as "label" in {key}.json); a row without a label is rejected"""
+    classnames: str | None = option(None, metavar="FILE")
+    """with --label-col: one class name per line, in id order; a name not in it rejects its row (default: the
+    sorted unique names of the column, found in one pass over the input when the job starts)"""
+
     def __post_init__(self) -> None:
         validate(self)
+        if self.classnames and not self.label_col:
+            raise ValueError(f"--classnames {self.classnames!r}: needs --label-col (the column to map)")
+        if self.label_col and self.input_format in ("folder", "txt", "yfcc100m", "fashion-mnist"):
+            raise ValueError(f"--label-col {self.label_col!r}: needs a table input, not {self.input_format}")
         bad = set(self.yfcc_caption) - {"title", "description", "tags"}
         if bad:
             raise ValueError(f"--yfcc-caption {','.join(sorted(bad))!r}: expected title, description and/or tags")
@@ -250,6 +263,9 @@ class JobOptions:
     sizing: dict[str, Any] | None = option(None, no_flag=True)
     """With shard_bytes: the pilot's result (see `run.resolve_sizing`), recorded in `_plan.json` so that resumes
     and array tasks reuse it; derived, not a setting, so never compared between runs."""
+    class_names: tuple[str, ...] | None = option(None, no_flag=True)
+    """With --label-col: the class names in id order (see `labels.plan_labels`), recorded in `_plan.json` by the
+    task that writes it, so that every task maps a name to the same id; derived, never compared."""
     input_fingerprint: dict[str, Any] | None = option(None, no_flag=True)
     """The input's size and modification time (see `sources.input_fingerprint`), recorded in `_plan.json` when
     the job starts: a resume or array task that finds another is refused."""
@@ -297,7 +313,8 @@ class JobOptions:
             output=d["output"], source=build(SourceOptions, d["source"]), fetch=build(FetchOptions, d["fetch"]),
             image=build(ImageOptions, d["image"]), video=build(VideoOptions, d.get("video", {})),
             samples_per_shard=d["samples_per_shard"], dedup=d["dedup"], dedup_against=d.get("dedup_against"),
-            shard_bytes=d.get("shard_bytes"), sizing=d.get("sizing"), input_fingerprint=d.get("input_fingerprint"))
+            shard_bytes=d.get("shard_bytes"), sizing=d.get("sizing"), input_fingerprint=d.get("input_fingerprint"),
+            class_names=tuple(d["class_names"]) if d.get("class_names") else None)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from typing import Any
 from data_prep import layout, manifest
 from data_prep.merge import expected_shards, merge, read_plan
 from data_prep.run import build_units, format_summary
-from data_prep.sources import input_fingerprint, read_rows
+from data_prep.access import input_fingerprint
+from data_prep.sources import read_rows
 from data_prep.writer import OutputDir, shard_name
 
 

@@ -20,10 +20,12 @@ from typing import Any, Callable, Iterator
 
 from data_prep import layout, manifest
 from data_prep import merge as merge_mod
+from data_prep.access import input_fingerprint
+from data_prep.labels import plan_labels
 from data_prep.options import JobOptions, flag_of, format_size
 from data_prep.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
 from data_prep.pool import build_in_process, build_in_workers
-from data_prep.sources import Row, count_rows, input_fingerprint, read_rows
+from data_prep.sources import Row, count_rows, read_rows
 from data_prep.worker import build_shard
 from data_prep.writer import END_OF_ARCHIVE as TAR_END_BYTES  # fixed bytes of every shard
 from data_prep.writer import OutputDir, shard_name
@@ -45,16 +47,21 @@ def ensure_plan(out: OutputDir, opts: JobOptions, first_rows: Callable[[int], li
     if opts.input_fingerprint is None:
         opts = dataclasses.replace(opts, input_fingerprint=input_fingerprint(opts.source.input))
     if out.exists(_PLAN):
-        return _adopt(out.read_json(_PLAN), opts, log)
+        return _adopt(out, out.read_json(_PLAN), opts, log)
+    head = first_rows(_PILOT_ROWS_VIDEO if opts.video.video else PILOT_ROWS)
     if opts.shard_bytes is not None:
-        k = _PILOT_ROWS_VIDEO if opts.video.video else PILOT_ROWS
-        opts = dataclasses.replace(opts, sizing=resolve_sizing(opts, first_rows(k)))
+        opts = dataclasses.replace(opts, sizing=resolve_sizing(opts, head))
+    opts = dataclasses.replace(opts, class_names=plan_labels(opts.source, head, log))
     have = _write_once(out, _PLAN, json.loads(json.dumps(opts.to_dict())))
-    return _adopt(have, opts, log)
+    return _adopt(out, have, opts, log)
 
 
-def _adopt(have: dict[str, Any], opts: JobOptions, log: Callable[[str], None]) -> JobOptions:
+def _adopt(out: OutputDir, have: dict[str, Any], opts: JobOptions, log: Callable[[str], None]) -> JobOptions:
     _check_same_settings(have, opts)
+    if have.get("class_names"):
+        opts = dataclasses.replace(opts, class_names=tuple(have["class_names"]))
+        if not out.exists("classnames.txt"):  # beside the shards, where eval and finetune look for it
+            out.write_bytes("classnames.txt", ("\n".join(opts.class_names) + "\n").encode())
     if opts.shard_bytes is None:
         return opts
     if not have.get("sizing"):
@@ -101,7 +108,7 @@ def _brief(fingerprint: dict[str, Any]) -> str:
 _RUNTIME = {"threads", "max_per_host", "timeout_s", "retries", "backoff_s", "max_retry_after_s"}
 # not settings: where the job writes (may be spelled differently), what the pilot derived from the settings, and
 # the input's fingerprint (checked above with its own message)
-_DERIVED = {"output", "sizing", "input_fingerprint"}
+_DERIVED = {"output", "sizing", "input_fingerprint", "class_names"}
 
 
 def _write_once(out: OutputDir, name: str, obj: dict[str, Any]) -> dict[str, Any]:

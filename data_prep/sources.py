@@ -9,9 +9,9 @@ Every physical line of a line-based table is one row or a reject naming its line
 is unquoted (the YFCC100M and CC3M convention), so a caption that starts with `"` stays one caption; a CSV record
 must sit on one line, so a quote left open rejects its line instead of swallowing the lines after it.
 
-Local paths in a table (no scheme, or file://) are untrusted: `resolve_local` opens them only under the table's
-own folder or the folders named with --local-root, after resolving symlinks; a folder input is walked without
-following directory links, and a sidecar caption that is a link out of the folder rejects its row.
+Local paths a table names are checked by `data_prep.access` (under the table's folder or --local-root only); a
+folder input is walked without following directory links, and a sidecar caption that is a link out of the folder
+rejects its row.
 
 Named formats: `yfcc100m` (the tab-separated metadata dump), `webvid` (its CSV layout), `fashion-mnist` (idx gz
 files with inline pixels; class names and caption templates exported as constants for the demo's zero-shot
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import fsspec
 
+from data_prep.access import under, walk_local
 from data_prep.options import SourceOptions
 from data_prep.process import Reject
 
@@ -43,6 +44,10 @@ FASHION_MNIST_TEMPLATES = ("a photo of {}", "a product shot of {}", "an image of
                            "a close-up photo of {}")
 """Training caption templates; `{}` takes the class name with its article (see `with_article`)."""
 
+MAX_LINE_BYTES = 16 * 2**20
+"""Longest line a line-based table may have; a longer one is a reject naming its line."""
+MAX_CAPTION_FILE_BYTES = 2**20
+"""Largest sidecar caption file read from a folder input."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 _FMNIST_FILES = {"train": "train", "test": "t10k"}
@@ -76,6 +81,8 @@ class Row:
     """Set by a reader that already knows the row must be rejected (e.g. a YFCC video row)."""
     start_s: float | None = None
     end_s: float | None = None
+    label: Any = None
+    """The --label-col value as read (an id or a class name; mapped by the worker)."""
 
 
 def detect_format(path: str) -> str:
@@ -129,7 +136,8 @@ def count_rows(opts: SourceOptions) -> int | None:
 def _table_row(index: int, rec: dict[str, Any], opts: SourceOptions, url_col: str,
                caption_col: str | None) -> Row:
     row = Row(index=index, caption=rec.get(caption_col) if caption_col else None,
-              extra={c: _jsonable(rec.get(c)) for c in opts.extra_cols})
+              extra={c: _jsonable(rec.get(c)) for c in opts.extra_cols},
+              label=rec.get(opts.label_col) if opts.label_col else None)
     try:
         row.url = _url(rec.get(url_col))
         row.start_s, row.end_s = _seconds(opts.start_col, rec), _seconds(opts.end_col, rec)
@@ -159,7 +167,7 @@ def _seconds(col: str | None, rec: dict[str, Any]) -> float | None:
 
 def _check_columns(names: list[str], opts: SourceOptions, url_col: str, caption_col: str | None) -> None:
     wanted = [url_col] + ([caption_col] if caption_col else []) + list(opts.extra_cols)
-    wanted += [c for c in (opts.start_col, opts.end_col) if c]
+    wanted += [c for c in (opts.start_col, opts.end_col, opts.label_col) if c]
     missing = [c for c in wanted if c not in names]
     if missing:
         raise ValueError(f"--input {opts.input!r}: no column {missing[0]!r} (columns: {', '.join(names)})")
@@ -204,17 +212,21 @@ def _csv(opts: SourceOptions, fmt: str) -> Iterator[Row]:
     url_col, caption_col = _columns(opts, fmt)
     kind = "tsv" if fmt == "tsv" else "csv"
     with fsspec.open(opts.input, "rb", compression="infer") as f:
-        lines = ((n, raw.rstrip(b"\r\n")) for n, raw in enumerate(f, start=1))
-        lines = ((n, line) for n, line in lines if line.strip())  # blank lines hold no row
+        lines = ((n, line) for n, line in _lines(f) if line is None or line.strip())  # blank lines hold no row
         first = next(lines, None)
         if first is None:
             return
+        if first[1] is None:
+            raise ValueError(f"--input {opts.input!r}: header line {first[0]} is longer than {MAX_LINE_BYTES} bytes")
         try:
             names = [v.decode("utf-8", "replace") for v in _fields(first[1].removeprefix(b"\xef\xbb\xbf"), kind)]
         except csv.Error as e:
             raise ValueError(f"--input {opts.input!r}: header line {first[0]}: {e}") from None
         _check_columns(names, opts, url_col, caption_col)
         for index, (number, line) in enumerate(lines):
+            if line is None:
+                yield Row(index=index, skip_reason=f"{kind} line {number}: longer than {MAX_LINE_BYTES} bytes")
+                continue
             try:
                 values = _fields(line, kind)
             except csv.Error as e:
@@ -255,7 +267,7 @@ def _jsonl(opts: SourceOptions, fmt: str) -> Iterator[Row]:
         checked = False
         for index, (where, rec, error) in enumerate(records):
             if error is not None:
-                yield Row(index=index, skip_reason=f"{where}: invalid JSON ({error})")
+                yield Row(index=index, skip_reason=f"{where}: {error}")
             elif not isinstance(rec, dict):
                 yield Row(index=index, skip_reason=f"{where}: not an object ({type(rec).__name__})")
             else:
@@ -266,22 +278,46 @@ def _jsonl(opts: SourceOptions, fmt: str) -> Iterator[Row]:
 
 
 def _json_lines(f) -> Iterator[tuple[str, Any, str | None]]:
-    for number, line in enumerate(f, start=1):
+    for number, line in _lines(f):
+        if line is None:
+            yield f"jsonl line {number}", None, f"longer than {MAX_LINE_BYTES} bytes"
+            continue
         if not line.strip():
             continue
         try:
             yield f"jsonl line {number}", json.loads(line), None
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            yield f"jsonl line {number}", None, str(e)[:120]
+            yield f"jsonl line {number}", None, f"invalid JSON ({str(e)[:120]})"
 
 
 def _txt(opts: SourceOptions, fmt: str) -> Iterator[Row]:
-    with fsspec.open(opts.input, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
+    with fsspec.open(opts.input, "rb", compression="infer") as f:
         index = 0
-        for line in f:
-            if line.strip():
-                yield Row(index=index, url=line.strip())
-                index += 1
+        for number, line in _lines(f):
+            if line is None:
+                yield Row(index=index, skip_reason=f"txt line {number}: longer than {MAX_LINE_BYTES} bytes")
+            elif line.strip():
+                yield Row(index=index, url=line.decode("utf-8", "replace").strip())
+            else:
+                continue
+            index += 1
+
+
+def _lines(f) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without its end) of a binary file; None for a line longer than MAX_LINE_BYTES, which
+    is skipped to its end in bounded reads (a table that is one endless line must not fill the memory)."""
+    number = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            yield number, None
+            continue
+        yield number, line.rstrip(b"\r\n")
 
 
 def _folder(opts: SourceOptions, fmt: str) -> Iterator[Row]:
@@ -289,7 +325,7 @@ def _folder(opts: SourceOptions, fmt: str) -> Iterator[Row]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     local = protocol in ("file", "local")
     media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-    paths = sorted(p for p in (_walk_local(root) if local else fs.find(root)) if p.lower().endswith(media))
+    paths = sorted(p for p in (walk_local(root) if local else fs.find(root)) if p.lower().endswith(media))
     if not paths:
         raise ValueError(f"--input {opts.input!r}: no image or video files in this folder (a named dataset needs "
                          "--input-format, e.g. fashion-mnist)")
@@ -298,24 +334,23 @@ def _folder(opts: SourceOptions, fmt: str) -> Iterator[Row]:
         sidecar = path.rsplit(".", 1)[0] + ".txt"
         url = path if local else f"{protocol}://{path}"
         row = Row(index=index, url=url, extra={"path": path[len(root):].lstrip("/")})
-        if local and os.path.lexists(sidecar) and not _under(os.path.realpath(sidecar), (real_root,)):
+        if local and os.path.lexists(sidecar) and not under(os.path.realpath(sidecar), (real_root,)):
             row.skip_reason = "caption file outside the input folder (a link)"
         elif fs.exists(sidecar):
-            row.caption = fs.cat_file(sidecar)
+            with fs.open(sidecar, "rb") as f:
+                row.caption = f.read(MAX_CAPTION_FILE_BYTES + 1)
+            if len(row.caption) > MAX_CAPTION_FILE_BYTES:
+                row.caption, row.skip_reason = None, f"caption file larger than {MAX_CAPTION_FILE_BYTES} bytes"
         yield row
-
-
-def _walk_local(root: str) -> Iterator[str]:
-    """Files under `root`, without entering linked directories (a link to / or back to the folder itself)."""
-    for folder, _, files in os.walk(root, followlinks=False):
-        for name in files:
-            yield os.path.join(folder, name)
 
 
 def _yfcc(opts: SourceOptions, fmt: str) -> Iterator[Row]:
     with fsspec.open(opts.input, "rb", compression="infer") as f:
-        for index, raw in enumerate(f):
-            cols = raw.rstrip(b"\r\n").split(b"\t")
+        for index, (number, raw) in enumerate(_lines(f)):
+            if raw is None:
+                yield Row(index=index, skip_reason=f"yfcc line {number}: longer than {MAX_LINE_BYTES} bytes")
+                continue
+            cols = raw.split(b"\t")
             shift = 0 if len(cols) >= _YFCC_COLUMNS else -2  # the original 23-column release lacks two
             if len(cols) < _YFCC_COLUMNS - 2:
                 yield Row(index=index, skip_reason=f"yfcc row has {len(cols)} columns, expected 25")
@@ -368,79 +403,16 @@ def _decode_lenient(v: Any) -> Any:
 
 
 def _jsonable(v: Any) -> Any:
+    """A kept value as strict JSON: NaN and infinity (parquet floats, Python's json reading 'NaN') become null,
+    else `{key}.json` would not parse in other readers."""
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
-    if v is None or isinstance(v, (str, int, float, bool, list, dict)):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if v is None or isinstance(v, (str, int, bool)):
         return v
     return str(v)
-
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_access(opts: SourceOptions, fmt: str | None = None) -> tuple[tuple[str, ...], str | None]:
-    """(allowed folders, folder that relative paths start from) for the local paths the input names.
-
-    A table: the folders of --local-root, else the table's own folder; a table that is not local (s3://, http)
-    gets no default, so its local paths are refused unless --local-root names a folder. A folder input: the
-    folder itself plus --local-root. Relative paths start from a local table's folder, else the first root."""
-    fmt = fmt or (opts.input_format if opts.input_format != "auto" else detect_format(opts.input))
-    roots = [os.path.realpath(r) for r in opts.local_root]
-    fs, path = fsspec.core.url_to_fs(opts.input)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    base = None
-    if protocol in ("file", "local"):
-        base = os.path.realpath(path if fmt == "folder" else os.path.dirname(path))
-        if fmt == "folder" or not roots:
-            roots.append(base)
-    elif roots:
-        base = roots[0]
-    return tuple(roots), base
-
-
-def resolve_local(url: str, roots: tuple[str, ...], base: str | None) -> str:
-    """The real path behind a local `url` of the input, or Reject when it leaves the allowed folders (after
-    symlinks and `..` are resolved, so a link inside a root cannot lead out of it)."""
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if path.startswith("localhost/"):
-        path = path[len("localhost"):]
-    if not roots or base is None:
-        raise Reject("local path in a table that is not local (pass --local-root DIR to allow a folder)")
-    real = os.path.realpath(os.path.join(base, path))
-    if not _under(real, roots):
-        raise Reject("local path outside the allowed folders (the table's folder, or --local-root)")
-    return real
-
-
-def _under(path: str, roots: tuple[str, ...]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
-
-
-def input_fingerprint(path: str) -> dict[str, Any]:
-    """What tells one input from another under the same name: a file's size and modification time (or ETag),
-    a folder's number of media files, bytes and newest modification time. A resume or an array task must see
-    the same, else it would cut another input into the same dataset."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.isdir(root):
-        info = fs.info(root)
-        out = {"size": info.get("size")}
-        for key in ("mtime", "LastModified", "last_modified", "ETag", "etag", "updated", "md5Hash"):
-            if info.get(key) is not None:
-                out[key.lower()] = info[key] if isinstance(info[key], (int, float)) else str(info[key])
-        return out
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-    count = size = 0
-    newest = 0.0
-    if protocol in ("file", "local"):
-        for p in _walk_local(root):
-            if p.lower().endswith(media + (".txt",)):
-                st = os.lstat(p)
-                count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime)
-    else:
-        for p, info in fs.find(root, detail=True).items():
-            if p.lower().endswith(media + (".txt",)):
-                count, size = count + 1, size + (info.get("size") or 0)
-    return {"files": count, "size": size, "mtime": newest}

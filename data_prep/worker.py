@@ -11,12 +11,14 @@ import hashlib
 from typing import Any
 
 from data_prep import manifest
+from data_prep.access import is_local, local_access, resolve_local
 from data_prep.fetch import Fetcher, redact
+from data_prep.labels import label_id
 from data_prep.layout import text_members
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image
-from data_prep.sources import Row, is_local, local_access, resolve_local
+from data_prep.sources import Row
 from data_prep.writer import OutputDir, Sample, write_shard
 
 _progress = None  # multiprocessing.Value('q') of processed rows, set by the pool initializer
@@ -69,6 +71,7 @@ class ShardBuild:
         self.earlier = earlier_hashes(opts.dedup_against)
         caption_required = opts.source.caption_col is not None and opts.source.input_format != "txt"
         roots, base = local_access(opts.source)
+        label_index = {name: i for i, name in enumerate(opts.class_names)} if opts.class_names else None
         self.records: list[dict[str, Any]] = []
         self.captions: dict[int, str] = {}
         self.to_fetch: list[tuple[Row, str | None]] = []
@@ -82,6 +85,9 @@ class ShardBuild:
                 if row.pixels is None and not row.url:
                     raise Reject("missing url")
                 self.captions[row.index] = clean_caption(row.caption, opts.image, required=caption_required)
+                if opts.source.label_col:
+                    cls, name = label_id(row.label, opts.class_names, label_index)
+                    row.extra = {**row.extra, "cls": cls, **({"label": name} if name is not None else {})}
                 # a local path from the input is read only under the allowed folders, through its real path
                 url = None if row.pixels is not None else \
                     resolve_local(row.url, roots, base) if is_local(row.url) else row.url

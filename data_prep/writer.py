@@ -26,7 +26,7 @@ from data_prep import layout, manifest
 from data_prep.manifest import reason_kind
 from data_prep.outdir import OutputDir
 
-__all__ = ["OutputDir", "Sample", "reason_kind", "shard_name", "tar_header", "write_shard"]
+__all__ = ["HashingWriter", "OutputDir", "Sample", "reason_kind", "shard_name", "tar_header", "write_shard"]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Sample:
     """(extension, payload) in the order they go into the tar: media first, then txt, json, cls."""
 
 
-class _HashingWriter:
+class HashingWriter:
     """File wrapper that hashes and counts what tarfile writes through it."""
 
     def __init__(self, f: BinaryIO) -> None:
@@ -83,7 +83,7 @@ def write_shard(out: OutputDir, shard_id: int, samples: list[Sample], records: l
     samples = sorted(samples, key=lambda s: s.key)
     offsets = []
     with out.open_atomic(layout.tar_name(shard_id)) as raw:
-        hw = _HashingWriter(raw)
+        hw = HashingWriter(raw)
         for sample in samples:
             offsets.append(hw.size)
             for ext, payload in sample.members:

@@ -3,6 +3,12 @@
 `Resources` is the allocation (the `#SBATCH` header); `Container` says how the
 payload runs inside an image; `TrainJob` / `PrepJob` add what each kind of job
 runs. The renderer turns them into scripts; nothing here touches SLURM.
+
+Every string that reaches a script is checked here, once: no control characters anywhere (a newline in a value
+would start a new script line, even inside an `#SBATCH` comment); `#SBATCH` values limited to the characters
+SLURM names and constraint expressions use; paths in `#SBATCH --output` free of what sbatch's own quoting and
+SLURM's filename patterns interpret (`"`, `\\`, `%`). Wherever a value is used in a shell command, the renderer
+shell-quotes it as well.
 """
 from __future__ import annotations
 
@@ -15,6 +21,36 @@ CONTAINER_RUNTIMES = ("apptainer", "pyxis")
 # sbatch accepts minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^UNLIMITED$|^INFINITE$")
 _JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Partition/account/QOS names and constraint expressions (`a100&ib`, `[rack1|rack2]`, `gpu*2`): nothing sbatch's
+# #SBATCH parser or the shell would interpret (whitespace, quotes, `#`, `$`, backquotes, `;`, `<>`).
+_SBATCH_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:@+=!&|*()\[\]/-]+$")
+_OUTPUT_PATH_UNSAFE = ('"', "\\", "%")
+
+
+def check_line(flag: str, value: str) -> str:
+    """`value` when it holds no control character (newline, carriage return, NUL, ...); else ValueError."""
+    if _CONTROL_RE.search(str(value)):
+        raise ValueError(f"{flag} {str(value)!r}: control characters such as newlines are not allowed (a newline "
+                         f"would start a new line of the job script)")
+    return value
+
+
+def check_sbatch_value(flag: str, value: str | None) -> None:
+    """A value written after `#SBATCH --option=`: letters, digits and `_.,:@+=!&|*()[]/-` only."""
+    if value is not None and not _SBATCH_VALUE_RE.match(check_line(flag, value)):
+        raise ValueError(f"{flag} {value!r}: use letters, digits and _.,:@+=!&|*()[]/- (no spaces, quotes, "
+                         f"'#' or '$')")
+
+
+def check_output_dir(flag: str, path: Path) -> None:
+    """A directory that `#SBATCH --output="DIR/..."` names: sbatch's quoting and SLURM's `%` patterns must not
+    see anything they interpret. Spaces are fine (the value is double-quoted)."""
+    check_line(flag, str(path))
+    bad = [c for c in _OUTPUT_PATH_UNSAFE if c in str(path)]
+    if bad:
+        raise ValueError(f"{flag} {str(path)!r}: {' '.join(bad)} cannot appear in a SLURM log path; "
+                         f"choose a directory name without them")
 
 
 @dataclass(frozen=True)
@@ -51,12 +87,16 @@ class Resources:
             raise ValueError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
         if self.time is not None and not _TIME_RE.match(self.time):
             raise ValueError(f"--time {self.time!r} is not a SLURM time (e.g. 90, 12:00:00, 2-00:00:00)")
+        for flag in ("partition", "account", "qos", "constraint"):
+            check_sbatch_value(f"--{flag}", getattr(self, flag))
         for line in self.extra_sbatch:
-            if not line.startswith("-") or "\n" in line:
+            check_line("--sbatch", line)
+            if not line.startswith("-"):
                 raise ValueError(f"--sbatch {line!r} must be one option starting with '-', e.g. --mail-type=END")
         for line in self.setup:
             if "\n" in line:
                 raise ValueError(f"--setup {line!r}: give one line per --setup")
+            check_line("--setup", line)
 
     @property
     def world_size(self) -> int:
@@ -82,6 +122,9 @@ class Container:
             raise ValueError(f"--container-runtime {self.runtime!r}: choose one of {', '.join(CONTAINER_RUNTIMES)}")
         if not self.image:
             raise ValueError("--container needs an image")
+        check_line("--container", self.image)
+        for path in self.binds:
+            check_line("--bind", path)
 
     @staticmethod
     def guess_runtime(image: str) -> str:
@@ -121,6 +164,8 @@ class TrainJob:
             raise ValueError(f"--signal-lead must be >= 1 second, got {self.signal_lead_s}")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        check_output_dir("--run-dir", self.run_dir)
+        check_line("--python", self.python)
 
     @property
     def resolved_launcher(self) -> str:
@@ -155,3 +200,6 @@ class PrepJob:
             raise ValueError(f"--job-name {self.job_name!r}: use letters, digits and ._+-")
         if self.resources.nodes != 1 or self.resources.procs_per_node != 1:
             raise ValueError("prep array tasks are single-process: --nodes/--procs-per-node do not apply")
+        check_output_dir("--run-dir", self.run_dir)
+        check_line("--output", self.output_dir)
+        check_line("--python", self.python)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+import string
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,25 @@ import tomli_w
 
 from pipeline.config_fields import choice, require  # noqa: F401  (re-exported: sections outside this module use them)
 from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
+
+# Seeds reach numpy's legacy seeding (below 2**32, via accelerate's set_seed) after adding the rank.
+MAX_SEED = 2**31 - 1
+# Integers travel into torch and numpy as int64.
+MAX_INT = 2**63 - 1
+
+
+def check_template(template: str, key: str) -> str:
+    """`template` when it holds exactly one `{}` (the class name) and no other placeholder; else ValueError naming
+    `key` and the template. `{c}`, `{0}`, `{name}` or a second `{}` would fail in str.format only at evaluation."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exn:
+        raise ValueError(f"{key}: template {template!r} is malformed: {exn}") from None
+    if fields != [""]:
+        found = ", ".join("{" + f + "}" for f in fields) or "none"
+        raise ValueError(f"{key}: template {template!r} must hold exactly one {{}} for the class name "
+                         f"and no other placeholder (found: {found})")
+    return template
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,6 +105,7 @@ class ModelConfig:
                 "needs model.lock_text = true")
         require(bool(self.text_hf) or not self.text_hf_context_length, "model.text_hf_context_length",
                 "needs model.text_hf")
+        require(0 <= self.patch_dropout < 1, "model.patch_dropout", f"must lie in [0, 1), got {self.patch_dropout}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +147,7 @@ class DataConfig:
         require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in [0, 1]")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
-        require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
+        require(0 <= self.seed <= MAX_SEED, "data.seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
         require(self.epoch_samples >= 0, "data.epoch_samples", f"must be >= 0, got {self.epoch_samples}")
         require(self.video_frames >= 0, "data.video_frames", f"must be >= 0, got {self.video_frames}")
 
@@ -156,8 +178,13 @@ class OptimConfig:
 
     def __post_init__(self):
         require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1, "optim.beta1", f"must lie in [0, 1), got {self.beta1}")
+        require(0 <= self.beta2 < 1, "optim.beta2", f"must lie in [0, 1), got {self.beta2}")
+        require(self.eps > 0, "optim.eps", f"must be positive, got {self.eps}")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+        require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +222,11 @@ class TrainConfig:
 
     def __post_init__(self):
         require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+        require(self.max_time_s >= 0, "train.max_time_s", f"must be >= 0 (0: no limit), got {self.max_time_s}")
         require(self.accum_steps >= 1, "train.accum_steps", "must be >= 1")
+        require(0 <= self.seed <= MAX_SEED, "train.seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        require(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(self.timeout_s > 0, "train.timeout_s", "must be positive")
@@ -221,8 +252,10 @@ class EvalConfig:
     def __post_init__(self):
         require(self.batch_size > 0, "eval.batch_size", f"must be positive, got {self.batch_size}")
         require(self.max_samples >= 0, "eval.max_samples", f"must be >= 0, got {self.max_samples}")
+        require(bool(self.templates) or not self.zeroshot_shards, "eval.templates",
+                "needs at least one template with eval.zeroshot_shards")
         for t in self.templates:
-            require("{}" in t, "eval.templates", f"{t!r} has no {{}} placeholder for the class name")
+            check_template(t, "config key 'eval.templates'")
         require(not self.zeroshot_shards or bool(self.classnames), "eval.classnames",
                 "needed with eval.zeroshot_shards (one name per `cls` label)")
 
@@ -350,6 +383,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         raise ValueError(f"config key {key!r} expects true or false, got {value!r}")
     if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, hint)):
         raise ValueError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):  # TOML's nan/inf parse as floats; no field means them
+        raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+    if hint is int and abs(value) > MAX_INT:
+        raise ValueError(f"config key {key!r}: {value} does not fit in 64 bits")
     if hint is str and not isinstance(value, str):
         raise ValueError(f"config key {key!r} expects a string, got {value!r}")
     return value

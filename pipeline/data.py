@@ -17,11 +17,20 @@ Design (see pipeline/sharding.py for the assignment itself):
   bit-identical batches. A bad sample (corrupt image, missing caption, truncated shard) is counted and replaced
   by a copy of the worker's last good one, so batch counts never change; above `data.max_bad_fraction` the run
   fails loudly.
+* Shutdown: workers ignore the stop signals (SLURM signals every process; the main process checkpoints first),
+  so they are stopped explicitly: `TrainStream.close()` (also `with stream:`, `closing_streams()`, and at
+  interpreter exit, before multiprocessing would wait forever for them to exit), and they die with their parent
+  (PR_SET_PDEATHSIG) if it is killed.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import logging
+import os
 import signal
+import weakref
 from collections import Counter
 from typing import Callable, Iterator
 
@@ -124,6 +133,30 @@ class TrainStream:
         self.epoch, self.consumed = 0, 0
         self._base: Counter[str] = Counter()       # counts of DataLoaders that finished (or of the checkpoint)
         self._live: dict[int, torch.Tensor] = {}    # slot -> cumulative counts of the running DataLoader
+        self._loader = None                         # the running DataLoader iterator (its workers), if any
+        _OPEN_STREAMS.add(self)
+
+    def close(self) -> None:
+        """Stops the running epoch's worker processes now (idempotent; iterating again starts new ones). The
+        loop calls this on any error or stop: workers ignore SIGTERM, and an interpreter exiting with them
+        alive would wait for them forever."""
+        loader, self._loader = self._loader, None
+        if loader is None:
+            return
+        workers = list(getattr(loader, "_workers", ()))
+        shutdown = getattr(loader, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # torch's orderly path: workers see their done event and return
+        for worker in workers:  # its fallback, terminate(), is SIGTERM, which the workers ignore
+            if worker.is_alive():
+                worker.kill()
+            worker.join(timeout=5)
+
+    def __enter__(self) -> "TrainStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---------------------------------------------------------------- the main process
     def __iter__(self) -> Iterator[dict]:
@@ -140,8 +173,9 @@ class TrainStream:
         else:
             # Own generator: the DataLoader draws worker base seeds from it, not from the loop's global RNG.
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                      pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals,
+                                      pin_memory=torch.cuda.is_available(), worker_init_fn=_init_worker,
                                       generator=torch.Generator().manual_seed(self.cfg.seed)))
+            self._loader = batches
         try:
             for batch in batches:
                 slot = int(batch.pop("_slot"))
@@ -152,6 +186,7 @@ class TrainStream:
         finally:
             self._base.update(self._live_counts())
             self._live = {}
+            self.close()
         if self.consumed != self.batches_per_epoch:
             raise RuntimeError(f"epoch {self.epoch} ended after {self.consumed} of {self.batches_per_epoch} "
                                f"batches on rank {self.world.rank}: the loader broke its batch-count invariant")
@@ -273,11 +308,43 @@ class TrainStream:
         return self.collate_hook(batch) if self.collate_hook else batch
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """SLURM signals every process of a step; a worker dying on SIGTERM would crash the loop before it can
-    checkpoint. The main process handles the signal and shuts the workers down itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+_OPEN_STREAMS: "weakref.WeakSet[TrainStream]" = weakref.WeakSet()
+_PR_SET_PDEATHSIG = 1
+
+
+@atexit.register  # registered after torch's and multiprocessing's exit hooks, so it runs before them
+def _close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
+@contextlib.contextmanager
+def closing_streams():
+    """Closes every TrainStream created inside the block when it ends, by error or not (the training loop's
+    guarantee that an exception or stop leaves no worker behind, without threading the stream through)."""
+    before = set(map(id, _OPEN_STREAMS))
+    try:
+        yield
+    finally:
+        for stream in list(_OPEN_STREAMS):
+            if id(stream) not in before:
+                stream.close()
+
+
+def _init_worker(_worker_id: int) -> None:
+    """SLURM signals every process of a step and Ctrl-C every process of the terminal; a worker dying on the
+    signal would crash the loop before it can checkpoint. The main process handles the signals and shuts the
+    workers down itself (TrainStream.close). And a worker must not outlive its parent: the kernel kills it
+    when the parent dies (Linux; elsewhere torch's own watchdog ends it within seconds)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _rng_isolated(batches: Iterator[dict]) -> Iterator[dict]:

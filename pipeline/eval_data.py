@@ -7,9 +7,14 @@ clip_benchmark's layout (`clip_benchmark_export_wds`):
   ROOT/zeroshot_classification_templates.txt   one template per line, `{c}` marks the class name
   ROOT/dataset_type.txt                    `retrieval` for retrieval sets (classification otherwise)
 plait's and img2dataset's shard folders hold `*.tar` directly (jpg + txt, plus `cls` for labelled sets).
+
+Evaluation shards are often downloaded: they are read through fsspec (never webdataset's gopen, which runs the
+shell command of a `pipe:` URL unless `allow_pipe`, the user's `--allow-pipe`) and only the image and the target
+member of each sample are decoded (transforms.decode_fields), never a pickle.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +23,11 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 
+from pipeline.config import check_template
 from pipeline.distributed import World
 from pipeline.shardspec import expand
+from pipeline.tarseek import PipeRefused, read_shard
+from pipeline.transforms import decode_fields
 
 IMAGE_KEYS = "jpg;jpeg;png;webp;0.webp"
 
@@ -41,12 +49,15 @@ def read_lines(path: str | Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
-def normalise_template(template: str) -> str:
-    """clip_benchmark writes `{c}` for the class name; plait and open_clip use `{}`."""
-    template = template.replace("{c}", "{}")
-    if "{}" not in template:
-        raise ValueError(f"template {template!r} has no {{}} or {{c}} placeholder for the class name")
-    return template
+def normalise_template(template: str, source: str = "templates") -> str:
+    """clip_benchmark writes `{c}` for the class name; plait and open_clip use `{}`. Checked here, before any
+    model loads: exactly one placeholder, nothing else that str.format would trip on (`{0} {1}`, `{name}`)."""
+    return check_template(template.replace("{c}", "{}"), source)
+
+
+def read_templates(path: str | Path) -> tuple[str, ...]:
+    """The templates of a file, one per line (`{}` or `{c}` marks the class name); errors name the file."""
+    return tuple(normalise_template(t, str(path)) for t in read_lines(path))
 
 
 def _numbered(paths: list[Path]) -> list[Path]:
@@ -54,8 +65,9 @@ def _numbered(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: (int(m.group()) if (m := re.search(r"\d+", p.stem)) else -1, p.name))
 
 
-def resolve(data: str, split: str = "test") -> EvalSet:
-    """An EvalSet from a clip_benchmark root, a folder of shards, or a shard spec (`a/{0..9}.tar::b/x.tar`)."""
+def resolve(data: str, split: str = "test", allow_pipe: bool = False, flag: str = "") -> EvalSet:
+    """An EvalSet from a clip_benchmark root, a folder of shards, or a shard spec (`a/{0..9}.tar::b/x.tar`);
+    a `pipe:` spec (a shell command) only with `allow_pipe` (`flag` names the user's switch in the error)."""
     root = Path(data)
     if root.is_dir():
         folder = root / split if (root / split).is_dir() else root
@@ -65,7 +77,8 @@ def resolve(data: str, split: str = "test") -> EvalSet:
         return _described(tuple(urls), root if (root / split).is_dir() else folder)
     if not data.strip():
         raise ValueError("evaluation data is empty: give a shard spec or a folder")
-    urls = tuple(u for part in data.split("::") if part.strip() for u in expand(part.strip()))
+    urls = tuple(u for part in data.split("::") if part.strip()
+                 for u in expand(part.strip(), allow_pipe=allow_pipe, flag=flag))
     folders = {str(Path(u).parent) for u in urls}
     # A spec inside one local folder reads that folder's classnames.txt etc. like a folder would.
     if len(folders) == 1 and all("://" not in u for u in urls):
@@ -77,7 +90,7 @@ def _described(urls: tuple[str, ...], meta: Path) -> EvalSet:
     """The shards with what `meta` (a folder) says about them: class names, templates, dataset type."""
     names = read_lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else ()
     tpl_file = meta / "zeroshot_classification_templates.txt"
-    templates = tuple(map(normalise_template, read_lines(tpl_file))) if tpl_file.is_file() else ()
+    templates = read_templates(tpl_file) if tpl_file.is_file() else ()
     kind_file = meta / "dataset_type.txt"
     kind = kind_file.read_text().strip().lower() if kind_file.is_file() else ("classification" if names else "")
     return EvalSet(urls, names, templates, kind)
@@ -93,10 +106,29 @@ def _captions(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def raw_samples(shards: Iterator[dict], allow_pipe: bool = False,
+                handler: Callable = wds.warn_and_continue) -> Iterator[dict]:
+    """A webdataset stage: the raw (undecoded) samples of each shard `{"url": ...}` in order, opened through
+    fsspec (tarseek.read_shard); a corrupt or unreadable shard goes to `handler` (True: go on with the next)."""
+    for shard in shards:
+        try:
+            yield from read_shard(shard["url"], allow_pipe=allow_pipe)
+        except PipeRefused:
+            raise
+        except Exception as exn:  # a truncated tar, a network error, a pipe: refused
+            if not handler(RuntimeError(f"{shard['url']}: {type(exn).__name__}: {exn}")):
+                return
+
+
+def _decoded(sample: dict, field: str) -> tuple:
+    return decode_fields(sample, IMAGE_KEYS, field)
+
+
 def batches(urls: list[str], transform: Callable, field: str, batch_size: int, max_samples: int = 0,
-            num_workers: int = 0, shuffle: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
+            num_workers: int = 0, shuffle: int = 0, allow_pipe: bool = False) -> Iterator[tuple[torch.Tensor, list]]:
     """(images [B, 3, H, W], targets) in shard order (`shuffle` > 0: shards and samples shuffled with a buffer
-    of that many samples, for fine-tuning): targets are int labels (`cls`) or caption lists (`txt`)."""
+    of that many samples, for fine-tuning): targets are int labels (`cls`) or caption lists (`txt`). Only the
+    image and the `field` member of a sample are decoded (transforms.decode_fields)."""
     if not urls:
         return
     target = int if field == "cls" else _captions
@@ -104,10 +136,9 @@ def batches(urls: list[str], transform: Callable, field: str, batch_size: int, m
         wds.SimpleShardList(list(urls)),
         wds.shuffle(len(urls)) if shuffle else wds.filters.identity,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.pipelinefilter(raw_samples)(allow_pipe=allow_pipe),
         wds.shuffle(shuffle) if shuffle else wds.filters.identity,
-        wds.decode("pil", handler=wds.warn_and_continue),
-        wds.to_tuple(IMAGE_KEYS, field, handler=wds.warn_and_continue),
+        wds.map(functools.partial(_decoded, field=field), handler=wds.warn_and_continue),
         wds.map_tuple(transform, target),
         wds.batched(batch_size, partial=True, collation_fn=_collate),
     )

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed import World, all_reduce_sum
-from pipeline.eval_data import batches, normalise_template, rank_share, read_lines, resolve
+from pipeline.eval_data import batches, rank_share, read_lines, read_templates, resolve
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)
@@ -85,7 +85,7 @@ def summarise_classification(counts: torch.Tensor, classnames: Sequence[str]) ->
 @torch.no_grad()
 def zero_shot(clip: nn.Module, tokenize: Callable, shards, classnames, templates, transform: Callable,
               batch_size: int = 512, device: str | torch.device = "cpu", max_samples: int = 0,
-              world: World | None = None) -> dict:
+              world: World | None = None, allow_pipe: bool = False) -> dict:
     """Top-1 / top-5, mean per-class recall and per-class accuracy of zero-shot classification. With `world`,
     each rank scores its share of the shards (`max_samples` is split between ranks) and counts are summed."""
     if not classnames:
@@ -98,7 +98,7 @@ def zero_shot(clip: nn.Module, tokenize: Callable, shards, classnames, templates
         max_samples = math.ceil(max_samples / world.world_size) if max_samples else 0
     weights = class_embeddings(clip, tokenize, classnames, templates, device)  # [C, D]
     counts = torch.zeros(3 + 2 * len(classnames), dtype=torch.float64)
-    for images, labels in batches(urls, transform, "cls", batch_size, max_samples):
+    for images, labels in batches(urls, transform, "cls", batch_size, max_samples, allow_pipe=allow_pipe):
         feats = clip.encode_image(images.to(device), normalize=True)  # [B, D]
         counts += classification_counts((feats @ weights.T).float().cpu(), torch.as_tensor(labels))
     if world is not None and world.world_size > 1:
@@ -143,7 +143,8 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
 
 @torch.no_grad()
 def retrieval(clip: nn.Module, tokenize: Callable, shards, transform: Callable, batch_size: int = 512,
-              device: str | torch.device = "cpu", max_samples: int = 0, world: World | None = None) -> dict:
+              device: str | torch.device = "cpu", max_samples: int = 0, world: World | None = None,
+              allow_pipe: bool = False) -> dict:
     """Image<->text R@1/5/10 over samples with an image and `txt` (one caption per line). With `world`, ranks
     encode disjoint shares and the features are gathered before ranking (every rank returns the result)."""
     clip.eval()
@@ -152,7 +153,7 @@ def retrieval(clip: nn.Module, tokenize: Callable, shards, transform: Callable, 
         urls = rank_share(urls, world)
         max_samples = math.ceil(max_samples / world.world_size) if max_samples else 0
     images, texts, owner = [], [], []
-    for imgs, captions in batches(urls, transform, "txt", batch_size, max_samples):
+    for imgs, captions in batches(urls, transform, "txt", batch_size, max_samples, allow_pipe=allow_pipe):
         base = sum(len(x) for x in images)
         images.append(clip.encode_image(imgs.to(device), normalize=True).float().cpu())
         flat = [(base + i, c) for i, caps in enumerate(captions) for c in caps]
@@ -179,7 +180,7 @@ def retrieval(clip: nn.Module, tokenize: Callable, shards, transform: Callable, 
 @torch.no_grad()
 def image_features(clip: nn.Module, shards, transform: Callable, batch_size: int = 512,
                    device: str | torch.device = "cpu", max_samples: int = 0,
-                   world: World | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   world: World | None = None, allow_pipe: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, D] float32, labels [N]) of labelled shards; with `world`, gathered from all ranks."""
     clip.eval()
     urls = _urls(shards)
@@ -187,7 +188,7 @@ def image_features(clip: nn.Module, shards, transform: Callable, batch_size: int
         urls = rank_share(urls, world)
         max_samples = math.ceil(max_samples / world.world_size) if max_samples else 0
     feats, labels = [], []
-    for images, y in batches(urls, transform, "cls", batch_size, max_samples):
+    for images, y in batches(urls, transform, "cls", batch_size, max_samples, allow_pipe=allow_pipe):
         feats.append(clip.encode_image(images.to(device), normalize=True).float().cpu().numpy())
         labels += y
     parts = _gather((np.concatenate(feats) if feats else np.zeros((0, 0), np.float32), np.asarray(labels)), world)
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-max-samples", type=int, default=0, help="linear probe training samples; 0: all")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument("--output", help="write the JSON result here (rank 0); always printed too")
+    parser.add_argument("--allow-pipe", action="store_true", help=(
+        "accept `pipe:CMD` shard specs, which run CMD in a shell to read a shard: only for commands you wrote "
+        "yourself (refused by default: a spec from elsewhere must not run code)"))
     return parser
 
 
@@ -280,10 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    data = resolve(args.data, args.split)
+    data = resolve(args.data, args.split, allow_pipe=args.allow_pipe, flag="--allow-pipe")
     classnames = read_lines(args.classnames) if args.classnames else data.classnames
-    templates = (tuple(map(normalise_template, read_lines(args.templates))) if args.templates
-                 else data.templates or DEFAULT_TEMPLATES)
+    templates = read_templates(args.templates) if args.templates else data.templates or DEFAULT_TEMPLATES
     train_data = args.train_data
     if not train_data and Path(args.data, "train").is_dir() and "linear_probe" in (args.task or []):
         train_data = args.data
@@ -298,15 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": str(args.model), "model_kind": loaded.kind, "data": args.data, "processes": world.world_size}
     if "zeroshot" in tasks:
         result["zeroshot"] = zero_shot(model, loaded.tokenize, data.urls, classnames, templates, loaded.transform,
-                                       args.batch_size, device, args.max_samples, world)
+                                       args.batch_size, device, args.max_samples, world, allow_pipe=args.allow_pipe)
     if "retrieval" in tasks:
         result["retrieval"] = retrieval(model, loaded.tokenize, data.urls, loaded.transform, args.batch_size,
-                                        device, args.max_samples, world)
+                                        device, args.max_samples, world, allow_pipe=args.allow_pipe)
     if "linear_probe" in tasks:
-        train_urls = resolve(train_data, "train").urls
+        train_urls = resolve(train_data, "train", allow_pipe=args.allow_pipe, flag="--allow-pipe").urls
         train = image_features(model, train_urls, loaded.transform, args.batch_size, device,
-                               args.train_max_samples, world)
-        test = image_features(model, data.urls, loaded.transform, args.batch_size, device, args.max_samples, world)
+                               args.train_max_samples, world, allow_pipe=args.allow_pipe)
+        test = image_features(model, data.urls, loaded.transform, args.batch_size, device, args.max_samples, world,
+                              allow_pipe=args.allow_pipe)
         if world.is_main:
             result["linear_probe"] = linear_probe(*train, *test, classnames=classnames or None)
     if world.is_main:

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline import cli_options
+from data_prep.flags import add_options, from_args
+from data_prep.options import option, validate
 from pipeline.config import OptimConfig
 from pipeline.eval_data import batches, normalise_template, read_lines, resolve
 from pipeline.eval_models import load_model
@@ -37,59 +38,47 @@ WARMUP_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    model: str = field(metadata={"positional": True})
+    source: str = option(positional=True, metavar="model")
     """Exported model dir (open_clip / safetensors / hf), weights file, or training checkpoint."""
-    train_data: str
+    train_data: str = option()
     """Labelled training shards (image + cls): a spec, a folder, or a clip_benchmark root."""
-    test_data: str
+    test_data: str = option()
     """Labelled test shards: a spec, a folder, or a clip_benchmark root."""
-    arch: str | None = field(default=None, metadata={"flag": "--model"})
+    model: str | None = option(None, metavar="ARCH")
     """Architecture of a bare weights file (open_clip model name or .json config)."""
-    classnames: str | None = None
+    classnames: str | None = option(None, metavar="FILE")
     """File with one class name per line (default: the data's classnames.txt)."""
-    templates: str | None = None
+    templates: str | None = option(None, metavar="FILE")
     """File with one prompt template per line (default: the data's, else 'a photo of a {}.')."""
-    mode: str = field(default="full", metadata={"choices": ("linear", "full")})
+    mode: str = option("full", choices=("linear", "full"))
     """linear: the head only, on cached features of the frozen tower; full: head and image tower."""
-    epochs: int = 1
+    epochs: int = option(1, gt=0)
     """Passes over the training data."""
-    lr: float | None = None
+    lr: float | None = option(None, gt=0)
     """Peak learning rate (default: 1e-3 in linear mode, 1e-4 in full mode)."""
-    weight_decay: float = 0.05
+    weight_decay: float = option(0.05, ge=0)
     """AdamW weight decay (norms, biases and embeddings are exempt, as in pretraining)."""
-    layer_decay: float = 1.0
+    layer_decay: float = option(1.0, gt=0, le=1)
     """Layer-wise LR decay in full mode: each image block trains at this times the next one's LR; 1.0: off."""
-    batch_size: int = 128
+    batch_size: int = option(128, gt=0)
     """Samples per step, in training and evaluation."""
-    max_train_samples: int = 0
+    max_train_samples: int = option(0, ge=0)
     """Train on at most this many samples per epoch; 0: all."""
-    max_test_samples: int = 0
+    max_test_samples: int = option(0, ge=0)
     """Evaluate on at most this many samples; 0: all."""
     seed: int = 0
     """Seed of the training order."""
     device: str = "auto"
     """auto (GPU when present), cpu, cuda, cuda:1, ..."""
-    out: str | None = None
+    out: str | None = option(None, metavar="DIR")
     """Export the fine-tuned model here (with classifier.safetensors + classnames.txt)."""
-    format: str = field(default="open_clip", metadata={"choices": FORMATS})
+    format: str = option("open_clip", choices=FORMATS)
     """Export format of --out."""
-    output: str | None = None
+    output: str | None = option(None, metavar="FILE")
     """Write the JSON result here."""
 
     def __post_init__(self):
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
-            if value <= 0:
-                raise ValueError(f"{flag} must be positive, got {value}")
-        for flag, value in (("--max-train-samples", self.max_train_samples),
-                            ("--max-test-samples", self.max_test_samples)):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"--layer-decay must lie in (0, 1], got {self.layer_decay}")
+        validate(self)
 
     @property
     def peak_lr(self) -> float:
@@ -251,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait finetune", description=(
         "Fine-tune an exported model (or checkpoint) as an image classifier on labelled shards (image + cls), "
         "starting from its zero-shot head; evaluate on a test split; export the result."))
-    cli_options.add_options(parser, FinetuneConfig)
+    add_options(parser, FinetuneConfig)
     return parser
 
 
@@ -263,12 +252,12 @@ def run(cfg: FinetuneConfig) -> dict:
         raise ValueError("class names needed: --classnames FILE (or classnames.txt beside the data)")
     templates = (tuple(map(normalise_template, read_lines(cfg.templates))) if cfg.templates
                  else test_set.templates or DEFAULT_TEMPLATES)
-    loaded = load_model(cfg.model, cfg.arch)
+    loaded = load_model(cfg.source, cfg.model)
     if cfg.out and loaded.kind == "hf":
         raise ValueError("--out: fine-tuned HF models cannot be re-exported; start from an open_clip export")
     clip = loaded.model.to(device)
     model = Classifier(clip, zero_shot_head(clip, loaded.tokenize, classnames, templates, device))
-    result = {"model": str(cfg.model), "mode": cfg.mode, "classnames": list(classnames),
+    result = {"model": str(cfg.source), "mode": cfg.mode, "classnames": list(classnames),
               "zero_shot": evaluate_classifier(model, test_set.urls, loaded.transform, classnames, cfg.batch_size,
                                                device, cfg.max_test_samples)}
     result["training"] = train(model, cfg, train_set.urls, loaded.transform, device, _num_image_layers(clip))
@@ -281,14 +270,14 @@ def run(cfg: FinetuneConfig) -> dict:
 
 def export_finetuned(model: Classifier, loaded, cfg: FinetuneConfig, result: dict) -> Path:
     """Exports the fine-tuned towers like any model, with the head and class names in the same directory."""
-    source_meta = Path(cfg.model) / "plait_metadata.json"
+    source_meta = Path(cfg.source) / "plait_metadata.json"
     training = json.loads(source_meta.read_text()).get("training", {}) if source_meta.is_file() else {}
     finetune = {"mode": cfg.mode, "train_shards": cfg.train_data, "test_shards": cfg.test_data,
-                "epochs": cfg.epochs, "lr": cfg.peak_lr, "layer_decay": cfg.layer_decay, "from": str(cfg.model),
+                "epochs": cfg.epochs, "lr": cfg.peak_lr, "layer_decay": cfg.layer_decay, "from": str(cfg.source),
                 "classifier": "classifier.safetensors", "classnames": "classnames.txt"}
     state = {k: v.detach().cpu() for k, v in model.clip.state_dict().items()}
     head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    src = Source(clip=state, model_cfg=loaded.model_cfg, training=training, checkpoint=str(cfg.model),
+    src = Source(clip=state, model_cfg=loaded.model_cfg, training=training, checkpoint=str(cfg.source),
                  name="plait-finetuned")
     evals = {"zero_shot_before": _scalars(result["zero_shot"]), "finetuned": _scalars(result["finetuned"])}
     return export(src, cfg.format, cfg.out, eval_results=evals, extra_meta={"finetune": finetune},
@@ -306,7 +295,7 @@ def _scalars(metrics: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli_options.from_args(FinetuneConfig, build_parser().parse_args(argv))
+    cfg = from_args(FinetuneConfig, build_parser().parse_args(argv))
     result = run(cfg)
     text = json.dumps({**result, "config": asdict(cfg)}, indent=2)
     if cfg.output:

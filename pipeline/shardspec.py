@@ -23,6 +23,7 @@ import webdataset as wds
 
 from data_prep import layout
 from data_prep.index import check_count, scan_shard, train_hint, validate_sizes
+from pipeline.tarseek import PIPE_PREFIX, check_no_pipe
 
 log = logging.getLogger("plait.data")
 
@@ -68,10 +69,14 @@ def split_weight(part: str) -> tuple[str, float]:
     return part, 1.0
 
 
-def expand(pattern: str) -> list[str]:
-    """Brace-expanded URLs of one dataset; local paths must exist (checked here, before any worker starts)."""
+def expand(pattern: str, allow_pipe: bool = False, flag: str = "") -> list[str]:
+    """Brace-expanded URLs of one dataset; local paths must exist (checked here, before any worker starts).
+    A `pipe:` pattern is a shell command: PipeRefused (a ValueError) unless `allow_pipe`; `flag` names the
+    user's switch for it in the error."""
     urls = wds.shardlists.expand_urls(pattern)
-    local = [u for u in urls if "://" not in u or u.startswith("file://")]
+    for url in [pattern.strip(), *urls]:  # `{pipe:a,b}` expands to one
+        check_no_pipe(url, allow_pipe, flag)
+    local = [u for u in urls if ("://" not in u or u.startswith("file://")) and not u.startswith(PIPE_PREFIX)]
     missing = [u for u in local if not fsspec.core.url_to_fs(u)[0].exists(fsspec.core.url_to_fs(u)[1])]
     if missing:
         raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
@@ -190,6 +195,10 @@ def parse_spec(spec: str, estimate: bool = False) -> ShardSet:
         if not part:
             raise ValueError(f"data.train_shards: empty dataset in {spec!r} (stray '::'?)")
         pattern, weight = split_weight(part)
+        if PIPE_PREFIX in pattern:
+            raise ValueError(f"data.train_shards: {pattern!r} holds a pipe: command, which plait train never runs "
+                             f"(it reads shards by byte range and needs their sample counts): give the shards' path "
+                             f"or URL (https://, s3://, ...)")
         expanded = expand(pattern)
         counts = shard_sizes(expanded, pattern, estimate)
         if sum(counts) == 0:

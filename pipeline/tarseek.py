@@ -7,12 +7,15 @@ payloads (img2dataset and other tars without an index). The samples themselves c
 
 Files are opened with fsspec rather than webdataset's `gopen` because gopen streams http through a `curl` pipe
 (no seeking) and knows no s3/gs; fsspec files are seekable on every backend (ranged requests for http and
-object stores).
+object stores). And gopen runs the shell command of a `pipe:` URL: here a `pipe:` URL opens only for a caller
+that passes `allow_pipe=True` (the user's explicit `--allow-pipe`); a shard spec from elsewhere never runs code.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -21,6 +24,8 @@ import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from data_prep import layout
+
+log = logging.getLogger("plait.data")
 
 _BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members; the header walk must too
@@ -38,7 +43,45 @@ def _raise(exn: Exception) -> bool:
     raise exn
 
 
-def open_url(url: str, streaming: bool = False):
+PIPE_PREFIX = "pipe:"
+
+
+class PipeRefused(ValueError):
+    """A `pipe:` shard URL (a shell command) met without the user's explicit permission."""
+
+
+def check_no_pipe(url: str, allow_pipe: bool = False, flag: str = "") -> None:
+    """Raises PipeRefused for a `pipe:` URL unless `allow_pipe`; `flag` names the switch that allows it."""
+    if url.startswith(PIPE_PREFIX) and not allow_pipe:
+        how = f"; pass {flag} if you wrote this command yourself" if flag else ""
+        raise PipeRefused(f"shard {url!r} is a pipe: URL, which runs a shell command: refused{how}")
+
+
+class _PipeReader:
+    """stdout of the user's own `pipe:` command, as a forward-only binary file; closing it ends the command."""
+
+    def __init__(self, command: str):
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # noqa: S602 (allowed by user)
+        self.read = self.proc.stdout.read
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_url(url: str, streaming: bool = False, allow_pipe: bool = False):
+    """`url` opened for reading through fsspec; a `pipe:` URL only with `allow_pipe` (then forward-only)."""
+    if url.startswith(PIPE_PREFIX):
+        check_no_pipe(url, allow_pipe)
+        return ForwardReader(_PipeReader(url[len(PIPE_PREFIX):]))
     fs, path = fsspec.core.url_to_fs(url)
     # block_size=0: fsspec's plain streaming read for http servers without range requests
     return fs.open(path, "rb", block_size=0) if streaming else fs.open(path, "rb")
@@ -120,14 +163,26 @@ def sample_offsets(url: str) -> tuple[int, ...] | None:
     """Byte offsets of the samples of `url` from its plait index `S.idx.json`, or None when there is none."""
     if not url.endswith(layout.TAR_SUFFIX):
         return None
+    where = layout.sibling(url, layout.INDEX_SUFFIX)
     try:
-        with open_url(layout.sibling(url, layout.INDEX_SUFFIX)) as f:
-            index = json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
+        with open_url(where) as f:
+            raw = f.read()
+    except (FileNotFoundError, OSError):
         return None
-    if index.get("format") != layout.INDEX_FORMAT:
+    try:
+        index = json.loads(raw)
+        if not isinstance(index, dict) or index.get("format") != layout.INDEX_FORMAT:
+            return None
+        offsets = tuple(index["offsets"])
+        if not all(type(o) is int for o in offsets) or any(b <= a for a, b in zip(offsets, offsets[1:])) or (
+                offsets and offsets[0] < 0):
+            raise ValueError("offsets are not increasing byte positions")
+    except (ValueError, KeyError, TypeError) as exn:
+        # The index only saves reading tar headers: without it the samples are found by walking them.
+        log.warning("ignoring the damaged index %s (%s: %s); positioning by tar headers", where,
+                    type(exn).__name__, exn)
         return None
-    return tuple(index["offsets"])
+    return offsets
 
 
 def _octal(field: bytes) -> int:
@@ -211,3 +266,11 @@ def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
     for item in files:
         item["__url__"] = url
         yield item
+
+
+def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
+    """Every sample of shard `url` in order, as raw webdataset sample dicts (members as bytes: nothing is
+    decoded here, see transforms.decode_fields); raises on a corrupt or unreadable shard after the samples
+    before the damage."""
+    with open_url(url, streaming=True, allow_pipe=allow_pipe) as f:
+        yield from group_by_keys(_tag(tar_file_iterator(f, handler=_raise), url), handler=_raise)

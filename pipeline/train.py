@@ -32,14 +32,14 @@ from pipeline import metrics, sharded_state, train_eval
 from pipeline.accumulate import concat_batches, forward_backward
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, TrainConfig, describe, load_config, save_config, to_dict
-from pipeline.data import TrainStream
+from pipeline.data import TrainStream, closing_streams
 from pipeline.distributed import World, print0
 from pipeline.models.model import build_model
 from pipeline.models.pretrained import start_from
 from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
 from pipeline.objective import Objective, clamp_logit_scale
 from pipeline.optim import build_optimizer, lr_at, schedule_signature, set_lr
-from pipeline.preemption import EXIT_REQUEUE, StopFlag, StopPolicy
+from pipeline.preemption import EXIT_REQUEUE, StopFlag, StopPolicy, restoring_signals
 from pipeline.report import write_report
 from pipeline.train_state import GradScalerState, ModelAndOptimizer, RNGState, RunState, TrainState
 from pipeline.transforms import image_transform
@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    result = run(cfg, args.resume)
+    # Whatever ends the run: the loader's workers (which ignore SIGTERM) stop, the signal handlers go back.
+    with closing_streams(), restoring_signals():
+        result = run(cfg, args.resume)
     return result["exit_code"]
 
 

@@ -9,10 +9,17 @@ hand over uint8 images, and the float conversion and normalisation run once per 
 sample they cost ~1.3 ms of a worker's ~6.5 ms at 224 px, and a uint8 batch is a quarter of the bytes to stack and
 to pass from the workers through shared memory (and to the GPU). Same arithmetic as torchvision's, so the same
 values.
+
+Shards are untrusted input: `decode_fields` is the one way plait turns shard members into values (training,
+evaluation, fine-tuning, scoring, verification). It decodes only the members asked for, each with an explicit
+decoder for its extension (images through PIL restricted to JPEG/PNG/WebP and a pixel limit, text as UTF-8,
+labels as integers, json), never webdataset's default decoders, which unpickle `.pyd`/`.pickle` members and
+`torch.load` `.pth` members: a downloaded shard must not run code.
 """
 from __future__ import annotations
 
 import io
+import json
 import math
 from typing import Callable
 
@@ -24,6 +31,12 @@ from torchvision import transforms as T
 
 from data_prep.layout import IMAGE_EXTS, frame_number
 from pipeline.models.towers import image_mean_std
+
+# The image formats a shard member may hold: PIL's other plugins (EPS runs Ghostscript, for one) stay unused.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_DECODE_PIXELS = 8192 * 8192
+"""Images claiming more pixels are refused from their header, before any decoding (a 100-byte PNG can claim
+100k x 100k pixels); PIL's own bomb check only warns below twice its 89M-pixel limit."""
 
 
 def image_transform(model_cfg: dict, is_train: bool) -> T.Compose:
@@ -92,10 +105,56 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
 def decode_image(data: bytes, min_side: int | None) -> Image.Image:
     """RGB image; a JPEG at least twice `min_side` on its short side is decoded at 1/2, 1/4 or 1/8 scale,
     never below `min_side` (libjpeg picks the largest reduction that keeps both sides >= the request)."""
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    if img.width * img.height > MAX_DECODE_PIXELS:
+        raise ValueError(f"image of {img.width}x{img.height} pixels is above the {MAX_DECODE_PIXELS}-pixel limit")
     if min_side and img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8")
+
+
+def _label(data: bytes) -> int:
+    return int(data.decode("ascii").strip())  # webdataset / clip_benchmark write class indices as text
+
+
+def _json(data: bytes):
+    return json.loads(data.decode("utf-8"))
+
+
+MEMBER_DECODERS: dict[str, Callable[[bytes], object]] = {
+    **{ext: (lambda data: decode_image(data, None)) for ext in IMAGE_EXTS},
+    "txt": _text, "text": _text, "caption": _text, "cls": _label, "json": _json,
+}
+"""Explicit decoders by member extension (the part after the last dot: `0.webp` decodes as `webp`). A member
+whose extension is not here has no decoder: asking for it is an error, and members not asked for stay bytes."""
+
+
+def decode_member(ext: str, data: bytes):
+    """One shard member decoded by the decoder of its extension; ValueError for an extension without one."""
+    decoder = MEMBER_DECODERS.get(ext.rsplit(".", 1)[-1].lower())
+    if decoder is None:
+        raise ValueError(f"no safe decoder for .{ext} members (known: {', '.join(MEMBER_DECODERS)})")
+    return decoder(data if isinstance(data, bytes) else bytes(data))
+
+
+def decode_fields(sample: dict, *fields: str) -> tuple:
+    """The named members of a raw webdataset sample, decoded, as a tuple (like webdataset's `to_tuple`, whose
+    `"jpg;png"` picks the first member present). Only these members are decoded, with `decode_member`; a
+    `.pyd`/`.pth`/`.pickle` member beside them is never touched. KeyError naming the sample when one is missing.
+
+    Reuse this wherever plait reads shards: `decode_fields(sample, "jpg;jpeg;png;webp", "txt")` -> (PIL RGB
+    image, caption)."""
+    out = []
+    for field in fields:
+        ext = next((e for e in field.split(";") if e in sample), None)
+        if ext is None:
+            raise KeyError(f"{sample.get('__url__', '')}:{sample.get('__key__', '')}: no {field} member")
+        out.append(decode_member(ext, sample[ext]))
+    return tuple(out)
 
 
 def media_keys(sample: dict) -> tuple[list[str], bool]:

@@ -1,9 +1,11 @@
 """Config parsing: presets, overrides, and the errors users see for bad keys and values."""
 import dataclasses
+import json
+import typing
 
 import pytest
 
-from pipeline.config import Config, describe, field_docs, load_config, save_config
+from pipeline.config import Config, check_template, describe, field_docs, load_config, save_config
 
 
 def test_defaults_validate_and_every_field_is_documented():
@@ -62,3 +64,57 @@ def test_describe_lists_every_key_with_choices():
     text = "\n".join(describe())
     assert "train.precision = 'fp32'  (one of fp32, bf16, fp16)" in text
     assert "data.train_shards" in text and "objective.flip.mask_ratio" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.timeout_s=inf", "'train.timeout_s' must be a finite number, got inf"),
+    ("train.max_time_s=nan", "'train.max_time_s' must be a finite number, got nan"),
+    ("model.patch_dropout=1.5", "'model.patch_dropout': must lie in [0, 1)"),
+    ("train.seed=-1", "'train.seed': must lie in [0, 2147483647]"),
+    (f"data.seed={2**65}", "'data.seed': 36893488147419103232 does not fit in 64 bits"),
+    (f"data.seed={2**40}", "'data.seed': must lie in [0, 2147483647]"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay': must be >= 0"),
+    ("optim.beta2=1.0", "'optim.beta2': must lie in [0, 1)"),
+    ("optim.eps=0", "'optim.eps': must be positive"),
+    ("optim.grad_clip=-1", "'optim.grad_clip': must be >= 0"),
+    ("train.checkpoint_every=-5", "'train.checkpoint_every': must be >= 0"),
+    ("train.eval_every=-1", "'train.eval_every': must be >= 0"),
+    ("data.max_bad_fraction=nan", "'data.max_bad_fraction' must be a finite number"),
+])
+def test_out_of_range_numbers_name_the_key(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _numeric_keys(cls=Config, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _numeric_keys(hints[f.name], prefix + f.name + ".")
+        elif hints[f.name] in (int, float):
+            yield prefix + f.name, hints[f.name]
+
+
+@pytest.mark.parametrize("key, kind", list(_numeric_keys()))
+def test_every_numeric_key_refuses_non_finite_and_oversized_values(key, kind):
+    """A sweep over every int and float field, including ones added later: nan/inf and numbers beyond 64 bits are
+    a one-line error naming the key, never a run that fails (or hangs) later."""
+    bad = ("nan", "inf", "-inf") if kind is float else (str(2**65), str(-(2**65)))
+    for value in bad:
+        with pytest.raises(ValueError) as err:
+            load_config(None, [f"{key}={value}"])
+        assert repr(key) in str(err.value) and "\n" not in str(err.value), (value, str(err.value))
+
+
+@pytest.mark.parametrize("template, found", [
+    ("a photo of a {c}.", "{c}"), ("{0} and {1}", "{0}, {1}"), ("a {} or a {}", "{}, {}"), ("a {name}", "{name}"),
+    ("no placeholder", "none"),
+])
+def test_eval_templates_need_exactly_one_empty_placeholder(template, found):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"eval.templates={json.dumps([template])}"])
+    assert f"template {template!r}" in str(err.value) and f"(found: {found})" in str(err.value)
+    with pytest.raises(ValueError, match="is malformed"):
+        check_template("a {", "eval.templates")
+    assert check_template("a {{literal}} {}.", "eval.templates")  # escaped braces are text

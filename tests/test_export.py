@@ -15,6 +15,7 @@ from pipeline import export as ex
 from pipeline.export_hf import export_hf, hf_config
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip, tokenizer_for
+from tolerance import assert_close
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder
     from tests.fmnist_fixture import BATCH, STEPS, trained_run
 except ModuleNotFoundError:
@@ -81,7 +82,7 @@ def test_hf_export_matches_open_clip_logits_and_tokenizer(run, tmp_path):
     assert hf.config.text_config.hidden_act == "gelu" and hf.config.vision_config.hidden_act == "gelu"
     with torch.no_grad():
         got = hf(input_ids=tokens, pixel_values=images).logits_per_image
-    assert (got - expected).abs().max().item() < 1e-4
+    assert_close(got, expected, rtol=1e-5)
 
     texts = ["A photo of a Sneaker!", "an ankle boot", "t-shirt/top"]
     hf_ids = CLIPTokenizer.from_pretrained(out)(texts, padding="max_length", max_length=16).input_ids

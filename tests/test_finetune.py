@@ -83,3 +83,20 @@ def test_finetune_user_errors(exported, tmp_path, capsys):
     assert plait.main(["finetune", str(model_dir), "--train-data", str(tmp_path / "none"),
                        "--test-data", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [(["--weight-decay", "-1"], "--weight-decay"),
+                                          (["--layer-decay", "1.5"], "--layer-decay"),
+                                          (["--max-test-samples", "-3"], "--max-test-samples")])
+def test_finetune_config_is_validated_once_and_names_the_flag(tmp_path, capsys, flags, words):
+    # Checked when the typed config is built, before any model or data is read.
+    assert plait.main(["finetune", str(tmp_path / "none"), "--train-data", "x", "--test-data", "y", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "not found" not in err
+
+
+def test_finetune_help_comes_from_the_config_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        plait.main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert "Layer-wise LR decay in full mode" in out and "--model ARCH" in out and "(default: 128)" in out

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
+from tolerance import assert_close
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder
     from tests.test_train import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401 (shards)
@@ -103,13 +104,15 @@ def test_fsdp_trains_like_ddp(runs):
     wa, wb = (load_file(_checkpoint(runs[k]) / "model.safetensors") for k in ("ddp", "fsdp"))
     assert wa.keys() == wb.keys() and wb["clip.logit_scale"].shape == torch.Size([])
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # Adam's update has the same size for any gradient: float noise in tiny gradients moves weights by a
+        # fraction of the step, i.e. of a tensor's scale for a bias that started at 0
+        assert_close(wb[name], wa[name], rtol=1e-4, scale_rtol=1e-3, name=name)
     oa, ob = (torch.load(_checkpoint(runs[k]) / "optimizer.pt", weights_only=True)["optimizer"]
               for k in ("ddp", "fsdp"))
     assert set(oa["state"]) == set(ob["state"]) and "clip.logit_scale" in ob["state"] and set(ob["state"]) <= set(wb)
     for name, moments in ob["state"].items():
         for key, value in moments.items():
-            torch.testing.assert_close(value, oa["state"][name][key], rtol=1e-3, atol=1e-6)
+            assert_close(value, oa["state"][name][key], rtol=1e-3, name=f"{name}.{key}")
 
 
 def test_fsdp_trains_the_masked_heads_like_ddp(tmp_path, shards):

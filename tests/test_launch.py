@@ -196,6 +196,11 @@ def _run_rendered(tmp_path: Path, train_body: str, restart_count: int, signal_af
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     if signal_after_s is not None:
+        # The trap is installed before the step starts: wait for the training stand-in, not a fixed time (a
+        # loaded machine takes seconds to get there, and an untrapped USR1 kills bash).
+        deadline = time.monotonic() + 60
+        while not (bin_dir / "train.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(signal_after_s)
         proc.send_signal(10)  # SIGUSR1, as --signal=B:USR1@N delivers it to the batch shell
     out, _ = proc.communicate(timeout=30)
@@ -208,7 +213,7 @@ STOPPABLE_TRAINING = ("signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
 
 
 def test_script_requeues_after_preemption_signal(tmp_path):
-    rc, out, calls = _run_rendered(tmp_path, STOPPABLE_TRAINING, restart_count=0, signal_after_s=1.0)
+    rc, out, calls = _run_rendered(tmp_path, STOPPABLE_TRAINING, restart_count=0, signal_after_s=0.3)
     assert "scancel --signal=USR1 7" in calls
     assert "scontrol requeue 7" in calls, out
     assert rc == 0
@@ -226,7 +231,7 @@ def test_script_does_not_requeue_a_failing_job(tmp_path):
 
 
 def test_script_stops_requeueing_after_max_restarts(tmp_path):
-    rc, out, calls = _run_rendered(tmp_path, STOPPABLE_TRAINING, restart_count=2, signal_after_s=1.0)
+    rc, out, calls = _run_rendered(tmp_path, STOPPABLE_TRAINING, restart_count=2, signal_after_s=0.3)
     assert rc == 75 and "scontrol requeue" not in calls and "restarts are used up" in out
 
 

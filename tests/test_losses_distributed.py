@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from pipeline.losses.contrastive import ContrastiveLoss
 from pipeline.losses.siglip import SigLipLoss
+from tolerance import close
+
+pytestmark = pytest.mark.numeric
 
 WORLD = 2
 PER_RANK = 3
@@ -76,12 +79,12 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(kind, rank_result
     ranks = [r[kind] for r in rank_results]
     ref = loss_and_grads(kind, 0, 1, *global_batch())
 
-    assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, ref["loss"], rtol=1e-10)
+    assert close(sum(r["loss"] for r in ranks) / WORLD, ref["loss"], rtol=1e-10)
     for r, part in enumerate(ranks):
         rows = slice(r * PER_RANK, (r + 1) * PER_RANK)
-        assert torch.allclose(part["image"] / WORLD, ref["image"][rows], rtol=1e-8, atol=1e-12)
-        assert torch.allclose(part["text"] / WORLD, ref["text"][rows], rtol=1e-8, atol=1e-12)
+        assert close(part["image"] / WORLD, ref["image"][rows], rtol=1e-8)
+        assert close(part["text"] / WORLD, ref["text"][rows], rtol=1e-8)
     for name in ("scale", "bias"):
-        assert torch.allclose(sum(r[name] for r in ranks) / WORLD, ref[name], rtol=1e-8, atol=1e-12)
+        assert close(sum(r[name] for r in ranks) / WORLD, ref[name], rtol=1e-8)
     # Not trivially equal: each rank's own loss differs from the global one.
-    assert not torch.allclose(ranks[0]["loss"], ref["loss"])
+    assert not close(ranks[0]["loss"], ref["loss"], rtol=1e-3)

@@ -11,6 +11,9 @@ from pipeline.models.masking import IGNORE_INDEX, keep_to_mask, mask_tokens, num
 from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip, encode_image_tokens, encode_text_tokens, text_padding_mask
+from tolerance import assert_close, close
+
+pytestmark = pytest.mark.numeric
 
 torch.set_num_threads(1)
 
@@ -31,7 +34,7 @@ def text():
 def test_visible_token_forward_with_nothing_masked_equals_open_clip(clip):
     images = torch.randn(3, 3, 64, 64)
     pooled, tokens = encode_image_tokens(clip.visual, images)
-    assert torch.equal(pooled, clip.encode_image(images))
+    assert_close(pooled, clip.encode_image(images), rtol=1e-6)
     assert tokens.shape == (3, 1 + 16, 128)
     all_kept = torch.arange(16).expand(3, 16)
     # with a mask the patch embedding runs as a matmul on the kept patches: equal up to float rounding, gradients too
@@ -41,8 +44,10 @@ def test_visible_token_forward_with_nothing_masked_equals_open_clip(clip):
         pooled.pow(2).sum().backward()
         grads.append((pooled.detach(), clip.visual.conv1.weight.grad.clone(), clip.visual.positional_embedding.grad))
     (a, conv_a, pos_a), (b, conv_b, pos_b) = grads
-    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(conv_a, conv_b, atol=1e-4)
-    assert torch.allclose(pos_a, pos_b, atol=1e-5)
+    # the positional gradient sums terms of ~100 into elements near 0: rounding scales with the former
+    assert_close(a, b, rtol=1e-5, name="pooled")
+    assert_close(conv_a, conv_b, rtol=1e-5, name="conv1 grad")
+    assert_close(pos_a, pos_b, rtol=1e-5, name="positional_embedding grad")
     clip.zero_grad()
 
 
@@ -54,13 +59,13 @@ def test_visible_token_forward_depends_only_on_kept_patches(clip):
     masked = keep_to_mask(keep, 16)
     pixel_mask = masked.view(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 16, 4, 16).reshape(2, 3, 64, 64)
     changed = images + 5.0 * pixel_mask      # only masked patches change
-    assert torch.allclose(encode_image_tokens(clip.visual, changed, keep)[0], pooled, atol=1e-5)
-    assert not torch.allclose(clip.encode_image(changed), clip.encode_image(images), atol=1e-3)
+    assert_close(encode_image_tokens(clip.visual, changed, keep)[0], pooled, rtol=1e-5)
+    assert not close(clip.encode_image(changed), clip.encode_image(images), rtol=1e-2)
 
 
 def test_text_token_forward_equals_open_clip(clip, text):
     pooled, tokens = encode_text_tokens(clip, text)
-    assert torch.equal(pooled, clip.encode_text(text))
+    assert_close(pooled, clip.encode_text(text), rtol=1e-6)
     assert tokens.shape == (4, 32, 128)
 
 
@@ -71,13 +76,13 @@ def test_bidirectional_pass_sees_later_tokens_and_ignores_padding(clip, text):
     later[0, 3] = 1000                                   # a token after position 1
     _, causal_later = encode_text_tokens(clip, later)
     _, bidir_later = encode_text_tokens(clip, later, bidirectional=True)
-    assert torch.allclose(causal_later[0, 1], causal[0, 1], atol=1e-6)       # causal: position 1 cannot see 3
-    assert not torch.allclose(bidir_later[0, 1], bidir[0, 1], atol=1e-4)     # bidirectional: it can
+    assert close(causal_later[0, 1], causal[0, 1], rtol=1e-5)          # causal: position 1 cannot see 3
+    assert not close(bidir_later[0, 1], bidir[0, 1], rtol=1e-2)        # bidirectional: it can
     padded = text.clone()
     eot = int(text[2].argmax())
     padded[2, eot + 1:] = 5                              # garbage in the padding of sample 2
     _, bidir_padded = encode_text_tokens(clip, padded, bidirectional=True)
-    assert torch.allclose(bidir_padded[2, : eot + 1], bidir[2, : eot + 1], atol=1e-5)
+    assert_close(bidir_padded[2, : eot + 1], bidir[2, : eot + 1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("ratio,num_patches", [(0.5, 16), (0.75, 64), (0.3, 49), (0.0, 16), (0.99, 16)])
@@ -142,7 +147,7 @@ def test_mae_head_reconstructs_only_masked_patches(decoder):
     before = decoder_head(tokens, out["image_keep"], batch["image"])["mae_pred"]
     tokens[0, 1:] += 1.0
     after = decoder_head(tokens, out["image_keep"], batch["image"])["mae_pred"]
-    assert not torch.allclose(after[0], before[0], atol=1e-4) and torch.allclose(after[1:], before[1:], atol=1e-6)
+    assert not close(after[0], before[0], rtol=1e-2) and close(after[1:], before[1:], rtol=1e-5)
 
 
 def test_heads_stay_out_of_the_open_clip_model():
@@ -181,7 +186,7 @@ def test_sampled_softmax_scores_the_same_target_logits_as_the_full_vocabulary(te
     assert b["ae_text_logits"].shape[1] <= 64 + len(real.unique())
     picked_full = a["ae_text_logits"].gather(1, a["ae_text_targets"][:, None])
     picked_sampled = b["ae_text_logits"].gather(1, b["ae_text_targets"][:, None])
-    assert torch.allclose(picked_full, picked_sampled, atol=1e-5)
+    assert_close(picked_sampled, picked_full, rtol=1e-5)
 
 
 def test_video_batches_mean_pool_frame_embeddings(text):
@@ -190,7 +195,7 @@ def test_video_batches_mean_pool_frame_embeddings(text):
     frames = torch.randn(4, 3, 3, 64, 64)                     # [B, T, 3, H, W]
     out = model({"frames": frames, "text": text})
     expected = torch.nn.functional.normalize(model.clip.encode_image(frames.flatten(0, 1)).view(4, 3, -1).mean(1), dim=-1)
-    assert torch.allclose(out["image_features"], expected, atol=1e-6)
+    assert_close(out["image_features"], expected, rtol=1e-5)
     masked = model({"frames": frames, "text": text, "image_mask_ratio": 0.5})
     assert masked["image_features"].shape == (4, 128) and "image_keep" not in masked
     with pytest.raises(ValueError, match="video batches"):
@@ -227,11 +232,13 @@ def test_packed_and_trimmed_text_change_nothing_but_the_cost(text, objectives):
     assert longest < 32 and shapes == [(1 + bool(objectives), 32), (captions, longest), (captions, 32)]
     (o1, l1, g1) = runs[0]
     for o2, l2, g2 in runs[1:]:
-        assert torch.allclose(o1["text_features"], o2["text_features"], atol=1e-12)
-        assert torch.allclose(l1, l2, atol=1e-12)
+        assert_close(o1["text_features"], o2["text_features"], rtol=1e-10, name="text_features")
+        assert_close(l1, l2, rtol=1e-10, name="loss")
         if objectives:
-            assert torch.allclose(o1["mlm_logits"], o2["mlm_logits"], atol=1e-10)
-        assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-10) for k in g1)
+            assert_close(o1["mlm_logits"], o2["mlm_logits"], rtol=1e-10, name="mlm_logits")
+        assert g1.keys() == g2.keys()
+        for k in g1:
+            assert_close(g1[k], g2[k], rtol=1e-10, name=k)
 
 
 def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(text):
@@ -252,8 +259,8 @@ def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(t
     _, hidden = encode_text_tokens(clip, text, embeddings=rows, bidirectional=True)
     chosen = batch["mlm_labels"] >= 0
     logits = head(hidden[chosen], clip.token_embedding.weight, None)
-    assert torch.allclose(out["text_features"], torch.nn.functional.normalize(features, dim=-1), atol=1e-12)
-    assert torch.allclose(out["mlm_logits"], logits, atol=1e-10)
+    assert_close(out["text_features"], torch.nn.functional.normalize(features, dim=-1), rtol=1e-10)
+    assert_close(out["mlm_logits"], logits, rtol=1e-10)
     assert torch.equal(out["mlm_targets"], batch["mlm_labels"][chosen])
     grads = []
     for loss in (out["mlm_logits"].logsumexp(-1).sum() + out["text_features"].sum(),
@@ -262,7 +269,8 @@ def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(t
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and "heads.mlm.mask_embedding" in grads[0]
-    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-10) for k in grads[0])
+    for k in grads[0]:
+        assert_close(grads[0][k], grads[1][k], rtol=1e-10, name=k)
 
 
 def test_mlm_batched_pass_leaves_a_non_causal_towers_contrastive_rows_unmasked(text):
@@ -278,7 +286,7 @@ def test_mlm_batched_pass_leaves_a_non_causal_towers_contrastive_rows_unmasked(t
     with torch.no_grad():
         out = model(dict(batch))
         plain, _ = encode_text_tokens(model.clip, text)
-    assert torch.allclose(out["text_features"], torch.nn.functional.normalize(plain, dim=-1), atol=1e-6)
+    assert_close(out["text_features"], torch.nn.functional.normalize(plain, dim=-1), rtol=1e-5)
 
 
 def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_vocabulary(text):
@@ -300,7 +308,7 @@ def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_voc
     # each target keeps its own logit: the candidates hold every target id, re-indexed
     picked_full = full["mlm_logits"].gather(1, full["mlm_targets"][:, None])
     picked_sampled = sampled["mlm_logits"].gather(1, sampled["mlm_targets"][:, None])
-    assert torch.allclose(picked_full, picked_sampled, atol=1e-5)
+    assert_close(picked_sampled, picked_full, rtol=1e-5)
     objective(sampled, batch, 0)[0].backward()
     assert model.clip.token_embedding.weight.grad.abs().sum() > 0
 
@@ -316,4 +324,4 @@ def test_shared_encoding_gives_the_text_tokens_a_unit_needs_in_every_text_mode(c
         _, plain = encode_text_tokens(clip, text)                  # [B, 32, W]
     assert enc.text_tokens is not None and torch.equal(enc.text_ids, text[:, :enc.text_ids.shape[1]])
     real = ~text_padding_mask(text)[:, :enc.text_ids.shape[1]]  # [B, L'] the caption positions
-    assert torch.allclose(enc.text_tokens[real], plain[:, :enc.text_ids.shape[1]][real], atol=1e-5)
+    assert_close(enc.text_tokens[real], plain[:, :enc.text_ids.shape[1]][real], rtol=1e-5)

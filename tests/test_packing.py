@@ -9,6 +9,8 @@ import torch
 
 from pipeline.models.packing import Packing, first_fit_decreasing
 
+pytestmark = pytest.mark.numeric
+
 
 @pytest.mark.parametrize("width, mean", [(77, 18.0), (32, 8.0), (16, 8.0)])
 def test_first_fit_decreasing_places_every_caption_once_without_overlap_in_few_rows(width, mean):

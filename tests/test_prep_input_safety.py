@@ -216,3 +216,43 @@ def test_every_bad_flag_value_is_a_one_line_error_naming_the_flag(tmp_path, caps
     assert lines[-1].startswith(("plait prep: error: ", "plait prep shard: error: ")), lines
     assert flag in lines[-1] and value in lines[-1], lines[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_an_endless_line_is_a_reject_read_in_bounded_pieces(tmp_path, monkeypatch):
+    from data_prep import sources
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 64)
+    long = "x" * 300
+    (tmp_path / "t.csv").write_text(f"url,caption\na,short\nb,{long}\nc,after\n")
+    (tmp_path / "t.jsonl").write_text('{"url": "a", "caption": "s"}\n' + json.dumps({"url": "b", "caption": long})
+                                      + '\n{"url": "c", "caption": "after"}\n')
+    (tmp_path / "t.txt").write_text(f"a\nhttp://{long}\nc\n")
+    for name, kind in (("t.csv", "csv"), ("t.jsonl", "jsonl"), ("t.txt", "txt")):
+        rows = list(read_rows(SourceOptions(input=str(tmp_path / name))))
+        assert [r.url for r in rows] == ["a", None, "c"], name
+        line = 3 if kind == "csv" else 2
+        assert rows[1].skip_reason == f"{kind} line {line}: longer than 64 bytes", (name, rows[1].skip_reason)
+
+
+def test_kept_values_are_strict_json_and_sidecar_captions_are_bounded(tmp_path, monkeypatch):
+    from data_prep import sources
+    photo = real_photos(limit=1)[0]
+    shutil.copy(photo, tmp_path / "a.jpg")
+    shutil.copy(photo, tmp_path / "b.jpg")
+    (tmp_path / "t.jsonl").write_text('{"url": "a.jpg", "caption": "x", "score": NaN, "vec": [1, Infinity]}\n')
+    out = tmp_path / "out"
+    _shard("--input", str(tmp_path / "t.jsonl"), "--output", str(out), "--extra-cols", "score,vec")
+    import tarfile
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a sample's json"))
+    with tarfile.open(out / "00000.tar") as tar:
+        meta = strict(tar.extractfile("000000000.json").read())
+    assert meta["score"] is None and meta["vec"] == [1, None]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(photo, folder / "a.jpg")
+    (folder / "a.txt").write_text("y" * 50)
+    monkeypatch.setattr(sources, "MAX_CAPTION_FILE_BYTES", 20)
+    rows = list(read_rows(SourceOptions(input=str(folder), input_format="folder")))
+    assert rows[0].caption is None and rows[0].skip_reason == "caption file larger than 20 bytes"

@@ -104,3 +104,35 @@ def test_txt_url_list_needs_no_caption_and_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image or video files"):
         main(["shard", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "x")])
+
+
+def test_every_shard_flag_is_a_documented_field_and_old_spellings_still_work(tmp_path):
+    import dataclasses
+    import typing
+
+    from data_prep.cli import SECTIONS, build_parser, job_options
+    from data_prep.options import flag_of
+    shard = build_parser()._subparsers._group_actions[0].choices["shard"]
+    by_dest = {}
+    for action in shard._actions:
+        by_dest.setdefault(action.dest, action)  # the field's own flag, added before its negative aliases
+    for _, cls in SECTIONS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("no_flag") or dataclasses.is_dataclass(hints[f.name]):
+                continue
+            action = by_dest[f.name]
+            assert action.option_strings[0] == flag_of(f.name), f.name  # the flag is the field's name
+            assert len(action.help) > 20, f.name  # documented from the field's docstring
+    (tmp_path / "t.csv").write_text("url,caption\na.jpg,x\n")
+    base = ["shard", "--input", str(tmp_path / "t.csv"), "--output", str(tmp_path / "o")]
+    old = ["--timeout", "3", "--backoff", "0.1", "--max-retry-after", "5", "--max-duration", "9",
+           "--allow-private-addresses", "--ignore-opt-outs", "--no-keep-original", "--no-dedup", "--no-progress"]
+    new = ["--timeout-s", "3", "--backoff-s", "0.1", "--max-retry-after-s", "5", "--max-duration-s", "9",
+           "--allow-private", "--no-respect-optouts", "--no-keep-original-jpeg", "--no-dedup", "--no-progress"]
+    parser = build_parser()
+    a, b = job_options(parser.parse_args(base + old)), job_options(parser.parse_args(base + new))
+    assert a == b and a.fetch.timeout_s == 3 and not a.fetch.respect_optouts and not a.image.keep_original_jpeg
+    assert a.video.max_duration_s == 9 and a.fetch.allow_private and not a.dedup
+    defaults = job_options(parser.parse_args(base))
+    assert defaults.image == type(defaults.image)() and defaults.fetch == type(defaults.fetch)()

@@ -21,6 +21,7 @@ from pipeline.config import load_config
 from pipeline.models.model import build_model
 from pipeline.models.pretrained import load_pretrained, start_from
 from pipeline.models.towers import build_clip, resolved_model_config, tokenizer_for
+from tolerance import assert_close
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder
     from tests.fmnist_fixture import spec, write_shards
@@ -346,7 +347,7 @@ def test_continued_pretraining_starts_at_the_exported_models_loss(tmp_path, shar
                     "data.seed=3", resume="auto")
     assert resumed["steps"] == 4
     again = load_file(tmp_path / "lit/checkpoints/step-00000004/model.safetensors")
-    torch.testing.assert_close(again, final, rtol=1e-5, atol=1e-6)
+    assert_close(again, final, rtol=1e-5)
     with pytest.raises(ValueError, match="model.pretrained.*does not exist"):  # a fresh run needs the files
         train(tmp_path / "lit2", shards, f"model.pretrained='{export}'")
 
@@ -368,7 +369,7 @@ def test_feature_cache_of_a_locked_hf_trunk_gives_the_same_features_and_skips_re
     captions = ["a photo of a coat", "a bag", "a photo of a coat", "an ankle boot", "a sneaker"]
     for _ in range(2):
         a, b = plain.clip.encode_text(tokenize(captions)), cached.clip.encode_text(tokenize(captions))
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert_close(b, a, rtol=1e-5)
     # first call: the 4 distinct captions; second call: the 1 of them beyond the cache's 3 entries
     assert rows == [4, 1]
     b.sum().backward()  # the projection above the cache still trains

@@ -10,6 +10,9 @@ from pipeline.config import ObjectiveConfig
 from pipeline.distributed import World
 from pipeline.models.model import build_model
 from pipeline.objective import Objective
+from tolerance import assert_close, close
+
+pytestmark = pytest.mark.numeric
 
 # A ViT/text-transformer pair small enough for a 2-core test, built by the real model code.
 MICRO_CFG = {
@@ -39,11 +42,11 @@ def _grads(objective_cfg: ObjectiveConfig, accum_steps: int, batch: dict, seed: 
 
 
 def _assert_close(a: dict, b: dict) -> None:
-    # atol 5e-6: micro-batches trim the text to their own longest caption, so matmul shapes and fp32 rounding
-    # differ (in float64 the two agree to 1e-14)
+    # micro-batches trim the text to their own longest caption, so matmul shapes and fp32 rounding differ (in
+    # float64 the two agree to 1e-14): 1e-4 of each gradient's magnitude
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-6, msg=lambda m: f"{name}: {m}")
+        assert_close(a[name], b[name], rtol=1e-4, name=name)
 
 
 @pytest.mark.parametrize("objective_cfg", [
@@ -73,7 +76,7 @@ def test_loss_averaging_accumulation_is_not_equivalent():
         loss, _, _ = objective(model(part), part, 0)
         (loss / 4).backward()
     name = "clip.visual.conv1.weight"
-    assert not torch.allclose(model.get_parameter(name).grad, whole[name], rtol=1e-3, atol=1e-6)
+    assert not close(model.get_parameter(name).grad, whole[name], rtol=1e-2)
 
 
 def test_split_and_concat_are_inverse():

@@ -40,9 +40,7 @@ class PlaitModel(nn.Module):
         self.uses_logit_scale = uses_logit_scale
         self.units = list(units)    # the enabled objective units' model side (plain objects: no parameters)
 
-    def forward(self, batch: dict | torch.Tensor, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if not isinstance(batch, dict):  # model(image, text): the loop's call form before the batch contract
-            batch = {"image": batch, "text": text}
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         needs = functools.reduce(operator.or_, (unit.needs() for unit in self.units), Needs())
         if "image" not in batch and "frames" in batch and needs.images:
             raise ValueError("video batches (data.video_frames > 0) train "

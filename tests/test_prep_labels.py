@@ -1,0 +1,89 @@
+"""`--label-col` (issue 17, part 3): integer ids or class names become `{key}.cls`, names mapped to ids in one
+order for every array task, written to `classnames.txt` where `plait eval` / `plait finetune` find it; a text
+label column kept without --label-col is warned about."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from data_prep.cli import main
+from data_prep.labels import label_id, plan_classnames
+from data_prep.process import Reject
+from pipeline.eval_data import resolve
+from tests.prep_corpus import real_photos, shard_members
+
+
+def _table(tmp_path, labels, name="t.csv"):
+    photos = real_photos(limit=len(labels))
+    for i, p in enumerate(photos):
+        shutil.copy(p, tmp_path / f"{i}.jpg")
+    table = tmp_path / name
+    table.write_text("url,caption,label\n" + "".join(f"{i}.jpg,photo {i},{lab}\n" for i, lab in enumerate(labels)))
+    return table
+
+
+def _shard(*args):
+    main(["shard", "--no-progress", "--processes", "1", "--image-size", "32", "--no-dedup", *args])
+
+
+def test_class_names_map_to_the_same_ids_in_every_task(tmp_path):
+    labels = ["sneaker", "bag", "coat", "bag", "ankle boot", "sneaker", "coat"]
+    table = _table(tmp_path, labels)
+    out = tmp_path / "o"
+    for task in (1, 0, 2):  # three array tasks, any order: each sees a different subset of the names first
+        _shard("--input", str(table), "--output", str(out), "--label-col", "label", "--samples-per-shard", "2",
+               "--task-index", str(task), "--num-tasks", "3")
+    main(["merge", str(out)])
+    names = ["ankle boot", "bag", "coat", "sneaker"]  # sorted unique: no dependence on which task ran first
+    assert (out / "classnames.txt").read_text().splitlines() == names
+    samples = shard_members(out)
+    assert len(samples) == len(labels)
+    for key, members in samples.items():
+        assert int(members["cls"]) == names.index(labels[int(key)])
+    assert resolve(str(out)).classnames == tuple(names)  # what `plait eval` / `plait finetune` read
+    assert main(["verify", str(out)]) == 0
+
+
+def test_integer_labels_and_a_given_classnames_file(tmp_path):
+    table = _table(tmp_path, [2, 0, 1, 7, ""])
+    out = tmp_path / "ids"
+    _shard("--input", str(table), "--output", str(out), "--label-col", "label")
+    samples = shard_members(out)
+    assert {k: int(m["cls"]) for k, m in samples.items()} == {"000000000": 2, "000000001": 0, "000000002": 1,
+                                                              "000000003": 7}
+    assert not (out / "classnames.txt").exists()  # ids need no mapping
+    import pyarrow.parquet as pq
+    recs = pq.read_table(out / "samples.parquet").to_pylist()
+    assert recs[4]["reason"] == "missing label"
+
+    (tmp_path / "names.txt").write_text("zero\none\ntwo\n")
+    table = _table(tmp_path, ["two", "one", "1", "seven"], name="n.csv")
+    out = tmp_path / "given"
+    _shard("--input", str(table), "--output", str(out), "--label-col", "label", "--classnames",
+           str(tmp_path / "names.txt"))
+    assert (out / "classnames.txt").read_text().splitlines() == ["zero", "one", "two"]
+    recs = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [r["reason"] for r in recs] == [None, None, None, "label 'seven' not among the class names"]
+    assert sorted(int(m["cls"]) for m in shard_members(out).values()) == [1, 1, 2]
+
+
+def test_a_text_label_column_without_label_col_is_warned_about(tmp_path, capsys):
+    table = _table(tmp_path, ["cat", "dog"])
+    _shard("--input", str(table), "--output", str(tmp_path / "o"), "--extra-cols", "label")
+    err = capsys.readouterr()
+    assert "--label-col label" in err.out + err.err
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        _shard("--input", str(table), "--output", str(tmp_path / "x"), "--label-col", "nope")
+
+
+def test_label_mapping_is_pure():
+    assert plan_classnames(["b", "a", "b", None], None) == ["a", "b"]
+    assert plan_classnames(["3", 1, 2.0], None) is None
+    assert plan_classnames(["x"], ["y", "x"]) == ["y", "x"]
+    names = ("a", "b")
+    assert label_id("b", names, {"a": 0, "b": 1}) == (1, "b")
+    assert label_id(1, names, {"a": 0, "b": 1}) == (1, "b")
+    with pytest.raises(Reject, match="out of range"):
+        label_id(5, names, {"a": 0, "b": 1})
+    assert label_id(5, None, None) == (5, None)
