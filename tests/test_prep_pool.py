@@ -92,20 +92,20 @@ def test_web_benchmark_smoke(tmp_path):
 
 def test_input_failure_with_workers_finishes_the_shards_handed_out(tmp_path):
     photos = real_photos(limit=12)
-    table = _table(tmp_path / "in.jsonl", photos * 2)
+    table = _table(tmp_path / "in.jsonl", photos * 8)  # more than the 64 rows the plan looks at first
     out = tmp_path / "out"
     opts = job_options(build_parser().parse_args(
         ["shard", "--input", str(table), "--output", str(out), "--samples-per-shard", "4", "--image-size", "32",
          "--local-root", "/usr/share/doc/opencv-doc", "--no-dedup"]))
 
-    def dies_at_row_17():
+    def dies_at_row_81():
         for row in read_rows(opts.source):
-            if row.index == 17:
+            if row.index == 81:
                 raise RuntimeError("input lost")
             yield row
 
     with pytest.raises(RuntimeError, match="input lost"):
-        run.run_task(opts, processes=2, rows=dies_at_row_17(), progress=False, log=lambda _: None)
-    # rows 0-15 made four whole units before the failure: every one of them was built, none left half-done
-    assert sorted(p.name for p in out.glob("*_stats.json")) == [f"0000{i}_stats.json" for i in range(4)]
+        run.run_task(opts, processes=2, rows=dies_at_row_81(), progress=False, log=lambda _: None)
+    # rows 0-79 made 20 whole units before the failure: every one of them was built, none left half-done
+    assert sorted(p.name for p in out.glob("*_stats.json")) == [f"{i:05d}_stats.json" for i in range(20)]
     assert not list(out.glob("*.tmp*"))
