@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,8 +55,9 @@ WORDS = ("red", "small", "old", "bright", "wooden", "city", "street", "dog", "ca
 
 # (row name, plait config overrides, patch dropout of the hand-written open_clip loop it is set against)
 OBJECTIVES = (("contrastive", [], 0.0),
-              ("flip50", ["objective.flip_mask_ratio=0.5"], 0.5),
-              ("flip50+mae+mlm", ["objective.flip_mask_ratio=0.5", "objective.mae=0.5", "objective.mlm=0.5"], 0.5))
+              ("flip50", ["objective.flip.mask_ratio=0.5"], 0.5),
+              ("flip50+mae+mlm", ["objective.flip.mask_ratio=0.5", "objective.mae.weight=0.5",
+                                  "objective.mlm.weight=0.5"], 0.5))
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def source_images(folder: Path, count: int) -> list[Path]:
 
 def build_shards(work: Path, setup: Setup, processes: int) -> str:
     """`setup.samples` image-caption pairs cycling over the source images, sharded by `plait prep` (no dedup:
-    the cycle repeats images on purpose)."""
+    the cycle repeats images on purpose). Fails loudly if prep kept nothing."""
     out = work / f"shards-{setup.stored_px}-{setup.samples}"
     if not (out / "sizes.json").exists():
         images = source_images(work / "images", 200)
@@ -113,16 +116,21 @@ def build_shards(work: Path, setup: Setup, processes: int) -> str:
         rng = random.Random(0)
         for i in range(setup.samples):
             target = folder / f"{i:06d}.jpg"
-            if not target.exists():
-                target.symlink_to(images[i % len(images)])
+            if not target.exists():  # a hard link, not a symlink: prep refuses links that leave its input folder
+                try:
+                    os.link(images[i % len(images)], target)
+                except OSError:
+                    shutil.copyfile(images[i % len(images)], target)
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 18)))
             (folder / f"{i:06d}.txt").write_text(f"a photo of a {words}")
         prep_cli.main(["shard", "--input", str(folder), "--input-format", "folder", "--image-size",
                        str(setup.stored_px), "--output", str(out), "--samples-per-shard",
                        str(max(32, setup.samples // 64)), "--processes", str(processes), "--no-dedup",
                        "--no-progress"])
-    count = len(json.loads((out / "sizes.json").read_text()))
-    return f"{out}/{{00000..{count - 1:05d}}}.tar"
+    sizes = json.loads((out / "sizes.json").read_text())
+    if sum(sizes.values()) < setup.samples:
+        raise RuntimeError(f"plait prep kept {sum(sizes.values())} of {setup.samples} pairs in {out}: see its summary")
+    return f"{out}/{{00000..{len(sizes) - 1:05d}}}.tar"
 
 
 # -------------------------------------------------------------------------------------------------- training

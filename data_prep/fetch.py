@@ -140,29 +140,25 @@ class Fetcher:
 
     def read_local(self, path: str) -> bytes:
         """A local path or file:// URL from the table: the one place local files are opened (never via fsspec)."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(self.opts.max_bytes + 1)
-        except FileNotFoundError:
-            raise Reject("file not found") from None
-        except (IsADirectoryError, PermissionError) as e:
-            raise Reject(f"unreadable file: {type(e).__name__}") from None
-        except OSError as e:
-            raise Reject(f"read error: {printable(str(e))[:200]}") from None
-        return self._check_size(data)
+        return self._read_capped(lambda: open(path, "rb"), transient=False)
 
     def _store(self, scheme: str, url: str) -> bytes:
         fs = fsspec.filesystem(scheme)
         self._check_endpoint(scheme, fs)
+        # an object store's other I/O errors (throttling, a dropped connection) are worth a retry; a disk's are not
+        return self._read_capped(lambda: fs.open(fs._strip_protocol(url), "rb"), transient=True)
+
+    def _read_capped(self, open_file, transient: bool) -> bytes:
+        """At most max_bytes + 1 bytes of the file `open_file()` opens; failures become the row's reject."""
         try:
-            with fs.open(fs._strip_protocol(url), "rb") as f:
+            with open_file() as f:
                 data = f.read(self.opts.max_bytes + 1)
         except FileNotFoundError:
             raise Reject("file not found") from None
         except (IsADirectoryError, PermissionError) as e:
             raise Reject(f"unreadable file: {type(e).__name__}") from None
         except OSError as e:
-            raise Reject(f"read error: {printable(str(e))[:200]}", transient=True) from None
+            raise Reject(f"read error: {printable(str(e))[:200]}", transient=transient) from None
         return self._check_size(data)
 
     def _check_size(self, data: bytes) -> bytes:
