@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import fsspec
 
+from data_prep.formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES, detect_format
 from data_prep.options import SourceOptions
 from data_prep.process import Reject
 
@@ -28,7 +29,6 @@ def local_access(opts: SourceOptions, fmt: str | None = None) -> tuple[tuple[str
     A table: the folders of --local-root, else the table's own folder; a table that is not local (s3://, http)
     gets no default, so its local paths are refused unless --local-root names a folder. A folder input: the
     folder itself plus --local-root. Relative paths start from a local table's folder, else the first root."""
-    from data_prep.sources import detect_format
     fmt = fmt or (opts.input_format if opts.input_format != "auto" else detect_format(opts.input))
     roots = [os.path.realpath(r) for r in opts.local_root]
     fs, path = fsspec.core.url_to_fs(opts.input)
@@ -74,7 +74,6 @@ def input_fingerprint(path: str) -> dict[str, Any]:
                 out[key.lower()] = info[key] if isinstance(info[key], (int, float)) else str(info[key])
         return out
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    from data_prep.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES
     media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     count = size = 0
     newest = 0.0

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import fsspec
 
 from data_prep.access import under, walk_local
+from data_prep.formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES, detect_format  # noqa: F401 (re-exported)
 from data_prep.options import SourceOptions
 from data_prep.process import Reject
 
@@ -48,8 +49,6 @@ MAX_LINE_BYTES = 16 * 2**20
 """Longest line a line-based table may have; a longer one is a reject naming its line."""
 MAX_CAPTION_FILE_BYTES = 2**20
 """Largest sidecar caption file read from a folder input."""
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 _FMNIST_FILES = {"train": "train", "test": "t10k"}
 _YFCC_COLUMNS = 25  # the Webscope/AWS dump: line number and hash first, photo/video marker last
 
@@ -83,20 +82,6 @@ class Row:
     end_s: float | None = None
     label: Any = None
     """The --label-col value as read (an id or a class name; mapped by the worker)."""
-
-
-def detect_format(path: str) -> str:
-    fs, root = fsspec.core.url_to_fs(path)
-    if fs.isdir(root):
-        return "folder"
-    if not fs.exists(root):
-        raise FileNotFoundError(f"--input {path!r}: no such file or folder")
-    name = root.lower().removesuffix(".gz").removesuffix(".bz2")
-    for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"),
-                        (".json", "json"), (".txt", "txt")):
-        if name.endswith(suffix):
-            return fmt
-    raise ValueError(f"--input {path!r}: cannot tell the format from the name; pass --input-format")
 
 
 RowRanges = Callable[[int, int], "list[tuple[int, int]]"]
