@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import open_clip
-import open_clip
 import torch
 from torch import nn
 
