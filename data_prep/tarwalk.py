@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
+from pipeline.tarseek import pax_path  # one reader of pax long names for both tar walkers
+
 _BLOCK = 512
 
 
@@ -77,7 +79,7 @@ def iter_members(f: BinaryIO, want: Callable[[str], bool] = lambda name: True) -
             if len(payload) < padded:
                 raise TarFormatError("truncated tar (long name)")
             payload = payload[:size]
-            pending_name = payload.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(payload)
+            pending_name = payload.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else pax_path(payload)
             continue
         name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
         if header[257:262] == b"ustar" and header[345:500].strip(b"\0") and not pending_name:
@@ -107,14 +109,6 @@ def _skip(f: BinaryIO, n: int) -> None:
             if not got:
                 raise TarFormatError("truncated tar") from None
             n -= len(got)
-
-
-def _pax_path(payload: bytes) -> str | None:
-    for record in payload.decode("utf-8", "replace").split("\n"):
-        _, _, kv = record.partition(" ")
-        if kv.startswith("path="):
-            return kv[len("path="):]
-    return None
 
 
 def iter_samples(f: BinaryIO, want: Callable[[str], bool] = lambda ext: True) -> Iterator[RawSample]:

@@ -192,7 +192,7 @@ def _octal(field: bytes) -> int:
     return int(field or b"0", 8)
 
 
-def _pax_path(payload: bytes) -> str | None:
+def pax_path(payload: bytes) -> str | None:
     for record in payload.decode("utf-8", "replace").split("\n"):
         _, _, kv = record.partition(" ")
         if kv.startswith("path="):
@@ -217,7 +217,7 @@ def seek_by_headers(f, sample: int) -> None:
         payload_end = pos + _BLOCK + -(-size // _BLOCK) * _BLOCK
         if kind in (b"L", b"x"):  # long name / pax extended header: the next member's real name
             payload = f.read(size)
-            pending_name = payload.rstrip(b"\0").decode() if kind == b"L" else _pax_path(payload)
+            pending_name = payload.rstrip(b"\0").decode() if kind == b"L" else pax_path(payload)
             f.seek(payload_end)
             continue
         name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
