@@ -11,7 +11,7 @@ import sys
 
 from data_prep.flags import add_options, from_args
 from data_prep.options import FetchOptions, ImageOptions, JobOptions, RunOptions, SourceOptions, VideoOptions
-from pipeline.config import field_docs
+from pipeline.config_fields import field_docs
 
 LAYOUT = """\
 output layout (S = shard number, {S:05d}):

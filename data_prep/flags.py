@@ -11,7 +11,7 @@ import typing
 from typing import Any
 
 from data_prep.options import flag_of, parse_size
-from pipeline.config import field_docs
+from pipeline.config_fields import field_docs
 
 
 def _csv_list(value: str) -> tuple[str, ...]:

@@ -265,7 +265,7 @@ def train_hint(pattern: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `plait prep index` flags; their help is IndexOptions' field docstrings."""
-    from pipeline.config import field_docs
+    from pipeline.config_fields import field_docs
     docs = field_docs(IndexOptions)
     p.add_argument("target", metavar="DIR_OR_PATTERN", help=docs["target"])
     p.add_argument("--threads", type=int, default=IndexOptions.threads, help=docs["threads"])

@@ -454,7 +454,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ScoreOptions, generated from its fields (types, defaults, docstrings as help)."""
     from data_prep.flags import add_options
-    from pipeline.config import field_docs
+    from pipeline.config_fields import field_docs
 
     p.add_argument("dataset", help=" ".join(field_docs(ScoreOptions)["dataset"].split()))
     add_options(p, ScoreOptions)

@@ -5,9 +5,7 @@ from the source so that `plait train --help-config` and error messages show the 
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
 import string
 import tomllib
@@ -18,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from pipeline.config_fields import choice, require  # noqa: F401  (re-exported: sections outside this module use them)
+from pipeline.config_fields import choice, field_docs, require  # noqa: F401  (re-exported: sections outside this module use them)
 from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
 
 # Seeds reach numpy's legacy seeding (below 2**32, via accelerate's set_seed) after adding the rank.
@@ -408,18 +406,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Writes the resolved config as TOML; `--config` on that file reproduces the run's settings."""
     Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Maps each field of a dataclass to the string literal written right under it in the source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

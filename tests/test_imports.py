@@ -128,3 +128,14 @@ def test_every_module_imports_on_its_own():
         "sys.exit(1 if failed else 0)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_prep_starts_without_torch():
+    # `plait prep shard` and its worker processes decode and write images: importing torch and open_clip there
+    # (through the training config) cost every prep run ~5 s of start-up before the first row.
+    script = ("import sys\n"
+              "import data_prep.cli, data_prep.run, data_prep.pool, data_prep.worker, data_prep.video\n"
+              "print(' '.join(m for m in ('torch', 'open_clip', 'accelerate') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"prep imported {proc.stdout.strip()}"
