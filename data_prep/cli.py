@@ -117,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_score_filter(sub) -> None:
-    from data_prep import score
+    from data_prep import score_set
     p = sub.add_parser("score", help="image-text cosine of every sample under an exported model (CLIP score)",
-                       formatter_class=_Help, description=score.__doc__.split("\n\n")[0], epilog="\n\n".join(
-                           score.__doc__.split("\n\n")[1:]))
-    score.add_arguments(p)
+                       formatter_class=_Help, description=score_set.__doc__.split("\n\n")[0], epilog="\n\n".join(
+                           score_set.__doc__.split("\n\n")[1:]))
+    score_set.add_arguments(p)
     p = sub.add_parser("filter", help="a new dataset of the samples that pass score, dedup and rule thresholds",
                        formatter_class=_Help, description="Write a new dataset of the selected samples of a plait "
                        "dataset, copying their tar members (no refetch, no re-encode).",
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if a.command == "score":
         from data_prep import score
-        summary = score.score(score.options(a))
+        from data_prep.score_set import options
+        summary = score.score(options(a))
         if summary:
             print(score.format_summary(summary))
         return 0

@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 from data_prep import manifest
 from data_prep.options import option
-from data_prep.score import PLAN as SCORE_PLAN
-from data_prep.score import open_dataset
+from data_prep.score_set import PLAN as SCORE_PLAN
+from data_prep.score_set import open_dataset
 from data_prep.tarwalk import TarFormatError, iter_members, split_name
 from data_prep.writer import END_OF_ARCHIVE, HashingWriter, OutputDir, reason_kind, tar_header
 

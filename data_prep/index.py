@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import fsspec
-import webdataset as wds
-from webdataset.tariterators import base_plus_ext
 
 from data_prep import layout
 from data_prep.layout import INDEX_FORMAT
@@ -95,7 +93,8 @@ def find_shards(target: str) -> list[str]:
     def url(p: str) -> str:  # glob gives bare paths; keep the user's form (plain local path or URL)
         return fs.unstrip_protocol(p) if "://" in target else p
     if "{" in target:
-        urls = wds.shardlists.expand_urls(target)
+        import webdataset as wds  # here, not at the top: webdataset imports torch, and `plait prep` imports
+        urls = wds.shardlists.expand_urls(target)  # this module for its help (5 s of every prep start-up)
     elif any(c in path for c in "*?["):
         urls = [url(p) for p in sorted(fs.glob(path))]
     elif fs.isdir(path):
@@ -117,6 +116,7 @@ def is_meta(name: str) -> bool:
 
 def scan_shard(url: str) -> ShardScan:
     """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
+    from webdataset.tariterators import base_plus_ext  # webdataset's own name split (see find_shards' import)
     scan = ShardScan(url)
     fs, path = fsspec.core.url_to_fs(url)
     current: str | None = None

@@ -1,29 +1,19 @@
-"""`plait prep score DATASET --model EXPORT`: the image-text cosine similarity of every sample under a trained
-model, the first half of CLIP-score filtering (LAION, DataComp, Data Filtering Networks); `filter.py` the second.
+"""Runs an exported model over a dataset's shards for `plait prep score` (what it writes, and the options:
+score_set.py, whose docstring is the command's --help).
 
 Shards stream through the model in batches: DataLoader workers read whole shards (raw bytes, data_prep/tarwalk.py:
 only the image and caption members are ever decoded, with PIL and UTF-8), run the model's own eval preprocess up to
 a uint8 image, and the main process normalises once per batch and encodes. Several processes or GPUs through
 Accelerate (`torchrun --nproc_per_node N -m data_prep.score ...`): rank r scores every N-th unfinished shard.
-
-Output folder (default DATASET/scores), per shard S (the tar's stem):
-  S.parquet        key, shard (tar name), score (float32 cosine, null if the sample could not be scored), reason
-                   (why null), with --embeddings image_embedding / text_embedding (L2-normalised, float16)
-  S_stats.json     counts and seconds; written last = the shard is done (a rerun skips it)
-  _score_plan.json the dataset's and the model's fingerprints and the settings: a rerun into the same folder with
-                   another dataset, model or settings is refused, and `plait prep filter` checks it
-  summary.json     samples/s of the last run, score quantiles, null reasons
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,93 +23,15 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.options import option
+from data_prep.score_set import __doc__ as score_set_doc
+from data_prep.score_set import PLAN, PRECISION_NAMES, Dataset, ScoreOptions, add_arguments, open_dataset, options
 from data_prep.tarwalk import TarFormatError, iter_samples
 from data_prep.writer import OutputDir, reason_kind
 
-PLAN = "_score_plan.json"
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert tuple(PRECISIONS) == PRECISION_NAMES
 _MEDIA = ("jpg", "jpeg", "png", "webp")
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    dataset: str = option(no_flag=True)
-    """dataset folder: a plait dataset or any folder of WebDataset tars (local path or fsspec URL)"""
-    model: str = option(metavar="EXPORT")
-    """exported model: a `plait export --format open_clip` folder, an open_clip `local-dir:` folder, or anything
-    `plait eval` loads (Hugging Face CLIP folder, safetensors export, checkpoint)"""
-    out: str | None = option(None, metavar="DIR")
-    """score folder (default: DATASET/scores)"""
-    batch_size: int = 256
-    """samples per forward pass"""
-    num_workers: int = 2
-    """DataLoader worker processes per rank that read and decode shards (0: in the main process)"""
-    embeddings: bool = False
-    """also keep the image and text embeddings (float16), needed by `plait prep filter --dedup-embeddings`"""
-    precision: str = option("fp32", choices=tuple(PRECISIONS))
-    """fp32, or bf16 / fp16 autocast (GPUs)"""
-    device: str = option("auto", choices=("auto", "cpu", "cuda"))
-    """auto: a GPU per rank when there is one"""
-    progress: bool = True
-    """progress bar (rank 0)"""
-    task_index: int = option(0, cli_default=None)
-    """this task of a job array: scores the TASK_INDEX-th of --num-tasks contiguous shard ranges (default:
-    SLURM_ARRAY_TASK_ID, else all shards)"""
-    num_tasks: int = option(1, cli_default=None)
-    """tasks in the job array (default: SLURM_ARRAY_TASK_COUNT; `plait launch score` submits one per range)"""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size}: must be >= 1")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers {self.num_workers}: must be >= 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device {self.device!r}: expected auto, cpu or cuda")
-        if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
-            raise ValueError(f"--task-index {self.task_index}: must be in [0, --num-tasks={self.num_tasks})")
-
-    @property
-    def out_dir(self) -> str:
-        return self.out or f"{self.dataset.rstrip('/')}/scores"
-
-
-# ------------------------------------------------------------------------------------------------ dataset + model
-@dataclass
-class Dataset:
-    url: str
-    shards: list[str]
-    """Tar names in order."""
-    sizes: dict[str, int] | None
-    """Samples per tar when the folder says (plait's / open_clip's sizes.json)."""
-    fingerprint: str
-    plait: bool
-
-
-def open_dataset(url: str) -> Dataset:
-    """The shards of a plait dataset (its manifest) or of any folder of WebDataset tars; refuses anything else."""
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(url)
-    if not fs.isdir(root):  # checked first: OutputDir would create it
-        raise FileNotFoundError(f"dataset {url!r}: no such folder")
-    src = OutputDir(url)
-    if src.exists("manifest.json"):
-        manifest = src.read_json("manifest.json")
-        shards = [s["name"] for s in manifest["shards"]]
-        sizes = {s["name"]: s["num_samples"] for s in manifest["shards"]}
-        ident = [(s["name"], s["sha256"]) for s in manifest["shards"]]
-        plait = True
-    else:
-        shards = src.glob("*.tar")
-        if not shards:
-            raise ValueError(f"dataset {url!r}: not a WebDataset folder (no .tar shards and no plait manifest.json)")
-        sizes = src.read_json("sizes.json") if src.exists("sizes.json") else None
-        ident = [(n, src.fs.size(src.path(n))) for n in shards]
-        plait = False
-    fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
-    return Dataset(url, shards, sizes, fingerprint, plait)
 
 
 def model_fingerprint(path: str) -> dict[str, Any]:
@@ -451,25 +363,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ScoreOptions, generated from its fields (types, defaults, docstrings as help)."""
-    from data_prep.flags import add_options
-    from pipeline.config_fields import field_docs
-
-    p.add_argument("dataset", help=" ".join(field_docs(ScoreOptions)["dataset"].split()))
-    add_options(p, ScoreOptions)
-
-
-def options(a: argparse.Namespace) -> ScoreOptions:
-    from data_prep.flags import from_args
-    from data_prep.plan import resolve_task
-    task_index, num_tasks = resolve_task(a.task_index, a.num_tasks, os.environ)
-    return from_args(ScoreOptions, a, task_index=task_index, num_tasks=num_tasks)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry for several processes: `torchrun --nproc_per_node N -m data_prep.score DATASET --model M`."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep.score", description=score_set_doc.split("\n\n")[0])
     add_arguments(parser)
     summary = score(options(parser.parse_args(argv)))
     if summary:

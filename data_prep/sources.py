@@ -35,7 +35,6 @@ import fsspec
 from data_prep.access import under, walk_local
 from data_prep.formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES, detect_format  # noqa: F401 (re-exported)
 from data_prep.options import SourceOptions
-from data_prep.process import Reject
 
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")

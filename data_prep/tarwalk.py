@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
-from pipeline.tarseek import pax_path  # one reader of pax long names for both tar walkers
-
 _BLOCK = 512
 
 
@@ -49,6 +47,15 @@ def _checksum_ok(header: bytes) -> bool:
     except ValueError:
         return False
     return want == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def pax_path(payload: bytes) -> str | None:
+    """The `path` record of a pax extended header (the long name of the member after it), if any."""
+    for record in payload.decode("utf-8", "replace").split("\n"):
+        _, _, kv = record.partition(" ")
+        if kv.startswith("path="):
+            return kv[len("path="):]
+    return None
 
 
 def split_name(name: str) -> tuple[str, str] | None:

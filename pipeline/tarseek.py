@@ -24,6 +24,7 @@ import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from data_prep import layout
+from data_prep.tarwalk import pax_path  # one reader of pax long names for both tar walkers
 
 log = logging.getLogger("plait.data")
 
@@ -190,14 +191,6 @@ def _octal(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
     return int(field or b"0", 8)
-
-
-def pax_path(payload: bytes) -> str | None:
-    for record in payload.decode("utf-8", "replace").split("\n"):
-        _, _, kv = record.partition(" ")
-        if kv.startswith("path="):
-            return kv[len("path="):]
-    return None
 
 
 def seek_by_headers(f, sample: int) -> None:

@@ -131,10 +131,13 @@ def test_every_module_imports_on_its_own():
 
 
 def test_prep_starts_without_torch():
-    # `plait prep shard` and its worker processes decode and write images: importing torch and open_clip there
-    # (through the training config) cost every prep run ~5 s of start-up before the first row.
+    # `plait prep shard`, its worker processes and `prep filter` decode and copy images: importing torch there
+    # (through the training config, webdataset, or the score command's parser) cost every prep run ~5 s of
+    # start-up before the first row.
     script = ("import sys\n"
-              "import data_prep.cli, data_prep.run, data_prep.pool, data_prep.worker, data_prep.video\n"
+              "import data_prep.cli, data_prep.filter, data_prep.pool, data_prep.run\n"
+              "import data_prep.video, data_prep.worker\n"
+              "data_prep.cli.build_parser()\n"
               "print(' '.join(m for m in ('torch', 'open_clip', 'accelerate') if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
