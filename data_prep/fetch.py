@@ -324,6 +324,14 @@ class Fetcher:
         expected = int(length) if length and length.strip().isdigit() else None
         if expected is not None and expected > self.opts.max_bytes:
             raise Reject(f"file too large ({expected} > {self.opts.max_bytes} bytes)")
+        if expected is not None and not resp.chunked:
+            # one read into one buffer of the announced size: a 64 KB loop costs a GIL round trip per chunk,
+            # which the image-processing thread of the same process waits on
+            body = resp.read(expected)
+            if len(body) < expected:
+                raise _Retry(f"connection closed early ({len(body)} of {expected} bytes)")
+            resp.read()
+            return body
         chunks, size = [], 0
         while True:
             chunk = resp.read1(_CHUNK)
