@@ -12,9 +12,11 @@ web. The server's loop stops by itself after --max-requests or --max-seconds, an
 the most concurrent requests per host, and 429 retries that came before their Retry-After.
 
 One run measures, interleaved over --repeat rounds (best of each): plait on file:// URLs (the ceiling), plait on
-the server, img2dataset on the server (same processes, 16 threads, retries 2), then checks that the web run wrote
-the same samples into the same shards as the local run and accounted for every row. img2dataset runs in its own
-venv (benchmarks/.venv/img2dataset, created by bench_prep.ensure_img2dataset: it pins webdataset<0.3, opencv<5).
+the server, img2dataset on the server (same processes, 16 threads, retries 2) and on file:// URLs (what the web
+costs the peer: when neither tool waits on the network, the web ratio is bounded by the local-file one), then
+checks that the web run wrote the same samples into the same shards as the local run and accounted for every row.
+img2dataset runs in its own venv (benchmarks/.venv/img2dataset, created by bench_prep.ensure_img2dataset: it pins
+webdataset<0.3, opencv<5).
 """
 from __future__ import annotations
 
@@ -267,11 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "web": lambda: run_plait(tmp / "web.csv", tmp / f"web{rep}", a, per_shard)}
                 if not a.skip_img2dataset:
                     runs["img2dataset"] = lambda: run_img2dataset(tmp / "web.csv", tmp / f"i2d{rep}", a, per_shard)
+                    # the peer on local files too: how much of its web time the web costs it
+                    runs["img2dataset_local"] = lambda: run_img2dataset(tmp / "local.csv", tmp / f"i2dl{rep}", a,
+                                                                        per_shard)
                 for name, fn in runs.items():
                     server_stats(port)  # reset
                     wall, info = fn()
                     n = info if isinstance(info, int) else info["num_ok"]
-                    if name != "local":
+                    if name not in ("local", "img2dataset_local"):
                         politeness[name] = server_stats(port)
                     if isinstance(info, dict):
                         outs[name] = (tmp / f"{name}{rep}", info)
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
                         best[name] = (wall, n)
             rate = {name: n / wall for name, (wall, n) in best.items()}
             for name, label in (("local", "plait, file://      "), ("web", "plait, web server   "),
-                                ("img2dataset", "img2dataset, web    ")):
+                                ("img2dataset", "img2dataset, web    "),
+                                ("img2dataset_local", "img2dataset, file://")):
                 if name in best:
                     print(f"{label}: {rate[name]:7.1f} samples/s ({best[name][1]} in {best[name][0]:.2f}s)")
             result["samples_per_s"] = {k: round(v, 2) for k, v in rate.items()}
@@ -288,6 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
             if "img2dataset" in rate:
                 result["plait_over_img2dataset"] = round(rate["web"] / rate["img2dataset"], 3)
                 print(f"plait / img2dataset : {result['plait_over_img2dataset']:7.2f}   (target >= 2.5)")
+                result["img2dataset_web_over_local"] = round(rate["img2dataset"] / rate["img2dataset_local"], 3)
+                result["plait_over_img2dataset_local_files"] = round(rate["local"] / rate["img2dataset_local"], 3)
+                print(f"img2dataset web / local: {result['img2dataset_web_over_local']:4.2f}; on local files plait is "
+                      f"{result['plait_over_img2dataset_local_files']:.2f}x img2dataset (the ceiling of the web "
+                      f"ratio when neither tool waits on the network)")
             local_dir, local_info = outs["local"]
             web_dir, web_info = outs["web"]
             same = shard_contents(local_dir) == shard_contents(web_dir)
