@@ -38,6 +38,7 @@ def inputs(seed=0):
     ids = torch.randint(1, 1000, (N, L), generator=g)
     ids[torch.arange(N), lengths - 1] = 49407                       # end of text: the highest id of each row
     ids[torch.arange(L)[None, :] >= lengths[:, None]] = 0          # padding
+    ids[4] = ids[0]                                                 # one caption twice, on both ranks
     image_features = F.normalize(torch.randn(N, E, generator=g, dtype=torch.float64), dim=-1)
     text_features = F.normalize(image_features + 0.8 * torch.randn(N, E, generator=g, dtype=torch.float64), dim=-1)
     scale = torch.tensor(4.0, dtype=torch.float64)
@@ -68,12 +69,12 @@ def loss_and_grads(head, rank, world_size, image_tokens, text_tokens, ids, image
 
 
 def naive_reference(head, image_tokens, text_tokens, ids, image_features, text_features, scale, gumbel):
-    """ALBEF's recipe written out: per caption, the weights softmax(s t_i . v_j) over the images j != i and the
-    negative image the one maximising log-weight + noise; likewise per image; then every pair through the head alone,
-    and the two-way cross-entropy term by term."""
+    """ALBEF's recipe written out: per caption, the weights softmax(s t_i . v_j) over the images j != i whose
+    caption is not caption i, and the negative image the one maximising log-weight + noise; likewise per image; then
+    every pair through the head alone, and the two-way cross-entropy term by term."""
     total, logits = 0.0, []
     for i in range(N):
-        others = [j for j in range(N) if j != i]
+        others = [j for j in range(N) if j != i and not torch.equal(ids[j], ids[i])]
         w_img = torch.softmax(torch.stack([scale * text_features[i].dot(image_features[j]) for j in others]), 0)
         w_txt = torch.softmax(torch.stack([scale * image_features[i].dot(text_features[j]) for j in others]), 0)
         neg_img = others[int(torch.argmax(torch.log(w_img) + gumbel[0, i, others]))]
@@ -115,6 +116,29 @@ def test_hard_negatives_are_drawn_in_proportion_to_the_softmax_of_the_similariti
     expected = torch.cat([torch.zeros(1), torch.softmax(sim[0, 1:], 0)]).double()
     assert counts[0] == 0
     assert torch.allclose(counts, expected, atol=4 * math.sqrt(0.25 / draws))  # 4 sigma
+
+
+def test_a_duplicate_caption_is_never_drawn_as_a_negative():
+    """A sample whose caption equals the row's makes a matched pair with it: skipped, unless it is all there is."""
+    sim = torch.tensor([[0.0, 9.0, 9.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    gumbel = -torch.log(-torch.log(torch.rand(2000, 2, 4, generator=g)))
+    same = torch.tensor([[True, True, True, False], [True, True, True, True]])  # row 1: every candidate is a twin
+    picked = torch.stack([hard_negatives(sim, torch.tensor([0, 0]), noise, same) for noise in gumbel])  # [2000, 2]
+    assert set(picked[:, 0].tolist()) == {3}
+    assert set(picked[:, 1].tolist()) == {1, 2, 3}  # falls back to "anything but its own"
+    # in a batch where each twin is by far the likeliest draw for the other, ITM still matches the reference that
+    # skips twins
+    image_tokens, text_tokens, ids, image_features, text_features, scale, gumbel = inputs()
+    image_features[4], image_features[0] = text_features[0], text_features[4]
+    text_features[4], text_features[0] = image_features[0].clone(), image_features[4].clone()
+    scale = torch.tensor(60.0, dtype=torch.float64)
+    head = make_head()
+    with torch.no_grad():
+        fast = itm_logits(head, image_tokens, text_tokens, ids, image_features, text_features, scale, 0, 1, gumbel)
+        _, reference = naive_reference(head, image_tokens, text_tokens, ids, image_features, text_features, scale,
+                                       gumbel)
+    assert close(fast, reference, rtol=1e-9)
 
 
 def test_itm_logits_ignore_padding_and_packing():

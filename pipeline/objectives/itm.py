@@ -1,7 +1,8 @@
 """Image-text matching (ITM; ALBEF, BLIP, FLAVA): a small fusion encoder classifies (image, caption) pairs as matched
 or not. Each sample gives three pairs: its own (matched), its caption with a hard negative image, its image with a
 hard negative caption. Negatives are drawn from the batch's contrastive similarities, gathered across ranks as the
-contrastive loss gathers them: the more similar a wrong partner, the likelier it is drawn (ALBEF's sampling).
+contrastive loss gathers them: the more similar a wrong partner, the likelier it is drawn (ALBEF's sampling); a
+partner with the very same caption is not a wrong one and is not drawn.
 
 The fusion head runs inside the model's forward (so that DDP and FSDP see its parameters); the batch carries this
 process's place in the world (`itm_world`, from augment), through which the unit gathers the other ranks' tokens.
@@ -40,11 +41,21 @@ class ItmConfig:
         require(self.width % self.heads == 0, "objective.itm.width", "must be a multiple of objective.itm.heads")
 
 
-def hard_negatives(sim: torch.Tensor, own: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+def hard_negatives(sim: torch.Tensor, own: torch.Tensor, gumbel: torch.Tensor,
+                   same: torch.Tensor | None = None) -> torch.Tensor:
     """For each row of sim [B, N] (scaled similarities to the N gathered candidates), a candidate other than the
     row's own (`own` [B] column indices) drawn with probability softmax(sim) over the others: Gumbel-max sampling
-    with the noise `gumbel` [B, N] (what torch.multinomial on those weights draws, with the noise explicit)."""
-    scores = sim.masked_fill(F.one_hot(own, sim.shape[1]).bool(), float("-inf")) + gumbel  # [B, N]
+    with the noise `gumbel` [B, N] (what torch.multinomial on those weights draws, with the noise explicit).
+
+    `same` [B, N]: candidates whose caption is the row's caption. Their pair with the row is a matched pair (a
+    template caption, or web alt-text such as "image"), so labelling it "not matched" would teach the head noise;
+    they are skipped like the row's own, unless nothing else is left (BLIP skips other captions of the same image
+    the same way)."""
+    skip = F.one_hot(own, sim.shape[1]).bool()                                                # [B, N]
+    if same is not None:
+        wider = skip | same
+        skip = torch.where(wider.all(dim=1, keepdim=True), skip, wider)
+    scores = sim.masked_fill(skip, float("-inf")) + gumbel                                  # [B, N]
     return scores.argmax(dim=1)                                                             # [B]
 
 
@@ -73,16 +84,18 @@ def itm_logits(head: ItmHead, image_tokens: torch.Tensor, text_tokens: torch.Ten
     with torch.no_grad():
         all_images = _gather(image_features.detach(), world_size, grad=False)         # [N, E]
         all_texts = _gather(text_features.detach(), world_size, grad=False)           # [N, E]
+        all_text_ids = _gather(text_ids, world_size, grad=False)                      # [N, L]
+        caption = torch.unique(all_text_ids, dim=0, return_inverse=True)[1]           # [N] equal ids, equal number
         scale = logit_scale.detach()
         own = torch.arange(B, device=image_features.device) + rank * B                # [B]
+        same = caption[own][:, None] == caption[None, :]                              # [B, N]
         if gumbel is None:
             gumbel = gumbel_noise((2, B, all_images.shape[0]), image_features.device)
-        negative_image = hard_negatives(scale * text_features @ all_images.t(), own, gumbel[0])  # [B] for captions
-        negative_text = hard_negatives(scale * image_features @ all_texts.t(), own, gumbel[1])   # [B] for images
+        negative_image = hard_negatives(scale * text_features @ all_images.t(), own, gumbel[0], same)  # [B]
+        negative_text = hard_negatives(scale * image_features @ all_texts.t(), own, gumbel[1], same)   # [B]
     # the negatives' tokens may live on other ranks: gathered with their gradient, which flows back to the owner
     all_image_tokens = _gather(image_tokens, world_size, grad=True)                   # [N, T, Wi]
     all_text_tokens = _gather(text_tokens, world_size, grad=True)                     # [N, L, Wt]
-    all_text_ids = _gather(text_ids, world_size, grad=False)                          # [N, L]
     images = torch.cat([image_tokens, all_image_tokens[negative_image], image_tokens])  # [3B, T, Wi]
     texts = torch.cat([text_tokens, text_tokens, all_text_tokens[negative_text]])     # [3B, L, Wt]
     ids = torch.cat([text_ids, text_ids, all_text_ids[negative_text]])                # [3B, L]
