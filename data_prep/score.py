@@ -28,9 +28,7 @@ from data_prep.score_set import PLAN, PRECISION_NAMES, Dataset, ScoreOptions, ad
 from data_prep.tarwalk import TarFormatError, iter_samples
 from data_prep.writer import OutputDir, reason_kind
 
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-assert tuple(PRECISIONS) == PRECISION_NAMES
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))  # --precision -> autocast dtype
 _MEDIA = ("jpg", "jpeg", "png", "webp")
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import tomli_w
 
-from pipeline.config_fields import choice, field_docs, require  # noqa: F401  (re-exported: sections outside this module use them)
+# re-exported: sections outside this module use them
+from pipeline.config_fields import choice, field_docs, require  # noqa: F401
 from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
 
 # Seeds reach numpy's legacy seeding (below 2**32, via accelerate's set_seed) after adding the rank.
