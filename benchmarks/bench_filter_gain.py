@@ -2,12 +2,14 @@
 
 1. A noisy Fashion-MNIST training set: 40% of the 60k captions (a fixed-seed sample) replaced by the caption of a
    random other class, the others as in `plait demo`; sharded by plait prep like the demo (5,000 rows per shard).
-2. The demo's model and config (pipeline/presets/demo.toml), trained on it for the demo's 360 steps (the demo's time cap is
-   lifted so that both runs train exactly the same number of steps), exported in open_clip format.
+2. The demo's model and config (pipeline/presets/demo.toml), trained on it for the demo's 360 steps (the demo's
+   time cap is lifted so that both runs train exactly the same number of steps), exported in open_clip format.
 3. `plait prep score` of the same noisy set with that export, then `plait prep filter --top-fraction 0.6`.
 4. The same model trained from scratch on the kept set, same config, same 360 steps.
+5. The ceilings, unless --no-ceilings: the same model and steps on the clean 60k (the demo's captions: what the
+   noise costs) and on the 36k uncorrupted pairs alone (what a perfect filter would keep).
 Printed and written to RUN_DIR/filter_gain.json: the filter's precision (share of corrupted pairs among the kept,
-share of corrupted pairs among the removed), and zero-shot top-1 on the clean 10k test split for both runs.
+share of corrupted pairs among the removed), and zero-shot top-1 on the clean 10k test split for every run.
 
 Run under the shared lock: `flock /tmp/plait-bench.lock python benchmarks/bench_filter_gain.py`.
 """
@@ -52,6 +54,15 @@ def noisy_rows(source: str, fraction: float, seed: int, limit: int | None = None
     return rows, {sample_key(i) for i in chosen}
 
 
+def shard_rows(folder: Path, rows: list, processes: int) -> None:
+    """Fashion-MNIST rows into shards with plait prep, as the demo shards them (skipped when already done)."""
+    if not (folder / "manifest.json").exists():
+        opts = JobOptions(output=str(folder), source=SourceOptions(FASHION_MNIST_DIR, "fashion-mnist", split="train"),
+                          samples_per_shard=5000)
+        run_task(opts, processes, rows=iter(rows), progress=False)
+        merge_mod.merge(str(folder))
+
+
 def shard_spec(folder: Path) -> str:
     names = sorted(json.loads((folder / "sizes.json").read_text()))
     return str(folder / f"{{{Path(names[0]).stem}..{Path(names[-1]).stem}}}.tar")
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=2, help="prep processes")
     p.add_argument("--limit", type=int, default=None, help="first N training images only (a smoke run)")
+    p.add_argument("--no-ceilings", dest="ceilings", action="store_false",
+                   help="skip the two reference runs (clean 60k, and the uncorrupted pairs alone)")
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir)
     steps = a.steps or load_config(DEMO_PRESET, []).train.steps
@@ -89,12 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
     noisy = run_dir / "noisy"
     rows, corrupted = noisy_rows(FASHION_MNIST_DIR, a.noise, a.seed, a.limit)
-    if not (noisy / "manifest.json").exists():
-        opts = JobOptions(output=str(noisy), source=SourceOptions(FASHION_MNIST_DIR, "fashion-mnist", split="train"),
-                          samples_per_shard=5000)
-        run_task(opts, a.processes, rows=iter(rows), progress=False)
-        merge_mod.merge(str(noisy))
+    shard_rows(noisy, rows, a.processes)
     del rows
+    replaced = set(corrupted)  # before prep's dedup: the perfect filter's set leaves these out
     test_shards = shard_split(Path(FASHION_MNIST_DIR), "test", run_dir / "test", 5000)
     timings["prep_s"] = time.monotonic() - t0
     table = pq.read_table(noisy / "samples.parquet", columns=["key", "status"])
@@ -146,6 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         "filter": precision, "score_summary": summary, "filter_cutoff": result["filter"].get("top_fraction_cutoff"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "total_s": round(time.monotonic() - t0, 1),
     }
+    if a.ceilings:
+        clean_rows, _ = noisy_rows(FASHION_MNIST_DIR, 0.0, a.seed, a.limit)
+        sets = {"clean": clean_rows,
+                "perfect_filter": [r for i, r in enumerate(clean_rows) if sample_key(i) not in replaced]}
+        for name, name_rows in sets.items():
+            shard_rows(run_dir / name, name_rows, a.processes)
+            t = time.monotonic()
+            ceiling = train_on(shard_spec(run_dir / name), test_shards, run_dir / f"train_{name}", steps)
+            timings[f"train_{name}_s"] = time.monotonic() - t
+            report[name] = {"samples": len(name_rows), "zero_shot_top1": ceiling["zeroshot"]["top1"],
+                            "steps": ceiling["steps"]}
+        report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+        report["total_s"] = round(time.monotonic() - t0, 1)
     gain = report["filtered"]["zero_shot_top1"] - report["noisy"]["zero_shot_top1"]
     report["gain_points"] = 100 * gain
     (run_dir / "filter_gain.json").write_text(json.dumps(report, indent=2))
@@ -153,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
           f"filtered-trained {report['filtered']['zero_shot_top1']:.1%} ({100 * gain:+.1f} points; target >= +5)")
     print(f"removed pairs that were corrupted: {precision['corrupted_among_removed']:.1%} (target >= 90%); "
           f"corrupted among kept: {precision['corrupted_among_kept']:.1%}")
+    if a.ceilings:
+        noisy_top1, best = report["noisy"]["zero_shot_top1"], report["perfect_filter"]["zero_shot_top1"]
+        print(f"ceilings: clean 60k {report['clean']['zero_shot_top1']:.1%} (the noise costs "
+              f"{100 * (report['clean']['zero_shot_top1'] - noisy_top1):.1f} points), the "
+              f"{report['perfect_filter']['samples']} uncorrupted pairs alone {best:.1%} (a perfect filter: "
+              f"{100 * (best - noisy_top1):+.1f} points); this filter got "
+              f"{gain / (best - noisy_top1):.0%} of the perfect filter's gain" if best > noisy_top1 else
+              f"ceilings: clean {report['clean']['zero_shot_top1']:.1%}, perfect filter {best:.1%}")
     print(f"timings: {report['timings_s']}, total {report['total_s']:.0f} s")
     return 0
 
