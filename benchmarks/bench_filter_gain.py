@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
           f"corrupted among kept: {precision['corrupted_among_kept']:.1%}")
     if a.ceilings:
         noisy_top1, best = report["noisy"]["zero_shot_top1"], report["perfect_filter"]["zero_shot_top1"]
-        print(f"ceilings: clean 60k {report['clean']['zero_shot_top1']:.1%} (the noise costs "
+        print(f"ceilings: clean {report['clean']['samples']:,} {report['clean']['zero_shot_top1']:.1%} (the noise costs "
               f"{100 * (report['clean']['zero_shot_top1'] - noisy_top1):.1f} points), the "
               f"{report['perfect_filter']['samples']} uncorrupted pairs alone {best:.1%} (a perfect filter: "
               f"{100 * (best - noisy_top1):+.1f} points); this filter got "
