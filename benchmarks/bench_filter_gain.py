@@ -178,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
           f"corrupted among kept: {precision['corrupted_among_kept']:.1%}")
     if a.ceilings:
         noisy_top1, best = report["noisy"]["zero_shot_top1"], report["perfect_filter"]["zero_shot_top1"]
-        print(f"ceilings: clean {report['clean']['samples']:,} {report['clean']['zero_shot_top1']:.1%} (the noise costs "
-              f"{100 * (report['clean']['zero_shot_top1'] - noisy_top1):.1f} points), the "
+        clean = report["clean"]
+        print(f"ceilings: clean {clean['samples']:,} {clean['zero_shot_top1']:.1%} (the noise costs "
+              f"{100 * (clean['zero_shot_top1'] - noisy_top1):.1f} points), the "
               f"{report['perfect_filter']['samples']} uncorrupted pairs alone {best:.1%} (a perfect filter: "
               f"{100 * (best - noisy_top1):+.1f} points); this filter got "
               f"{gain / (best - noisy_top1):.0%} of the perfect filter's gain" if best > noisy_top1 else
-              f"ceilings: clean {report['clean']['zero_shot_top1']:.1%}, perfect filter {best:.1%}")
+              f"ceilings: clean {clean['zero_shot_top1']:.1%}, perfect filter {best:.1%}")
     print(f"timings: {report['timings_s']}, total {report['total_s']:.0f} s")
     return 0
 
