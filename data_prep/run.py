@@ -183,11 +183,12 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
     per = opts.rows_per_shard
     if known_rows is not None:
         source = read_rows(opts.source, lambda a, b: task_row_ranges(a, b, per, task_index, num_tasks))
-    counter = {"rows": 0}
+    counter = {"rows": 0, "end": 0}
 
     def counted(stream: Iterator[Row]) -> Iterator[Row]:
         for row in stream:
             counter["rows"] += 1
+            counter["end"] = max(counter["end"], row.index + 1)
             yield row
 
     stream = counted(itertools.chain(head, source))
@@ -196,7 +197,9 @@ def run_task(opts: JobOptions, processes: int = 1, task_index: int = 0, num_task
     finished = build_units(opts, units, processes, progress)
     if known_rows is not None:
         counter["rows"] = known_rows
-    total_shards = num_shards(counter["rows"], per)
+    # rows handed in by a caller may skip indices (a subset of a table): shards go by index, so the last index,
+    # not the count, says how many shards the merge must find
+    total_shards = num_shards(max(counter["rows"], counter["end"]), per)
     marker = marker or f"_tasks/task-{task_index:05d}-of-{num_tasks:05d}.json"
     out.write_json(marker, {"task_index": task_index, "num_tasks": num_tasks, "num_input_rows": counter["rows"],
                             "num_shards": total_shards, "seconds": round(time.monotonic() - started, 3)})

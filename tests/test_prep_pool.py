@@ -109,3 +109,21 @@ def test_input_failure_with_workers_finishes_the_shards_handed_out(tmp_path):
     # rows 0-79 made 20 whole units before the failure: every one of them was built, none left half-done
     assert sorted(p.name for p in out.glob("*_stats.json")) == [f"{i:05d}_stats.json" for i in range(20)]
     assert not list(out.glob("*.tmp*"))
+
+
+def test_a_subset_of_rows_with_gaps_in_their_indices_is_merged_whole(tmp_path):
+    # rows handed to run_task may be a subset of a table (bench_filter_gain's perfect filter): shards go by row
+    # index, so rows 8-11 land in shard 2 of a 6-row input, and the merge must not stop at shard 1
+    from data_prep import merge
+    photos = real_photos(3)
+    table = _table(tmp_path / "in.jsonl", photos * 4)
+    out = tmp_path / "out"
+    opts = job_options(build_parser().parse_args(
+        ["shard", "--input", str(table), "--output", str(out), "--samples-per-shard", "4", "--image-size", "32",
+         "--local-root", "/usr/share/doc/opencv-doc", "--no-dedup"]))
+    rows = [r for r in read_rows(opts.source) if r.index % 2 == 0]  # 6 of 12 rows: indices 0, 2, ..., 10
+    run.run_task(opts, rows=iter(rows), progress=False, log=lambda _: None)
+    manifest = merge.merge(str(out))
+    assert manifest["num_samples"] == manifest["num_input_rows"] == 6
+    assert manifest["num_shards"] == 3
+
