@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import run
+from data_prep import merge, run
 from data_prep.cli import build_parser, job_options, main
 from data_prep.sources import read_rows
 from tests.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos, shard_members
@@ -114,7 +114,6 @@ def test_input_failure_with_workers_finishes_the_shards_handed_out(tmp_path):
 def test_a_subset_of_rows_with_gaps_in_their_indices_is_merged_whole(tmp_path):
     # rows handed to run_task may be a subset of a table (bench_filter_gain's perfect filter): shards go by row
     # index, so rows 8-11 land in shard 2 of a 6-row input, and the merge must not stop at shard 1
-    from data_prep import merge
     photos = real_photos(3)
     table = _table(tmp_path / "in.jsonl", photos * 4)
     out = tmp_path / "out"
