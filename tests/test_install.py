@@ -36,18 +36,20 @@ def installed(tmp_path_factory) -> Path:
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(
             REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                         if (REPO / name).is_dir() else {}))
+    # every step without the caller's PYTHONPATH: with the checkout on it, pip sees the checkout's plait.egg-info as
+    # plait already installed and skips the wheel
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"),
-          str(src)], cwd=root)
+          str(src)], cwd=root, env=_env())
     wheel = next((root / "dist").glob("plait-*.whl"))
     venv = root / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root, env=_env())
     python = venv / "bin" / "python"
-    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root)
-                .strip())
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root,
+                     env=_env()).strip())
     deps = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
     (site / "zz_plait_test_deps.pth").write_text("".join(f"{d}\n" for d in sorted(deps)))
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-          str(wheel)], cwd=root)
+          str(wheel)], cwd=root, env=_env())
     return venv
 
 
