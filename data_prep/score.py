@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.score_set import __doc__ as score_set_doc
+from data_prep import score_set
 from data_prep.score_set import PLAN, PRECISION_NAMES, Dataset, ScoreOptions, add_arguments, open_dataset, options
 from data_prep.tarwalk import TarFormatError, iter_samples
 from data_prep.writer import OutputDir, reason_kind
@@ -363,7 +363,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry for several processes: `torchrun --nproc_per_node N -m data_prep.score DATASET --model M`."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.score", description=score_set_doc.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep.score", description=score_set.__doc__.split("\n\n")[0])
     add_arguments(parser)
     summary = score(options(parser.parse_args(argv)))
     if summary:
