@@ -238,7 +238,7 @@ def loader_rates(setup: Setup, shards: str) -> dict:
     def open_clip_wds():
         import open_clip_train.data as ocd
         from webdataset.tariterators import tar_file_expander
-        # open_clip_train 3.x with webdataset 1.x needs the end-of-shard marker off (NOTES.md), patched here only
+        # open_clip_train 3.x with webdataset 1.x meets wds's end-of-shard {} marker: off, patched here only
         ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
         args = Namespace(train_data=shards, train_num_samples=None, train_data_upsampling_factors=None,
                          dataset_resampled=False, seed=0, batch_size=setup.batch, workers=setup.workers,

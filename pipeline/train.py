@@ -261,7 +261,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         log.close()
         stop_flag.restore()
     # Every rank leaves together and the process group is destroyed: a rank exiting early left its peer in a
-    # 300 s exit barrier (NOTES.md).
+    # 300 s exit barrier.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
