@@ -15,7 +15,7 @@ import open_clip
 from data_prep import cli as prep_cli
 from data_prep.sources import FASHION_MNIST_CLASSES
 from pipeline.config import load_config
-from pipeline.export import embeddings, export_open_clip, fixed_batch, load_checkpoint_model
+from pipeline.export import embeddings, export, fixed_batch, load_checkpoint_model, load_source
 from pipeline.models.towers import build_clip
 from pipeline.train import run as train
 
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
 
     print("[3/4] exporting in open_clip format and reloading ...", flush=True)
-    state, model_cfg = load_checkpoint_model(result["checkpoint"])
-    export_dir = export_open_clip(state, model_cfg, run_dir / "export")
+    # the card plait export writes: built from the run dir (steps, objectives, datasets, recorded evaluations)
+    export_dir = export(load_source(result["checkpoint"]), "open_clip", run_dir / "export")
     reload_error = check_reload(export_dir, result["checkpoint"])
     if reload_error > 1e-5:
         raise RuntimeError(f"reloaded model's embeddings differ by {reload_error:.2e}")

@@ -23,7 +23,7 @@ from pipeline.artifact import (DTYPES, cast_state, check_destination, embeddings
                                reference_model, require_close, staged, with_logit_bias, write_model_card)
 from pipeline.checkpoint import Checkpointer, clean_state_dict
 from pipeline.export_hf import export_hf
-from pipeline.model_card import training_metadata
+from pipeline.model_card import card_metadata, eval_entries, training_metadata
 from pipeline.transforms import preprocess_cfg
 
 __all__ = ["DTYPES", "Source", "checkpoint_dir", "embeddings", "export", "export_hf", "export_open_clip",
@@ -149,12 +149,13 @@ def load_checkpoint_model(path: str | Path) -> tuple[dict, dict]:
 
 def export(src: Source, fmt: str, out: str | Path, dtype: str = "fp32", with_heads: bool = False,
            eval_results: dict | None = None, extra_meta: dict | None = None,
-           add_files: Callable[[Path], None] | None = None) -> Path:
+           add_files: Callable[[Path], None] | None = None, evals: list[dict] | None = None) -> Path:
     """Writes `src` in `fmt` (open_clip, hf, safetensors) with its model card; returns the output dir.
-    `add_files(staging_dir)` may add files of its own; they are published with the export."""
-    meta = {"source_checkpoint": src.checkpoint,
-            "training": {k: v for k, v in src.training.items() if k != "eval"},
-            "eval": {**src.training.get("eval", {}), **(eval_results or {})}, **(extra_meta or {})}
+    `eval_results` (a `plait eval` result) and `evals` (card entries with their steps) join the evaluations the
+    run recorded. `add_files(staging_dir)` may add files of its own; they are published with the export."""
+    if evals is None:
+        evals = eval_entries(eval_results or {}, None, "plait eval (--eval-json)")
+    meta = card_metadata(src.training, src.checkpoint, evals, eval_results, extra_meta)
     if fmt == "open_clip":
         return export_open_clip(src.clip, src.model_cfg, out, dtype, name=src.name, meta=meta, add_files=add_files)
     if fmt == "hf":

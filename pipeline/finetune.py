@@ -29,6 +29,7 @@ from pipeline.eval_models import load_model
 from pipeline.evaluate import (DEFAULT_TEMPLATES, class_embeddings, classification_counts, image_features,
                                summarise_classification)
 from pipeline.export import FORMATS, Source, export
+from pipeline.model_card import eval_entries, source_training
 from pipeline.optim import lr_factor, no_decay
 from pipeline.shardspec import shard_sizes
 
@@ -270,8 +271,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
 def export_finetuned(model: Classifier, loaded, cfg: FinetuneConfig, result: dict) -> Path:
     """Exports the fine-tuned towers like any model, with the head and class names in the same directory."""
-    source_meta = Path(cfg.source) / "plait_metadata.json"
-    training = json.loads(source_meta.read_text()).get("training", {}) if source_meta.is_file() else {}
+    training = source_training(cfg.source)  # the pretraining history, as the source's own card states it
     finetune = {"mode": cfg.mode, "train_shards": cfg.train_data, "test_shards": cfg.test_data,
                 "epochs": cfg.epochs, "lr": cfg.peak_lr, "layer_decay": cfg.layer_decay, "from": str(cfg.source),
                 "classifier": "classifier.safetensors", "classnames": "classnames.txt"}
@@ -280,7 +280,12 @@ def export_finetuned(model: Classifier, loaded, cfg: FinetuneConfig, result: dic
     src = Source(clip=state, model_cfg=loaded.model_cfg, training=training, checkpoint=str(cfg.source),
                  name="plait-finetuned")
     evals = {"zero_shot_before": _scalars(result["zero_shot"]), "finetuned": _scalars(result["finetuned"])}
-    return export(src, cfg.format, cfg.out, eval_results=evals, extra_meta={"finetune": finetune},
+    base, steps = training.get("step"), result["training"].get("steps")
+    entries = [*eval_entries(evals["zero_shot_before"], base, "plait finetune (zero-shot head, before)",
+                             "zero_shot_before/"),
+               *eval_entries(evals["finetuned"], f"{'n/a' if base is None else base} + {steps} fine-tune steps",
+                             "plait finetune (after)", "finetuned/")]
+    return export(src, cfg.format, cfg.out, eval_results=evals, extra_meta={"finetune": finetune}, evals=entries,
                   add_files=partial(write_head, head=head, classnames=result["classnames"]))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data_prep.layout import CONTENT_FILES as MANIFEST_FILES
+from data_prep.shards.layout import CONTENT_FILES as MANIFEST_FILES
 from pipeline.objectives.registry import objective_cards, objective_weights
 
 METADATA_FILE = "plait_metadata.json"
@@ -75,6 +75,105 @@ def dataset_prep(train_shards: str) -> list[dict]:
     return out
 
 
+# Evaluations a run recorded: `kind: eval` records of metrics.jsonl (train_eval.log_fields names them
+# `eval/zeroshot/top1`, `eval/retrieval/image_to_text_R@1`, ...) and report.json (train's `zeroshot`/`retrieval`
+# results and `evals` list, the demo's `zero_shot_top1`, `plait eval`'s `linear_probe`), whatever their key names.
+EVAL_WORDS = ("eval", "zeroshot", "zero_shot", "retrieval", "probe", "top1", "top5", "recall", "r@", "accuracy")
+# tables inside an eval result that are not one metric each (per-class accuracies, the probe's C sweep)
+EVAL_SKIP = ("per_class", "probe_sweep")
+
+
+def _is_eval_name(name: str) -> bool:
+    low = name.lower()
+    return any(word in low for word in EVAL_WORDS)
+
+
+def _metric_key(name: str) -> str:
+    """The same metric under the names train, report.json and the demo give it: `eval/zeroshot/top1`,
+    `zeroshot/top1` and `zero_shot_top1` are one key."""
+    low = name.lower()
+    for prefix in ("eval/", "eval.", "eval_"):
+        low = low.removeprefix(prefix)
+    return "".join(ch for ch in low if ch.isalnum() or ch == "@")
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flatten(results: dict, prefix: str = "") -> list[tuple[str, float]]:
+    out = []
+    for key, value in results.items():
+        if isinstance(value, dict):
+            if str(key) not in EVAL_SKIP and not str(key).endswith("_per_class"):
+                out += _flatten(value, f"{prefix}{key}/")
+        elif _numeric(value) and str(key) != "C":
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def eval_entries(results: dict, step, source: str, prefix: str = "") -> list[dict]:
+    """`results` (nested dicts of numbers, e.g. a `plait eval` or fine-tune result) as card entries: metric,
+    value, the step (or stage) the evaluated weights belong to, and where the figure was recorded."""
+    return [{"metric": name, "value": value, "step": step, "source": source}
+            for name, value in _flatten(results, prefix)]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a preemption
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def recorded_evals(run_dir: Path | None, up_to_step: int | None = None) -> tuple[list[dict], int]:
+    """The run's recorded evaluations as card entries (metric, value, step, source), sorted by step, each metric
+    once per step; and how many were left out for being later than `up_to_step` (not of the exported weights)."""
+    if run_dir is None:
+        return [], 0
+    found: dict[tuple[str, object], dict] = {}
+    # metrics.jsonl first: a resumed segment repeats steps after its checkpoint, so a later record wins
+    for record in _read_jsonl(run_dir / "metrics.jsonl"):
+        if record.get("kind") != "eval" or not _numeric(record.get("step")):
+            continue
+        for name, value in record.items():
+            if name not in ("kind", "step") and _numeric(value) and _is_eval_name(name):
+                found[(_metric_key(name), record["step"])] = {"metric": name, "value": value, "step": record["step"],
+                                                              "source": "metrics.jsonl"}
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    if not isinstance(report, dict):
+        report = {}
+    entries = []
+    for record in report.get("evals", []) if isinstance(report.get("evals"), list) else []:
+        if isinstance(record, dict) and _numeric(record.get("step")):
+            entries += [(name, value, record["step"]) for name, value in _flatten(record)
+                        if name not in ("kind", "step") and _is_eval_name(name)]
+    final_step = report.get("steps") if _numeric(report.get("steps")) else None
+    # the other results (train's `zeroshot`, the demo's `zero_shot_top1`) belong to the step the run ended at
+    entries += [(name, value, final_step) for name, value in _flatten({k: v for k, v in report.items()
+                                                                       if k != "evals"}) if _is_eval_name(name)]
+    for name, value, step in entries:
+        found.setdefault((_metric_key(name), step), {"metric": name, "value": value, "step": step,
+                                                     "source": "report.json"})
+    evals = list(found.values())
+    later = [e for e in evals if up_to_step is not None and e["step"] is not None and e["step"] > up_to_step]
+    evals = [e for e in evals if e not in later]
+    evals.sort(key=lambda e: (e["step"] is None, e["step"] if e["step"] is not None else 0))
+    return evals, len(later)
+
+
 def training_metadata(trainer: dict, run_dir: Path | None) -> dict:
     """What a checkpoint's `trainer.pt` (and its run dir's report.json) say about how the model was trained."""
     meta: dict = {"step": trainer.get("step"), "samples_seen": trainer.get("samples_seen")}
@@ -103,14 +202,36 @@ def training_metadata(trainer: dict, run_dir: Path | None) -> dict:
             meta["data_prep"] = dataset_prep(config["data"]["train_shards"])
         except (ValueError, OSError):
             pass
-    report = run_dir / "report.json" if run_dir else None
-    if report is not None and report.is_file():
-        try:
-            result = json.loads(report.read_text())
-            meta["eval"] = {k: v for k, v in result.items() if k in ("zeroshot", "retrieval", "linear_probe", "eval")}
-        except json.JSONDecodeError:
-            pass
+    step = meta["step"] if _numeric(meta["step"]) else None
+    meta["evals"], meta["evals_left_out"] = recorded_evals(run_dir, step)
     return meta
+
+
+def source_training(path: str | Path) -> dict:
+    """The training history of a model to fine-tune: an export's card metadata, or what a checkpoint or run dir
+    records (as `plait export` reads it); {} for a bare weights file."""
+    path = Path(path)
+    card = path / METADATA_FILE
+    if card.is_file():
+        try:
+            return json.loads(card.read_text()).get("training", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+    from pipeline.export import load_source  # export imports this module
+    try:
+        return load_source(path).training
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def card_metadata(training: dict, checkpoint: str = "", evals: list[dict] = (), eval_results: dict | None = None,
+                  extra: dict | None = None) -> dict:
+    """The card's history for every export path (`plait export`, the demo, `plait finetune`): the training
+    metadata (steps, samples seen, objectives, dataset fingerprints, the evaluations the run recorded, each with
+    its step) plus evaluations of the exported weights made outside the run (`evals` entries, `eval_results`)."""
+    return {"source_checkpoint": checkpoint, "training": training,
+            "evals": [*training.get("evals", []), *evals],
+            "eval": dict(eval_results or {}), **(extra or {})}
 
 
 def _fmt(value) -> str:
@@ -119,15 +240,18 @@ def _fmt(value) -> str:
     return "n/a" if value is None else str(value)
 
 
-def _eval_lines(results: dict, prefix: str = "") -> list[str]:
-    lines = []
-    for key, value in results.items():
-        if key in ("per_class", "probe_sweep"):
-            continue
-        if isinstance(value, dict):
-            lines += _eval_lines(value, f"{prefix}{key}.")
-        elif isinstance(value, (int, float)):
-            lines.append(f"| {prefix}{key} | {_fmt(value)} |")
+def evaluation_lines(meta: dict) -> list[str]:
+    """Every evaluation the card's metadata holds, with the step of the weights it measured."""
+    evals = meta.get("evals")
+    if evals is None:  # metadata of an earlier card: nested results without steps
+        evals = eval_entries(meta.get("eval", {}), None, "given")
+    training = meta.get("training", {})
+    lines = (["| metric | value | step | recorded in |", "|---|---|---|---|"]
+             + [f"| {e.get('metric')} | {_fmt(e.get('value'))} | {_fmt(e.get('step'))} | {e.get('source')} |"
+                for e in evals]) if evals else ["No evaluation results were recorded."]
+    if training.get("evals_left_out"):
+        lines += ["", f"{training['evals_left_out']} evaluation figure(s) of the run after step "
+                      f"{_fmt(training.get('step'))} are left out: they measured later weights than these."]
     return lines
 
 
@@ -158,9 +282,7 @@ def render_readme(meta: dict) -> str:
     for ds in training.get("datasets", []):
         hashes = "; ".join(f"{Path(p).name} sha256 {h[:16]}…" for p, h in ds.get("manifests", {}).items())
         lines.append(f"| dataset | `{ds.get('shards')}` {hashes} |")
-    lines += ["", "## Evaluation", ""]
-    evals = _eval_lines(meta.get("eval", {}))
-    lines += (["| metric | value |", "|---|---|"] + evals) if evals else ["No evaluation results were recorded."]
+    lines += ["", "## Evaluation", "", *evaluation_lines(meta)]
     lines += ["", "## Preprocessing and tokenizer", "", *preprocessing_lines(meta),
               f"- text: {meta['tokenizer']['type']}, context length {meta['tokenizer']['context_length']}, "
               "lower-cased, padded with id 0", "",
