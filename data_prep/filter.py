@@ -40,7 +40,8 @@ from data_prep import manifest
 from data_prep.options import option
 from data_prep.score_set import PLAN as SCORE_PLAN
 from data_prep.score_set import open_dataset
-from data_prep.tarwalk import TarFormatError, iter_members, split_name
+from data_prep.shards.members import split_name
+from data_prep.shards.tarwalk import TarFormatError, iter_members
 from data_prep.writer import END_OF_ARCHIVE, HashingWriter, OutputDir, reason_kind, tar_header
 
 DECISIONS = "_filter_decisions.parquet"
@@ -257,12 +258,12 @@ def copy_shard(src: OutputDir, out: OutputDir, name: str, records: list[dict], k
             for member, payload, size in iter_members(f, want):
                 if payload is None:
                     continue
-                key, ext = split_name(member)
+                key = split_name(member)[0]
                 if key not in found:
                     found.add(key)
                     keys.append(key)
                     offsets.append(hw.size)
-                hw.write(tar_header(f"{key}.{ext}", size))
+                hw.write(tar_header(member, size))  # the source name as written (case kept)
                 hw.write(payload)
                 if size % 512:
                     hw.write(bytes(512 - size % 512))

@@ -4,7 +4,7 @@ Shards written by img2dataset, by `webdataset.ShardWriter` or by hand carry no `
 This scans them (local paths or fsspec URLs, several shards at a time in threads: the work is I/O) and writes,
 beside each shard S.tar, each file atomically (temporary name, then rename):
 
-  S.idx.json     byte offset of every sample's first tar header (pipeline/tarseek.py: resume inside a shard in
+  S.idx.json     byte offset of every sample's first tar header (data_prep/shards/tarseek.py: resume inside a shard in
                  O(1) instead of walking the headers before the resume point)
   S_stats.json   sample count, member extensions, samples without an image or a text member; only where the
                  folder has no stats file for S (img2dataset's own are kept as they are)
@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 import fsspec
 
-from data_prep import layout
-from data_prep.layout import INDEX_FORMAT
+from data_prep.shards import layout
+from data_prep.shards.layout import INDEX_FORMAT
 from data_prep.writer import OutputDir
 
 # Foreign shards: any image member a decoder reads, any caption member name seen in the wild.

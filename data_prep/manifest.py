@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import layout
+from data_prep.shards import layout
 from data_prep.outdir import OutputDir
 
 RECORD_SCHEMA = pa.schema([

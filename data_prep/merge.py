@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import layout, manifest
+from data_prep import manifest
+from data_prep.shards import layout
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.writer import OutputDir, Sample, shard_name, write_shard

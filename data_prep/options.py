@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_prep.layout import ENCODE_FORMATS
+from data_prep.shards.layout import ENCODE_FORMATS
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from data_prep import layout, manifest
+from data_prep import manifest
+from data_prep.shards import layout
 from data_prep.merge import expected_shards, merge, read_plan
 from data_prep.run import build_units, format_summary
 from data_prep.access import input_fingerprint

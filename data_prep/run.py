@@ -18,7 +18,8 @@ import uuid
 from collections import Counter
 from typing import Any, Callable, Iterator
 
-from data_prep import layout, manifest
+from data_prep import manifest
+from data_prep.shards import layout
 from data_prep import merge as merge_mod
 from data_prep.access import input_fingerprint
 from data_prep.labels import plan_labels

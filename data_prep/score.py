@@ -1,7 +1,7 @@
 """Runs an exported model over a dataset's shards for `plait prep score` (what it writes, and the options:
 score_set.py, whose docstring is the command's --help).
 
-Shards stream through the model in batches: DataLoader workers read whole shards (raw bytes, data_prep/tarwalk.py:
+Shards stream through the model in batches: DataLoader workers read whole shards (raw bytes, data_prep/shards/tarwalk.py:
 only the image and caption members are ever decoded, with PIL and UTF-8), run the model's own eval preprocess up to
 a uint8 image, and the main process normalises once per batch and encodes. Several processes or GPUs through
 Accelerate (`torchrun --nproc_per_node N -m data_prep.score ...`): rank r scores every N-th unfinished shard.
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import score_set
 from data_prep.score_set import PLAN, PRECISION_NAMES, Dataset, ScoreOptions, add_arguments, open_dataset, options
-from data_prep.tarwalk import TarFormatError, iter_samples
+from data_prep.shards.tarwalk import TarFormatError, iter_samples
 from data_prep.writer import OutputDir, reason_kind
 
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))  # --precision -> autocast dtype

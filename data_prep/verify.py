@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from data_prep import layout, manifest
+from data_prep import manifest
+from data_prep.shards import layout
 from data_prep.index import IMAGE_EXTS, TEXT_EXTS, find_shards, is_meta, scan_shard, validate_sizes
 from data_prep.writer import OutputDir
 

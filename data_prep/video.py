@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.layout import frame_member, text_members
+from data_prep.shards.layout import frame_member, text_members
 from data_prep.options import ImageOptions, JobOptions, VideoOptions
 from data_prep.process import Reject, encode, resize, target_geometry
 from data_prep.sources import Row

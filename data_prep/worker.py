@@ -14,7 +14,7 @@ from data_prep import manifest
 from data_prep.access import is_local, local_access, resolve_local
 from data_prep.fetch import Fetcher, redact
 from data_prep.labels import label_id
-from data_prep.layout import text_members
+from data_prep.shards.layout import text_members
 from data_prep.options import JobOptions
 from data_prep.plan import sample_key
 from data_prep.process import Reject, clean_caption, process_image

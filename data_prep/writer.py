@@ -22,7 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from data_prep import layout, manifest
+from data_prep import manifest
+from data_prep.shards import layout
 from data_prep.manifest import reason_kind
 from data_prep.outdir import OutputDir
 

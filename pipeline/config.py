@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 # re-exported: sections outside this module use them
+from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
 from pipeline.config_fields import choice, field_docs, require  # noqa: F401
 from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
 
@@ -137,6 +138,12 @@ class DataConfig:
     draft: bool = True
     """Decode JPEGs stored much larger than the model's input at 1/2, 1/4 or 1/8 scale (PIL Image.draft),
     never below the model's image size."""
+    image_keys: str = IMAGE_KEYS
+    """Image members of a sample, tried in order (webdataset style, `;`-separated extensions); video frames are
+    `f0000.<key>`, `f0001.<key>`, ... Shards from other tools may say `jpeg;bmp`."""
+    caption_keys: str = CAPTION_KEYS
+    """Caption members, tried in order: extensions (`txt;caption`) or `json:FIELD` for a string field of the
+    sample's .json member. `plait prep verify` names the key to set when a dataset uses another one."""
     resume_mismatch: str = choice("error", "error", "next_epoch")
     """When a checkpoint's data order cannot be continued (seed, batch size, processes, workers or dataset size
     changed): error, or next_epoch (continue at the start of the next epoch)."""
@@ -149,6 +156,7 @@ class DataConfig:
         require(0 <= self.seed <= MAX_SEED, "data.seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
         require(self.epoch_samples >= 0, "data.epoch_samples", f"must be >= 0, got {self.epoch_samples}")
         require(self.video_frames >= 0, "data.video_frames", f"must be >= 0, got {self.video_frames}")
+        MemberKeys.parse(self.image_keys, self.caption_keys)  # ValueError naming data.image_keys / caption_keys
 
 
 @dataclass(frozen=True)

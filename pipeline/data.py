@@ -4,7 +4,7 @@ Design (see pipeline/sharding.py for the assignment itself):
 
 * One torch DataLoader per epoch over `_EpochDataset`; each worker computes its own slot's pieces (shard,
   first sample, last sample) from (seed, epoch, topology): no coordination, no shared state.
-* A worker reads its pieces (pipeline/tarseek.py, webdataset's tar stages), shuffles them in blocks of
+* A worker reads its pieces (data_prep/shards/tarseek.py, webdataset's tar stages), shuffles them in blocks of
   `data.shuffle_buffer` raw samples, decodes (pipeline/transforms.py), and batches with webdataset's `batched`.
   Blocks replace webdataset's reservoir `shuffle` because a reservoir's content depends on the whole history
   of the stream: resuming it exactly would mean replaying the epoch. A block only depends on (seed, epoch,
@@ -43,10 +43,17 @@ from pipeline import sharding
 from pipeline.config import DataConfig
 from pipeline.distributed import World
 from pipeline.shardspec import ShardSet, parse_spec
-from pipeline.tarseek import Bad, read_piece
+from data_prep.shards.members import MemberKeys
+from data_prep.shards.tarseek import Bad, read_piece
 from pipeline.transforms import SampleDecoder
 
 log = logging.getLogger("plait.data")
+
+
+class BadData(ValueError, RuntimeError):
+    """The data cannot be trained on (every sample of a worker bad, or more than data.max_bad_fraction): a
+    ValueError, so the CLI prints one line naming the first reason, and the RuntimeError it has always been."""
+
 
 BAD_KINDS = ("decode_error", "missing_field", "short_shard", "unreadable_shard")
 COUNTER_KINDS = ("samples",) + BAD_KINDS
@@ -104,6 +111,16 @@ class _EpochDataset(IterableDataset):
         return s.slot_batches(self.epoch, slot, done * s.cfg.batch_size, worker)
 
 
+def _one_line_bad_data(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches`, with a BadData raised in a DataLoader worker re-raised as its own message: the DataLoader
+    wraps a worker's exception in a message holding the worker's traceback, its last line the original."""
+    try:
+        yield from batches
+    except BadData as exn:
+        last = str(exn).strip().splitlines()[-1]
+        raise BadData(last.split("BadData: ", 1)[-1]) from None
+
+
 class TrainStream:
     """An endless iterator of batches, epoch after epoch, with equal batch counts on every rank.
 
@@ -116,7 +133,8 @@ class TrainStream:
                  with_keys: bool = False, collate_hook: Callable[[dict], dict] | None = None):
         self.cfg, self.world, self.tokenize = cfg, world, tokenize
         self.with_keys, self.collate_hook = with_keys, collate_hook
-        self.decoder = SampleDecoder(image_transform, cfg.video_frames, cfg.draft)
+        self.decoder = SampleDecoder(image_transform, cfg.video_frames, cfg.draft,
+                                     MemberKeys.parse(cfg.image_keys, cfg.caption_keys))
         self.shards: ShardSet = parse_spec(cfg.train_shards, estimate=cfg.mode == "resampled")
         self.topology = topology(world, cfg.num_workers)
         self.num_samples = self.shards.num_samples
@@ -177,7 +195,7 @@ class TrainStream:
                                       generator=torch.Generator().manual_seed(self.cfg.seed)))
             self._loader = batches
         try:
-            for batch in batches:
+            for batch in _one_line_bad_data(batches):
                 slot = int(batch.pop("_slot"))
                 self._live[slot] = batch.pop("_counts")
                 self.consumed += 1
@@ -216,7 +234,7 @@ class TrainStream:
         seen = c["samples"] + c["bad"]
         if c["bad"] and (final or seen >= MIN_SAMPLES_FOR_BAD_CHECK) and c["bad"] > self.cfg.max_bad_fraction * seen:
             kinds = ", ".join(f"{k} {c[k]}" for k in BAD_KINDS if c[k])
-            raise RuntimeError(f"data: {c['bad']} of {seen} samples were bad on rank {self.world.rank} ({kinds}), "
+            raise BadData(f"data: {c['bad']} of {seen} samples were bad on rank {self.world.rank} ({kinds}), "
                                f"above data.max_bad_fraction={self.cfg.max_bad_fraction}; see the warnings above")
 
     def _signature(self) -> dict:
@@ -264,7 +282,7 @@ class TrainStream:
 
     def _decoded(self, items: Iterator, epoch: int, slot: int, position: int, counts: torch.Tensor) -> Iterator[dict]:
         """Decoded examples; a bad one is counted and replaced by the last good one (or the next, at the start)."""
-        warn, last_good, pending = _Warner(), None, 0
+        warn, last_good, pending, first_bad = _Warner(), None, 0, None
         seed = self.cfg.seed
         for item in items:
             # Per-sample seeds (the transforms draw from torch's global RNG): resumed batches are bit-identical,
@@ -284,6 +302,7 @@ class TrainStream:
                                                f"{type(exn).__name__}: {exn}")
             if isinstance(item, Bad):
                 counts[COUNTER_KINDS.index(item.kind)] += 1
+                first_bad = first_bad or item
                 warn(item, slot)
                 if last_good is None:
                     pending += 1
@@ -296,8 +315,8 @@ class TrainStream:
                 yield example
             pending = 0
         if pending:
-            raise RuntimeError(f"data: every one of the {pending} samples read by worker slot {slot} in epoch "
-                               f"{epoch} was bad; see the warnings above")
+            raise BadData(f"data: every one of the {pending} samples read by worker slot {slot} in epoch {epoch} "
+                          f"was bad; the first: {first_bad.kind}: {first_bad.detail}")
 
     def _collate(self, examples: list[dict]) -> dict:
         batch = {"text": self.tokenize([e["caption"] for e in examples])}  # [B,L]

@@ -26,7 +26,7 @@ import webdataset as wds
 from pipeline.config import check_template
 from pipeline.distributed import World
 from pipeline.shardspec import expand
-from pipeline.tarseek import PipeRefused, read_shard
+from data_prep.shards.tarseek import PipeRefused, read_shard
 from pipeline.transforms import decode_fields
 
 IMAGE_KEYS = "jpg;jpeg;png;webp;0.webp"

@@ -17,7 +17,7 @@ the batch size, so no rank ever waits for another at an epoch end (no DDP hang),
 
 Exact mode. The shard list is permuted with (seed, epoch); the permuted shards are concatenated into one
 sequence of samples and slot s reads the contiguous range [offset_s, offset_s + quota_s). A range may start or
-end inside a shard (the reader seeks there, see pipeline/tarseek.py), so every sample is read exactly once per
+end inside a shard (the reader seeks there, see data_prep/shards/tarseek.py), so every sample is read exactly once per
 epoch; only the tail that cannot fill one more global batch (< batch_size x ranks samples, a different tail
 each epoch) is left out.
 

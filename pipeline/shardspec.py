@@ -21,9 +21,9 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
-from data_prep import layout
+from data_prep.shards import layout
 from data_prep.index import check_count, scan_shard, train_hint, validate_sizes
-from pipeline.tarseek import PIPE_PREFIX, check_no_pipe
+from data_prep.shards.tarseek import PIPE_PREFIX, check_no_pipe
 
 log = logging.getLogger("plait.data")
 

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from data_prep.layout import IMAGE_EXTS, frame_number
+from data_prep.shards.layout import IMAGE_EXTS
+from data_prep.shards.members import MemberKeys
 from pipeline.models.towers import image_mean_std
 
 # The image formats a shard member may hold: PIL's other plugins (EPS runs Ghostscript, for one) stay unused.
@@ -157,15 +158,10 @@ def decode_fields(sample: dict, *fields: str) -> tuple:
     return tuple(out)
 
 
-def media_keys(sample: dict) -> tuple[list[str], bool]:
-    """The sample's image member(s) and whether it is a video: frame members in time order, else one image."""
-    frames = sorted((n, k) for k in sample if (n := frame_number(k)) is not None)
-    if frames:
-        return [k for _, k in frames], True
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return [ext], False
-    return [], False
+def media_keys(sample: dict, keys: MemberKeys | None = None) -> tuple[list[str], bool]:
+    """The sample's image member(s) and whether it is a video: frame members in time order, else one image
+    (the shard format's rule, `MemberKeys.image_members`)."""
+    return (keys or MemberKeys.parse()).image_members(sample)
 
 
 def frame_indices(num_frames: int, wanted: int, rng: np.random.Generator) -> list[int]:
@@ -184,8 +180,9 @@ class SampleDecoder:
     the transform on the collated batch. Raises ValueError/OSError for a sample that cannot be used; the loader
     counts it and substitutes it."""
 
-    def __init__(self, transform, video_frames: int = 0, draft: bool = True):
+    def __init__(self, transform, video_frames: int = 0, draft: bool = True, keys: MemberKeys | None = None):
         self.transform, self.video_frames = transform, video_frames
+        self.keys = keys or MemberKeys.parse()
         self.min_side = decode_min_side(transform) if draft else None
         self._head, self.normalize = split_transform(transform)
 
@@ -193,13 +190,10 @@ class SampleDecoder:
         return to_uint8(self._head(img)) if self.normalize else self.transform(img)
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        caption = sample.get("txt")
-        if caption is None:
-            raise KeyError("no txt member (caption)")
-        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        keys, _ = media_keys(sample)
+        caption = self.keys.caption_of(sample)
+        keys, _ = self.keys.image_members(sample)
         if not keys:
-            raise KeyError(f"no image member ({', '.join(IMAGE_EXTS)} or f0000.jpg...)")
+            raise KeyError(self.keys.missing_image(sample))
         out = {"caption": caption, "__key__": sample["__key__"]}
         if self.video_frames == 0:
             key = keys[int(rng.integers(len(keys)))] if len(keys) > 1 else keys[0]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data_prep import manifest
 from data_prep.writer import OutputDir, Sample, write_shard
-from pipeline import tarseek
+from data_prep.shards import tarseek
 from pipeline.config import DataConfig
 from pipeline.data import TrainStream
 from pipeline.distributed import World
@@ -123,14 +123,14 @@ def test_resume_does_not_read_skipped_samples(tmp_path, tokenize, transform, mon
     s = stream(spec, tokenize, transform, num_workers=0, shuffle_buffer=8, batch_size=8)
     state = {**s.state_dict(), "consumed": 90}
     seen = []
-    original = tarseek.tar_file_iterator
+    original = tarseek.iter_samples
 
-    def counting(fileobj, **kw):
-        for item in original(fileobj, **kw):
-            seen.append(item["fname"])
-            yield item
+    def counting(fileobj, *args):
+        for raw in original(fileobj, *args):
+            seen.extend(f"{raw.key}.{ext}" for ext, _ in raw.members)
+            yield raw
 
-    monkeypatch.setattr(tarseek, "tar_file_iterator", counting)
+    monkeypatch.setattr(tarseek, "iter_samples", counting)
     s.load_state_dict(state)
     next(iter(s))
     # the resume point's block (8 samples of 3 members) and the next one (webdataset's batched reads one sample

@@ -14,7 +14,7 @@ import webdataset as wds
 
 import plait
 from data_prep.cli import main as prep
-from pipeline import tarseek
+from data_prep.shards import tarseek
 from pipeline.shardspec import parse_spec
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder

@@ -27,7 +27,7 @@ from data_prep.options import JobOptions, SourceOptions
 from data_prep.run import run_task
 from data_prep.score import ScoreOptions, score
 from data_prep.sources import fashion_mnist_caption, read_rows
-from data_prep.tarwalk import TarFormatError, iter_samples
+from data_prep.shards.tarwalk import TarFormatError, iter_samples
 from data_prep.verify import verify
 from pipeline.export import export_open_clip, load_checkpoint_model
 from pipeline.models.towers import build_clip

@@ -20,7 +20,7 @@ from pipeline.data import TrainStream
 from pipeline.distributed import World
 from pipeline.eval_data import batches, resolve
 from pipeline.shardspec import parse_spec
-from pipeline.tarseek import PipeRefused, open_url
+from data_prep.shards.tarseek import PipeRefused, open_url
 from pipeline.transforms import MAX_DECODE_PIXELS, decode_fields, decode_member
 
 
@@ -168,7 +168,7 @@ def test_eval_templates_are_checked_before_the_model_loads(trapped, tmp_path, ca
 def test_damaged_index_and_stats_files_are_named(tmp_path, caplog):
     """A corrupt member index is named and ignored (the samples are found by their tar headers); a corrupt stats
     file or sizes.json is an error naming the file."""
-    from pipeline.tarseek import read_piece, sample_offsets
+    from data_prep.shards.tarseek import read_piece, sample_offsets
     samples = [{"jpg": _jpeg(i), "txt": f"c{i}".encode()} for i in range(6)]
     shard = tmp_path / "00000.tar"
     _write_tar(shard, samples)

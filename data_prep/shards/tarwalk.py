@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
+from data_prep.shards.members import split_name
+
 _BLOCK = 512
 
 
@@ -56,15 +58,6 @@ def pax_path(payload: bytes) -> str | None:
         if kv.startswith("path="):
             return kv[len("path="):]
     return None
-
-
-def split_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a member name, or None for members without an extension (not part of a sample)."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{head}/{stem}" if head else stem), ext
 
 
 def iter_members(f: BinaryIO, want: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, bytes | None, int]]:
@@ -120,11 +113,11 @@ def _skip(f: BinaryIO, n: int) -> None:
 
 def iter_samples(f: BinaryIO, want: Callable[[str], bool] = lambda ext: True) -> Iterator[RawSample]:
     """Samples in tar order; `want(ext)` says which members' payloads to read (others are seeked over).
-    Members whose names have no extension, and webdataset's `__*__` metadata members, are skipped."""
+    Members that belong to no sample (members.split_name) are skipped."""
     current: RawSample | None = None
     for name, payload, size in iter_members(f, lambda n: (s := split_name(n)) is not None and want(s[1])):
         parts = split_name(name)
-        if parts is None or parts[0].startswith("__"):
+        if parts is None:
             continue
         key, ext = parts
         if current is not None and key != current.key:

@@ -2,8 +2,9 @@
 
 Positioning costs O(1) with plait's member index (`S.idx.json`, written by data_prep/writer.py: byte offset of
 each sample's first tar header) and otherwise O(members before start) 512-byte header reads plus seeks over the
-payloads (img2dataset and other tars without an index). The samples themselves come from webdataset's own
-`tar_file_iterator` and `group_by_keys` stages, started at that byte offset.
+payloads (img2dataset and other tars without an index). The samples themselves come from the format's own tar
+walk (`tarwalk.iter_samples`, grouped by `members.split_name`), started at that byte offset: the same grouping
+rules as `prep verify`, `prep index`, scoring and filtering, and no torch on this path (webdataset imports it).
 
 Files are opened with fsspec rather than webdataset's `gopen` because gopen streams http through a `curl` pipe
 (no seeking) and knows no s3/gs; fsspec files are seekable on every backend (ranged requests for http and
@@ -14,22 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
 import fsspec
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
-
-from data_prep import layout
-from data_prep.tarwalk import pax_path  # one reader of pax long names for both tar walkers
+from data_prep.shards import layout
+from data_prep.shards.members import split_name
+from data_prep.shards.tarwalk import iter_samples, pax_path
 
 log = logging.getLogger("plait.data")
 
 _BLOCK = 512
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members; the header walk must too
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,6 @@ class Bad:
 
     kind: str
     detail: str
-
-
-def _raise(exn: Exception) -> bool:
-    raise exn
 
 
 PIPE_PREFIX = "pipe:"
@@ -196,8 +190,8 @@ def _octal(field: bytes) -> int:
 def seek_by_headers(f, sample: int) -> None:
     """Positions `f` at the first header of sample number `sample`, reading only the tar headers.
 
-    Samples are counted like webdataset's group_by_keys counts them: a new sample starts where the key
-    (the member name up to its first dot) changes."""
+    Samples are counted as `tarwalk.iter_samples` groups them: a new sample starts where the key
+    (`members.split_name`) changes."""
     seen, current = -1, None
     start_of_entry = f.tell()  # a GNU long name or pax header belongs to the member after it
     pending_name = None
@@ -218,11 +212,12 @@ def seek_by_headers(f, sample: int) -> None:
             name = header[345:500].rstrip(b"\0").decode() + "/" + name
         pending_name = None
         entry, start_of_entry = start_of_entry, payload_end
-        if kind not in (b"0", b"\0") or _META.match(name) or (name.startswith("__") and name.endswith("__")):
+        parts = split_name(name) if kind in (b"0", b"\0") else None
+        if parts is None:
             f.seek(payload_end)
             continue
-        key = base_plus_ext(name)[0]
-        if key is not None and key != current:
+        key = parts[0]
+        if key != current:
             seen, current = seen + 1, key
             if seen == sample:
                 f.seek(entry)
@@ -241,8 +236,7 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
     got = 0
     try:
         with _open_at(url, start) as f:
-            files = tar_file_iterator(f, handler=_raise)
-            for sample in group_by_keys(_tag(files, url), handler=_raise):
+            for sample in samples(f, url):
                 yield sample
                 got += 1
                 if got == count:
@@ -254,11 +248,17 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
         yield reason
 
 
-def _tag(files: Iterator[dict], url: str) -> Iterator[dict]:
-    """tar_file_expander's job (adding `__url__`) without its end-of-shard `{}` marker: one shard per call."""
-    for item in files:
-        item["__url__"] = url
-        yield item
+def samples(f, url: str) -> Iterator[dict]:
+    """webdataset-style sample dicts (`__key__`, `__url__`, one bytes value per extension) of the tar stream `f`
+    from its current position. ValueError for a sample with two members of one extension (webdataset raises
+    on it too), TarFormatError for a corrupt or truncated tar."""
+    for raw in iter_samples(f):
+        sample = {"__key__": raw.key, "__url__": url}
+        for ext, payload in raw.members:
+            if ext in sample:
+                raise ValueError(f"{url}: sample {raw.key} has two .{ext} members")
+            sample[ext] = payload
+        yield sample
 
 
 def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
@@ -266,4 +266,4 @@ def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
     decoded here, see transforms.decode_fields); raises on a corrupt or unreadable shard after the samples
     before the damage."""
     with open_url(url, streaming=True, allow_pipe=allow_pipe) as f:
-        yield from group_by_keys(_tag(tar_file_iterator(f, handler=_raise), url), handler=_raise)
+        yield from samples(f, url)
