@@ -2,8 +2,14 @@
 
 Metadata: the open_clip model config, preprocess and tokenizer settings, the training config, the enabled
 objectives, steps and samples seen, the training datasets' manifest hashes and how `plait prep` made their images
-(size, resize, the background transparent pixels were composited onto), eval results and the export's
+(size, resize, the background transparent pixels were composited onto), the evaluations and the export's
 self-check. Everything is read tolerantly: a missing piece is left out, never invented.
+
+Every export path (`plait export`, `plait demo`, `plait finetune`) builds the card's history with
+`card_metadata` from what the run dir holds: the checkpoint's `trainer.pt` (steps, samples seen, the resolved
+config), the datasets' files, and the evaluations the run recorded in `metrics.jsonl` and `report.json`, each with
+the step of the weights it measured (`recorded_evals`; later steps than the exported checkpoint's are left out and
+counted). A run that recorded none says so.
 
 The card says what reproducing the training view takes: the preprocessing at shard time, at training time and
 for inference, the background for transparent images, the constructor and config that build the model from the

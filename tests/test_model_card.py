@@ -1,6 +1,8 @@
 """The model card reproduces the training view: its loading code runs as written from the export folder (paths
 relative to it) and rebuilds the exported model; it names the background transparent images were composited onto
-and the preprocessing; a fine-tuned head's formula gives the classifier's own logits."""
+and the preprocessing; a fine-tuned head's formula gives the classifier's own logits. The demo's export,
+`plait export` and `plait finetune` state the same history: steps, samples seen, objectives, dataset hashes and
+every evaluation the run recorded, with its step; a run without evaluations says so."""
 from __future__ import annotations
 
 import csv
