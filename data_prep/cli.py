@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from data_prep.flags import add_options, from_args
+from data_prep.flags import add_member_key_flags, add_options, from_args
 from data_prep.options import FetchOptions, ImageOptions, JobOptions, RunOptions, SourceOptions, VideoOptions
 from pipeline.config_fields import field_docs
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="dataset folder (plait's or any WebDataset folder) or shard pattern")
     p.add_argument("--decode-fraction", type=float, default=0.05, help="fraction of images to decode")
     p.add_argument("--threads", type=int, default=4, help="shards checked at once")
+    add_member_key_flags(p)
     p.add_argument("--fix", action="store_true", help="plait datasets: rebuild damaged shards from the input "
                    "(as `plait prep repair` does), then verify again")
     p.add_argument("--processes", type=int, default=max(1, os.cpu_count() or 1), help="worker processes for --fix")
@@ -187,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.verify import print_report, verify
         if not 0 <= a.decode_fraction <= 1:  # also refuses nan
             raise ValueError(f"--decode-fraction {a.decode_fraction!r}: must be in [0, 1]")
-        report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+        from data_prep.shards.members import MemberKeys
+        keys = MemberKeys.parse(a.image_keys, a.caption_keys, names=("--image-keys", "--caption-keys"))
+        report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads, keys=keys)
         if a.fix and report.bad_shards:
             from data_prep.repair import rebuild_shards
             print_report(report)
             rebuild_shards(a.output, report.bad_shards, processes=a.processes, progress=False)
-            report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads)
+            report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads, keys=keys)
         print_report(report)
         return 0 if report.ok else 1
     if a.command == "score":

@@ -103,3 +103,13 @@ def from_args(cls: type, a: argparse.Namespace, **overrides: Any) -> Any:
             kw[f.name] = parse_size(kw[f.name], flag_of(f.name))
     kw.update(overrides)
     return cls(**kw)
+
+
+def add_member_key_flags(parser) -> None:
+    """--image-keys / --caption-keys: the member keys a stage reads, as data.image_keys / data.caption_keys do
+    for training (data_prep/shards/members.py), so every stage reads a sample the same way."""
+    from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS
+    parser.add_argument("--image-keys", default=IMAGE_KEYS, metavar="KEYS",
+                        help="image members, tried in order (';'-separated extensions; as data.image_keys)")
+    parser.add_argument("--caption-keys", default=CAPTION_KEYS, metavar="KEYS",
+                        help="caption members, tried in order: extensions or json:FIELD (as data.caption_keys)")

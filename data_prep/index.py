@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import posixpath
-import re
 import shlex
 import sys
 import tarfile
@@ -33,12 +32,9 @@ import fsspec
 
 from data_prep.shards import layout
 from data_prep.shards.layout import INDEX_FORMAT
+from data_prep.shards.members import IMAGE_LIKE_EXTS as IMAGE_EXTS, TEXT_EXTS, split_name
 from data_prep.writer import OutputDir
 
-# Foreign shards: any image member a decoder reads, any caption member name seen in the wild.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
-TEXT_EXTS = ("txt", "text", "caption", "cap")
-_META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass(frozen=True)
@@ -109,14 +105,8 @@ def find_shards(target: str) -> list[str]:
     return urls
 
 
-def is_meta(name: str) -> bool:
-    """webdataset's metadata members (`__key__`-like names), which its tar reader skips."""
-    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
-
-
 def scan_shard(url: str) -> ShardScan:
     """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar."""
-    from webdataset.tariterators import base_plus_ext  # webdataset's own name split (see find_shards' import)
     scan = ShardScan(url)
     fs, path = fsspec.core.url_to_fs(url)
     current: str | None = None
@@ -129,19 +119,17 @@ def scan_shard(url: str) -> ShardScan:
                 if not info.isreg():
                     scan.other_members.append(info.name)
                     continue
-                name = info.name
-                if is_meta(name):
+                parts = split_name(info.name)  # the format's own rule (metadata and extension-less: no sample)
+                if parts is None:
                     continue
-                key, ext = base_plus_ext(name)
-                if key is None:
-                    continue
+                key, ext = parts
                 if key != current:
                     _close_sample(scan, members)
                     current, members = key, set()
                     scan.keys.append(key)
                     scan.offsets.append(info.offset)
-                members.add(ext.lower())
-                scan.extensions[ext.lower()] += 1
+                members.add(ext)
+                scan.extensions[ext] += 1
                 tar.members = []  # headers only: no need to keep every TarInfo of a 30k-member shard
             _close_sample(scan, members)
             scan.tar_bytes = fs.size(path)

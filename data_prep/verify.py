@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from data_prep import manifest
 from data_prep.shards import layout
-from data_prep.index import IMAGE_EXTS, TEXT_EXTS, find_shards, is_meta, scan_shard, validate_sizes
+from data_prep.index import find_shards, scan_shard, validate_sizes
+from data_prep.shards.members import IMAGE_FORMATS, TEXT_EXTS, MemberKeys, split_name
 from data_prep.writer import OutputDir
 
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF",
@@ -95,8 +95,11 @@ class VerifyReport:
         return lines
 
 
-def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> VerifyReport:
-    """Checks the WebDataset folder (or shard pattern) `target`; see the module docstring for what."""
+def verify(target: str, decode_fraction: float = 0.05, threads: int = 4,
+           keys: MemberKeys | None = None) -> VerifyReport:
+    """Checks the WebDataset folder (or shard pattern) `target`; see the module docstring for what. A sample
+    passes when training with the same member `keys` (data.image_keys / data.caption_keys) can read it."""
+    keys = keys or MemberKeys.parse()
     if not 0 <= decode_fraction <= 1:
         raise ValueError(f"--decode-fraction {decode_fraction}: must be within [0, 1]")
     every = max(1, round(1 / decode_fraction)) if decode_fraction > 0 else 0
@@ -122,7 +125,7 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4) -> Veri
     for folder in folders:
         report.problems += [f"leftover temporary file {n}" for n in OutputDir(folder or ".").glob("*.tmp")]
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(lambda u: check_shard(u, every, entries.get(posixpath.basename(u))), urls))
+        results = list(pool.map(lambda u: check_shard(u, every, entries.get(posixpath.basename(u)), keys), urls))
     sizes = {f: _sizes(OutputDir(f or "."), report) for f in folders}
     for url, res in zip(urls, results):
         report.problems += res.problems
@@ -225,7 +228,7 @@ class _HashingReader:
         return data
 
 
-def check_shard(url: str, every: int, entry: dict | None = None) -> ShardResult:
+def check_shard(url: str, every: int, entry: dict | None = None, keys: MemberKeys | None = None) -> ShardResult:
     """Reads the tar at `url` once, start to end; `entry` (plait manifests) adds bytes/sha256/count checks."""
     import fsspec
     name = posixpath.basename(url)
@@ -251,17 +254,18 @@ def check_shard(url: str, every: int, entry: dict | None = None) -> ShardResult:
     except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
         res.readable = False
         res.problems.append(f"{name}: unreadable tar after {len(res.keys)} samples ({type(exn).__name__}: {exn})")
-    missing = 0
+    missing, keys = 0, keys or MemberKeys.parse()
     for key, members in zip(res.keys, samples):
-        lacks = [kind for kind, exts in (("an image", IMAGE_EXTS), ("a text", TEXT_EXTS))
-                 if not any(e.rsplit(".", 1)[-1] in exts for e in members)]
+        lacks = [kind for kind, has in (("an image", keys.image_members(members)[0]),
+                                        ("a text", keys.caption_member(members))) if not has]
+        reasons = keys.problems(members)  # the loader's own rule: what passes here, training reads
         if entry is not None and "json" not in members:
             lacks.append("a json")
         if lacks:
             missing += 1
             if missing <= MAX_LISTED:
-                res.problems.append(f"{name}: sample {key} lacks {' and '.join(lacks)} member "
-                                    f"(has {', '.join(sorted(members)) or 'nothing'})")
+                why = f" ({'; '.join(reasons)})" if reasons else f" (has {', '.join(sorted(members)) or 'nothing'})"
+                res.problems.append(f"{name}: sample {key} lacks {' and '.join(lacks)} member{why}")
     if missing > MAX_LISTED:
         res.problems.append(f"{name}: ... {missing - MAX_LISTED} more samples lacking a member")
     if entry is not None and res.readable:
@@ -279,13 +283,13 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, res: ShardResult, 
         kind = _MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
         res.problems.append(f"{name}: member {info.name!r} is {kind}, not a file (webdataset skips it)")
         return
-    if is_meta(info.name):
+    parts = split_name(info.name)
+    base = info.name.rpartition("/")[2]
+    if parts is None:
+        if not (base.startswith("__") and base.endswith("__")):  # webdataset's metadata members are fine
+            res.problems.append(f"{name}: member {info.name!r} has no key.extension name (no reader uses it)")
         return
-    key, ext = base_plus_ext(info.name)
-    if key is None:
-        res.problems.append(f"{name}: member {info.name!r} has no key.extension name (webdataset skips it)")
-        return
-    ext = ext.lower()
+    key, ext = parts
     if not res.keys or res.keys[-1] != key:
         if key in res.key_set:
             res.problems.append(f"{name}: key {key} appears again after other samples (webdataset yields "
@@ -313,7 +317,7 @@ def decode_member(ext: str, data: bytes) -> str | None:
     base = ext.rsplit(".", 1)[-1]
     try:
         if base in _PIL_FORMATS:
-            with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[base]]) as im:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # the loader's formats
                 im.load()
         elif base == "json":
             json.loads(data)

@@ -30,11 +30,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data_prep.shards.layout import IMAGE_EXTS
-from data_prep.shards.members import MemberKeys
+from data_prep.shards.members import IMAGE_FORMATS, MemberKeys
 from pipeline.models.towers import image_mean_std
 
-# The image formats a shard member may hold: PIL's other plugins (EPS runs Ghostscript, for one) stay unused.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_DECODE_PIXELS = 8192 * 8192
 """Images claiming more pixels are refused from their header, before any decoding (a 100-byte PNG can claim
 100k x 100k pixels); PIL's own bomb check only warns below twice its 89M-pixel limit."""

@@ -26,6 +26,9 @@ CAPTION_KEYS = "txt"
 TEXT_EXTS = ("txt", "text", "caption", "cap", "captions")
 """Extensions that hold a caption in some convention: a sample without the configured caption key but with one
 of these gets a reason that names the key to set."""
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+"""The image formats a shard member may hold, for every reader (PIL's other plugins stay unused: EPS runs
+Ghostscript, for one); a .bmp or .tiff member is reported, not read."""
 IMAGE_LIKE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 """Extensions that hold an image in some convention (named in a missing-image reason)."""
 _FRAME = re.compile(r"^f(\d+)\.([a-z0-9]+)$")
@@ -77,10 +80,9 @@ class MemberKeys:
 
     @classmethod
     def parse(cls, image_keys: str = IMAGE_KEYS, caption_keys: str = CAPTION_KEYS,
-              prefix: str = "data.") -> "MemberKeys":
-        """ValueError naming `{prefix}image_keys` / `{prefix}caption_keys` for a bad list."""
-        return cls(_parse_list(image_keys, f"{prefix}image_keys", False),
-                   _parse_list(caption_keys, f"{prefix}caption_keys", True))
+              names: tuple[str, str] = ("data.image_keys", "data.caption_keys")) -> "MemberKeys":
+        """ValueError naming the setting (`names`: the config keys, or the flags) for a bad list."""
+        return cls(_parse_list(image_keys, names[0], False), _parse_list(caption_keys, names[1], True))
 
     @property
     def image_spec(self) -> str:
@@ -131,15 +133,22 @@ class MemberKeys:
         """Why a sample with these member extensions has no caption, naming the key to set."""
         has = sorted(e for e in exts if not str(e).startswith("__"))
         other = [e for e in has if e in TEXT_EXTS and e not in self.caption]
-        hint = f"; it has .{other[0]}: set data.caption_keys='{self.caption_spec};{other[0]}'" if other else ""
-        return f"no caption member (data.caption_keys={self.caption_spec!r}; the sample has {', '.join(has) or 'nothing'}){hint}"
+        hint = (f"; it has .{other[0]}: set data.caption_keys (--caption-keys) to "
+                f"'{self.caption_spec};{other[0]}'" if other else "")
+        return (f"no caption member (data.caption_keys={self.caption_spec!r}; the sample has "
+                f"{', '.join(has) or 'nothing'}){hint}")
 
     def missing_image(self, exts) -> str:
         """Why a sample with these member extensions has no image, naming the key to set."""
         has = sorted(e for e in exts if not str(e).startswith("__"))
         other = [e for e in has if e.rsplit(".", 1)[-1] in IMAGE_LIKE_EXTS]
-        hint = (f"; it has .{other[0]}: set data.image_keys='{self.image_spec};{other[0]}'"
-                if other and other[0] not in self.image else "")
+        readable = [e for e in other if e.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png", "webp")]
+        if readable and readable[0] not in self.image:
+            hint = f"; it has .{readable[0]}: set data.image_keys (--image-keys) to '{self.image_spec};{readable[0]}'"
+        elif other:
+            hint = f"; .{other[0]} is not read (plait reads {', '.join(IMAGE_FORMATS)} images)"
+        else:
+            hint = ""
         return (f"no image member (data.image_keys={self.image_spec!r}, or frames f0000.<key>...; the sample has "
                 f"{', '.join(has) or 'nothing'}){hint}")
 
