@@ -23,7 +23,7 @@ from pipeline.artifact import (DTYPES, cast_state, check_destination, embeddings
                                reference_model, require_close, staged, with_logit_bias, write_model_card)
 from pipeline.checkpoint import Checkpointer, clean_state_dict
 from pipeline.export_hf import export_hf
-from pipeline.model_card import card_metadata, eval_entries, training_metadata
+from pipeline.model_card import METADATA_FILE, card_metadata, eval_entries, training_metadata
 from pipeline.transforms import preprocess_cfg
 
 __all__ = ["DTYPES", "Source", "checkpoint_dir", "embeddings", "export", "export_hf", "export_open_clip",
@@ -184,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="safetensors format: also write the objectives' heads (MAE/MLM decoders, fusion)")
     parser.add_argument("--eval-json", help="a `plait eval` result to record in the model card")
     return parser
+
+
+def source_training(path: str | Path) -> dict:
+    """The training history of a model to fine-tune: an export's card metadata, or what a checkpoint or run dir
+    records (as `plait export` reads it); {} for a bare weights file."""
+    path = Path(path)
+    card = path / METADATA_FILE
+    if card.is_file():
+        try:
+            return json.loads(card.read_text()).get("training", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+    try:
+        return load_source(path).training
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,8 @@ from pipeline.eval_data import batches, normalise_template, read_lines, resolve
 from pipeline.eval_models import load_model
 from pipeline.evaluate import (DEFAULT_TEMPLATES, class_embeddings, classification_counts, image_features,
                                summarise_classification)
-from pipeline.export import FORMATS, Source, export
-from pipeline.model_card import eval_entries, source_training
+from pipeline.export import FORMATS, Source, export, source_training
+from pipeline.model_card import eval_entries
 from pipeline.optim import lr_factor, no_decay
 from pipeline.shardspec import shard_sizes
 

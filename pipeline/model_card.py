@@ -213,23 +213,6 @@ def training_metadata(trainer: dict, run_dir: Path | None) -> dict:
     return meta
 
 
-def source_training(path: str | Path) -> dict:
-    """The training history of a model to fine-tune: an export's card metadata, or what a checkpoint or run dir
-    records (as `plait export` reads it); {} for a bare weights file."""
-    path = Path(path)
-    card = path / METADATA_FILE
-    if card.is_file():
-        try:
-            return json.loads(card.read_text()).get("training", {})
-        except (OSError, ValueError, AttributeError):
-            return {}
-    from pipeline.export import load_source  # export imports this module
-    try:
-        return load_source(path).training
-    except (OSError, ValueError, KeyError):
-        return {}
-
-
 def card_metadata(training: dict, checkpoint: str = "", evals: list[dict] = (), eval_results: dict | None = None,
                   extra: dict | None = None) -> dict:
     """The card's history for every export path (`plait export`, the demo, `plait finetune`): the training
