@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEB_PKGS := dataset-fashion-mnist opencv-doc mate-backgrounds
 DEB_STAMP := $(VENV)/.debs
 
-.PHONY: demo test test-numeric install clean-runs
+.PHONY: demo test test-fast test-numeric install clean-runs
 
 install: $(STAMP) $(DEB_STAMP)
 
@@ -36,8 +36,12 @@ demo: install
 # AVX2 and default kernels, so they run again under each capability this CPU has besides its own.
 test: install
 	@if [ -x scripts/install_slurm.sh ]; then scripts/install_slurm.sh; fi
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 	@$(MAKE) --no-print-directory test-numeric
+
+# The in-process tier: no test over ~10 s, no multi-process run, no SLURM, no wheel or container build (docs/testing.md).
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow and not dist and not slurm and not install" --durations=10
 
 test-numeric: install
 	@caps=$$(env -u ATEN_CPU_CAPABILITY $(BIN)/python scripts/cpu_capabilities.py) || exit 1; \

@@ -8,6 +8,7 @@ import open_clip
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data import TrainStream
@@ -16,6 +17,9 @@ try:  # tests/ as a package (repo root on sys.path) or as pytest's rootdir-less 
     from tests.test_data import make_shards
 except ImportError:
     from test_data import make_shards
+
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def _rank_main(rank: int, spec: str, folder: str, epochs: int) -> None:

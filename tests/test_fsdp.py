@@ -85,6 +85,8 @@ def runs(tmp_path_factory, shards) -> dict:
     return out
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_fsdp_trains_like_ddp(runs):
     assert "2 process(es) on cpu:0 (FSDP)" in runs["fsdp_log"]
     a, b = records(runs["ddp"]), records(runs["fsdp"])
@@ -115,6 +117,8 @@ def test_fsdp_trains_like_ddp(runs):
             assert_close(value, oa["state"][name][key], rtol=1e-3, name=f"{name}.{key}")
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_fsdp_trains_the_masked_heads_like_ddp(tmp_path, shards):
     """FLIP + CrossMAE + MLM (sampled softmax): the decoder's cross-attention blocks are shard units of their own
     and the MLM pass reads the token embedding's rows directly; per-step losses match DDP's."""
@@ -131,6 +135,8 @@ def test_fsdp_trains_the_masked_heads_like_ddp(tmp_path, shards):
             assert abs(a[step][key] - b[step][key]) <= 1e-4 * abs(a[step][key]), (step, key)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_stop_on_signal_then_resume_under_fsdp_reproduces_the_uninterrupted_run(runs):
     stopped = runs["stopped_at"]
     assert 2 <= stopped < STEPS and "resumed from" in runs["resumed_log"]
@@ -143,6 +149,8 @@ def test_stop_on_signal_then_resume_under_fsdp_reproduces_the_uninterrupted_run(
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_fsdp_checkpoint_loads_unsharded_and_exports_to_open_clip(runs, tmp_path):
     from pipeline import sharded_state
     from pipeline.checkpoint import Checkpointer
@@ -252,6 +260,7 @@ def _state_worker(rank: int, port: int, out: str) -> None:
     accelerator.end_training()
 
 
+@pytest.mark.dist
 def test_full_state_dicts_gather_and_scatter_the_sharded_state(tmp_path):
     out = tmp_path / "ok"
     mp.start_processes(_state_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")

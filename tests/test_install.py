@@ -58,6 +58,8 @@ def _env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.install
+@pytest.mark.slow
 def test_wheel_carries_the_presets_and_imports_from_the_install(installed, tmp_path):
     out = _run([str(installed / "bin" / "python"), "-c", "import pipeline, data_prep, launch, plait; "
                 "from pipeline.presets import resolve; print(pipeline.__file__); print(resolve('tiny'))"],
@@ -67,6 +69,8 @@ def test_wheel_carries_the_presets_and_imports_from_the_install(installed, tmp_p
     assert "demo" in help_text and "prep" in help_text
 
 
+@pytest.mark.install
+@pytest.mark.slow
 def test_installed_demo_runs_from_any_directory(installed, tmp_path):
     from tests.test_demo import SOURCE, write_subset
     if not SOURCE.is_dir():
@@ -92,6 +96,8 @@ def _works(cmd: list[str]) -> bool:
         return False
 
 
+@pytest.mark.install
+@pytest.mark.slow
 @pytest.mark.skipif(not _works(["docker", "info"]), reason="no Docker daemon on this machine (CI runners have one)")
 def test_docker_image_builds_and_trains(tmp_path):
     from tests.fmnist_fixture import write_shards
@@ -106,6 +112,8 @@ def test_docker_image_builds_and_trains(tmp_path):
     assert (tmp_path / "run" / "report.json").is_file()
 
 
+@pytest.mark.install
+@pytest.mark.slow
 @pytest.mark.skipif(not _works(["apptainer", "--version"]), reason="Apptainer is not installed on this machine")
 def test_apptainer_image_builds_and_trains(tmp_path):
     from tests.fmnist_fixture import write_shards

@@ -28,6 +28,9 @@ except ImportError:  # tests/ imported as a package
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.slurm
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cluster = SlurmCluster.start_or_skip(tmp_path_factory.mktemp("slurm"))
@@ -243,6 +246,8 @@ def _assert_same_training(run_dir: Path, reference: Path) -> None:
         assert_close(remote[name], here[name], rtol=1e-4, scale_rtol=1e-3, name=name)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_node_training_matches_local_four_process_run(slurm_env, train_shards, local_reference, tmp_path):
     run_dir = tmp_path / "slurm"
     started = time.monotonic()
@@ -260,6 +265,8 @@ def test_two_node_training_matches_local_four_process_run(slurm_env, train_shard
     _assert_same_training(run_dir, local_reference)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, train_shards, local_reference, tmp_path):
     """USR1 to the batch script (what --signal=B:USR1@N sends) -> checkpoint -> requeue -> resume -> done,
     with the same steps, samples and final weights as the uninterrupted run."""

@@ -19,7 +19,7 @@ from pipeline.losses.contrastive import ContrastiveLoss
 from pipeline.losses.siglip import SigLipLoss
 from tolerance import close
 
-pytestmark = pytest.mark.numeric
+pytestmark = [pytest.mark.numeric, pytest.mark.dist]
 
 WORLD = 2
 PER_RANK = 3

@@ -12,6 +12,7 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+import pytest
 
 from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
 from tolerance import assert_close
@@ -21,6 +22,9 @@ except ModuleNotFoundError:
     from test_train_accumulate import MICRO_CFG, _batch
 
 STEPS, GLOBAL_BATCH = 20, 16
+
+
+pytestmark = pytest.mark.dist
 
 
 def _free_port() -> int:
