@@ -22,14 +22,26 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:  # annotations only: train_state imports this module
-    from pipeline.train_state import RunState
+
+
+class RunState(Protocol):
+    """What the checkpointer needs of a run's restartable state (`pipeline.train_state.RunState` is the one):
+    stated here so that this module imports nothing of training (train_state imports this module)."""
+
+    trainer: Any
+    """Step counters and config: `state_dict()` / `load_state_dict(state, path)`, saved in trainer.pt."""
+    weights: Any
+    """Model and optimizer: `state_dict()`, `load_state_dict({"model", "optimizer"})`, `reads_files`."""
+    shared: dict[str, Any]
+    """Objects saved once (rank 0) beside the trainer state."""
+    per_rank: dict[str, Any]
+    """Objects saved by every rank (data position, RNG)."""
 
 PREFIX = "step-"
 # What every trainer.pt holds since plait's first checkpoints; a file without them is refused, not guessed at.

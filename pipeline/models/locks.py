@@ -4,14 +4,12 @@ and no DDP gradient sync: both only see parameters that require one), and a full
 from __future__ import annotations
 
 import types
-from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # annotations only: pipeline.config imports the objective units, which import the towers
-    from pipeline.config import ModelConfig
+from pipeline.models.config import ModelConfig
 
 
 def apply_locks(clip: nn.Module, cfg: ModelConfig) -> None:

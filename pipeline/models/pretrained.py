@@ -10,7 +10,6 @@ import importlib.util
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -19,8 +18,7 @@ from torch import nn
 from pipeline.models.locks import apply_locks, check_trainable
 from pipeline.models.sizes import model_config
 
-if TYPE_CHECKING:  # annotations only: pipeline.config imports the objective units, which import the towers and this
-    from pipeline.config import ModelConfig
+from pipeline.models.config import ModelConfig
 
 # Keys that change training only, not the tensors: a pretrained file and model.name may differ in them.
 TRAINING_ONLY = {"patch_dropout", "init_logit_bias", "init_logit_scale", "custom_text", "hf_model_pretrained"}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -12,8 +11,7 @@ from torch import nn
 from pipeline.models.packing import Packing
 from pipeline.models.pretrained import architecture
 
-if TYPE_CHECKING:  # an annotation only: pipeline.config imports the objective units, which import this module
-    from pipeline.config import ModelConfig
+from pipeline.models.config import ModelConfig
 
 
 def resolved_model_config(cfg: ModelConfig, resuming: Path | None = None) -> dict:
