@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def photo_folder(work: Path, num_samples: int) -> Path:
     src.mkdir(exist_ok=True)
     for i in range(num_samples):
         photo, name = photos[i % len(photos)]
-        (src / f"{i:06d}.jpg").symlink_to(photo)
+        os.link(photo, src / f"{i:06d}.jpg")  # a hard link: prep refuses symlinks that leave --input's folder
         (src / f"{i:06d}.txt").write_text(f"a photo of {name}, copy {i // len(photos)}")
     print(f"{len(photos)} distinct photos >= 512 px, {num_samples} samples")
     return src

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import score_set
 from data_prep.score_set import PLAN, PRECISION_NAMES, Dataset, ScoreOptions, add_arguments, open_dataset, options
+from data_prep.shards.members import MemberKeys
 from data_prep.shards.tarwalk import TarFormatError, iter_samples
 from data_prep.writer import OutputDir, reason_kind
 
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))  # --precision -> autocast dtype
-_MEDIA = ("jpg", "jpeg", "png", "webp")
 
 
 def model_fingerprint(path: str) -> dict[str, Any]:
@@ -97,9 +97,11 @@ class ShardBatches(IterableDataset):
     Each batch: shard (tar name), keys, image uint8 [B, 3, H, W], text [B, L] for the decodable samples; bad
     [(key, reason)] for the others; done (last batch of the shard), error (why the shard ended early)."""
 
-    def __init__(self, dataset: str, shards: list[str], transform, tokenize, batch_size: int):
+    def __init__(self, dataset: str, shards: list[str], transform, tokenize, batch_size: int,
+                 keys: MemberKeys | None = None):
         from pipeline.transforms import decode_min_side, split_transform
         self.dataset, self.shards, self.tokenize, self.batch_size = dataset, shards, tokenize, batch_size
+        self.keys = keys or MemberKeys.parse()
         self.head, self.normalize = split_transform(transform)
         self.min_side = decode_min_side(transform)
 
@@ -111,14 +113,11 @@ class ShardBatches(IterableDataset):
 
     def _decode(self, members: dict[str, bytes]) -> tuple[torch.Tensor, str]:
         from pipeline.transforms import decode_image, to_uint8
-        if "txt" not in members:
-            raise KeyError("no caption (txt member)")
-        caption = members["txt"].decode("utf-8")  # UnicodeDecodeError is the sample's reason
-        media = [e for e in members if e.rsplit(".", 1)[-1] in _MEDIA]
+        caption = self.keys.caption_of(members)  # KeyError / UnicodeDecodeError: the sample's reason
+        media, _ = self.keys.image_members(members)  # the loader's rule (shards/members)
         if not media:
-            raise KeyError(f"no image member ({', '.join(_MEDIA)})")
-        frames = sorted(e for e in media if e.startswith("f"))
-        ext = frames[len(frames) // 2] if len(frames) > 1 else media[0]  # a video sample: its middle frame
+            raise KeyError(self.keys.missing_image(members))
+        ext = media[len(media) // 2]  # a video sample: its middle frame
         image = self.head(decode_image(members[ext], self.min_side))
         tensor = to_uint8(image) if self.normalize is not None else image  # [3, H, W]
         return tensor, caption
@@ -135,7 +134,7 @@ class ShardBatches(IterableDataset):
             keys.clear(), images.clear(), captions.clear(), bad.clear()
             return out
 
-        wanted = lambda ext: ext == "txt" or ext.rsplit(".", 1)[-1] in _MEDIA
+        wanted = self.keys.wants
         try:
             with fsspec.open(f"{self.dataset.rstrip('/')}/{shard}", "rb") as f:
                 for sample in iter_samples(f, wanted):
@@ -250,7 +249,8 @@ def score(opts: ScoreOptions) -> dict[str, Any]:
         out.write_json(PLAN, plan)
     mine = pending[rank::world]
     model = loaded.model.to(accelerator.device).eval()
-    stream = ShardBatches(dataset.url, mine, loaded.transform, loaded.tokenize, opts.batch_size)
+    stream = ShardBatches(dataset.url, mine, loaded.transform, loaded.tokenize, opts.batch_size,
+                          MemberKeys.parse(opts.image_keys, opts.caption_keys, names=("--image-keys", "--caption-keys")))
     workers = min(opts.num_workers, len(mine))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=False) if workers else stream

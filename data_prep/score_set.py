@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 from data_prep.options import option
+from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
 from data_prep.writer import OutputDir
 
 PLAN = "_score_plan.json"
@@ -46,6 +47,10 @@ class ScoreOptions:
     """fp32, or bf16 / fp16 autocast (GPUs)"""
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
     """auto: a GPU per rank when there is one"""
+    image_keys: str = IMAGE_KEYS
+    """image members, tried in order (';'-separated extensions; as training's data.image_keys)"""
+    caption_keys: str = CAPTION_KEYS
+    """caption members, tried in order: extensions or json:FIELD (as training's data.caption_keys)"""
     progress: bool = True
     """progress bar (rank 0)"""
     task_index: int = option(0, cli_default=None)
@@ -57,6 +62,7 @@ class ScoreOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size}: must be >= 1")
+        MemberKeys.parse(self.image_keys, self.caption_keys, names=("--image-keys", "--caption-keys"))
         if self.num_workers < 0:
             raise ValueError(f"--num-workers {self.num_workers}: must be >= 0")
         if self.precision not in PRECISION_NAMES:

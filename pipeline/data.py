@@ -296,7 +296,8 @@ class TrainStream:
                 try:
                     example = self.decoder(item, rng)
                 except KeyError as exn:
-                    item = Bad("missing_field", f"{item.get('__url__')}:{item.get('__key__')}: {exn}")
+                    why = exn.args[0] if exn.args else exn  # str(KeyError) would quote the reason
+                    item = Bad("missing_field", f"{item.get('__url__')}:{item.get('__key__')}: {why}")
                 except Exception as exn:  # PIL raises many types for corrupt images
                     item = Bad("decode_error", f"{item.get('__url__')}:{item.get('__key__')}: "
                                                f"{type(exn).__name__}: {exn}")

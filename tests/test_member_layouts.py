@@ -90,7 +90,8 @@ def test_what_verify_passes_train_reads(tmp_path, layout):
     for keys in tried:
         ok_verify, why_verify = verify_passes(tmp_path / layout, keys)
         ok_train, why_train = train_reads(spec, keys)
-        assert ok_verify == ok_train, f"{layout} {keys}: verify {ok_verify} ({why_verify}), train {ok_train} ({why_train})"
+        assert ok_verify == ok_train, (f"{layout} {keys}: verify {ok_verify} ({why_verify}), "
+                                       f"train {ok_train} ({why_train})")
         if not ok_verify:
             assert why_verify and why_train
     # the layouts with a fix fail with the default keys and pass with the fix; the others pass as they are

@@ -92,6 +92,15 @@ class MemberKeys:
     def caption_spec(self) -> str:
         return ";".join(self.caption)
 
+    def wants(self, ext: str) -> bool:
+        """Whether a member of extension `ext` holds a sample's image, frame or caption (a reader that decodes
+        only those skips the rest without reading them)."""
+        if ext in self.image or ext in self.caption:
+            return True
+        if frame_number(ext) is not None:
+            return ext.split(".", 1)[1] in self.image
+        return ext == "json" and any(k.startswith("json:") for k in self.caption)
+
     def image_members(self, exts) -> tuple[list[str], bool]:
         """The sample's image member(s) and whether it is a video: frame members (`f0000.jpg`...) in time
         order, else the first image key present."""
