@@ -22,9 +22,9 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
-from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from tests.helpers.slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
 
 from launch import slurm  # noqa: E402
 

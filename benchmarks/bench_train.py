@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if not shards:
-            from tests.fmnist_fixture import spec, write_shards
+            from tests.helpers.fmnist_fixture import spec, write_shards
             shards = spec(write_shards(Path(tmp) / "shards", "train", 2048, per_shard=512, fmt="jpg"))
         plait, hand = [], []
         for r in range(args.rounds):

@@ -15,6 +15,7 @@ def plait(*args, cwd=None):
                           timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_help_of_every_subcommand(command):
     out = plait(command, "--help")
@@ -39,6 +40,7 @@ def test_top_level_usage_lists_commands():
     (["export", "/nonexistent/run", "--out", "x"], "/nonexistent/run"),
     (["prep", "shard", "--input", "/nonexistent/table.parquet", "--output", "out"], "/nonexistent/table.parquet"),
 ])
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_errors(args, message, tmp_path):
     out = plait(*args, cwd=tmp_path)
     assert out.returncode == 2, (out.stdout, out.stderr)

@@ -5,19 +5,15 @@ import json
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data import TrainStream
 from pipeline.distributed import World
-try:  # tests/ as a package (repo root on sys.path) or as pytest's rootdir-less test folder
-    from tests.test_data import make_shards
-except ImportError:
-    from test_data import make_shards
-
+from tests.helpers.synthetic_shards import make_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

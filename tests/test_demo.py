@@ -1,32 +1,15 @@
 """The demo path at a small budget: real Fashion-MNIST rows -> shards -> training -> zero-shot -> export -> reload."""
-import gzip
 import json
-from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 
-from pipeline.demo import FASHION_MNIST_DIR, main as demo
-
-SOURCE = Path(FASHION_MNIST_DIR)
-
-
-def write_subset(out: Path, num_train: int, num_test: int) -> None:
-    """The first rows of each real split, re-written in the idx gz format the Debian package ships."""
-    out.mkdir(parents=True)
-    for split, n in (("train", num_train), ("t10k", num_test)):
-        images = gzip.open(SOURCE / f"{split}-images-idx3-ubyte.gz").read()
-        labels = gzip.open(SOURCE / f"{split}-labels-idx1-ubyte.gz").read()
-        header = np.frombuffer(images[:16], ">i4").copy()
-        header[1] = n
-        with gzip.open(out / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(header.tobytes() + images[16:16 + n * 28 * 28])
-        with gzip.open(out / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(np.array([2049, n], ">i4").tobytes() + labels[8:8 + n])
+from pipeline.demo import main as demo
+from tests.helpers.fmnist_subset import SOURCE, write_subset
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SOURCE.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_demo_end_to_end_small(tmp_path):
     write_subset(tmp_path / "fm", num_train=1536, num_test=500)

@@ -16,10 +16,7 @@ import plait
 from pipeline.distributed import World
 from pipeline.eval_data import rank_share, read_lines, resolve
 from pipeline.evaluate import classification_counts, linear_probe, retrieval_metrics, summarise_classification
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
-except ModuleNotFoundError:
-    from fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
+from tests.helpers.fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +92,7 @@ def eval_json(tmp_path: Path, name: str, argv: list[str]) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_zero_shot_on_every_model_form_and_layout(run, tmp_path):
     """Checkpoint, open_clip export and HF export give the same zero-shot scores; plait shards and the same
     images in clip_benchmark's layout (webp) give the same too."""
@@ -156,6 +154,8 @@ def test_retrieval_and_linear_probe_on_img2dataset_shards(run, tmp_path):
     assert probe["linear_probe"]["top1"] > 0.5 and probe["linear_probe"]["num_train"] == 960
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_result(run, tmp_path):
     root = run["root"]
     argv = [str(run["run_dir"]), "--data", f"{root}/test/{{00000..00001}}.tar", "--classnames",

@@ -15,11 +15,8 @@ from pipeline import export as ex
 from pipeline.export_hf import export_hf, hf_config
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip, tokenizer_for
-from tolerance import assert_close
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import BATCH, STEPS, trained_run
-except ModuleNotFoundError:
-    from fmnist_fixture import BATCH, STEPS, trained_run
+from tests.helpers.tolerance import assert_close
+from tests.helpers.fmnist_fixture import BATCH, STEPS, trained_run
 
 
 @pytest.fixture(scope="module")

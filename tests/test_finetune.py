@@ -13,10 +13,7 @@ from pipeline.eval_models import load_model
 from pipeline.finetune import Classifier, ClassifierHead, evaluate_classifier, layer_id, param_groups
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run
-except ModuleNotFoundError:
-    from fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run
+from tests.helpers.fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,8 @@ def test_layer_decay_scales_lr_by_depth():
 
 
 @pytest.mark.parametrize("mode, extra", [("linear", ["--epochs", "3", "--lr", "3e-3"]),
-                                         ("full", ["--epochs", "2", "--lr", "3e-4", "--layer-decay", "0.8"])])
+                                         pytest.param("full", ["--epochs", "2", "--lr", "3e-4", "--layer-decay", "0.8"],
+                                                      marks=pytest.mark.slow)])
 def test_finetune_improves_over_zero_shot_and_exports(exported, tmp_path, mode, extra):
     run, model_dir = exported
     root = run["root"]

@@ -2,7 +2,7 @@
 the one documented layout (whole model, optimizer state by name) that resume under FSDP after a stop signal, load
 unsharded and export.
 
-The `plait train` runs are the real CLI in subprocesses (tests/test_train.py's helpers); the state-dict test runs
+The `plait train` runs are the real CLI in subprocesses (tests/helpers/train_cli.py); the state-dict test runs
 the loop's own helpers in 2 spawned processes and compares against DTensor.full_tensor() gathers.
 """
 from __future__ import annotations
@@ -22,14 +22,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
-from tolerance import assert_close
+from tests.helpers.tolerance import assert_close
 
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.test_train import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401 (shards)
-    from tests.test_train_accumulate import MICRO_CFG, _batch
-except ModuleNotFoundError:
-    from test_train import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401
-    from test_train_accumulate import MICRO_CFG, _batch
+from tests.helpers.micro_clip import MICRO_CFG, micro_batch
+from tests.helpers.train_cli import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401 (shards)
 
 STEPS = 8
 COMMON = (f"train.steps={STEPS}", "train.checkpoint_every=4", "train.keep_last=3", "optim.warmup_steps=2",
@@ -222,7 +218,7 @@ def _state_worker(rank: int, port: int, out: str) -> None:
     assert promoted == ("clip.logit_scale",)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     for step in range(3):
-        batch = {k: v[rank * 4:(rank + 1) * 4] for k, v in _batch(8, seed=step).items()}
+        batch = {k: v[rank * 4:(rank + 1) * 4] for k, v in micro_batch(8, seed=step).items()}
         forward_backward(model, objective, batch, step, 1, accelerator)
         optimizer_step(accelerator, model, optimizer, 2e-3, 1.0, False)
     reference = gathered(model)
@@ -249,10 +245,10 @@ def _state_worker(rank: int, port: int, out: str) -> None:
 
     # Evaluation-style calls outside the root's forward see the gathered weights, and training goes on after.
     with sharded_state.gathered_params(model2), torch.no_grad():
-        features = model2.clip.encode_image(_batch(2)["image"])
+        features = model2.clip.encode_image(micro_batch(2)["image"])
     assert torch.isfinite(features).all()
     # (Accelerate's clip_grad_norm_ compares parameter lists of its prepared models: two here, one in the loop.)
-    forward_backward(model2, objective, {k: v[:4] for k, v in _batch(8).items()}, 3, 1, accelerator)
+    forward_backward(model2, objective, {k: v[:4] for k, v in micro_batch(8).items()}, 3, 1, accelerator)
     optimizer2.step()
     if rank == 0:
         open(out, "w").write("ok")
@@ -280,7 +276,7 @@ def test_positional_optimizer_state_of_older_checkpoints_still_loads_unsharded()
     torch.manual_seed(0)
     model = build_model(dict(MICRO_CFG), ObjectiveConfig())
     optimizer = build_optimizer(model, OptimConfig())
-    forward_backward(model, Objective(ObjectiveConfig(), World()), _batch(4), 0, 1, Accelerator(cpu=True))
+    forward_backward(model, Objective(ObjectiveConfig(), World()), micro_batch(4), 0, 1, Accelerator(cpu=True))
     optimizer.step()
     old = optimizer.state_dict()
     assert all(isinstance(k, int) for k in old["state"])

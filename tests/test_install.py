@@ -72,7 +72,7 @@ def test_wheel_carries_the_presets_and_imports_from_the_install(installed, tmp_p
 @pytest.mark.install
 @pytest.mark.slow
 def test_installed_demo_runs_from_any_directory(installed, tmp_path):
-    from tests.test_demo import SOURCE, write_subset
+    from tests.helpers.fmnist_subset import SOURCE, write_subset
     if not SOURCE.is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     write_subset(tmp_path / "fm", num_train=512, num_test=200)
@@ -100,7 +100,7 @@ def _works(cmd: list[str]) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _works(["docker", "info"]), reason="no Docker daemon on this machine (CI runners have one)")
 def test_docker_image_builds_and_trains(tmp_path):
-    from tests.fmnist_fixture import write_shards
+    from tests.helpers.fmnist_fixture import write_shards
     tag = "plait:test"
     _run(["docker", "build", "-f", "docker/Dockerfile", "-t", tag, "."], cwd=REPO, timeout=3600)
     assert "usage: plait" in _run(["docker", "run", "--rm", tag, "--help"], cwd=REPO)
@@ -116,7 +116,7 @@ def test_docker_image_builds_and_trains(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _works(["apptainer", "--version"]), reason="Apptainer is not installed on this machine")
 def test_apptainer_image_builds_and_trains(tmp_path):
-    from tests.fmnist_fixture import write_shards
+    from tests.helpers.fmnist_fixture import write_shards
     sif = tmp_path / "plait.sif"
     _run(["apptainer", "build", str(sif), "docker/plait.def"], cwd=REPO, timeout=3600)
     write_shards(tmp_path / "shards", "train", 64, per_shard=32, fmt="jpg")

@@ -19,7 +19,7 @@ from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
 from pipeline.objective import Objective
 from pipeline.objectives.itm import hard_negatives, itm_logits
-from tolerance import close
+from tests.helpers.tolerance import close
 
 torch.set_num_threads(1)
 
@@ -195,6 +195,7 @@ def worker(rank: int, init_file: str, out_dir: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Each rank draws its negatives from the gathered similarities and gathers the negatives' tokens with their
     gradient. Hence: mean of the ranks' losses = global loss; each rank's token gradients = world x the global loss's

@@ -1,7 +1,7 @@
 """`plait launch` against a real single-machine SLURM cluster (munged, slurmctld, two slurmd).
 
 The cluster is started once for this module under a temporary directory and stopped by PID
-afterwards (tests/slurm_cluster.py). Without SLURM (and no way to install it) every test here
+afterwards (tests/helpers/slurm_cluster.py). Without SLURM (and no way to install it) every test here
 is skipped with the reason.
 """
 from __future__ import annotations
@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from launch import cli, slurm
-from tolerance import assert_close
+from tests.helpers.tolerance import assert_close
 
-try:
-    from slurm_cluster import SlurmCluster
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_cluster import SlurmCluster
+from tests.helpers.slurm_cluster import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from pipeline.losses.mae import MaeLoss
 from pipeline.losses.mlm import MlmLoss
 from pipeline.losses.siglip import SigLipLoss
 from pipeline.models.discriminator import GradReverse
-from tolerance import close
+from tests.helpers.tolerance import close
 
 pytestmark = pytest.mark.numeric
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pipeline.losses.contrastive import ContrastiveLoss
 from pipeline.losses.siglip import SigLipLoss
-from tolerance import close
+from tests.helpers.tolerance import close
 
 pytestmark = [pytest.mark.numeric, pytest.mark.dist]
 

@@ -11,7 +11,7 @@ from pipeline.models.masking import IGNORE_INDEX, keep_to_mask, mask_tokens, num
 from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip, encode_image_tokens, encode_text_tokens, text_padding_mask
-from tolerance import assert_close, close
+from tests.helpers.tolerance import assert_close, close
 
 pytestmark = pytest.mark.numeric
 

@@ -15,7 +15,7 @@ from pipeline.losses.adversarial import AdversarialLoss
 from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
 from pipeline.objective import Objective, clamp_logit_scale
-from tolerance import assert_close
+from tests.helpers.tolerance import assert_close
 
 pytestmark = pytest.mark.numeric
 
@@ -140,6 +140,7 @@ def test_alternating_adversarial_updates_train_one_player_per_step():
 @pytest.mark.parametrize("name,key,ratio", [("flip_mae_mlm", "mae", 0.8), ("flip_mae_mlm", "mlm", 0.6),
                                             ("ae_bilinear", "autoencoder", 0.6), ("contrastive", "contrastive", 0.6),
                                             ("siglip", "siglip", 0.6), ("flip_itm", "itm", 0.8)])
+@pytest.mark.slow
 def test_short_optimisation_lowers_each_loss(name, key, ratio):
     """Fifty AdamW steps on one fixed batch: each objective's own loss falls well below its start (MAE less:
     the masked patches of noise images are partly unpredictable)."""

@@ -6,10 +6,7 @@ import pytest
 from pipeline.config import ObjectiveConfig, OptimConfig
 from pipeline.models.model import build_model
 from pipeline.optim import build_optimizer, check_schedule, lr_at, lr_factor, schedule_signature
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.test_train_accumulate import MICRO_CFG
-except ModuleNotFoundError:
-    from test_train_accumulate import MICRO_CFG
+from tests.helpers.micro_clip import MICRO_CFG
 
 
 def test_weight_decay_skips_norms_biases_scales_and_embeddings():

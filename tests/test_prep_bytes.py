@@ -16,8 +16,8 @@ from data_prep.options import parse_size
 from data_prep.plan import rows_for_bytes
 from data_prep.sources import read_rows
 from data_prep.writer import OutputDir
-from tests.prep_corpus import real_photos
-from tests.test_prep_resume import _digest, _table
+from tests.helpers.prep_corpus import real_photos
+from tests.helpers.prep_tables import dataset_digest, photo_table
 
 TARGET = 150_000
 
@@ -28,7 +28,7 @@ PHOTOS = "/usr/share/doc/opencv-doc"  # the tables name photos here: a folder th
 def table(tmp_path_factory) -> Path:
     photos = real_photos()
     assert len(photos) >= 60, "opencv-doc examples missing (make install)"
-    return _table(tmp_path_factory.mktemp("in"), photos * 2)  # ~160 rows: more than the 64-row pilot
+    return photo_table(tmp_path_factory.mktemp("in"), photos * 2)  # ~160 rows: more than the 64-row pilot
 
 
 def _args(table: Path, out: Path, *extra: str) -> list[str]:
@@ -97,7 +97,7 @@ def test_resume_and_array_tasks_reuse_the_plan_and_match_one_run(tmp_path, table
     with monkeypatch.context() as m:
         m.setattr(run, "resolve_sizing", no_second_pilot)
         main(_args(table, resumed, *args))
-    assert _digest(resumed) == _digest(tmp_path / "ref")
+    assert dataset_digest(resumed) == dataset_digest(tmp_path / "ref")
 
     # array: task 1 finds no _plan.json and runs the pilot itself; task 0 reuses what it recorded
     array = tmp_path / "array"
@@ -106,7 +106,7 @@ def test_resume_and_array_tasks_reuse_the_plan_and_match_one_run(tmp_path, table
         m.setattr(run, "resolve_sizing", no_second_pilot)
         main(_args(table, array, *args, "--task-index", "0", "--num-tasks", "2"))
     main(["merge", str(array)])
-    assert _digest(array) == _digest(tmp_path / "ref")
+    assert dataset_digest(array) == dataset_digest(tmp_path / "ref")
     plans = [json.loads((d / "_plan.json").read_text()) for d in (tmp_path / "ref", resumed, array)]
     assert plans[0]["sizing"] == plans[1]["sizing"] == plans[2]["sizing"]  # independent pilots agree
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from data_prep.cli import main
 from data_prep.fetch import Fetcher
 from data_prep.options import FetchOptions
-from tests.prep_corpus import CorpusServer, jpeg_bytes, asymmetric_rgb, real_photos
+from tests.helpers.prep_corpus import CorpusServer, jpeg_bytes, asymmetric_rgb, real_photos
 
 
 def test_keep_alive_host_cap_and_user_agent():

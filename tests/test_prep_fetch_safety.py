@@ -21,8 +21,8 @@ from data_prep.cli import main
 from data_prep.fetch import Fetcher
 from data_prep.options import FetchOptions
 from data_prep.process import Reject
-from tests.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos
-from tests.rude_server import RudeServer, reply
+from tests.helpers.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos
+from tests.helpers.rude_server import RudeServer, reply
 
 REPO = Path(__file__).resolve().parents[1]
 JPEG = jpeg_bytes(asymmetric_rgb(320, 240))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_prep.options import ImageOptions
 from data_prep.process import Reject, clean_caption, process_image, target_geometry
-from tests.prep_corpus import MATE, jpeg_bytes, real_photos, tricky_images
+from tests.helpers.prep_corpus import MATE, jpeg_bytes, real_photos, tricky_images
 
 BIG = f"{MATE}/nature/Dune.jpg"
 

@@ -17,10 +17,7 @@ from data_prep.cli import main as prep
 from data_prep.shards import tarseek
 from pipeline.shardspec import parse_spec
 
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import encode, read_fmnist
-except ModuleNotFoundError:
-    from fmnist_fixture import encode, read_fmnist
+from tests.helpers.fmnist_fixture import encode, read_fmnist
 
 from data_prep.sources import fashion_mnist_caption
 

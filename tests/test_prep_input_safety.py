@@ -18,7 +18,7 @@ import pytest
 from data_prep.cli import main
 from data_prep.options import SourceOptions
 from data_prep.sources import read_rows
-from tests.prep_corpus import real_photos
+from tests.helpers.prep_corpus import real_photos
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"AWS_SECRET_ACCESS_KEY=hunter2-do-not-leak\n"

@@ -11,7 +11,7 @@ from data_prep.cli import main
 from data_prep.labels import label_id, plan_classnames
 from data_prep.process import Reject
 from pipeline.eval_data import resolve
-from tests.prep_corpus import real_photos, shard_members
+from tests.helpers.prep_corpus import real_photos, shard_members
 
 
 def _table(tmp_path, labels, name="t.csv"):

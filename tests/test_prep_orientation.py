@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from data_prep.options import ImageOptions
 from data_prep.process import Reject, process_image
-from tests.prep_corpus import asymmetric_rgb
+from tests.helpers.prep_corpus import asymmetric_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND = (0, 200, 0)

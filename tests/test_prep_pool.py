@@ -15,8 +15,8 @@ import pytest
 from data_prep import merge, run
 from data_prep.cli import build_parser, job_options, main
 from data_prep.sources import read_rows
-from tests.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos, shard_members
-from tests.rude_server import RudeServer, reply
+from tests.helpers.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos, shard_members
+from tests.helpers.rude_server import RudeServer, reply
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,6 @@ failures, cross-shard dedup, and the pure plan functions at simulated scale."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import tarfile
 import signal
@@ -18,26 +17,11 @@ import pytest
 from data_prep.cli import main
 from data_prep.plan import resolve_task, shards_of_task, work_units
 from data_prep.sources import Row
-from tests.prep_corpus import CorpusServer, real_photos
+from tests.helpers.prep_corpus import CorpusServer, real_photos
+from tests.helpers.prep_tables import dataset_digest, photo_table
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = "/usr/share/doc/opencv-doc"  # the tables name photos here: a folder the tests allow explicitly
-
-
-def _table(tmp_path: Path, paths: list[str], name: str = "in.csv") -> Path:
-    table = tmp_path / name
-    with open(table, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["url", "caption", "source"])
-        for i, p in enumerate(paths):
-            w.writerow([f"file://{p}", f"photo {i} of {Path(p).stem}", "opencv-doc"])
-    return table
-
-
-def _digest(out: Path) -> dict[str, str]:
-    names = sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".json", ".parquet") and p.is_file())
-    names = [n for n in names if n != "_plan.json"]
-    return {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names}
 
 
 def _shard(args: list[str]) -> None:
@@ -52,7 +36,7 @@ def photos():
 
 
 def test_tasks_then_merge_equal_local_run_and_dedup(tmp_path, photos):
-    table = _table(tmp_path, photos)
+    table = photo_table(tmp_path, photos)
     _shard(["--input", str(table), "--output", str(tmp_path / "local"), "--samples-per-shard", "7",
             "--extra-cols", "source"])
     for t in (1, 0, 2):  # any order
@@ -61,7 +45,7 @@ def test_tasks_then_merge_equal_local_run_and_dedup(tmp_path, photos):
     with pytest.raises(FileNotFoundError):
         main(["merge", str(tmp_path / "nothing")])
     main(["merge", str(tmp_path / "array")])
-    assert _digest(tmp_path / "local") == _digest(tmp_path / "array")
+    assert dataset_digest(tmp_path / "local") == dataset_digest(tmp_path / "array")
     recs = pq.read_table(tmp_path / "local" / "samples.parquet").to_pylist()
     dups = [r for r in recs if (r["reason"] or "").startswith("duplicate")]
     assert sorted(r["row"] for r in dups) == [30, 31, 32, 33]  # the later copies lose, wherever they are
@@ -70,7 +54,7 @@ def test_tasks_then_merge_equal_local_run_and_dedup(tmp_path, photos):
 
 
 def test_merge_refuses_missing_tasks(tmp_path, photos):
-    table = _table(tmp_path, photos[:10])
+    table = photo_table(tmp_path, photos[:10])
     _shard(["--input", str(table), "--output", str(tmp_path / "o"), "--samples-per-shard", "3",
             "--task-index", "0", "--num-tasks", "2"])
     with pytest.raises(ValueError, match="not all tasks"):
@@ -78,7 +62,7 @@ def test_merge_refuses_missing_tasks(tmp_path, photos):
 
 
 def test_slurm_env_selects_the_task(tmp_path, photos, monkeypatch):
-    table = _table(tmp_path, photos[:10])
+    table = photo_table(tmp_path, photos[:10])
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     _shard(["--input", str(table), "--output", str(tmp_path / "o"), "--samples-per-shard", "3"])
@@ -87,7 +71,7 @@ def test_slurm_env_selects_the_task(tmp_path, photos, monkeypatch):
 
 def test_resume_after_kill_gives_identical_dataset(tmp_path):
     photos = real_photos(limit=40)
-    table = _table(tmp_path, photos * 3)
+    table = photo_table(tmp_path, photos * 3)
     args = ["--input", str(table), "--samples-per-shard", "6", "--image-size", "128", "--no-dedup", "--local-root", PHOTOS]
     _shard([*args, "--output", str(tmp_path / "ref")])
     out = tmp_path / "killed"
@@ -106,11 +90,11 @@ def test_resume_after_kill_gives_identical_dataset(tmp_path):
             assert len(t.getmembers()) % 3 == 0
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert not list(out.glob("*.tmp"))
-    assert _digest(out) == _digest(tmp_path / "ref")
+    assert dataset_digest(out) == dataset_digest(tmp_path / "ref")
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, photos):
-    table = _table(tmp_path, photos[:3])
+    table = photo_table(tmp_path, photos[:3])
     _shard(["--input", str(table), "--output", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--image-size=64, now --image-size=32"):
         main(["shard", "--input", str(table), "--output", str(tmp_path / "o"), "--image-size", "32", "--local-root", PHOTOS,
@@ -118,7 +102,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path, photos):
 
 
 def test_verify_reports_damage(tmp_path, photos):
-    table = _table(tmp_path, photos[:12])
+    table = photo_table(tmp_path, photos[:12])
     out = tmp_path / "o"
     _shard(["--input", str(table), "--output", str(out), "--samples-per-shard", "5"])
     assert main(["verify", str(out), "--decode-fraction", "1"]) == 0

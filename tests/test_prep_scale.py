@@ -13,7 +13,7 @@ from data_prep.cli import main
 from data_prep.options import SourceOptions
 from data_prep.plan import shards_of_task, task_row_ranges
 from data_prep.sources import count_rows, read_rows
-from tests.prep_corpus import CorpusServer, asymmetric_rgb, jpeg_bytes
+from tests.helpers.prep_corpus import CorpusServer, asymmetric_rgb, jpeg_bytes
 
 
 def _owned_rows(start: int, stop: int, per: int, task: int, tasks: int) -> list[int]:

@@ -96,7 +96,7 @@ def test_help_documents_every_option(capsys):
 
 
 def test_txt_url_list_needs_no_caption_and_empty_folder_is_an_error(tmp_path):
-    from tests.prep_corpus import real_photos
+    from tests.helpers.prep_corpus import real_photos
     (tmp_path / "urls.txt").write_text("".join(f"file://{p}\n" for p in real_photos(limit=3)))
     main(["shard", "--input", str(tmp_path / "urls.txt"), "--output", str(tmp_path / "o"), "--processes", "1",
           "--no-progress", "--local-root", "/usr/share/doc/opencv-doc"])

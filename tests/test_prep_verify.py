@@ -14,12 +14,9 @@ import webdataset as wds
 
 from data_prep.cli import main
 from data_prep.verify import verify
-from tests.prep_corpus import real_photos
+from tests.helpers.prep_corpus import real_photos
 
-try:
-    from tests.fmnist_fixture import encode, read_fmnist
-except ModuleNotFoundError:
-    from fmnist_fixture import encode, read_fmnist
+from tests.helpers.fmnist_fixture import encode, read_fmnist
 
 
 def _table(tmp_path: Path, urls: list[str]) -> Path:

@@ -21,12 +21,9 @@ from pipeline.config import load_config
 from pipeline.models.model import build_model
 from pipeline.models.pretrained import load_pretrained, start_from
 from pipeline.models.towers import build_clip, resolved_model_config, tokenizer_for
-from tolerance import assert_close
+from tests.helpers.tolerance import assert_close
 
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import spec, write_shards
-except ModuleNotFoundError:
-    from fmnist_fixture import spec, write_shards
+from tests.helpers.fmnist_fixture import spec, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small architecture of its own (the export-format tests need nothing larger).
@@ -300,6 +297,7 @@ def first_loss(run_dir: Path) -> float:
     return next(r["loss"] for r in lines if r.get("kind") == "train" and r["step"] == 1)
 
 
+@pytest.mark.slow
 def test_continued_pretraining_starts_at_the_exported_models_loss(tmp_path, shards, small, monkeypatch):
     import pipeline.train as train_module
     from pipeline.export import export_open_clip, load_checkpoint_model

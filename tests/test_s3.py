@@ -16,7 +16,7 @@ from data_prep.cli import main as prep
 from pipeline.config import DataConfig
 from pipeline.data import TrainStream
 from pipeline.distributed import World
-from tests.prep_corpus import real_photos
+from tests.helpers.prep_corpus import real_photos
 
 REPO = Path(__file__).resolve().parents[1]
 moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the test extras)")

@@ -32,10 +32,7 @@ from data_prep.verify import verify
 from pipeline.export import export_open_clip, load_checkpoint_model
 from pipeline.models.towers import build_clip
 
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import FMNIST, TEST_MODEL_CFG, register_test_model, trained_run, write_shards
-except ModuleNotFoundError:
-    from fmnist_fixture import FMNIST, TEST_MODEL_CFG, register_test_model, trained_run, write_shards
+from tests.helpers.fmnist_fixture import FMNIST, TEST_MODEL_CFG, register_test_model, trained_run, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,6 +256,8 @@ def test_foreign_webdataset_folder_is_scored_and_tarwalk_reads_tarfiles_tars(dat
         list(iter_samples(io.BytesIO(Path(urls[0]).read_bytes()[:1500])))
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_scores(data, tmp_path):
     single = tmp_path / "one"
     score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(single), num_workers=0, progress=False))

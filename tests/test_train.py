@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,63 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
-
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.fmnist_fixture import spec, write_shards
-except ModuleNotFoundError:
-    from fmnist_fixture import spec, write_shards
+from tests.helpers.fmnist_fixture import spec
+from tests.helpers.train_cli import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401 (shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("shards")
-    return {"train": spec(write_shards(folder / "train", "train", 256, per_shard=64, fmt="jpg")),
-            "test": spec(write_shards(folder / "test", "test", 64, per_shard=32, fmt="jpg"))}
-
-
-def train_args(run_dir: Path, shards: dict, *overrides: str) -> list[str]:
-    return ["--config", "tiny", "--set", f"data.train_shards={shards['train']}",
-            "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=16", "--set", "train.log_every=1",
-            *[a for o in overrides for a in ("--set", o)]]
-
-
-def spawn(args: list[str], world_size: int = 1, rank: int = 0, port: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if world_size > 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    """The newest record of each step (a resumed segment rewrites the steps after its checkpoint)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind", "train") == kind:
-            out[r["step"]] = r
-    return out
-
-
-def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0]
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
-
-
-def finish(proc: subprocess.Popen, timeout_s: float = 600) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout_s)
-    return proc.returncode, out
-
-
+@pytest.mark.slow
 def test_run_writes_report_metrics_and_clean_checkpoints(tmp_path, shards):
     from pipeline.train import main
     run_dir = tmp_path / "run"
@@ -105,6 +53,7 @@ def test_run_writes_report_metrics_and_clean_checkpoints(tmp_path, shards):
     assert "[train]" in trainer["config"]
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_schedule_is_refused(tmp_path, shards):
     from pipeline.train import main
     run_dir = tmp_path / "run"
@@ -115,6 +64,7 @@ def test_resume_with_a_different_schedule_is_refused(tmp_path, shards):
         main(train_args(run_dir, shards, "train.steps=2") + ["--resume", str(tmp_path / "nowhere")])
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_a_gradient_scaler_saved_and_restored_on_resume(tmp_path, shards):
     # Accelerate 1.15 alone would train fp32 on CPU: the loop turns on fp16 autocast and torch's CPU GradScaler.
     probe = ("import torch; from pipeline.config import TrainConfig; from pipeline.train import build_accelerator; "
@@ -144,6 +94,7 @@ def test_fp16_trains_with_a_gradient_scaler_saved_and_restored_on_resume(tmp_pat
     assert torch.load(resumed / "checkpoints/step-00000006/trainer.pt", weights_only=True)["grad_scaler"] == scaler
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, shards):
     # 16 batches per epoch: the interruption falls mid-epoch, so the loader state must resume mid-epoch too.
     common = ("train.steps=9", "train.checkpoint_every=3", "train.keep_last=5", "optim.warmup_steps=2")
@@ -170,6 +121,8 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, shards):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_signal_to_one_rank_stops_both_at_the_same_step_with_exit_75(tmp_path, shards, signum):
     import socket
@@ -193,6 +146,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_with_exit_75(tmp_path, s
     assert f"stopping at step {step} (signal)" in results[0][1]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_with_gradient_checkpointing_and_accumulation_trains(tmp_path, shards):
     run_dir = tmp_path / "run"
     code, out = finish(spawn(train_args(run_dir, shards, "train.steps=3", "train.precision=bf16",
@@ -203,6 +157,7 @@ def test_bf16_autocast_with_gradient_checkpointing_and_accumulation_trains(tmp_p
     assert "global batch 32 (2 accumulated micro-batches)" in out
 
 
+@pytest.mark.slow
 def test_time_budget_checkpoints_and_the_next_run_continues(tmp_path, shards):
     from pipeline.train import main
     run_dir = tmp_path / "run"
@@ -218,6 +173,7 @@ def test_time_budget_checkpoints_and_the_next_run_continues(tmp_path, shards):
 GOLDEN = ROOT / "tests/golden/checkpoint_main_fa7f3cd"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_by_the_previous_trainer_resumes_identically(tmp_path, shards):
     # trainer.pt and rank-00000.pt of step 3 of this very run, written by plait at commit fa7f3cd (the trainer
     # that wrote every state by hand); the weight files' format did not change, so they come from this run.
@@ -257,15 +213,13 @@ def test_a_checkpoint_of_an_unknown_layout_is_refused_by_name(tmp_path, shards):
         main(train_args(run_dir, shards, "train.steps=2") + ["--resume", "auto"])
 
 
+@pytest.mark.slow
 def test_an_exception_in_the_loop_exits_non_zero_with_the_loader_shut_down(tmp_path):
     # One sample in eight is not an image: past data.max_bad_fraction the stream raises in the main process at
     # the end of the epoch, with both loader workers running. The run must end with that error (status 1), its
     # workers shut down in the loop's `finally`, not wait for ever.
     import webdataset as wds
-    try:
-        from tests.fmnist_fixture import encode, read_fmnist
-    except ModuleNotFoundError:
-        from fmnist_fixture import encode, read_fmnist
+    from tests.helpers.fmnist_fixture import encode, read_fmnist
     images, _ = read_fmnist("train", 64)
     urls = []
     for shard in range(2):

@@ -10,23 +10,10 @@ from pipeline.config import ObjectiveConfig
 from pipeline.distributed import World
 from pipeline.models.model import build_model
 from pipeline.objective import Objective
-from tolerance import assert_close, close
+from tests.helpers.micro_clip import MICRO_CFG, micro_batch
+from tests.helpers.tolerance import assert_close, close
 
 pytestmark = pytest.mark.numeric
-
-# A ViT/text-transformer pair small enough for a 2-core test, built by the real model code.
-MICRO_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-
-
-def _batch(n: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randn(n, 3, 32, 32, generator=g),
-            "text": torch.randint(1, 49407, (n, 16), generator=g)}
-
 
 def _grads(objective_cfg: ObjectiveConfig, accum_steps: int, batch: dict, seed: int = 0) -> dict:
     torch.manual_seed(seed)
@@ -56,7 +43,7 @@ def _assert_close(a: dict, b: dict) -> None:
 ], ids=["clip", "flip-mae"])
 def test_feature_cache_accumulation_equals_one_big_batch(objective_cfg):
     torch.set_num_threads(1)
-    batch = _batch(16)
+    batch = micro_batch(16)
     whole = _grads(objective_cfg, 1, batch)
     accumulated = _grads(objective_cfg, 4, batch)
     _assert_close(whole, accumulated)
@@ -67,7 +54,7 @@ def test_loss_averaging_accumulation_is_not_equivalent():
     would catch a loop that fell back to it."""
     torch.set_num_threads(1)
     cfg = ObjectiveConfig(contrastive=1.0)
-    batch = _batch(16)
+    batch = micro_batch(16)
     whole = _grads(cfg, 1, batch)
     torch.manual_seed(0)
     model = build_model(dict(MICRO_CFG), cfg)
@@ -80,7 +67,7 @@ def test_loss_averaging_accumulation_is_not_equivalent():
 
 
 def test_split_and_concat_are_inverse():
-    batch = {**_batch(12), "image_mask_ratio": 0.5}
+    batch = {**micro_batch(12), "image_mask_ratio": 0.5}
     parts = split_batch(batch, 3)
     assert [p["image"].shape[0] for p in parts] == [4, 4, 4] and parts[1]["image_mask_ratio"] == 0.5
     joined = concat_batches(parts)

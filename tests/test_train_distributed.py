@@ -10,20 +10,15 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
-import pytest
 
 from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
-from tolerance import assert_close
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.test_train_accumulate import MICRO_CFG, _batch
-except ModuleNotFoundError:
-    from test_train_accumulate import MICRO_CFG, _batch
+from tests.helpers.micro_clip import MICRO_CFG, micro_batch
+from tests.helpers.tolerance import assert_close
 
 STEPS, GLOBAL_BATCH = 20, 16
-
-
 pytestmark = pytest.mark.dist
 
 
@@ -57,7 +52,7 @@ def _worker(rank: int, world_size: int, port: int, accum_steps: int, out: str) -
     local = GLOBAL_BATCH // world_size
     losses = []
     for step in range(STEPS):
-        full = _batch(GLOBAL_BATCH, seed=step)
+        full = micro_batch(GLOBAL_BATCH, seed=step)
         batch = {k: v[rank * local:(rank + 1) * local] for k, v in full.items()}
         loss, _, _ = forward_backward(model, objective, objective.augment(batch, step), step, accum_steps,
                                       accelerator)

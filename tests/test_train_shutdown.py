@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-    from tests.test_data import make_shards
-except ModuleNotFoundError:
-    from test_data import make_shards
+from tests.helpers.synthetic_shards import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +47,7 @@ def _kill_all(proc: subprocess.Popen, pids: list[int]) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_an_error_in_the_loop_stops_the_workers_and_exits_within_seconds(tmp_path):
     """Worker slot 1 reads only undecodable images and raises mid-run while slot 0 is busy prefetching; the
     exception reaches the loop. Before the fix the process printed the traceback, then waited forever at exit
@@ -123,6 +121,7 @@ def stalling_server():
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_a_second_stop_signal_exits_at_once_while_the_loader_is_stuck(tmp_path, stalling_server):
     """The first SIGTERM asks for a checkpoint at the next step boundary, which a stuck loader never reaches;
     the second signal (here Ctrl-C's SIGINT) ends the process and its workers at once. Before the fix both

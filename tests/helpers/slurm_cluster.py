@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install_slurm.sh"
 NODE_NAMES = ("n1", "n2")
 # config_overrides lets a node declare more CPUs than the VM has: each
