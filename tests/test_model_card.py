@@ -24,12 +24,9 @@ from pipeline.export import embeddings, export_open_clip, export_safetensors, fi
 from pipeline.finetune import Classifier, ClassifierHead
 from pipeline.model_card import METADATA_FILE, dataset_prep, recorded_evals
 from pipeline.models.towers import build_clip
-from tests.prep_corpus import real_photos
+from tests.helpers.prep_corpus import real_photos
 
-try:
-    from tests.fmnist_fixture import TEST_MODEL_CFG
-except ModuleNotFoundError:
-    from fmnist_fixture import TEST_MODEL_CFG
+from tests.helpers.fmnist_fixture import TEST_MODEL_CFG
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +109,7 @@ def demo_run(tmp_path_factory) -> Path:
     """A real `plait demo` at a tiny budget: it evaluates zero-shot at step 3 and at the end (step 6), keeps
     both checkpoints and exports the last one with its card."""
     from pipeline.demo import FASHION_MNIST_DIR, main as demo
-    try:  # tests/ as a package (repo root on sys.path) or as a plain folder
-        from tests.test_demo import write_subset
-    except ModuleNotFoundError:
-        from test_demo import write_subset
+    from tests.helpers.fmnist_subset import write_subset
 
     if not Path(FASHION_MNIST_DIR).is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
