@@ -40,17 +40,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.sources import FASHION_MNIST_CLASSES  # noqa: E402
+from data_prep.input.sources import FASHION_MNIST_CLASSES  # noqa: E402
 from pipeline.config import DataConfig, ObjectiveConfig, OptimConfig, load_config  # noqa: E402
-from pipeline.data import TrainStream  # noqa: E402
-from pipeline.distributed import World  # noqa: E402
-from pipeline.evaluate import class_embeddings, labelled_images, linear_probe  # noqa: E402
+from pipeline.data.loader import TrainStream  # noqa: E402
+from pipeline.train.distributed import World  # noqa: E402
+from pipeline.eval.evaluate import class_embeddings, labelled_images, linear_probe  # noqa: E402
 from pipeline.models.model import build_model  # noqa: E402
 from pipeline.models.sizes import model_config  # noqa: E402
 from pipeline.models.towers import tokenizer_for  # noqa: E402
-from pipeline.objective import Objective, clamp_logit_scale  # noqa: E402
-from pipeline.optim import build_optimizer, lr_factor  # noqa: E402
-from pipeline.transforms import image_transform  # noqa: E402
+from pipeline.objectives.combined import Objective, clamp_logit_scale  # noqa: E402
+from pipeline.train.optim import build_optimizer, lr_factor  # noqa: E402
+from pipeline.data.transforms import image_transform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fmnist-vit56"

@@ -1,4 +1,4 @@
-"""Peak memory of decoding one image for a shard: `data_prep.process.process_image` against the plain Pillow
+"""Peak memory of decoding one image for a shard: `data_prep.media.images.process_image` against the plain Pillow
 path (open, `ImageOps.exif_transpose`, composite or convert to RGB, resize) on images that are small on disk and
 large in pixels. Each measurement runs in a fresh interpreter; the figure is the growth of its peak RSS
 (ru_maxrss) over the moment before the decode, so imports and the file bytes do not count.
@@ -24,7 +24,7 @@ MAKE = {  # name -> code that saves the test image to `path` (side x side, EXIF 
                                      ".convert('P')",
 }
 
-PLAIT = ("from data_prep.process import process_image\nfrom data_prep.options import ImageOptions\n"
+PLAIT = ("from data_prep.media.images import process_image\nfrom data_prep.options import ImageOptions\n"
          "run = lambda data: process_image(data, ImageOptions(image_size=256, encode_format='jpg'))\n")
 PILLOW = ("import io\nfrom PIL import Image, ImageOps\n"
           "def run(data):\n"

@@ -28,17 +28,17 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep import merge as merge_mod  # noqa: E402
-from data_prep.filter import FilterOptions, filter_dataset  # noqa: E402
+from data_prep.maintenance import merge as merge_mod  # noqa: E402
+from data_prep.curate.filter import FilterOptions, filter_dataset  # noqa: E402
 from data_prep.options import JobOptions, SourceOptions  # noqa: E402
-from data_prep.plan import sample_key  # noqa: E402
-from data_prep.run import run_task  # noqa: E402
-from data_prep.score import ScoreOptions, format_summary, score  # noqa: E402
-from data_prep.sources import FASHION_MNIST_CLASSES, fashion_mnist_caption, read_rows  # noqa: E402
+from data_prep.job.plan import sample_key  # noqa: E402
+from data_prep.job.run import run_task  # noqa: E402
+from data_prep.curate.score import ScoreOptions, format_summary, score  # noqa: E402
+from data_prep.input.sources import FASHION_MNIST_CLASSES, fashion_mnist_caption, read_rows  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.demo import DEMO_PRESET, FASHION_MNIST_DIR, shard_split  # noqa: E402
-from pipeline.export import export_open_clip, load_checkpoint_model  # noqa: E402
-from pipeline.train import run as train  # noqa: E402
+from pipeline.artifacts.export import export_open_clip, load_checkpoint_model  # noqa: E402
+from pipeline.train.loop import run as train  # noqa: E402
 
 
 def noisy_rows(source: str, fraction: float, seed: int, limit: int | None = None):

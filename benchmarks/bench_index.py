@@ -24,7 +24,7 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.index import IndexOptions, index  # noqa: E402
+from data_prep.maintenance.index import IndexOptions, index  # noqa: E402
 
 PHOTO_DIRS = [Path("/usr/share/doc/opencv-doc/examples/data"), Path("/usr/share/backgrounds/mate")]
 

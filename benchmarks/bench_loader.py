@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep import cli as prep_cli  # noqa: E402
 from pipeline.config import DataConfig, load_config  # noqa: E402
-from pipeline.data import TrainStream  # noqa: E402
-from pipeline.distributed import World  # noqa: E402
+from pipeline.data.loader import TrainStream  # noqa: E402
+from pipeline.train.distributed import World  # noqa: E402
 
 PHOTO_DIRS = [Path("/usr/share/doc/opencv-doc/examples/data"), Path("/usr/share/backgrounds/mate")]
 BATCH, WORKERS, SIZE, SHUFFLE = 64, 2, 224, 1000
@@ -154,7 +154,7 @@ def resume_times(spec, transform, tokenizer, points) -> list[tuple[int, float]]:
 
 def data_wait_fraction(spec: str, work: Path, steps: int) -> dict | None:
     """A short `plait train` on the benchmark shards; the loop logs the data-wait fraction itself."""
-    from pipeline import train
+    from pipeline.train import loop as train
     run_dir = work / "train-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"data.train_shards={json.dumps(spec)}", f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}",

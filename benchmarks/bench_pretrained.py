@@ -30,21 +30,21 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipeline.train as train_module  # noqa: E402
-from data_prep.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, with_article  # noqa: E402
+import pipeline.train.loop as train_module  # noqa: E402
+from data_prep.input.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, with_article  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.demo import FASHION_MNIST_DIR, shard_split  # noqa: E402
-from pipeline.distributed import World  # noqa: E402
-from pipeline.eval_models import load_model  # noqa: E402
-from pipeline.evaluate import (class_embeddings, classification_counts, labelled_images,  # noqa: E402
+from pipeline.train.distributed import World  # noqa: E402
+from pipeline.artifacts.load import load_model  # noqa: E402
+from pipeline.eval.evaluate import (class_embeddings, classification_counts, labelled_images,  # noqa: E402
                                summarise_classification)
-from pipeline.export import export_open_clip, load_checkpoint_model  # noqa: E402
+from pipeline.artifacts.export import export_open_clip, load_checkpoint_model  # noqa: E402
 from pipeline.models.model import build_model  # noqa: E402
 from pipeline.models.pretrained import start_from  # noqa: E402
 from pipeline.models.towers import resolved_model_config, tokenizer_for  # noqa: E402
-from pipeline.objective import Objective  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.transforms import image_transform  # noqa: E402
+from pipeline.objectives.combined import Objective  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
+from pipeline.data.transforms import image_transform  # noqa: E402
 
 # Per class (FASHION_MNIST_CLASSES order), prompts naming it with words that occur in no training caption
 # (checked by check_synonyms): a text tower trained from scratch has never seen them.
@@ -153,8 +153,8 @@ def continued_pretraining(export: Path, shards: dict, work: Path, overrides: lis
 def step_rates(shards: str, variants: dict[str, list[str]], batch_size: int, steps: int, rounds: int) -> dict:
     """Median samples/s of forward + backward + AdamW step per variant, on the same real batches."""
     from accelerate import Accelerator
-    from pipeline.accumulate import forward_backward
-    from pipeline.data import TrainStream
+    from pipeline.train.accumulate import forward_backward
+    from pipeline.data.loader import TrainStream
 
     accelerator = Accelerator(cpu=True)
     built = {}

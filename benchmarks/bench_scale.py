@@ -41,8 +41,8 @@ def _rss_mb() -> float:
 
 def _child(fn, args, queue) -> None:
     # every child imports the same modules first, so that the peak counts the work, not the imports
-    import data_prep.sources  # noqa: F401
-    import pipeline.data  # noqa: F401
+    import data_prep.input.sources  # noqa: F401
+    import pipeline.data.loader  # noqa: F401
     base = _rss_mb()
     started = time.perf_counter()
     result = fn(*args)
@@ -89,8 +89,8 @@ def write_table(path: Path, rows: int) -> None:
 
 def plan_job(table: str, num_tasks: int) -> dict:
     from data_prep.options import SourceOptions
-    from data_prep.plan import num_shards, shards_of_task
-    from data_prep.sources import count_rows
+    from data_prep.job.plan import num_shards, shards_of_task
+    from data_prep.input.sources import count_rows
 
     rows = count_rows(SourceOptions(input=table))
     shards = num_shards(rows, ROWS_PER_SHARD)
@@ -101,8 +101,8 @@ def plan_job(table: str, num_tasks: int) -> dict:
 def task_stream(table: str, task: int, num_tasks: int) -> dict:
     """The rows `plait prep shard --task-index` hands its workers, grouped in work units, without building them."""
     from data_prep.options import SourceOptions
-    from data_prep.plan import task_row_ranges, work_units
-    from data_prep.sources import read_rows
+    from data_prep.job.plan import task_row_ranges, work_units
+    from data_prep.input.sources import read_rows
 
     started = time.perf_counter()
     rows = read_rows(SourceOptions(input=table),
@@ -118,7 +118,7 @@ def task_stream(table: str, task: int, num_tasks: int) -> dict:
 def whole_stream_rate(table: str, seconds: float) -> dict:
     """Rows/s of reading every row of the input (the pre-range path of every task), for `seconds`."""
     from data_prep.options import SourceOptions
-    from data_prep.sources import read_rows
+    from data_prep.input.sources import read_rows
 
     started, n = time.perf_counter(), 0
     for n, _row in enumerate(read_rows(SourceOptions(input=table)), 1):
@@ -155,8 +155,8 @@ def rank_plan(num_shards: int, rank: int, num_ranks: int) -> dict:
     import numpy as np
 
     from pipeline.config import DataConfig
-    from pipeline.data import TrainStream
-    from pipeline.distributed import World
+    from pipeline.data.loader import TrainStream
+    from pipeline.train.distributed import World
 
     fs = fsspec.filesystem("memory")
     names = [f"{i:06d}.tar" for i in range(num_shards)]
@@ -191,8 +191,8 @@ def fake_dataset(folder: str, num_shards: int, per_shard: int) -> None:
     """Finished shards' stats and records as prep writes them (no tars: merge reads only these)."""
     import hashlib
 
-    from data_prep import manifest
-    from data_prep.writer import OutputDir, shard_name
+    from data_prep.shards import manifest
+    from data_prep.shards.writer import OutputDir, shard_name
 
     out = OutputDir(folder)
     for s in range(num_shards):
@@ -209,9 +209,9 @@ def fake_dataset(folder: str, num_shards: int, per_shard: int) -> None:
 
 
 def merge_job(folder: str, num_shards: int) -> dict:
-    from data_prep import manifest
-    from data_prep.merge import dedup_across_shards
-    from data_prep.writer import OutputDir
+    from data_prep.shards import manifest
+    from data_prep.maintenance.merge import dedup_across_shards
+    from data_prep.shards.writer import OutputDir
 
     out = OutputDir(folder)
     dropped = dedup_across_shards(out, list(range(num_shards)))

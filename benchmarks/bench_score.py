@@ -6,7 +6,7 @@ score:  samples/s of `plait prep score` against a bare loop that runs the same e
         each timed end to end (model loading included on both sides).
 filter: MB/s of `plait prep filter` (decisions from the score files, copy, index, records, manifests) against a
         plain `tarfile` copy of exactly the same members into new tars.
-dedup:  the near-duplicate search's cost (data_prep/dedup.py, exact, blocked) on random unit embeddings where
+dedup:  the near-duplicate search's cost (data_prep/curate/dedup.py, exact, blocked) on random unit embeddings where
         nothing is a duplicate (the worst case: every sample stays in the index), extrapolated to a million.
 
 Data: the noisy Fashion-MNIST set of bench_filter_gain.py (RUN_DIR/noisy) and its exported model when they exist,
@@ -31,9 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.dedup import near_duplicates  # noqa: E402
-from data_prep.filter import FilterOptions, filter_dataset  # noqa: E402
-from data_prep.score import ScoreOptions, score  # noqa: E402
+from data_prep.curate.dedup import near_duplicates  # noqa: E402
+from data_prep.curate.filter import FilterOptions, filter_dataset  # noqa: E402
+from data_prep.curate.score import ScoreOptions, score  # noqa: E402
 
 
 def bare_loop(urls: list[str], export: str, batch_size: int, workers: int) -> tuple[int, float]:
@@ -86,7 +86,7 @@ def dataset_and_model(run_dir: Path, work: Path) -> tuple[Path, Path, str]:
     if (noisy / "manifest.json").exists() and (export / "open_clip_config.json").exists():
         return noisy, export, "noisy Fashion-MNIST train (60k) and the noisy-trained fmnist-vit export"
     from data_prep import cli as prep_cli
-    from pipeline.export import export_open_clip
+    from pipeline.artifacts.export import export_open_clip
     from pipeline.models.sizes import model_config
     from pipeline.models.towers import build_clip
     dataset = work / "test"

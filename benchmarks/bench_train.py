@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models.sizes import model_config  # noqa: E402
-from pipeline.train import run  # noqa: E402
+from pipeline.train.loop import run  # noqa: E402
 
 MODEL, BATCH = "tiny-bench", 128
 

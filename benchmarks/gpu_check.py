@@ -43,11 +43,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep import cli as prep_cli  # noqa: E402
 from pipeline.config import DataConfig, load_config  # noqa: E402
-from pipeline.data import TrainStream  # noqa: E402
-from pipeline.distributed import World  # noqa: E402
+from pipeline.data.loader import TrainStream  # noqa: E402
+from pipeline.train.distributed import World  # noqa: E402
 from pipeline.models.sizes import model_config  # noqa: E402
 from pipeline.models.towers import encode_text_packed, encode_text_tokens, trimmed_text_length  # noqa: E402
-from pipeline.train import run as plait_run  # noqa: E402
+from pipeline.train.loop import run as plait_run  # noqa: E402
 
 PHOTO_DIRS = [Path("/usr/share/doc/opencv-doc/examples/data"), Path("/usr/share/backgrounds/mate")]
 WORDS = ("red", "small", "old", "bright", "wooden", "city", "street", "dog", "cat", "car", "tree", "house", "river",

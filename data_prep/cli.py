@@ -74,7 +74,7 @@ SECTIONS = (("input", SourceOptions), ("image processing", ImageOptions), ("fetc
 
 
 def _index_doc() -> str:
-    from data_prep import index
+    from data_prep.maintenance import index
     return index.__doc__
 
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="make a foreign WebDataset folder (img2dataset, ShardWriter) usable: "
                        "sizes.json, offset index, stats", formatter_class=fmt, description=_index_doc())
-    from data_prep.index import add_arguments as add_index_arguments
+    from data_prep.maintenance.index import add_arguments as add_index_arguments
     add_index_arguments(p)
     p = sub.add_parser("verify", help="check any WebDataset folder: tars, members, counts, decodable images; "
                        "plait's: also sha256 and row accounting",
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_score_filter(sub) -> None:
-    from data_prep import score_set
+    from data_prep.curate import score_set
     p = sub.add_parser("score", help="image-text cosine of every sample under an exported model (CLIP score)",
                        formatter_class=_Help, description=score_set.__doc__.split("\n\n")[0], epilog="\n\n".join(
                            score_set.__doc__.split("\n\n")[1:]))
@@ -129,18 +129,18 @@ def _add_score_filter(sub) -> None:
                        formatter_class=_Help, description="Write a new dataset of the selected samples of a plait "
                        "dataset, copying their tar members (no refetch, no re-encode).",
                        epilog=_filter_epilog())
-    from data_prep.filter import FilterOptions
+    from data_prep.curate.filter import FilterOptions
     p.add_argument("dataset", help=" ".join(field_docs(FilterOptions)["dataset"].split()))
     add_options(p, FilterOptions)
 
 
 def _filter_epilog() -> str:
-    from data_prep import filter as filter_mod
+    from data_prep.curate import filter as filter_mod
     return "\n\n".join(filter_mod.__doc__.split("\n\n")[1:])
 
 
 def job_options(a: argparse.Namespace) -> JobOptions:
-    from data_prep.sources import detect_format
+    from data_prep.input.sources import detect_format
     # resolved once here so that _plan.json, every task and `repair` agree on them
     fmt = detect_format(a.input) if a.input_format == "auto" else a.input_format
     local = "://" not in a.input or a.input.startswith("file://")
@@ -160,8 +160,8 @@ def job_options(a: argparse.Namespace) -> JobOptions:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.command == "shard":
-        from data_prep.plan import resolve_task
-        from data_prep.run import run_local, run_task
+        from data_prep.job.plan import resolve_task
+        from data_prep.job.run import run_local, run_task
         run = from_args(RunOptions, a)
         opts = job_options(a)
         task_index, num_tasks = resolve_task(run.task_index, run.num_tasks, os.environ)
@@ -172,46 +172,46 @@ def main(argv: list[str] | None = None) -> int:
             run_local(opts, run.processes, progress=run.progress)
         return 0
     if a.command == "merge":
-        from data_prep.merge import merge
-        from data_prep.run import format_summary
-        from data_prep.writer import OutputDir
+        from data_prep.maintenance.merge import merge
+        from data_prep.job.run import format_summary
+        from data_prep.shards.writer import OutputDir
         if not OutputDir(a.output).exists("_plan.json"):  # shards from elsewhere: their sizes.json is the index's
-            from data_prep.index import IndexOptions, index
+            from data_prep.maintenance.index import IndexOptions, index
             print(f"{a.output}: not a plait dataset (no _plan.json): writing sizes.json with `plait prep index`")
             return 1 if any(s.error for s in index(IndexOptions(a.output, progress=False))) else 0
         print(format_summary(merge(a.output)))
         return 0
     if a.command == "index":
-        from data_prep.index import main_args
+        from data_prep.maintenance.index import main_args
         return main_args(a)
     if a.command == "verify":
-        from data_prep.verify import print_report, verify
+        from data_prep.maintenance.verify import print_report, verify
         if not 0 <= a.decode_fraction <= 1:  # also refuses nan
             raise ValueError(f"--decode-fraction {a.decode_fraction!r}: must be in [0, 1]")
         from data_prep.shards.members import MemberKeys
         keys = MemberKeys.parse(a.image_keys, a.caption_keys, names=("--image-keys", "--caption-keys"))
         report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads, keys=keys)
         if a.fix and report.bad_shards:
-            from data_prep.repair import rebuild_shards
+            from data_prep.maintenance.repair import rebuild_shards
             print_report(report)
             rebuild_shards(a.output, report.bad_shards, processes=a.processes, progress=False)
             report = verify(a.output, decode_fraction=a.decode_fraction, threads=a.threads, keys=keys)
         print_report(report)
         return 0 if report.ok else 1
     if a.command == "score":
-        from data_prep import score
-        from data_prep.score_set import options
+        from data_prep.curate import score
+        from data_prep.curate.score_set import options
         summary = score.score(options(a))
         if summary:
             print(score.format_summary(summary))
         return 0
     if a.command == "filter":
-        from data_prep import filter as filter_mod
+        from data_prep.curate import filter as filter_mod
         opts = from_args(filter_mod.FilterOptions, a, caption_rules=tuple(a.caption_rules or ()))
         print(filter_mod.format_summary(filter_mod.filter_dataset(opts)))
         return 0
     if a.command == "repair":
-        from data_prep.repair import repair
+        from data_prep.maintenance.repair import repair
         if a.processes < 1:
             raise ValueError(f"--processes {a.processes}: must be >= 1")
         repair(a.output, processes=a.processes, progress=not a.no_progress)

@@ -13,11 +13,11 @@ from pathlib import Path
 import open_clip
 
 from data_prep import cli as prep_cli
-from data_prep.sources import FASHION_MNIST_CLASSES
+from data_prep.input.sources import FASHION_MNIST_CLASSES
 from pipeline.config import load_config
-from pipeline.export import embeddings, export, fixed_batch, load_checkpoint_model, load_source
+from pipeline.artifacts.export import embeddings, export, fixed_batch, load_checkpoint_model, load_source
 from pipeline.models.towers import build_clip
-from pipeline.train import run as train
+from pipeline.train.loop import run as train
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEMO_PRESET = "demo"  # pipeline/presets/demo.toml, inside the package: `plait demo` runs from any directory

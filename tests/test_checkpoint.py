@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import Checkpointer, clean_state_dict, rng_state, set_rng_state
+from pipeline.train.checkpoint import Checkpointer, clean_state_dict, rng_state, set_rng_state
 
 
 def _write(ckpt: Checkpointer, step: int, ranks: int = 1) -> None:

@@ -17,9 +17,9 @@ import torch
 
 from data_prep.shards import tarseek
 from pipeline.config import DataConfig
-from pipeline.data import TrainStream
-from pipeline.distributed import World
-from pipeline.transforms import decode_image
+from pipeline.data.loader import TrainStream
+from pipeline.train.distributed import World
+from pipeline.data.transforms import decode_image
 from tests.helpers.synthetic_shards import jpeg, make_shards
 
 SIZE = 16
@@ -266,7 +266,7 @@ def test_real_video_shards_from_plait_prep(tmp_path, tokenize, transform):
 
 
 def test_decode_size_never_upsamples_the_crop():
-    from pipeline.transforms import decode_min_side
+    from pipeline.data.transforms import decode_min_side
     assert decode_min_side(open_clip.image_transform(224, is_train=False)) == 224
     assert decode_min_side(open_clip.image_transform(224, is_train=True)) == 237  # crops keep >= 90% of the area
     from torchvision import transforms as T

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import DataConfig
-from pipeline.data import TrainStream
-from pipeline.distributed import World
+from pipeline.data.loader import TrainStream
+from pipeline.train.distributed import World
 from tests.helpers.synthetic_shards import make_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import plait
-from pipeline.distributed import World
-from pipeline.eval_data import rank_share, read_lines, resolve
-from pipeline.evaluate import classification_counts, linear_probe, retrieval_metrics, summarise_classification
+from pipeline.train.distributed import World
+from pipeline.eval.datasets import rank_share, read_lines, resolve
+from pipeline.eval.evaluate import classification_counts, linear_probe, retrieval_metrics, summarise_classification
 from tests.helpers.fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,8 +106,8 @@ def test_zero_shot_on_every_model_form_and_layout(run, tmp_path):
     assert from_ckpt["num_samples"] == 600 and from_ckpt["top1"] > 0.13  # chance: 0.10 +- 0.012
 
     # A hand computation of the same top-1 from the checkpoint's features.
-    from pipeline.eval_models import load_model
-    from pipeline.evaluate import class_embeddings, labelled_images
+    from pipeline.artifacts.load import load_model
+    from pipeline.eval.evaluate import class_embeddings, labelled_images
     loaded = load_model(run["run_dir"])
     classnames = read_lines(root / "test" / "classnames.txt")
     weights = class_embeddings(loaded.model, loaded.tokenize, classnames, EVAL_TEMPLATES, "cpu")

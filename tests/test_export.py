@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import plait
-from pipeline import export as ex
-from pipeline.export_hf import export_hf, hf_config
+from pipeline.artifacts import export as ex
+from pipeline.artifacts.hf import export_hf, hf_config
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip, tokenizer_for
 from tests.helpers.tolerance import assert_close
@@ -156,7 +156,7 @@ def test_safetensors_export_with_heads_and_dtype(run, tmp_path):
 
 
 def test_failed_self_check_keeps_nothing(run, tmp_path, monkeypatch):
-    import pipeline.export_hf as hf_mod
+    import pipeline.artifacts.hf as hf_mod
 
     original = hf_mod.to_hf_state
 

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import plait
-from pipeline.eval_models import load_model
-from pipeline.finetune import Classifier, ClassifierHead, evaluate_classifier, layer_id, param_groups
+from pipeline.artifacts.load import load_model
+from pipeline.eval.finetune import Classifier, ClassifierHead, evaluate_classifier, layer_id, param_groups
 from pipeline.models.sizes import model_config
 from pipeline.models.towers import build_clip
 from tests.helpers.fmnist_fixture import EVAL_TEMPLATES, STEPS, trained_run

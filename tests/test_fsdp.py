@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
+from data_prep.input.sources import FASHION_MNIST_CLASSES as CLASSES
 from tests.helpers.tolerance import assert_close
 
 from tests.helpers.micro_clip import MICRO_CFG, micro_batch
@@ -148,11 +148,11 @@ def test_stop_on_signal_then_resume_under_fsdp_reproduces_the_uninterrupted_run(
 @pytest.mark.dist
 @pytest.mark.slow
 def test_fsdp_checkpoint_loads_unsharded_and_exports_to_open_clip(runs, tmp_path):
-    from pipeline import sharded_state
-    from pipeline.checkpoint import Checkpointer
+    from pipeline.train import sharded_state
+    from pipeline.train.checkpoint import Checkpointer
     from pipeline.config import ObjectiveConfig, OptimConfig
     from pipeline.models.model import build_model
-    from pipeline.optim import build_optimizer
+    from pipeline.train.optim import build_optimizer
 
     # One plain process (what a DDP rank does on resume) takes the model and the optimizer state by name.
     ckpt = _checkpoint(runs["fsdp"])
@@ -183,14 +183,14 @@ def _state_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from torch.distributed.tensor import DTensor
 
-    from pipeline import sharded_state
-    from pipeline.accumulate import forward_backward
+    from pipeline.train import sharded_state
+    from pipeline.train.accumulate import forward_backward
     from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
-    from pipeline.distributed import World
+    from pipeline.train.distributed import World
     from pipeline.models.model import build_model
-    from pipeline.objective import Objective
-    from pipeline.optim import build_optimizer
-    from pipeline.train import build_accelerator, optimizer_step
+    from pipeline.objectives.combined import Objective
+    from pipeline.train.optim import build_optimizer
+    from pipeline.train.loop import build_accelerator, optimizer_step
 
     # FSDP asked for by the launcher (train.strategy stays ddp): the environment `accelerate launch` sets from an
     # FSDP1 config (FSDP1-only options are dropped, the wrap class comes from the model, FSDP2 runs).
@@ -265,13 +265,13 @@ def test_full_state_dicts_gather_and_scatter_the_sharded_state(tmp_path):
 
 def test_positional_optimizer_state_of_older_checkpoints_still_loads_unsharded():
     """Checkpoints written before optimizer states were keyed by name hold `optimizer.state_dict()` (ids)."""
-    from pipeline import sharded_state
-    from pipeline.accumulate import forward_backward
+    from pipeline.train import sharded_state
+    from pipeline.train.accumulate import forward_backward
     from pipeline.config import ObjectiveConfig, OptimConfig
-    from pipeline.distributed import World
+    from pipeline.train.distributed import World
     from pipeline.models.model import build_model
-    from pipeline.objective import Objective
-    from pipeline.optim import build_optimizer
+    from pipeline.objectives.combined import Objective
+    from pipeline.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(dict(MICRO_CFG), ObjectiveConfig())

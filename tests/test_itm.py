@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline.config import ObjectiveConfig
-from pipeline.distributed import World
+from pipeline.train.distributed import World
 from pipeline.models.itm_head import ItmHead
 from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
-from pipeline.objective import Objective
+from pipeline.objectives.combined import Objective
 from pipeline.objectives.itm import hard_negatives, itm_logits
 from tests.helpers.tolerance import close
 

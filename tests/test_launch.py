@@ -175,7 +175,7 @@ def _fake_tools(bin_dir: Path, train_body: str) -> None:
     for name, body in tools.items():
         (bin_dir / name).write_text("#!/bin/bash\n" + body)
     # Python, like the real training: bash cannot trap a signal its parent ignored (the launcher
-    # ignores USR1), but Python's signal.signal can, and so does pipeline.train.
+    # ignores USR1), but Python's signal.signal can, and so does pipeline.train.loop.
     (bin_dir / "train").write_text(
         f"#!{sys.executable}\nimport os, signal, sys, time\n"
         f"open({str(bin_dir / 'train.pid')!r}, 'w').write(str(os.getpid()))\n{train_body}")

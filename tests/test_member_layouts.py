@@ -15,10 +15,10 @@ from PIL import Image
 
 import plait
 from data_prep.shards.members import MemberKeys
-from data_prep.verify import verify
+from data_prep.maintenance.verify import verify
 from pipeline.config import DataConfig
-from pipeline.data import BadData, TrainStream
-from pipeline.distributed import World
+from pipeline.data.loader import BadData, TrainStream
+from pipeline.train.distributed import World
 
 NUM = 8
 

@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 import plait
 from data_prep.cli import main as prep
-from data_prep.sources import FASHION_MNIST_CLASSES
-from pipeline.export import embeddings, export_open_clip, export_safetensors, fixed_batch
-from pipeline.finetune import Classifier, ClassifierHead
-from pipeline.model_card import METADATA_FILE, dataset_prep, recorded_evals
+from data_prep.input.sources import FASHION_MNIST_CLASSES
+from pipeline.artifacts.export import embeddings, export_open_clip, export_safetensors, fixed_batch
+from pipeline.eval.finetune import Classifier, ClassifierHead
+from pipeline.artifacts.model_card import METADATA_FILE, dataset_prep, recorded_evals
 from pipeline.models.towers import build_clip
 from tests.helpers.prep_corpus import real_photos
 
@@ -227,7 +227,7 @@ def test_finetune_card_carries_the_pretraining_history_and_its_own_evaluations(d
 
 def test_a_run_without_evaluations_says_so(demo_run, tmp_path):
     """The same run as train writes it when no eval data is configured: no eval records, no eval results."""
-    from pipeline.report import write_report
+    from pipeline.train.report import write_report
 
     run_dir = tmp_path / "run"
     shutil.copytree(demo_run, run_dir, ignore=shutil.ignore_patterns("export", "shards"))
@@ -247,9 +247,9 @@ def test_a_run_without_evaluations_says_so(demo_run, tmp_path):
 def test_recorded_evaluations_under_any_key_names_with_their_steps(tmp_path):
     """Retrieval and probe figures, train's nested results and a resumed run's repeated step, as train_eval and
     report.py write them."""
-    from pipeline.metrics import MetricsLog
-    from pipeline.report import write_report
-    from pipeline.train_eval import log_fields
+    from pipeline.train.metrics import MetricsLog
+    from pipeline.train.report import write_report
+    from pipeline.train.evals import log_fields
 
     log = MetricsLog(tmp_path, enabled=True)
     log.write({"kind": "eval", "step": 50, **log_fields({"retrieval": {"image_to_text_R@1": 0.25}})})

@@ -208,8 +208,8 @@ def test_packed_and_trimmed_text_change_nothing_but_the_cost(text, objectives):
     """The text tower runs on packed captions (several to a row, each attending only to itself, positions restarting
     at 0), else on the batch's longest caption, else on the whole 32-token context: the same text features, MLM
     logits, loss and every gradient, in fewer and shorter tower rows."""
-    from pipeline.distributed import World
-    from pipeline.objective import Objective
+    from pipeline.train.distributed import World
+    from pipeline.objectives.combined import Objective
     cfg = ObjectiveConfig(**objectives)
     torch.manual_seed(0)
     model = build_model(model_config("tiny"), cfg).double()
@@ -244,8 +244,8 @@ def test_packed_and_trimmed_text_change_nothing_but_the_cost(text, objectives):
 def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(text):
     """One embedding lookup and one tower pass over [contrastive rows; MLM rows] give the features, MLM logits and
     gradients of the plain form: a causal pass, then a bidirectional pass over the masked input."""
-    from pipeline.distributed import World
-    from pipeline.objective import Objective
+    from pipeline.train.distributed import World
+    from pipeline.objectives.combined import Objective
     cfg = ObjectiveConfig(mlm=1.0)
     torch.manual_seed(0)
     model = build_model(model_config("tiny"), cfg).double()
@@ -274,8 +274,8 @@ def test_mlm_pass_batched_with_the_contrastive_pass_equals_two_separate_passes(t
 
 
 def test_mlm_batched_pass_leaves_a_non_causal_towers_contrastive_rows_unmasked(text):
-    from pipeline.distributed import World
-    from pipeline.objective import Objective
+    from pipeline.train.distributed import World
+    from pipeline.objectives.combined import Objective
     model_cfg = model_config("tiny")
     model_cfg["text_cfg"]["no_causal_mask"] = True           # open_clip's option: no causal mask in the text tower
     cfg = ObjectiveConfig(mlm=1.0)
@@ -290,8 +290,8 @@ def test_mlm_batched_pass_leaves_a_non_causal_towers_contrastive_rows_unmasked(t
 
 
 def test_mlm_sampled_softmax_trains_on_candidates_and_evaluates_on_the_whole_vocabulary(text):
-    from pipeline.distributed import World
-    from pipeline.objective import Objective
+    from pipeline.train.distributed import World
+    from pipeline.objectives.combined import Objective
     cfg = ObjectiveConfig(mlm=1.0, mlm_candidates=64)
     torch.manual_seed(0)
     model = build_model(model_config("tiny"), cfg)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pipeline.config import ObjectiveConfig, load_config, save_config
-from pipeline.distributed import World
+from pipeline.train.distributed import World
 from pipeline.losses.adversarial import AdversarialLoss
 from pipeline.models.model import build_model
 from pipeline.models.sizes import model_config
-from pipeline.objective import Objective, clamp_logit_scale
+from pipeline.objectives.combined import Objective, clamp_logit_scale
 from tests.helpers.tolerance import assert_close
 
 pytestmark = pytest.mark.numeric
@@ -215,7 +215,7 @@ def test_old_flat_keys_and_unit_sections_give_the_same_config(tmp_path):
 def test_model_card_reads_old_flat_and_new_section_configs_alike():
     """A checkpoint's stored config.toml, before the units (flat keys) or after (sections): the card lists the same
     weighted objectives, each with its unit's description."""
-    from pipeline.model_card import training_metadata
+    from pipeline.artifacts.model_card import training_metadata
     flat = 'contrastive = 1.0\nflip_mask_ratio = 0.5\nmae = 0.5\nmae_decoder = "self"\nitm = 0.0\n'
     sections = ('[objective.contrastive]\nweight = 1.0\n[objective.flip]\nmask_ratio = 0.5\n'
                 '[objective.mae]\nweight = 0.5\ndecoder = "self"\n')

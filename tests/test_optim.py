@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import ObjectiveConfig, OptimConfig
 from pipeline.models.model import build_model
-from pipeline.optim import build_optimizer, check_schedule, lr_at, lr_factor, schedule_signature
+from pipeline.train.optim import build_optimizer, check_schedule, lr_at, lr_factor, schedule_signature
 from tests.helpers.micro_clip import MICRO_CFG
 
 

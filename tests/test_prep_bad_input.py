@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_prep.cli import main
-from data_prep.fetch import check_address, redact
+from data_prep.fetch.fetcher import check_address, redact
 from tests.helpers.prep_corpus import (CorpusServer, asymmetric_rgb, broken_images, jpeg_bytes, shard_members, tricky_images,
                                with_orientation)
 

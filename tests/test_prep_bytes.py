@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 import plait
-from data_prep import run
+from data_prep.job import run
 from data_prep.cli import build_parser, job_options, main
-from data_prep.merge import read_plan
+from data_prep.maintenance.merge import read_plan
 from data_prep.options import parse_size
-from data_prep.plan import rows_for_bytes
-from data_prep.sources import read_rows
-from data_prep.writer import OutputDir
+from data_prep.job.plan import rows_for_bytes
+from data_prep.input.sources import read_rows
+from data_prep.shards.writer import OutputDir
 from tests.helpers.prep_corpus import real_photos
 from tests.helpers.prep_tables import dataset_digest, photo_table
 

@@ -8,7 +8,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from data_prep.cli import main
-from data_prep.fetch import Fetcher
+from data_prep.fetch.fetcher import Fetcher
 from data_prep.options import FetchOptions
 from tests.helpers.prep_corpus import CorpusServer, jpeg_bytes, asymmetric_rgb, real_photos
 

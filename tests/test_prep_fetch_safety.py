@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.cli import main
-from data_prep.fetch import Fetcher
+from data_prep.fetch.fetcher import Fetcher
 from data_prep.options import FetchOptions
-from data_prep.process import Reject
+from data_prep.media.images import Reject
 from tests.helpers.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos
 from tests.helpers.rude_server import RudeServer, reply
 
@@ -72,8 +72,8 @@ def test_enabled_object_store_endpoint_obeys_the_private_address_rule(tmp_path):
         host, port = server.get_host_and_port()
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-        script = ("import json, sys, fsspec; from data_prep.fetch import Fetcher; "
-                  "from data_prep.options import FetchOptions; from data_prep.process import Reject\n"
+        script = ("import json, sys, fsspec; from data_prep.fetch.fetcher import Fetcher; "
+                  "from data_prep.options import FetchOptions; from data_prep.media.images import Reject\n"
                   "fs = fsspec.filesystem('s3'); fs.mkdir('plait-endpoint-check'); fs.pipe('plait-endpoint-check/x.jpg', b'bytes')\n"
                   "out = []\n"
                   "for private in (False, True):\n"

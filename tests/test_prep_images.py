@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_prep.options import ImageOptions
-from data_prep.process import Reject, clean_caption, process_image, target_geometry
+from data_prep.media.images import Reject, clean_caption, process_image, target_geometry
 from tests.helpers.prep_corpus import MATE, jpeg_bytes, real_photos, tricky_images
 
 BIG = f"{MATE}/nature/Dune.jpg"
@@ -79,7 +79,7 @@ def test_filters_and_caption_cleanup():
 
 def test_progressive_jpeg_fast_path_gives_the_same_pixels():
     import numpy as np
-    from data_prep.process import dc_scans_only
+    from data_prep.media.images import dc_scans_only
     path = f"{MATE}/abstract/Elephants_3840x2160.jpg"  # a real progressive photo
     data = open(path, "rb").read()
     assert Image.open(path).info.get("progressive")

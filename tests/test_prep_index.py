@@ -15,11 +15,11 @@ import webdataset as wds
 import plait
 from data_prep.cli import main as prep
 from data_prep.shards import tarseek
-from pipeline.shardspec import parse_spec
+from pipeline.data.shardspec import parse_spec
 
 from tests.helpers.fmnist_fixture import encode, read_fmnist
 
-from data_prep.sources import fashion_mnist_caption
+from data_prep.input.sources import fashion_mnist_caption
 
 
 def shardwriter_folder(folder: Path, n: int = 96, per_shard: int = 32) -> str:

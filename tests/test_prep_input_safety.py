@@ -17,7 +17,7 @@ import pytest
 
 from data_prep.cli import main
 from data_prep.options import SourceOptions
-from data_prep.sources import read_rows
+from data_prep.input.sources import read_rows
 from tests.helpers.prep_corpus import real_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def test_every_bad_flag_value_is_a_one_line_error_naming_the_flag(tmp_path, caps
 
 
 def test_an_endless_line_is_a_reject_read_in_bounded_pieces(tmp_path, monkeypatch):
-    from data_prep import sources
+    from data_prep.input import sources
     monkeypatch.setattr(sources, "MAX_LINE_BYTES", 64)
     long = "x" * 300
     (tmp_path / "t.csv").write_text(f"url,caption\na,short\nb,{long}\nc,after\n")
@@ -234,7 +234,7 @@ def test_an_endless_line_is_a_reject_read_in_bounded_pieces(tmp_path, monkeypatc
 
 
 def test_kept_values_are_strict_json_and_sidecar_captions_are_bounded(tmp_path, monkeypatch):
-    from data_prep import sources
+    from data_prep.input import sources
     photo = real_photos(limit=1)[0]
     shutil.copy(photo, tmp_path / "a.jpg")
     shutil.copy(photo, tmp_path / "b.jpg")

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from data_prep.cli import main
-from data_prep.labels import label_id, plan_classnames
-from data_prep.process import Reject
-from pipeline.eval_data import resolve
+from data_prep.input.labels import label_id, plan_classnames
+from data_prep.media.images import Reject
+from pipeline.eval.datasets import resolve
 from tests.helpers.prep_corpus import real_photos, shard_members
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from data_prep.options import ImageOptions
-from data_prep.process import Reject, process_image
+from data_prep.media.images import Reject, process_image
 from tests.helpers.prep_corpus import asymmetric_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_decode_memory_is_bounded_by_bytes_not_only_pixels(tmp_path):
     Image.fromarray(np.repeat(ramp, 6000, axis=0)).save(path)
     assert path.stat().st_size < 2_000_000
     r = _peak_rss_mb(
-        "from data_prep.process import process_image\nfrom data_prep.options import ImageOptions\n"
+        "from data_prep.media.images import process_image\nfrom data_prep.options import ImageOptions\n"
         f"data = open({str(path)!r}, 'rb').read()\n"
         "process_image(b'', ImageOptions()) if False else None\n"
         "base = peak()\n"
@@ -140,7 +140,7 @@ def test_decode_memory_is_bounded_by_bytes_not_only_pixels(tmp_path):
 
     # --upscale of a 4000x1 image: a 1,024,000x256 canvas (1 GB) is refused before it is allocated
     r = _peak_rss_mb(
-        "import io\nfrom PIL import Image\nfrom data_prep.process import Reject, process_image\n"
+        "import io\nfrom PIL import Image\nfrom data_prep.media.images import Reject, process_image\n"
         "from data_prep.options import ImageOptions\n"
         "buf = io.BytesIO(); Image.new('RGB', (4000, 1), 'red').save(buf, 'PNG')\n"
         "base = peak()\n"

@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import merge, run
+from data_prep.maintenance import merge
+from data_prep.job import run
 from data_prep.cli import build_parser, job_options, main
-from data_prep.sources import read_rows
+from data_prep.input.sources import read_rows
 from tests.helpers.prep_corpus import asymmetric_rgb, jpeg_bytes, real_photos, shard_members
 from tests.helpers.rude_server import RudeServer, reply
 

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.cli import main
-from data_prep.plan import resolve_task, shards_of_task, work_units
-from data_prep.sources import Row
+from data_prep.job.plan import resolve_task, shards_of_task, work_units
+from data_prep.input.sources import Row
 from tests.helpers.prep_corpus import CorpusServer, real_photos
 from tests.helpers.prep_tables import dataset_digest, photo_table
 
@@ -112,7 +112,7 @@ def test_verify_reports_damage(tmp_path, photos):
     tar.write_bytes(bytes(data))
     (out / "00002.tar").write_bytes((out / "00002.tar").read_bytes()[:1500])
     (out / "00000.tar.tmp").write_bytes(b"partial")
-    from data_prep.verify import verify
+    from data_prep.maintenance.verify import verify
     problems = verify(str(out), decode_fraction=1.0).problems
     text = "\n".join(problems)
     assert "00001.tar: sha256 differs" in text

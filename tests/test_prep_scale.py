@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from data_prep.cli import main
 from data_prep.options import SourceOptions
-from data_prep.plan import shards_of_task, task_row_ranges
-from data_prep.sources import count_rows, read_rows
+from data_prep.job.plan import shards_of_task, task_row_ranges
+from data_prep.input.sources import count_rows, read_rows
 from tests.helpers.prep_corpus import CorpusServer, asymmetric_rgb, jpeg_bytes
 
 

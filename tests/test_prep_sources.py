@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.options import SourceOptions
-from data_prep.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, fashion_mnist_caption, read_rows,
+from data_prep.input.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, fashion_mnist_caption, read_rows,
                                with_article)
 
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from data_prep.cli import main
-from data_prep.verify import verify
+from data_prep.maintenance.verify import verify
 from tests.helpers.prep_corpus import real_photos
 
 from tests.helpers.fmnist_fixture import encode, read_fmnist

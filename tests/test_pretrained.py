@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline.checkpoint import Checkpointer
+from pipeline.train.checkpoint import Checkpointer
 from pipeline.config import load_config
 from pipeline.models.model import build_model
 from pipeline.models.pretrained import load_pretrained, start_from
@@ -71,8 +71,8 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_every_format_loads_the_same_tensors(tmp_path, small):
-    from pipeline.export import export_open_clip, export_safetensors
-    from pipeline.export_hf import export_hf
+    from pipeline.artifacts.export import export_open_clip, export_safetensors
+    from pipeline.artifacts.hf import export_hf
 
     name, source = small
     state = source.state_dict()
@@ -193,9 +193,9 @@ def test_flip_on_a_locked_image_tower_is_allowed_and_too_many_unlocked_groups_ar
 
 
 def one_step(model, model_cfg, cfg) -> torch.optim.Optimizer:
-    from pipeline.objective import Objective
-    from pipeline.distributed import World
-    from pipeline.optim import build_optimizer
+    from pipeline.objectives.combined import Objective
+    from pipeline.train.distributed import World
+    from pipeline.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, cfg.optim)
     model.train()
@@ -244,8 +244,8 @@ def test_partial_locks_follow_open_clips_groups(small):
 
 
 def test_locked_minilm_text_tower_trains_only_its_projection_and_exports(tmp_path, monkeypatch):
-    from pipeline.export import export_open_clip
-    from pipeline.export_hf import export_hf
+    from pipeline.artifacts.export import export_open_clip
+    from pipeline.artifacts.hf import export_hf
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model_dir = minilm_dir()
@@ -284,7 +284,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def train(run_dir: Path, shards: str, *overrides: str, resume: str | None = None) -> dict:
-    from pipeline.train import run
+    from pipeline.train.loop import run
     cfg = load_config("tiny", [
         f"data.train_shards='{shards}'", f"train.run_dir='{run_dir}'", "data.batch_size=16", "data.num_workers=0",
         "model.name='plait-test-small'",
@@ -299,8 +299,8 @@ def first_loss(run_dir: Path) -> float:
 
 @pytest.mark.slow
 def test_continued_pretraining_starts_at_the_exported_models_loss(tmp_path, shards, small, monkeypatch):
-    import pipeline.train as train_module
-    from pipeline.export import export_open_clip, load_checkpoint_model
+    import pipeline.train.loop as train_module
+    from pipeline.artifacts.export import export_open_clip, load_checkpoint_model
 
     train(tmp_path / "base", shards, f"model.name='{small[0]}'")
     state, model_cfg = load_checkpoint_model(tmp_path / "base")
@@ -385,7 +385,7 @@ def test_text_hf_from_a_package_and_a_pretrained_model_with_another_text_tower(t
     assert resolved_model_config(cfg.model)["text_cfg"]["hf_model_name"] == str(minilm_dir().resolve())
     with pytest.raises(ValueError, match="model.text_hf.*no installed Python package 'no_such_pkg'"):
         resolved_model_config(cfg_of("model.text_hf='package:no_such_pkg/model'").model)
-    from pipeline.export import export_open_clip
+    from pipeline.artifacts.export import export_open_clip
     name, source = small
     export = export_open_clip(source.state_dict(), SMALL, tmp_path / "oc")
     with pytest.raises(ValueError, match="model.text_hf.*holds a whole model whose text tower differs"):

@@ -14,8 +14,8 @@ import pytest
 
 from data_prep.cli import main as prep
 from pipeline.config import DataConfig
-from pipeline.data import TrainStream
-from pipeline.distributed import World
+from pipeline.data.loader import TrainStream
+from pipeline.train.distributed import World
 from tests.helpers.prep_corpus import real_photos
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,16 +20,16 @@ import torch
 from PIL import Image
 
 import plait
-from data_prep import merge as merge_mod
-from data_prep.dedup import near_duplicates
-from data_prep.filter import FilterOptions, filter_dataset
+from data_prep.maintenance import merge as merge_mod
+from data_prep.curate.dedup import near_duplicates
+from data_prep.curate.filter import FilterOptions, filter_dataset
 from data_prep.options import JobOptions, SourceOptions
-from data_prep.run import run_task
-from data_prep.score import ScoreOptions, score
-from data_prep.sources import fashion_mnist_caption, read_rows
+from data_prep.job.run import run_task
+from data_prep.curate.score import ScoreOptions, score
+from data_prep.input.sources import fashion_mnist_caption, read_rows
 from data_prep.shards.tarwalk import TarFormatError, iter_samples
-from data_prep.verify import verify
-from pipeline.export import export_open_clip, load_checkpoint_model
+from data_prep.maintenance.verify import verify
+from pipeline.artifacts.export import export_open_clip, load_checkpoint_model
 from pipeline.models.towers import build_clip
 
 from tests.helpers.fmnist_fixture import FMNIST, TEST_MODEL_CFG, register_test_model, trained_run, write_shards
@@ -140,7 +140,7 @@ def test_scores_are_open_clips_cosine_and_filter_keeps_the_best_byte_for_byte(da
 
 def test_filtered_dataset_trains(data, tmp_path):
     from pipeline.config import load_config
-    from pipeline.train import run
+    from pipeline.train.loop import run
 
     scores_dir = tmp_path / "scores"
     score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(scores_dir), num_workers=0,
@@ -263,7 +263,7 @@ def test_two_processes_give_the_single_process_scores(data, tmp_path):
     score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(single), num_workers=0, progress=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                    "data_prep.score", str(data["noisy"]), "--model", str(data["untrained"]), "--out",
+                    "data_prep.curate.score", str(data["noisy"]), "--model", str(data["untrained"]), "--out",
                     str(tmp_path / "two"), "--num-workers", "0", "--no-progress"], check=True, env=env, cwd=REPO,
                    timeout=600)
     one, two = read_scores(single), read_scores(tmp_path / "two")

@@ -16,12 +16,12 @@ from PIL import Image
 
 import plait
 from pipeline.config import DataConfig
-from pipeline.data import TrainStream
-from pipeline.distributed import World
-from pipeline.eval_data import batches, resolve
-from pipeline.shardspec import parse_spec
+from pipeline.data.loader import TrainStream
+from pipeline.train.distributed import World
+from pipeline.eval.datasets import batches, resolve
+from pipeline.data.shardspec import parse_spec
 from data_prep.shards.tarseek import PipeRefused, open_url
-from pipeline.transforms import MAX_DECODE_PIXELS, decode_fields, decode_member
+from pipeline.data.transforms import MAX_DECODE_PIXELS, decode_fields, decode_member
 
 
 class _Payload:

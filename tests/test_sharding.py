@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline import sharding
-from pipeline.sharding import Piece, Topology
+from pipeline.data import sharding
+from pipeline.data.sharding import Piece, Topology
 
 BIG = Topology(num_nodes=64, ranks_per_node=8, workers_per_rank=8)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_prep.sources import FASHION_MNIST_CLASSES as CLASSES
+from data_prep.input.sources import FASHION_MNIST_CLASSES as CLASSES
 from tests.helpers.fmnist_fixture import spec
 from tests.helpers.train_cli import finish, records, shards, spawn, train_args, wait_for_step  # noqa: F401 (shards)
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_run_writes_report_metrics_and_clean_checkpoints(tmp_path, shards):
-    from pipeline.train import main
+    from pipeline.train.loop import main
     run_dir = tmp_path / "run"
     code = main(train_args(run_dir, shards, "train.steps=6", "train.checkpoint_every=2", "train.keep_last=2",
                            "train.eval_every=3", f"eval.zeroshot_shards={shards['test']}",
@@ -55,7 +55,7 @@ def test_run_writes_report_metrics_and_clean_checkpoints(tmp_path, shards):
 
 @pytest.mark.slow
 def test_resume_with_a_different_schedule_is_refused(tmp_path, shards):
-    from pipeline.train import main
+    from pipeline.train.loop import main
     run_dir = tmp_path / "run"
     assert main(train_args(run_dir, shards, "train.steps=2")) == 0
     with pytest.raises(ValueError, match=r"LR schedule changed \(total_steps 2 -> 4\)"):
@@ -67,7 +67,7 @@ def test_resume_with_a_different_schedule_is_refused(tmp_path, shards):
 @pytest.mark.slow
 def test_fp16_trains_with_a_gradient_scaler_saved_and_restored_on_resume(tmp_path, shards):
     # Accelerate 1.15 alone would train fp32 on CPU: the loop turns on fp16 autocast and torch's CPU GradScaler.
-    probe = ("import torch; from pipeline.config import TrainConfig; from pipeline.train import build_accelerator; "
+    probe = ("import torch; from pipeline.config import TrainConfig; from pipeline.train.loop import build_accelerator; "
              "a = build_accelerator(TrainConfig(device='cpu', precision='fp16')); m = torch.nn.Linear(4, 4)\n"
              "with a.autocast(): y = m(torch.ones(2, 4))\n"
              "print(y.dtype, type(a.scaler).__name__, a.scaler.get_scale())")
@@ -159,7 +159,7 @@ def test_bf16_autocast_with_gradient_checkpointing_and_accumulation_trains(tmp_p
 
 @pytest.mark.slow
 def test_time_budget_checkpoints_and_the_next_run_continues(tmp_path, shards):
-    from pipeline.train import main
+    from pipeline.train.loop import main
     run_dir = tmp_path / "run"
     args = train_args(run_dir, shards, "train.steps=4", "train.max_time_s=1e-6")
     assert main(args) == 0  # out of time is not a failure, nor a requeue
@@ -202,7 +202,7 @@ def test_a_checkpoint_written_by_the_previous_trainer_resumes_identically(tmp_pa
 
 
 def test_a_checkpoint_of_an_unknown_layout_is_refused_by_name(tmp_path, shards):
-    from pipeline.train import main
+    from pipeline.train.loop import main
     run_dir = tmp_path / "run"
     assert main(train_args(run_dir, shards, "train.steps=2")) == 0
     ckpt = run_dir / "checkpoints/step-00000002"

@@ -5,11 +5,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from pipeline.accumulate import concat_batches, forward_backward, split_batch
+from pipeline.train.accumulate import concat_batches, forward_backward, split_batch
 from pipeline.config import ObjectiveConfig
-from pipeline.distributed import World
+from pipeline.train.distributed import World
 from pipeline.models.model import build_model
-from pipeline.objective import Objective
+from pipeline.objectives.combined import Objective
 from tests.helpers.micro_clip import MICRO_CFG, micro_batch
 from tests.helpers.tolerance import assert_close, close
 

@@ -32,12 +32,12 @@ def _worker(rank: int, world_size: int, port: int, accum_steps: int, out: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    from pipeline.accumulate import forward_backward
-    from pipeline.distributed import World
+    from pipeline.train.accumulate import forward_backward
+    from pipeline.train.distributed import World
     from pipeline.models.model import build_model
-    from pipeline.objective import Objective, clamp_logit_scale
-    from pipeline.optim import build_optimizer, lr_at
-    from pipeline.train import build_accelerator, optimizer_step
+    from pipeline.objectives.combined import Objective, clamp_logit_scale
+    from pipeline.train.optim import build_optimizer, lr_at
+    from pipeline.train.loop import build_accelerator, optimizer_step
 
     accelerator = build_accelerator(TrainConfig(device="cpu", timeout_s=120))
     world = World.from_accelerator(accelerator)

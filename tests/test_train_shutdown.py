@@ -24,7 +24,7 @@ def _spawn(run_dir: Path, spec: str, *overrides: str) -> subprocess.Popen:
             "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=8", "--set", "data.num_workers=2",
             "--set", "train.log_every=1", *[a for o in overrides for a in ("--set", o)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train.loop", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

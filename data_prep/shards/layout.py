@@ -5,7 +5,7 @@ Files of a dataset folder (shard S written as `{S:05d}`):
   S.tar            samples in key order; per sample `{key}.jpg|png|webp` (video: `{key}.f0000.jpg`, ...),
                    `{key}.txt` (caption), `{key}.json` (metadata), `{key}.cls` (ascii int label) when it has one
   S.idx.json       member index, format "plait-tar-index/1": byte offset of each sample's first tar member
-  S.parquet        one record per input row of the shard (data_prep/manifest.py)
+  S.parquet        one record per input row of the shard (data_prep/shards/manifest.py)
   S_stats.json     counts and reasons, format "plait-shard/1"; written last: the shard's done marker
   sizes.json       {"S.tar": num_samples} (open_clip's convention); manifest.json (format "plait-dataset/1");
   samples.parquet  every input row's record; _plan.json: the job's settings

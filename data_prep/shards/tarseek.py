@@ -1,6 +1,6 @@
 """Read samples [start, stop) of a tar shard without decoding, or even reading, the samples before `start`.
 
-Positioning costs O(1) with plait's member index (`S.idx.json`, written by data_prep/writer.py: byte offset of
+Positioning costs O(1) with plait's member index (`S.idx.json`, written by data_prep/shards/writer.py: byte offset of
 each sample's first tar header) and otherwise O(members before start) 512-byte header reads plus seeks over the
 payloads (img2dataset and other tars without an index). The samples themselves come from the format's own tar
 walk (`tarwalk.iter_samples`, grouped by `members.split_name`), started at that byte offset: the same grouping

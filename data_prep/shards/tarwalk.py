@@ -19,6 +19,11 @@ from data_prep.shards.members import split_name
 _BLOCK = 512
 
 
+# What a member that is not a file is, for the messages of the readers that report one.
+MEMBER_KINDS = {b"5": "a directory", b"2": "a symlink", b"1": "a hard link", b"3": "a character device",
+                b"4": "a block device", b"6": "a fifo"}
+
+
 class TarFormatError(ValueError):
     """The bytes are not a tar (or are truncated): the shard's remaining samples are unreadable."""
 
@@ -60,42 +65,83 @@ def pax_path(payload: bytes) -> str | None:
     return None
 
 
+@dataclass
+class Member:
+    name: str
+    kind: bytes
+    """The tar type flag: b"0" (or b"\\0") a regular file; b"5" a directory, b"2" a symlink, b"1" a hard link..."""
+    offset: int
+    """Of its first header block (its long-name or pax header where it has one): where a seek-by-index starts."""
+    size: int
+    payload: bytes | None
+    """The bytes of a regular file the walker was told to read, else None."""
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind in (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
+
+
+class TarWalk:
+    """Every member of a tar in order, files and not (directories, links, devices), with its offset.
+    `want(name)` says which regular files' payloads to read; the others are seeked over (read past on a stream
+    that cannot seek). After the iteration, `end` is the offset just past the last member's padded payload: a
+    file shorter than `end` + 1024 lacks the end-of-archive blocks (a writer killed between two members).
+    Raises TarFormatError on a bad header or a truncated payload."""
+
+    def __init__(self, f: BinaryIO, want: Callable[[str], bool] = lambda name: True) -> None:
+        self.f, self.want, self.end = f, want, 0
+
+    def __iter__(self) -> Iterator[Member]:
+        f, pos, pending_name, start = self.f, 0, None, None
+        while True:
+            header = f.read(_BLOCK)
+            if not header or header == bytes(_BLOCK):
+                return
+            if len(header) < _BLOCK:
+                raise TarFormatError(f"truncated tar header ({len(header)} bytes)")
+            if not _checksum_ok(header):
+                raise TarFormatError("tar header checksum mismatch (not a tar, or corrupt)")
+            size, kind = _octal(header[124:136], "size"), header[156:157]
+            padded = -(-size // _BLOCK) * _BLOCK
+            start = pos if start is None else start
+            pos += _BLOCK
+            if kind in (b"L", b"x", b"g"):  # GNU long name / pax header: the next member's real name
+                payload = f.read(padded)
+                if len(payload) < padded:
+                    raise TarFormatError("truncated tar (long name)")
+                pos += padded
+                payload = payload[:size]
+                if kind == b"L":
+                    pending_name = payload.rstrip(b"\0").decode("utf-8", "replace")
+                elif kind == b"x":
+                    pending_name = pax_path(payload) or pending_name
+                if kind == b"g":  # a global pax header applies to no one member
+                    start = None
+                continue
+            name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
+            if header[257:262] == b"ustar" and header[345:500].strip(b"\0") and not pending_name:
+                name = header[345:500].rstrip(b"\0").decode("utf-8", "replace") + "/" + name
+            if kind == b"5":  # tar writes a directory as `name/`; it is named without the slash
+                name = name.rstrip("/")
+            member = Member(name, kind, start, size, None)
+            pending_name, start = None, None
+            if member.is_file and self.want(name):
+                payload = f.read(padded)
+                if len(payload) < padded:
+                    raise TarFormatError(f"truncated tar (member {name!r})")
+                member.payload = payload[:size]
+            else:
+                _skip(f, padded)
+            pos += padded
+            self.end = pos
+            yield member
+
+
 def iter_members(f: BinaryIO, want: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, bytes | None, int]]:
-    """(name, payload or None, size) of every regular file member, in order. Raises TarFormatError on a bad
-    header or a truncated payload."""
-    pending_name: str | None = None
-    while True:
-        header = f.read(_BLOCK)
-        if not header or header == bytes(_BLOCK):
-            return
-        if len(header) < _BLOCK:
-            raise TarFormatError(f"truncated tar header ({len(header)} bytes)")
-        if not _checksum_ok(header):
-            raise TarFormatError("tar header checksum mismatch (not a tar, or corrupt)")
-        size, kind = _octal(header[124:136], "size"), header[156:157]
-        padded = -(-size // _BLOCK) * _BLOCK
-        if kind in (b"L", b"x"):  # GNU long name / pax header: the next member's real name
-            payload = f.read(padded)
-            if len(payload) < padded:
-                raise TarFormatError("truncated tar (long name)")
-            payload = payload[:size]
-            pending_name = payload.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else pax_path(payload)
-            continue
-        name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and header[345:500].strip(b"\0") and not pending_name:
-            name = header[345:500].rstrip(b"\0").decode("utf-8", "replace") + "/" + name
-        pending_name = None
-        if kind not in (b"0", b"\0"):  # directories, links, devices: never part of a sample
-            _skip(f, padded)
-            continue
-        if want(name):
-            payload = f.read(padded)
-            if len(payload) < padded:
-                raise TarFormatError(f"truncated tar (member {name!r})")
-            yield name, payload[:size], size
-        else:
-            _skip(f, padded)
-            yield name, None, size
+    """(name, payload or None, size) of every regular file member, in order (TarWalk without the rest)."""
+    for member in TarWalk(f, want):
+        if member.is_file:
+            yield member.name, member.payload, member.size
 
 
 def _skip(f: BinaryIO, n: int) -> None:

@@ -130,7 +130,7 @@ def pretrained_architecture(path_str: str) -> dict | None:
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    from pipeline.checkpoint import Checkpointer
+    from pipeline.train.checkpoint import Checkpointer
     if (path / "model.safetensors").is_file():
         return path
     return Checkpointer(path, keep_last=1).latest() or path
@@ -144,7 +144,7 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hugging Face CLIPModel -> open_clip (the inverse of pipeline/export_hf.py)
+# Hugging Face CLIPModel -> open_clip (the inverse of pipeline/artifacts/hf.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 

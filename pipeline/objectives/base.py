@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline.distributed import World
+from pipeline.train.distributed import World
 from pipeline.models.encoding import Encoding, Needs, SidePass
 
 

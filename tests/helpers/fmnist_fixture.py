@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_prep.sources import FASHION_MNIST_CLASSES, fashion_mnist_caption
+from data_prep.input.sources import FASHION_MNIST_CLASSES, fashion_mnist_caption
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": "train", "test": "t10k"}
@@ -94,7 +94,7 @@ def trained_run(tmp_path_factory) -> dict:
     if "run" in _CACHE:
         return _CACHE["run"]
     from pipeline.config import load_config
-    from pipeline.train import run
+    from pipeline.train.loop import run
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("fmnist")

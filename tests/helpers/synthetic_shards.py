@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep import manifest
-from data_prep.writer import OutputDir, Sample, write_shard
+from data_prep.shards import manifest
+from data_prep.shards.writer import OutputDir, Sample, write_shard
 
 
 def jpeg(seed: int, size=(24, 20)) -> bytes:

@@ -33,7 +33,7 @@ def spawn(args: list[str], world_size: int = 1, rank: int = 0, port: int = 0) ->
     if world_size > 1:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train.loop", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

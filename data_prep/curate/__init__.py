@@ -1,0 +1,1 @@
+"""Curation with a trained model: scores, filtered datasets, embedding dedup."""

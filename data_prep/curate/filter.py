@@ -1,0 +1,369 @@
+"""`plait prep filter DATASET --output NEW`: a new dataset of the selected samples of a plait dataset, by CLIP score
+(`plait prep score`), near-duplicate embeddings, image size and caption rules.
+
+Two stages. Decide: every sample of the source gets a verdict (kept, or the reason it is not), a pure function of
+the source's manifest, the score files and the options; the verdicts are saved once (`_filter_decisions.parquet`),
+so a resumed run does not decide again. Copy: each source shard becomes the output shard of the same number,
+holding its kept samples' members copied byte for byte (no refetch, no re-encode) with plait's deterministic tar
+headers, written like prep writes shards (tar, member index, records, stats last as the done marker, each file
+atomically); a rerun skips the finished shards. Then sizes.json, manifest.json and samples.parquet as `merge`
+writes them, so the new dataset passes `plait prep verify` and trains with `plait train`.
+
+Rules, in the order they are applied (the first that fails is the recorded reason):
+  image too small        the stored image's shorter side is below --min-image-size
+  caption rule R         a --caption-rule fails (min-words=N, max-words=N, min-chars=N, max-chars=N, exclude=REGEX)
+  not scored             the score file has null for the sample (it could not be decoded; the reason follows)
+  score below threshold  score < --min-score
+  score not in top fraction   outside the best --top-fraction of all scored samples
+  near-duplicate         image embedding cosine >= --dedup-embeddings to a kept sample of higher score (named)
+`_plan.json` keeps the source's plan plus `filter`: the source, its fingerprint, the score folder, the model and
+every threshold; a rerun with other settings into the same output is refused.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_prep.shards import manifest
+from data_prep.options import option
+from data_prep.curate.score_set import PLAN as SCORE_PLAN
+from data_prep.curate.score_set import open_dataset
+from data_prep.shards.members import CAPTION_KEYS, MemberKeys, split_name
+from data_prep.shards.tarwalk import TarFormatError, iter_members, iter_samples
+from data_prep.shards.writer import END_OF_ARCHIVE, HashingWriter, OutputDir, reason_kind, tar_header
+
+DECISIONS = "_filter_decisions.parquet"
+CAPTION_RULES = ("min-words", "max-words", "min-chars", "max-chars", "exclude")
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    dataset: str = option(no_flag=True)
+    """source: a plait dataset folder (manifest.json, per-sample records)"""
+    output: str = option(metavar="NEW")
+    """folder of the new dataset"""
+    scores: str | None = option(None, metavar="DIR")
+    """score folder of `plait prep score` (default: DATASET/scores); needed by the score and dedup rules"""
+    min_score: float | None = option(None, metavar="S")
+    """keep samples whose image-text cosine is at least S (-1..1)"""
+    top_fraction: float | None = option(None, metavar="F")
+    """keep the best-scored fraction F (0..1] of the scored samples"""
+    dedup_embeddings: float | None = option(None, metavar="THRESH")
+    """drop samples whose image embedding has cosine >= THRESH (0..1] to a kept, better-scored one (needs
+    `plait prep score --embeddings`)"""
+    min_image_size: int = 0
+    """drop samples whose stored image's shorter side is smaller (pixels)"""
+    caption_rules: tuple[str, ...] = option((), repeat=True, aliases=("--caption-rule",), metavar="RULE")
+    """caption rule, repeatable: min-words=N, max-words=N, min-chars=N, max-chars=N or exclude=REGEX
+    (case-insensitive search)"""
+    caption_keys: str = option(CAPTION_KEYS, metavar="KEYS")
+    """caption members the caption rules read, tried in order: extensions or json:FIELD (as training's
+    data.caption_keys); a sample without one fails every rule, with the reason"""
+    device: str = option("cpu", choices=("cpu", "cuda"))
+    """where the near-duplicate search runs"""
+    progress: bool = True
+    """progress bar"""
+
+    def __post_init__(self) -> None:
+        MemberKeys.parse(caption_keys=self.caption_keys, names=("--image-keys", "--caption-keys"))
+        if self.min_score is not None and self.top_fraction is not None:
+            raise ValueError("--min-score and --top-fraction: give one of them")
+        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"--min-score {self.min_score}: a cosine similarity threshold must be in [-1, 1]")
+        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"--top-fraction {self.top_fraction}: must be in (0, 1]")
+        if self.dedup_embeddings is not None and not 0.0 < self.dedup_embeddings <= 1.0:
+            raise ValueError(f"--dedup-embeddings {self.dedup_embeddings}: a cosine threshold must be in (0, 1]")
+        if self.min_image_size < 0:
+            raise ValueError(f"--min-image-size {self.min_image_size}: must be >= 0")
+        parse_caption_rules(self.caption_rules)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.min_score is not None or self.top_fraction is not None or self.dedup_embeddings is not None
+
+
+def parse_caption_rules(rules: tuple[str, ...]) -> list[tuple[str, Any]]:
+    parsed = []
+    for rule in rules:
+        name, eq, value = rule.partition("=")
+        if not eq or name not in CAPTION_RULES:
+            raise ValueError(f"--caption-rule {rule!r}: expected one of {', '.join(r + '=...' for r in CAPTION_RULES)}")
+        if name == "exclude":
+            try:
+                parsed.append((rule, re.compile(value, re.IGNORECASE)))
+            except re.error as e:
+                raise ValueError(f"--caption-rule {rule!r}: bad regular expression ({e})") from None
+        else:
+            if not value.isdigit():
+                raise ValueError(f"--caption-rule {rule!r}: expected a whole number after '='")
+            parsed.append((rule, int(value)))
+    return parsed
+
+
+def caption_verdict(caption: str | None, rules: list[tuple[str, Any]]) -> str | None:
+    if caption is None:
+        return "caption rule (no caption)"
+    words, chars = len(caption.split()), len(caption)
+    for rule, value in rules:
+        name = rule.split("=", 1)[0]
+        failed = {"min-words": lambda: words < value, "max-words": lambda: words > value,
+                  "min-chars": lambda: chars < value, "max-chars": lambda: chars > value,
+                  "exclude": lambda: value.search(caption) is not None}[name]()
+        if failed:
+            return f"caption rule {name} ({rule})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ deciding
+def load_pool(src: OutputDir, shards: list[str]) -> pa.Table:
+    """The source's samples (ok records), shard by shard in key order, with `pos` = their ordinal."""
+    tables = []
+    for name in shards:
+        t = manifest.read_records(src, f"{name.removesuffix('.tar')}.parquet")
+        t = t.filter(pc.equal(t.column("status"), "ok"))
+        if len(t) and max(t.column("num_samples").to_pylist()) > 1:
+            raise ValueError(f"{src.url!r}: {name} holds per-frame samples (several tar samples per record); "
+                             "filter works on one sample per record")
+        tables.append(t.sort_by("key"))
+    return pa.concat_tables(tables) if tables else pa.Table.from_pylist([], manifest.RECORD_SCHEMA)
+
+
+def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np.ndarray, list, np.ndarray | None]:
+    """(score plan, scores [N] with NaN for null, null reasons [N], image embeddings [N, D] or None) aligned to
+    `keys`; refuses scores of another dataset, unfinished score folders and missing embeddings."""
+    folder = opts.scores or f"{opts.dataset.rstrip('/')}/scores"
+    fs, root = fsspec.core.url_to_fs(folder)
+    if not fs.exists(f"{root.rstrip('/')}/{SCORE_PLAN}"):
+        raise FileNotFoundError(f"--scores {folder!r}: no score folder ({SCORE_PLAN} missing); run "
+                                f"`plait prep score {opts.dataset} --model EXPORT` first")
+    sdir = OutputDir(folder)
+    plan = sdir.read_json(SCORE_PLAN)
+    if plan.get("dataset_fingerprint") != dataset.fingerprint:
+        raise ValueError(f"--scores {folder!r} were computed on {plan.get('dataset')!r} (fingerprint "
+                         f"{str(plan.get('dataset_fingerprint'))[:12]}), not on {opts.dataset!r} (fingerprint "
+                         f"{dataset.fingerprint[:12]}): score this dataset first")
+    missing = [s for s in dataset.shards if not sdir.exists(f"{s.removesuffix('.tar')}_stats.json")]
+    if missing:
+        raise ValueError(f"--scores {folder!r}: shards not scored yet: {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''} (rerun `plait prep score` to finish)")
+    if opts.dedup_embeddings is not None and not plan.get("embeddings"):
+        raise ValueError(f"--dedup-embeddings needs image embeddings, and {folder!r} has none: rerun "
+                         "`plait prep score ... --embeddings` into a new --out")
+    where = {k: i for i, k in enumerate(keys)}
+    scores = np.full(len(keys), np.nan, np.float32)
+    reasons: list[str | None] = ["not in the score file"] * len(keys)
+    emb = None
+    cols = ["key", "score", "reason"] + (["image_embedding"] if opts.dedup_embeddings is not None else [])
+    for s in dataset.shards:
+        with sdir.fs.open(sdir.path(f"{s.removesuffix('.tar')}.parquet"), "rb") as f:
+            t = pq.ParquetFile(f).read(columns=cols)
+        idx = np.array([where.get(k, -1) for k in t.column("key").to_pylist()], np.int64)
+        if (idx < 0).any():
+            raise ValueError(f"--scores {folder!r}: {s} has keys the dataset does not ({int((idx < 0).sum())}): "
+                             "scores of another dataset")
+        sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> nan
+        scores[idx] = sc
+        for i, r in zip(idx, t.column("reason").to_pylist()):
+            reasons[i] = r
+        if emb is None and "image_embedding" in cols:
+            emb = np.zeros((len(keys), plan["embedding_dim"]), np.float16)
+        if emb is not None:
+            col = t.column("image_embedding").combine_chunks()
+            emb[idx] = col.values.to_numpy(zero_copy_only=False).reshape(len(t), -1)
+    return plan, scores, reasons, emb
+
+
+def read_captions(src: OutputDir, shards: list[str], keys: MemberKeys) -> dict[str, str | None]:
+    """The caption of every sample by `keys` (the loader's rule), read with a header walk that seeks over
+    every other member; a sample without a readable caption maps to None."""
+    captions: dict[str, str | None] = {}
+    for name in shards:
+        with src.fs.open(src.path(name), "rb") as f:
+            for sample in iter_samples(f, want=lambda ext: ext in keys.caption or ext == "json"):
+                try:
+                    text = keys.caption_of({ext: data for ext, data in sample.members if data is not None})
+                except (KeyError, ValueError):  # no caption member, or a json without the field
+                    text = None
+                captions[sample.key] = text
+    return captions
+
+
+def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tuple[list[str | None], dict]:
+    """The reason each pool sample is not kept (None = kept), and the provenance of the decision."""
+    keys = pool.column("key").to_pylist()
+    n = len(keys)
+    reasons: list[str | None] = [None] * n
+    info: dict[str, Any] = {}
+    if opts.min_image_size:
+        for i, (w, h) in enumerate(zip(pool.column("width").to_pylist(), pool.column("height").to_pylist())):
+            if w is not None and h is not None and min(w, h) < opts.min_image_size:
+                reasons[i] = f"image too small ({w}x{h} < {opts.min_image_size})"
+    if opts.caption_rules:
+        rules = parse_caption_rules(opts.caption_rules)
+        captions = read_captions(src, dataset.shards, MemberKeys.parse(caption_keys=opts.caption_keys))
+        for i, k in enumerate(keys):
+            if reasons[i] is None:
+                reasons[i] = caption_verdict(captions.get(k), rules)
+    if opts.needs_scores:
+        plan, scores, null_reasons, emb = load_scores(opts, dataset, keys)
+        info["model"], info["scores"] = plan["model"], opts.scores or f"{opts.dataset.rstrip('/')}/scores"
+        scored = ~np.isnan(scores)
+        if opts.top_fraction is not None:
+            count = math.ceil(opts.top_fraction * int(scored.sum()))
+            # best first; ties by position, so the cut is deterministic
+            ranked = np.lexsort((np.arange(n), -np.where(scored, scores, -np.inf)))
+            in_top = np.zeros(n, bool)
+            in_top[ranked[:count]] = True
+            in_top &= scored
+            cutoff = float(scores[ranked[count - 1]]) if count else math.inf
+            info["top_fraction_cutoff"] = cutoff
+        for i in range(n):
+            if reasons[i] is not None:
+                continue
+            if not scored[i]:
+                reasons[i] = f"not scored ({null_reasons[i]})"
+            elif opts.min_score is not None and scores[i] < opts.min_score:
+                reasons[i] = f"score below threshold ({scores[i]:.4f} < {opts.min_score})"
+            elif opts.top_fraction is not None and not in_top[i]:
+                reasons[i] = f"score not in top fraction ({scores[i]:.4f} < cutoff {cutoff:.4f})"
+        if opts.dedup_embeddings is not None:
+            from data_prep.curate.dedup import near_duplicates
+            alive = np.array([r is None for r in reasons])
+            order = np.flatnonzero(alive)
+            order = order[np.lexsort((order, -scores[order]))]  # best score first
+            emb_f = emb  # [N, D] float16, L2-normalised when written
+            dropped, dup_of, cos = near_duplicates(lambda idx: emb_f[idx], order, opts.dedup_embeddings,
+                                                   device=opts.device)
+            for p in np.flatnonzero(dropped):
+                reasons[order[p]] = f"near-duplicate (of {keys[order[dup_of[p]]]}, cosine {cos[p]:.4f})"
+    return reasons, info
+
+
+# ------------------------------------------------------------------------------------------------ copying
+def copy_shard(src: OutputDir, out: OutputDir, name: str, records: list[dict], kept: set[str]) -> dict:
+    """Writes output shard `name`: the kept samples' members copied from the source tar, its index, records and
+    stats (the done marker), each atomically."""
+    stem = name.removesuffix(".tar")
+    keys, offsets, found = [], [], set()
+    with src.fs.open(src.path(name), "rb") as f, out.open_atomic(name) as raw:
+        hw = HashingWriter(raw)
+        want = lambda member: (s := split_name(member)) is not None and s[0] in kept
+        try:
+            for member, payload, size in iter_members(f, want):
+                if payload is None:
+                    continue
+                key = split_name(member)[0]
+                if key not in found:
+                    found.add(key)
+                    keys.append(key)
+                    offsets.append(hw.size)
+                hw.write(tar_header(member, size))  # the source name as written (case kept)
+                hw.write(payload)
+                if size % 512:
+                    hw.write(bytes(512 - size % 512))
+        except TarFormatError as e:
+            raise ValueError(f"{src.url}/{name}: {e} (run `plait prep verify {src.url}`)") from None
+        hw.write(bytes(END_OF_ARCHIVE))
+    if found != kept:
+        raise ValueError(f"{src.url}/{name}: samples in the manifest are missing from the tar: "
+                         f"{', '.join(sorted(kept - found)[:5])} (run `plait prep verify {src.url}`)")
+    out.write_json(f"{stem}.idx.json", {"format": "plait-tar-index/1", "keys": keys, "offsets": offsets,
+                                        "tar_bytes": hw.size})
+    manifest.write_shard_records(out, f"{stem}.parquet", records)
+    reasons = Counter(reason_kind(r["reason"]) for r in records if r["status"] != "ok")
+    num_ok = sum(r["status"] == "ok" for r in records)
+    stats = {"format": "plait-shard/1", "shard": int(stem), "tar": name, "num_input_rows": len(records),
+             "num_samples": len(keys), "num_ok": num_ok, "num_rejected": len(records) - num_ok,
+             "reasons": dict(sorted(reasons.items())), "bytes": hw.size, "sha256": hw.sha.hexdigest()}
+    out.write_json(f"{stem}_stats.json", stats)
+    return stats
+
+
+def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
+    started = time.monotonic()
+    dataset = open_dataset(opts.dataset)
+    if not dataset.plait:
+        raise ValueError(f"dataset {opts.dataset!r}: not a plait dataset (no manifest.json): filter needs the "
+                         "per-sample records that `plait prep shard` writes")
+    src = OutputDir(opts.dataset)
+    if OutputDir(opts.output).root.rstrip("/") == src.root.rstrip("/"):
+        raise ValueError(f"--output {opts.output!r}: must differ from the source dataset")
+    pool = load_pool(src, dataset.shards)
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("dataset", "output", "device", "progress")}
+    settings["caption_rules"] = list(opts.caption_rules)
+    out = OutputDir(opts.output)
+    provenance = {"source": opts.dataset, "source_fingerprint": dataset.fingerprint, **settings}
+    if out.exists("_plan.json"):
+        have = out.read_json("_plan.json").get("filter", {})
+        diffs = [k for k in provenance if k in have and have[k] != provenance[k]] or (
+            [] if have else ["not a filter output"])
+        if diffs:
+            raise ValueError(f"--output {opts.output!r} was filtered with other settings ({', '.join(diffs)}): use "
+                             "a new output folder or the same settings")
+    if out.exists(DECISIONS) and out.exists("_plan.json"):
+        reasons = manifest.read_records(out, DECISIONS, ["reason"]).column("reason").to_pylist()
+        info = out.read_json("_plan.json")["filter"]
+    else:
+        reasons, info = decide(opts, dataset, src, pool)
+        kept = sum(r is None for r in reasons)
+        if not kept:
+            counts = Counter(reason_kind(r) for r in reasons)
+            raise ValueError(f"the filter keeps nothing of the {len(reasons)} samples of {opts.dataset!r} ("
+                             f"{', '.join(f'{k}: {v}' for k, v in counts.most_common())}): loosen the thresholds")
+        base = src.read_json("_plan.json") if src.exists("_plan.json") else {}
+        info = {**provenance, **info}
+        out.write_json("_plan.json", {**base, "output": opts.output, "filter": info})
+        table = pa.table({"key": pool.column("key"), "reason": pa.array(reasons, pa.string())})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        out.write_bytes(DECISIONS, buf.getvalue())
+    records = pool.to_pylist()
+    by_shard: dict[int, list[dict]] = {}
+    for pos, (rec, reason) in enumerate(zip(records, reasons)):
+        rec.update(row=pos, status="ok" if reason is None else "rejected", reason=reason, transient=False,
+                   num_samples=rec["num_samples"] if reason is None else 0)
+        by_shard.setdefault(rec["shard"], []).append(rec)
+    bar = _bar(opts.progress, len(dataset.shards))
+    ids, copied = [], 0
+    for name in dataset.shards:
+        sid = int(name.removesuffix(".tar"))
+        ids.append(sid)
+        if not out.exists(f"{name.removesuffix('.tar')}_stats.json"):
+            recs = by_shard.get(sid, [])
+            copy_shard(src, out, name, recs, {r["key"] for r in recs if r["status"] == "ok"})
+            copied += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = manifest.write_dataset_manifests(out, ids)
+    seconds = time.monotonic() - started
+    return {**summary, "filter": info, "shards_copied": copied, "seconds": round(seconds, 3)}
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit=" shards", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, desc="filtering")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    n = summary["num_input_rows"]
+    lines = [f"kept {summary['num_ok']} of {n} samples ({summary['num_ok'] / n:.1%}) in {summary['num_shards']} "
+             f"shard(s); {summary['shards_copied']} shard(s) written in {summary['seconds']:.1f} s"]
+    lines += [f"  {count:>8}  {reason}" for reason, count in summary["reasons"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""What a job reads: input tables and folders as rows, input formats, class labels, which local files an input may name."""

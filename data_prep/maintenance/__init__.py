@@ -1,0 +1,1 @@
+"""Commands over a finished dataset: merge, repair, verify, index."""

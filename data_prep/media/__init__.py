@@ -1,0 +1,1 @@
+"""Image and video processing: decode, orient, resize, encode, frames."""

@@ -1,0 +1,149 @@
+"""What every export format shares: the staging directory and its safe publication, the dtype cast, the fixed
+self-check batch and the reference model every reloaded export must reproduce, and the model card.
+
+A format module (export.py's open_clip and safetensors writers, export_hf.py) writes its files into the
+directory `staged(out)` yields, checks them with the helpers here, and `staged` publishes the directory in one
+rename, only into a new or empty directory or over an earlier plait export (recognised by `MARKER_FILE`):
+`--out` pointing at a run directory, a home directory or anything else with files in it is refused.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pipeline.train.checkpoint import follow_umask
+from pipeline.artifacts.model_card import METADATA_FILE, write_card
+from pipeline.models.towers import build_clip, tokenizer_for
+from pipeline.data.transforms import preprocess_cfg
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Written into every export: the only directories an export may replace are those holding it (or an earlier
+# export's model card, from before the marker existed).
+MARKER_FILE = ".plait-export"
+EXPORT_MARKERS = (MARKER_FILE, METADATA_FILE)
+
+
+# ------------------------------------------------------------------------------------------------ publication
+def check_destination(out: Path) -> None:
+    """Raises ValueError unless `out` is missing, an empty directory, or an earlier plait export."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory; choose a new or empty directory")
+    entries = list(out.iterdir())
+    if entries and not any((out / marker).is_file() for marker in EXPORT_MARKERS):
+        raise ValueError(f"--out {out}: the directory holds {len(entries)} entries and is not a plait export "
+                         "(no .plait-export marker); an export replaces its output directory, so choose a new "
+                         "or empty directory")
+
+
+@contextmanager
+def staged(out: str | Path) -> Iterator[Path]:
+    """Yields a fresh staging directory beside `out`; publishes it as `out` when the block succeeds, removes it
+    when the block raises. `out` is checked before any work is done and again just before the rename."""
+    out = Path(out)
+    check_destination(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / MARKER_FILE).write_text(json.dumps({"written_by": "plait export"}) + "\n")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Renames `tmp` to `out`. A previous export at `out` is first moved aside and removed only after the
+    rename, so a crash leaves either the old or the new export in place."""
+    check_destination(out)
+    for path in [tmp, *tmp.rglob("*")]:
+        follow_umask(path)  # safetensors and mkdtemp create owner-only files
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(old / "export")
+        else:
+            out.rmdir()
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def with_logit_bias(state: dict[str, torch.Tensor], model_cfg: dict) -> dict:
+    """open_clip only builds a `logit_bias` parameter when the config has `init_logit_bias` (sigmoid-loss
+    models); carry it so that strict loading works."""
+    model_cfg = json.loads(json.dumps(model_cfg))
+    if "logit_bias" in state:
+        model_cfg["init_logit_bias"] = float(state["logit_bias"].float().reshape(-1)[0])
+    return model_cfg
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------------ self-check
+def fixed_batch(model_cfg: dict, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic (images [n, 3, H, W], tokens [n, L]) batch for self-checks."""
+    g = torch.Generator().manual_seed(seed)
+    size = model_cfg["vision_cfg"]["image_size"]
+    images = torch.randn(n, 3, size, size, generator=g)
+    tokens = tokenizer_for(model_cfg)(["a photo of a cat", "a drawing of a dog", "a sneaker", "an ankle boot"][:n])
+    return images, tokens
+
+
+@torch.no_grad()
+def embeddings(clip, images, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    clip.eval()
+    return clip.encode_image(images, normalize=True), clip.encode_text(tokens, normalize=True)
+
+
+def reference_model(cast: dict[str, torch.Tensor], model_cfg: dict) -> torch.nn.Module:
+    """The training architecture holding exactly the exported (cast) values, in fp32: what every reloaded
+    export must reproduce. The cast's own rounding is reported separately as `dtype_error`."""
+    model = build_clip(model_cfg).float()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in cast.items()}, strict=True)
+    return model.eval()
+
+
+def max_error(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+def require_close(error: float, atol: float, what: str) -> None:
+    """The self-check verdict: a reloaded export that does not reproduce the training model is not kept."""
+    if error > atol:
+        raise RuntimeError(f"export self-check failed: {what} differ by {error:.2e} (> {atol:.0e})")
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def write_model_card(folder: Path, fmt: str, name: str, dtype: str, model_cfg: dict, meta: dict | None,
+                     check: dict, state: dict, cast: dict) -> None:
+    """README.md + plait_metadata.json for an export in `folder` (pipeline/artifacts/model_card.py, which also writes the
+    loading code), with the self-check and how far the dtype cast moved the embeddings from the fp32 weights
+    (absent for fp32 exports)."""
+    meta = dict(meta or {})
+    check = dict(check)
+    if dtype != "fp32":
+        images, tokens = fixed_batch(model_cfg)
+        check["dtype_error"] = max_error(embeddings(reference_model(state, model_cfg), images, tokens),
+                                         embeddings(reference_model(cast, model_cfg), images, tokens))
+    ctx = model_cfg["text_cfg"].get("context_length", 77)
+    meta.update({"name": name, "format": fmt, "dtype": dtype, "model_cfg": model_cfg,
+                 "preprocess_cfg": preprocess_cfg(model_cfg), "self_check": check,
+                 "tokenizer": {"type": "open_clip SimpleTokenizer (CLIP BPE, bundled vocabulary)",
+                               "context_length": ctx, "pad_id": 0, "sot_id": 49406, "eot_id": 49407}})
+    write_card(folder, meta)

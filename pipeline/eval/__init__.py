@@ -1,0 +1,1 @@
+"""Zero-shot, retrieval and linear-probe evaluation, evaluation datasets, and fine-tuning."""
