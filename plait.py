@@ -6,10 +6,10 @@ import sys
 
 SUBCOMMANDS = {
     "prep": ("data_prep.cli", "shard image/video-text corpora into WebDataset tars; index, verify, repair, merge"),
-    "train": ("pipeline.train", "pretrain with contrastive / masked / fusion objectives (Accelerate)"),
-    "eval": ("pipeline.evaluate", "zero-shot classification, retrieval and linear probe"),
-    "export": ("pipeline.export", "export a checkpoint as open_clip / Hugging Face / safetensors"),
-    "finetune": ("pipeline.finetune", "fine-tune an exported model on a labelled shard set"),
+    "train": ("pipeline.train.loop", "pretrain with contrastive / masked / fusion objectives (Accelerate)"),
+    "eval": ("pipeline.eval.evaluate", "zero-shot classification, retrieval and linear probe"),
+    "export": ("pipeline.artifacts.export", "export a checkpoint as open_clip / Hugging Face / safetensors"),
+    "finetune": ("pipeline.eval.finetune", "fine-tune an exported model on a labelled shard set"),
     "launch": ("launch.cli", "render and submit SLURM jobs (training, prep arrays), or run locally"),
     "demo": ("pipeline.demo", "the whole pipeline on Fashion-MNIST: shards, train, zero-shot, export"),
 }
