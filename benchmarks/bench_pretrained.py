@@ -40,8 +40,8 @@ from pipeline.eval.evaluate import (class_embeddings, classification_counts, lab
                                summarise_classification)
 from pipeline.artifacts.export import export_open_clip, load_checkpoint_model  # noqa: E402
 from pipeline.models.model import build_model  # noqa: E402
-from pipeline.models.pretrained import start_from  # noqa: E402
-from pipeline.models.towers import resolved_model_config, tokenizer_for  # noqa: E402
+from pipeline.artifacts.pretrained import resolved_model_config, start_from  # noqa: E402
+from pipeline.models.towers import tokenizer_for  # noqa: E402
 from pipeline.objectives.combined import Objective  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.data.transforms import image_transform  # noqa: E402

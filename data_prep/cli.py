@@ -9,9 +9,9 @@ import argparse
 import os
 import sys
 
-from data_prep.flags import add_member_key_flags, add_options, from_args
+from pipeline.flags import add_member_key_flags, add_options, from_args
 from data_prep.options import FetchOptions, ImageOptions, JobOptions, RunOptions, SourceOptions, VideoOptions
-from pipeline.config_fields import field_docs
+from pipeline.options import field_docs
 
 LAYOUT = """\
 output layout (S = shard number, {S:05d}):

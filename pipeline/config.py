@@ -18,7 +18,7 @@ import tomli_w
 
 # re-exported: sections outside this module use them
 from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
-from pipeline.config_fields import choice, field_docs, require  # noqa: F401
+from pipeline.options import choice, field_docs, require  # noqa: F401
 from pipeline.models.config import ModelConfig  # noqa: F401  (the model library owns its config)
 from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
 

@@ -12,7 +12,7 @@ import plait
 from data_prep.job import run
 from data_prep.cli import build_parser, job_options, main
 from data_prep.maintenance.merge import read_plan
-from data_prep.options import parse_size
+from pipeline.options import parse_size
 from data_prep.job.plan import rows_for_bytes
 from data_prep.input.sources import read_rows
 from data_prep.shards.writer import OutputDir

@@ -111,7 +111,7 @@ def test_every_shard_flag_is_a_documented_field_and_old_spellings_still_work(tmp
     import typing
 
     from data_prep.cli import SECTIONS, build_parser, job_options
-    from data_prep.options import flag_of
+    from pipeline.options import flag_of
     shard = build_parser()._subparsers._group_actions[0].choices["shard"]
     by_dest = {}
     for action in shard._actions:

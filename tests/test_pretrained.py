@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.config import load_config
 from pipeline.models.model import build_model
-from pipeline.models.pretrained import load_pretrained, start_from
-from pipeline.models.towers import build_clip, resolved_model_config, tokenizer_for
+from pipeline.artifacts.pretrained import load_pretrained, resolved_model_config, start_from
+from pipeline.models.towers import build_clip, tokenizer_for
 from tests.helpers.tolerance import assert_close
 
 from tests.helpers.fmnist_fixture import spec, write_shards

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep.shards import manifest
-from data_prep.options import option
+from pipeline.options import option
 from data_prep.curate.score_set import PLAN as SCORE_PLAN
 from data_prep.curate.score_set import open_dataset
 from data_prep.shards.members import CAPTION_KEYS, MemberKeys, split_name

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from data_prep.options import option
+from pipeline.options import option
 from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
 from data_prep.shards.writer import OutputDir
 
@@ -114,15 +114,15 @@ def open_dataset(url: str) -> Dataset:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ScoreOptions, generated from its fields (types, defaults, docstrings as help)."""
-    from data_prep.flags import add_options
-    from pipeline.config_fields import field_docs
+    from pipeline.flags import add_options
+    from pipeline.options import field_docs
 
     p.add_argument("dataset", help=" ".join(field_docs(ScoreOptions)["dataset"].split()))
     add_options(p, ScoreOptions)
 
 
 def options(a: argparse.Namespace) -> ScoreOptions:
-    from data_prep.flags import from_args
+    from pipeline.flags import from_args
     from data_prep.job.plan import resolve_task
     task_index, num_tasks = resolve_task(a.task_index, a.num_tasks, os.environ)
     return from_args(ScoreOptions, a, task_index=task_index, num_tasks=num_tasks)

@@ -23,7 +23,8 @@ from data_prep.shards import layout
 from data_prep.maintenance import merge as merge_mod
 from data_prep.input.access import input_fingerprint
 from data_prep.input.labels import plan_labels
-from data_prep.options import JobOptions, flag_of, format_size
+from data_prep.options import JobOptions
+from pipeline.options import flag_of, format_size
 from data_prep.job.plan import num_shards, rows_for_bytes, task_row_ranges, work_units
 from data_prep.job.pool import build_in_process, build_in_workers
 from data_prep.input.sources import Row, count_rows, read_rows

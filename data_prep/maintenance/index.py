@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import posixpath
-import shlex
 import sys
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 
 from data_prep.shards import layout
 from data_prep.shards.layout import INDEX_FORMAT
-from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys, split_name
-from data_prep.shards.tarwalk import TarWalk
+from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
+from data_prep.shards.scan import ShardScan, scan_shard, validate_sizes
 from data_prep.shards.writer import OutputDir
 
 
@@ -53,40 +50,6 @@ class IndexOptions:
     """Image members, tried in order (as data.image_keys): the samples without one are counted and reported."""
     caption_keys: str = CAPTION_KEYS
     """Caption members, tried in order: extensions or json:FIELD (as data.caption_keys)."""
-
-
-@dataclass
-class ShardScan:
-    """What one tar holds, in the loader's terms."""
-
-    url: str
-    keys: list[str] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    """Byte offset of the first header (long-name and pax headers included) of each sample."""
-    extensions: Counter = field(default_factory=Counter)
-    without_image: int = 0
-    without_text: int = 0
-    first_problem: str | None = None
-    """Why the first sample without an image or a caption has none, naming the key to set."""
-    other_members: list[str] = field(default_factory=list)
-    """Directories, links and devices: webdataset skips them; `verify` reports them."""
-    tar_bytes: int = 0
-    error: str | None = None
-    """Why the tar could not be read to its end (the counts then cover what came before)."""
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.keys)
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.url)
-
-    def stats(self) -> dict[str, Any]:
-        return {"format": "plait-index-stats/1", "tar": self.name, "num_samples": self.num_samples,
-                "bytes": self.tar_bytes, "extensions": dict(sorted(self.extensions.items())),
-                "samples_without_image": self.without_image, "samples_without_text": self.without_text,
-                "other_members": len(self.other_members)}
 
 
 def find_shards(target: str) -> list[str]:
@@ -112,79 +75,11 @@ def find_shards(target: str) -> list[str]:
     return urls
 
 
-def scan_shard(url: str, keys: MemberKeys | None = None) -> ShardScan:
-    """Walks the tar headers of `url` (payloads are skipped by seeking); never raises for a bad tar. Samples
-    are counted as lacking an image or a caption by `keys` (the loader's rule)."""
-    scan, keys = ShardScan(url), keys or MemberKeys.parse()
-    fs, path = fsspec.core.url_to_fs(url)
-    current: str | None = None
-    members: set[str] = set()
-    try:
-        with fs.open(path, "rb") as f:
-            walk = TarWalk(f, want=lambda name: False)  # headers only: payloads are seeked over
-            for member in walk:
-                if not member.is_file:
-                    scan.other_members.append(member.name)
-                    continue
-                parts = split_name(member.name)  # the format's own rule (metadata and extension-less: no sample)
-                if parts is None:
-                    continue
-                key, ext = parts
-                if key != current:
-                    _close_sample(scan, members, keys)
-                    current, members = key, set()
-                    scan.keys.append(key)
-                    scan.offsets.append(member.offset)
-                members.add(ext)
-                scan.extensions[ext] += 1
-            _close_sample(scan, members, keys)
-            scan.tar_bytes = fs.size(path)
-        if scan.tar_bytes < walk.end + 1024:  # a writer killed between two members: no end-of-archive blocks
-            scan.error = (f"truncated tar: no end-of-archive blocks after its last member ({scan.num_samples} "
-                          "samples read)")
-    except FileNotFoundError:
-        scan.error = "missing"
-    except (OSError, EOFError, ValueError, UnicodeDecodeError) as exn:  # TarFormatError is a ValueError
-        _close_sample(scan, members, keys)
-        scan.error = f"unreadable tar after {scan.num_samples} samples ({type(exn).__name__}: {exn})"
-    return scan
-
-
-def _close_sample(scan: ShardScan, members: set[str], keys: MemberKeys) -> None:
-    if not members:
-        return
-    if not keys.image_members(members)[0]:  # frames of a video sample ({key}.f0000.jpg) count as its image
-        scan.without_image += 1
-        scan.first_problem = scan.first_problem or keys.missing_image(members)
-    if keys.caption_member(members) is None:
-        scan.without_text += 1
-        scan.first_problem = scan.first_problem or keys.missing_caption(members)
-    members.clear()
-
-
 def read_sizes(out: OutputDir) -> dict[str, int]:
     """A folder's sizes.json, validated: every count a non-negative integer (ValueError naming file and key)."""
     if not out.exists(layout.SIZES_FILE):
         return {}
     return validate_sizes(out.read_bytes(layout.SIZES_FILE), out.path(layout.SIZES_FILE))
-
-
-def validate_sizes(raw: bytes, where: str) -> dict[str, int]:
-    """The counts of a sizes.json's bytes; ValueError naming `where` and the bad key."""
-    try:
-        table = json.loads(raw)
-    except ValueError as exn:
-        raise ValueError(f"{where}: not valid JSON ({exn})") from None
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}: expected an object {{\"shard.tar\": count}}, got {type(table).__name__}")
-    return {key: check_count(value, where, key) for key, value in table.items()}
-
-
-def check_count(value: Any, where: str, key: str) -> int:
-    """`value` if it is a non-negative integer, else ValueError naming the file and key it came from."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: count of {key!r} must be a non-negative integer, got {value!r}")
-    return value
 
 
 def write_index(scans: list[ShardScan]) -> dict[str, dict[str, int]]:
@@ -256,15 +151,10 @@ def index(opts: IndexOptions, log: Callable[[str], None] = print) -> list[ShardS
     return scans
 
 
-def train_hint(pattern: str) -> str:
-    """The exact command that writes the counts for `pattern` (used in the loader's error messages)."""
-    return f"plait prep index {shlex.quote(pattern)}"
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `plait prep index` flags; their help is IndexOptions' field docstrings."""
-    from data_prep.flags import add_member_key_flags
-    from pipeline.config_fields import field_docs
+    from pipeline.flags import add_member_key_flags
+    from pipeline.options import field_docs
     docs = field_docs(IndexOptions)
     p.add_argument("target", metavar="DIR_OR_PATTERN", help=docs["target"])
     p.add_argument("--threads", type=int, default=IndexOptions.threads, help=docs["threads"])

@@ -30,7 +30,8 @@ from PIL import Image
 
 from data_prep.shards import manifest
 from data_prep.shards import layout
-from data_prep.maintenance.index import find_shards, scan_shard, validate_sizes
+from data_prep.maintenance.index import find_shards
+from data_prep.shards.scan import scan_shard, validate_sizes
 from data_prep.shards.members import IMAGE_FORMATS, TEXT_EXTS, MemberKeys, split_name
 from data_prep.shards.tarwalk import MEMBER_KINDS, Member, TarWalk
 from data_prep.shards.writer import OutputDir

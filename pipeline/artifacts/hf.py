@@ -1,4 +1,6 @@
-"""Hugging Face transformers `CLIPModel` export of an open_clip ViT + text-transformer model.
+"""open_clip <-> Hugging Face transformers `CLIPModel`, both directions: the HF export of an open_clip ViT +
+text-transformer model (`export_hf`), and a CLIPModel folder read back as open_clip weights (`clip_cfg_from_hf`,
+`clip_state_from_hf`, which `model.pretrained` and `plait eval` use).
 
 The key mapping follows transformers' own open_clip conversion (fused `in_proj` split into q/k/v, projections
 transposed). Only configurations both libraries compute identically are accepted; anything else is refused
@@ -21,6 +23,8 @@ from pipeline.artifacts.staging import (cast_state, fixed_batch, reference_model
 from pipeline.train.checkpoint import clean_state_dict
 from pipeline.models.towers import tokenizer_for
 from pipeline.data.transforms import preprocess_cfg
+
+SHOWN_KEYS = 5  # mismatched keys named in an error
 
 HF_ATOL = 1e-4
 # Settings that only change training (or the pure-preprocessing side) and so do not affect the HF model.
@@ -187,4 +191,73 @@ def export_hf(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Pa
         write_model_card(tmp, "hf", name, dtype, model_cfg, meta, check, state, cast)
         if add_files is not None:
             add_files(tmp)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel -> open_clip (the inverse of `to_hf_state`)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_cfg_from_hf(config: dict, path: Path) -> dict:
+    vision, text = config["vision_config"], config["text_config"]
+    acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
+        raise ValueError(f"config key 'model.pretrained': {path}/config.json: activation {sorted(acts)} has no "
+                         "open_clip equivalent (gelu or quick_gelu in both towers)")
+    for section in (vision, text):
+        if abs(section.get("layer_norm_eps", 1e-5) - 1e-5) > 1e-12:
+            raise ValueError(f"config key 'model.pretrained': {path}/config.json: layer_norm_eps "
+                             f"{section['layer_norm_eps']} differs from open_clip's 1e-5")
+    vwidth, twidth = vision.get("hidden_size", 768), text.get("hidden_size", 512)
+    cfg = {"embed_dim": config.get("projection_dim", 512),
+           "vision_cfg": {"image_size": vision.get("image_size", 224), "layers": vision.get("num_hidden_layers", 12),
+                          "width": vwidth, "head_width": vwidth // vision.get("num_attention_heads", 12),
+                          "mlp_ratio": vision.get("intermediate_size", 4 * vwidth) / vwidth,
+                          "patch_size": vision.get("patch_size", 32)},
+           "text_cfg": {"context_length": text.get("max_position_embeddings", 77),
+                        "vocab_size": text.get("vocab_size", 49408), "width": twidth,
+                        "heads": text.get("num_attention_heads", 8), "layers": text.get("num_hidden_layers", 12),
+                        "mlp_ratio": text.get("intermediate_size", 4 * twidth) / twidth}}
+    if acts == {"quick_gelu"}:
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def clip_state_from_hf(hf: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.Tensor]:
+    """CLIPModel keys -> open_clip CLIP keys (q/k/v fused into in_proj, projections transposed)."""
+    v, t = "vision_model", "text_model"
+    hf = {k: x for k, x in hf.items() if not k.endswith("position_ids")}  # a buffer in older transformers
+    names = {"logit_scale": "logit_scale",
+             "visual.class_embedding": f"{v}.embeddings.class_embedding",
+             "visual.conv1.weight": f"{v}.embeddings.patch_embedding.weight",
+             "visual.positional_embedding": f"{v}.embeddings.position_embedding.weight",
+             "visual.ln_pre.weight": f"{v}.pre_layrnorm.weight", "visual.ln_pre.bias": f"{v}.pre_layrnorm.bias",
+             "visual.ln_post.weight": f"{v}.post_layernorm.weight", "visual.ln_post.bias": f"{v}.post_layernorm.bias",
+             "token_embedding.weight": f"{t}.embeddings.token_embedding.weight",
+             "positional_embedding": f"{t}.embeddings.position_embedding.weight",
+             "ln_final.weight": f"{t}.final_layer_norm.weight", "ln_final.bias": f"{t}.final_layer_norm.bias"}
+    used = set(names.values()) | {"visual_projection.weight", "text_projection.weight"}
+    try:
+        out = {ours: hf[theirs] for ours, theirs in names.items()}
+        out["visual.proj"] = hf["visual_projection.weight"].T
+        out["text_projection"] = hf["text_projection.weight"].T
+        for ours, theirs, layers in (("visual.transformer.resblocks", f"{v}.encoder.layers",
+                                      model_cfg["vision_cfg"]["layers"]),
+                                     ("transformer.resblocks", f"{t}.encoder.layers", model_cfg["text_cfg"]["layers"])):
+            for i in range(layers):
+                s, d = f"{theirs}.{i}", f"{ours}.{i}"
+                for n in ("weight", "bias"):
+                    qkv = [f"{s}.self_attn.{p}_proj.{n}" for p in ("q", "k", "v")]
+                    out[f"{d}.attn.in_proj_{n}"] = torch.cat([hf[k] for k in qkv])
+                    pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+                    for a, b in pairs.items():
+                        out[f"{d}.{a}.{n}"] = hf[f"{s}.{b}.{n}"]
+                    used.update(qkv, (f"{s}.{b}.{n}" for b in pairs.values()))
+    except KeyError as e:
+        raise ValueError(f"config key 'model.pretrained': the CLIPModel weights lack {e.args[0]!r}") from None
+    left = sorted(set(hf) - used)
+    if left:
+        raise ValueError(f"config key 'model.pretrained': CLIPModel weights with no open_clip place: {left[:SHOWN_KEYS]}")
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import webdataset as wds
 
 from data_prep.shards import layout
-from data_prep.maintenance.index import check_count, scan_shard, train_hint, validate_sizes
+from data_prep.shards.scan import check_count, scan_shard, train_hint, validate_sizes
 from data_prep.shards.tarseek import PIPE_PREFIX, check_no_pipe
 
 log = logging.getLogger("plait.data")
@@ -163,7 +163,7 @@ def shard_sizes(urls: list[str], pattern: str | None = None, estimate: bool = Fa
 
 def estimate_sizes(urls: list[str]) -> list[int]:
     """Counts of shards without one: the first shard of each folder is counted exactly by a header walk
-    (data_prep/maintenance/index.py); the others get its samples per byte times their own file size, x ESTIMATE_MARGIN."""
+    (data_prep/shards/scan.py); the others get its samples per byte times their own file size, x ESTIMATE_MARGIN."""
     by_folder: dict[str, list[int]] = {}
     for i, url in enumerate(urls):
         by_folder.setdefault(posixpath.dirname(url), []).append(i)

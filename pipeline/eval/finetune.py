@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from data_prep.flags import add_options, from_args
-from data_prep.options import option, validate
+from pipeline.flags import add_options, from_args
+from pipeline.options import option, validate
 from pipeline.config import OptimConfig
 from data_prep.shards.members import MemberKeys
 from pipeline.eval.datasets import IMAGE_KEYS, batches, normalise_template, read_lines, resolve

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config_fields import choice, require
+from pipeline.options import choice, require
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,12 @@
 """Builds the image and text towers as an open_clip model, so that checkpoints stay loadable by open_clip."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.packing import Packing
-from pipeline.models.pretrained import architecture
-
-from pipeline.models.config import ModelConfig
-
-
-def resolved_model_config(cfg: ModelConfig, resuming: Path | None = None) -> dict:
-    """The open_clip model config this run trains, with plait's overrides applied (what the export writes):
-    model.pretrained's own architecture where its files record one (the checkpoint's copy when `resuming` one),
-    else model.name's; model.text_hf's tower."""
-    model_cfg = architecture(cfg, resuming)
-    if cfg.patch_dropout:
-        model_cfg["vision_cfg"]["patch_dropout"] = cfg.patch_dropout
-    return model_cfg
 
 
 def build_clip(model_cfg: dict) -> nn.Module:

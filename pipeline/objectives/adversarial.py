@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config_fields import choice, require
+from pipeline.options import choice, require
 from pipeline.losses.adversarial import AdversarialLoss
 from pipeline.models.discriminator import ModalityDiscriminator
 from pipeline.objectives.base import Unit

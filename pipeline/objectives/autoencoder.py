@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config_fields import choice, require
+from pipeline.options import choice, require
 from pipeline.losses.autoencoder import AutoencoderLoss
 from pipeline.models.encoding import Needs
 from pipeline.models.fusion import FusionAutoencoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config_fields import require
+from pipeline.options import require
 from pipeline.models.towers import check_vit
 from pipeline.objectives.base import Unit
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.config_fields import require
+from pipeline.options import require
 from pipeline.losses.contrastive import gather_with_grad
 from pipeline.models.encoding import Needs
 from pipeline.models.itm_head import ItmHead

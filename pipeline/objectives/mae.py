@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config_fields import choice, require
+from pipeline.options import choice, require
 from pipeline.losses.mae import MaeLoss
 from pipeline.models.encoding import Needs
 from pipeline.models.mae_decoder import MaeDecoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config_fields import require
+from pipeline.options import require
 from pipeline.losses.mlm import MlmLoss
 from pipeline.models.encoding import SidePass
 from pipeline.models.masking import mask_tokens

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config_fields import require
+from pipeline.options import require
 from pipeline.objectives.adversarial import Adversarial, AdversarialConfig
 from pipeline.objectives.autoencoder import Autoencoder, AutoencoderConfig
 from pipeline.objectives.base import Unit

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.config_fields import choice
+from pipeline.options import choice
 from pipeline.losses.siglip import SigLipLoss
 from pipeline.objectives.base import Unit
 

@@ -37,8 +37,8 @@ from pipeline.config import Config, TrainConfig, describe, load_config, save_con
 from pipeline.data.loader import TrainStream, closing_streams
 from pipeline.train.distributed import World, print0
 from pipeline.models.model import build_model
-from pipeline.models.pretrained import start_from
-from pipeline.models.towers import count_parameters, resolved_model_config, tokenizer_for
+from pipeline.artifacts.pretrained import resolved_model_config, start_from
+from pipeline.models.towers import count_parameters, tokenizer_for
 from pipeline.objectives.combined import Objective, clamp_logit_scale
 from pipeline.train.optim import build_optimizer, lr_at, schedule_signature, set_lr
 from pipeline.train.preemption import EXIT_REQUEUE, StopFlag, StopPolicy, restoring_signals

@@ -1,6 +1,6 @@
-"""Command-line flags generated from the typed option dataclasses (`data_prep.options`): one flag per field,
-its docstring as help. Shared by `plait prep` (cli.py) and the stages with their own flag sets (score, filter),
-which import it from here rather than from the CLI module that dispatches to them."""
+"""Command-line flags generated from typed option dataclasses (pipeline/options.py): one flag per field, its
+docstring as help. Shared by `plait prep` (data_prep/cli.py), the stages with their own flag sets (score,
+filter) and `plait finetune`."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,7 @@ import types
 import typing
 from typing import Any
 
-from data_prep.options import flag_of, parse_size
-from pipeline.config_fields import field_docs
+from pipeline.options import field_docs, flag_of, parse_size
 
 
 def _csv_list(value: str) -> tuple[str, ...]:
