@@ -40,10 +40,15 @@ def _remaining(deadline: float) -> float:
 
 class _DeadlineSocket:
     """A socket whose sends and receives each get only the time left until the connection's current deadline
-    (http.client reads headers line by line: a plain timeout would restart for every line)."""
+    (http.client reads headers line by line: a plain timeout would restart for every line).
+
+    Closing it while a reader from `makefile` is open defers the real close until that reader closes, as
+    `socket.socket` does: http.client closes the connection as soon as a response says it will close (HTTP/1.0,
+    `Connection: close`) and reads the body afterwards through the reader."""
 
     def __init__(self, sock: socket.socket, conn: PinnedConnection) -> None:
         self._sock, self._conn = sock, conn
+        self._readers, self._closed = 0, False
 
     def sendall(self, data: bytes) -> None:
         self._sock.settimeout(_remaining(self._conn.deadline))
@@ -55,10 +60,18 @@ class _DeadlineSocket:
 
     def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
         assert mode == "rb", mode
+        self._readers += 1
         return io.BufferedReader(_DeadlineReader(self))
 
     def close(self) -> None:
-        self._sock.close()
+        self._closed = True
+        if self._readers == 0:
+            self._sock.close()
+
+    def reader_closed(self) -> None:
+        self._readers -= 1
+        if self._closed and self._readers == 0:
+            self._sock.close()
 
     def __getattr__(self, name: str):
         return getattr(self._sock, name)
@@ -74,6 +87,11 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         return self._sock.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._sock.reader_closed()
+        super().close()
 
 
 _TLS: list[ssl.SSLContext] = []
