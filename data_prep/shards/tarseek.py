@@ -23,11 +23,10 @@ from typing import Iterator
 import fsspec
 from data_prep.shards import layout
 from data_prep.shards.members import split_name
-from data_prep.shards.tarwalk import iter_samples, pax_path
+from data_prep.shards.tarwalk import TarWalk, iter_samples
 
 log = logging.getLogger("plait.data")
 
-_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -180,49 +179,20 @@ def sample_offsets(url: str) -> tuple[int, ...] | None:
     return offsets
 
 
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
-    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
-    return int(field or b"0", 8)
-
-
 def seek_by_headers(f, sample: int) -> None:
-    """Positions `f` at the first header of sample number `sample`, reading only the tar headers.
-
-    Samples are counted as `tarwalk.iter_samples` groups them: a new sample starts where the key
-    (`members.split_name`) changes."""
-    seen, current = -1, None
-    start_of_entry = f.tell()  # a GNU long name or pax header belongs to the member after it
-    pending_name = None
-    while True:
-        pos = f.tell()
-        header = f.read(_BLOCK)
-        if len(header) < _BLOCK or header == bytes(_BLOCK):
-            raise EOFError(f"tar ends after {seen + 1} samples, before sample {sample}")
-        size, kind = _octal(header[124:136]), header[156:157]
-        payload_end = pos + _BLOCK + -(-size // _BLOCK) * _BLOCK
-        if kind in (b"L", b"x"):  # long name / pax extended header: the next member's real name
-            payload = f.read(size)
-            pending_name = payload.rstrip(b"\0").decode() if kind == b"L" else pax_path(payload)
-            f.seek(payload_end)
+    """Positions `f` at the first header of sample number `sample`, reading only the tar headers (the format's
+    one walk, TarWalk). Samples are counted as `tarwalk.iter_samples` groups them: a new sample starts where
+    the key (`members.split_name`) changes. EOFError when the tar holds fewer samples."""
+    base, seen, current = f.tell(), -1, None
+    for member in TarWalk(f, want=lambda name: False):
+        parts = split_name(member.name) if member.is_file else None
+        if parts is None or parts[0] == current:
             continue
-        name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and header[345:500].strip(b"\0") and not pending_name:
-            name = header[345:500].rstrip(b"\0").decode() + "/" + name
-        pending_name = None
-        entry, start_of_entry = start_of_entry, payload_end
-        parts = split_name(name) if kind in (b"0", b"\0") else None
-        if parts is None:
-            f.seek(payload_end)
-            continue
-        key = parts[0]
-        if key != current:
-            seen, current = seen + 1, key
-            if seen == sample:
-                f.seek(entry)
-                return
-        f.seek(payload_end)
+        seen, current = seen + 1, parts[0]
+        if seen == sample:
+            f.seek(base + member.offset)
+            return
+    raise EOFError(f"tar ends after {seen + 1} samples, before sample {sample}")
 
 
 def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:

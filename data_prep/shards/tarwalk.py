@@ -37,14 +37,26 @@ class RawSample:
     """Payload sizes of the members, also of skipped ones."""
 
 
-def _octal(field: bytes, name: str) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
-    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
-    try:
-        return int(field or b"0", 8)
-    except ValueError:
-        raise TarFormatError(f"bad tar header ({name} field {field[:12]!r})") from None
+_MAX_META = 1 << 20  # a long name or pax header larger than this is not one a writer makes: refused unread
+_CHUNK = 16 << 20  # payloads of unknown-length streams are read in pieces, so a lying size allocates nothing
+
+
+def _number(field: bytes, name: str) -> int:
+    """A numeric header field: octal text, or GNU base-256 (0x80: positive, 0xff: negative, as tarfile reads
+    them). A negative or unparsable value is a TarFormatError."""
+    if field and field[0] in (0x80, 0xFF):
+        value = int.from_bytes(field[1:], "big")
+        if field[0] == 0xFF:
+            value -= 256 ** (len(field) - 1)
+    else:
+        text = field.rstrip(b"\0 ").lstrip(b" ")
+        try:
+            value = int(text or b"0", 8)
+        except ValueError:
+            raise TarFormatError(f"bad tar header ({name} field {field[:12]!r})") from None
+    if value < 0:
+        raise TarFormatError(f"bad tar header (negative {name} {value})")
+    return value
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -56,13 +68,56 @@ def _checksum_ok(header: bytes) -> bool:
     return want == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
-def pax_path(payload: bytes) -> str | None:
-    """The `path` record of a pax extended header (the long name of the member after it), if any."""
-    for record in payload.decode("utf-8", "replace").split("\n"):
-        _, _, kv = record.partition(" ")
-        if kv.startswith("path="):
-            return kv[len("path="):]
+def pax_records(payload: bytes) -> dict[str, str]:
+    """The records of a pax extended header, `LENGTH KEY=VALUE\\n` each, read by their lengths as tarfile reads
+    them (a later record of a key wins). TarFormatError for a record whose length does not fit."""
+    records, pos = {}, 0
+    while pos < len(payload) and payload[pos:pos + 1] not in (b"\0", b""):
+        space = payload.find(b" ", pos, pos + 21)
+        length = int(payload[pos:space]) if space > pos and payload[pos:space].isdigit() else -1
+        end = pos + length
+        if length <= space - pos or end > len(payload) or payload[end - 1:end] != b"\n":
+            raise TarFormatError(f"bad pax header record at byte {pos}")
+        key, eq, value = payload[space + 1:end - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError(f"bad pax header record at byte {pos} (no '=')")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos = end
+    return records
+
+
+def _remaining_bytes(f: BinaryIO) -> int | None:
+    """Bytes from `f`'s position to its end where a file can say cheaply (local and fsspec files), else None."""
+    try:
+        pos = f.tell()
+        size = getattr(f, "size", None)
+        if isinstance(size, int):
+            return size - pos
+        if f.seekable():
+            end = f.seek(0, 2)
+            f.seek(pos)
+            return end - pos
+    except (AttributeError, OSError, ValueError):
+        pass
     return None
+
+
+def _read(f: BinaryIO, n: int, what: str) -> bytes:
+    """Exactly `n` bytes, in pieces (no allocation of a size the file does not hold); TarFormatError if short."""
+    if n <= _CHUNK:
+        data = f.read(n)
+    else:
+        parts, left = [], n
+        while left:
+            part = f.read(min(left, _CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        data = b"".join(parts)
+    if len(data) < n:
+        raise TarFormatError(f"truncated tar ({what})")
+    return data
 
 
 @dataclass
@@ -71,7 +126,8 @@ class Member:
     kind: bytes
     """The tar type flag: b"0" (or b"\\0") a regular file; b"5" a directory, b"2" a symlink, b"1" a hard link..."""
     offset: int
-    """Of its first header block (its long-name or pax header where it has one): where a seek-by-index starts."""
+    """Of its first header block (its long-name or pax header where it has one), from where the walk started:
+    where a seek-by-index starts."""
     size: int
     payload: bytes | None
     """The bytes of a regular file the walker was told to read, else None."""
@@ -82,17 +138,30 @@ class Member:
 
 
 class TarWalk:
-    """Every member of a tar in order, files and not (directories, links, devices), with its offset.
+    """Every member of a tar in order, files and not (directories, links, devices), with its offset: the one tar
+    reader of plait (training, eval, verify, index, merge, score, filter). Names and sizes are read as Python's
+    tarfile reads them (GNU long names, pax `path`/`size` records, global pax headers, base-256 numbers), and
+    every size is checked against what the file still holds before anything is read or allocated.
+
     `want(name)` says which regular files' payloads to read; the others are seeked over (read past on a stream
     that cannot seek). After the iteration, `end` is the offset just past the last member's padded payload: a
     file shorter than `end` + 1024 lacks the end-of-archive blocks (a writer killed between two members).
-    Raises TarFormatError on a bad header or a truncated payload."""
+    Raises TarFormatError on a bad header, a size the file does not hold, or a truncated payload."""
 
     def __init__(self, f: BinaryIO, want: Callable[[str], bool] = lambda name: True) -> None:
         self.f, self.want, self.end = f, want, 0
+        self.remaining = _remaining_bytes(f)
+
+    def _check_fits(self, pos: int, padded: int, name: str, size: int) -> None:
+        if self.remaining is not None and pos + padded > self.remaining:
+            left = max(0, self.remaining - pos)
+            raise TarFormatError(f"truncated tar (member {name!r} declares {size} bytes, {left} left)")
 
     def __iter__(self) -> Iterator[Member]:
-        f, pos, pending_name, start = self.f, 0, None, None
+        f, pos, start = self.f, 0, None
+        global_pax: dict[str, str] = {}
+        long_name: str | None = None
+        pax: dict[str, str] = {}
         while True:
             header = f.read(_BLOCK)
             if not header or header == bytes(_BLOCK):
@@ -101,35 +170,45 @@ class TarWalk:
                 raise TarFormatError(f"truncated tar header ({len(header)} bytes)")
             if not _checksum_ok(header):
                 raise TarFormatError("tar header checksum mismatch (not a tar, or corrupt)")
-            size, kind = _octal(header[124:136], "size"), header[156:157]
-            padded = -(-size // _BLOCK) * _BLOCK
+            size, kind = _number(header[124:136], "size"), header[156:157]
             start = pos if start is None else start
             pos += _BLOCK
-            if kind in (b"L", b"x", b"g"):  # GNU long name / pax header: the next member's real name
-                payload = f.read(padded)
-                if len(payload) < padded:
-                    raise TarFormatError("truncated tar (long name)")
+            if kind in (b"L", b"K", b"x", b"g"):  # GNU long name/link, pax headers: they describe the next member
+                if size > _MAX_META:
+                    raise TarFormatError(f"{'long name' if kind == b'L' else 'pax header'} of {size} bytes")
+                padded = -(-size // _BLOCK) * _BLOCK
+                self._check_fits(pos, padded, "(extended header)", size)
+                payload = _read(f, padded, "extended header")[:size]
                 pos += padded
-                payload = payload[:size]
                 if kind == b"L":
-                    pending_name = payload.rstrip(b"\0").decode("utf-8", "replace")
+                    long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
+                elif kind == b"K":  # a link's long target: no sample reads links
+                    pass
                 elif kind == b"x":
-                    pending_name = pax_path(payload) or pending_name
-                if kind == b"g":  # a global pax header applies to no one member
+                    pax = {**pax, **pax_records(payload)}
+                else:  # a global pax header applies to every member after it, and to no one member itself
+                    global_pax.update(pax_records(payload))
                     start = None
                 continue
-            name = pending_name or header[0:100].rstrip(b"\0").decode("utf-8", "replace")
-            if header[257:262] == b"ustar" and header[345:500].strip(b"\0") and not pending_name:
+            records = {**global_pax, **pax}
+            name = header[0:100].rstrip(b"\0").decode("utf-8", "replace")
+            if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
                 name = header[345:500].rstrip(b"\0").decode("utf-8", "replace") + "/" + name
+            name = records.get("path") or long_name or name
+            if "size" in records:
+                if not records["size"].isdigit():
+                    raise TarFormatError(f"bad pax size record {records['size'][:30]!r}")
+                size = int(records["size"])
             if kind == b"5":  # tar writes a directory as `name/`; it is named without the slash
                 name = name.rstrip("/")
+            padded = -(-size // _BLOCK) * _BLOCK
             member = Member(name, kind, start, size, None)
-            pending_name, start = None, None
+            long_name, pax, start = None, {}, None
+            if kind in (b"1", b"2", b"3", b"4", b"5", b"6"):
+                padded = 0  # links, devices, directories and fifos hold no data, whatever their size says
+            self._check_fits(pos, padded, name, size)
             if member.is_file and self.want(name):
-                payload = f.read(padded)
-                if len(payload) < padded:
-                    raise TarFormatError(f"truncated tar (member {name!r})")
-                member.payload = payload[:size]
+                member.payload = _read(f, padded, f"member {name!r}")[:size]
             else:
                 _skip(f, padded)
             pos += padded
