@@ -149,3 +149,38 @@ def test_repair_refuses_foreign_folders_with_a_clear_message(tmp_path):
     _writer_folder(folder)
     with pytest.raises(FileNotFoundError, match="not a plait dataset folder .*plait prep index"):
         main(["repair", str(folder), "--no-progress"])
+
+
+def test_verify_decodes_exactly_what_training_decodes(tmp_path, capsys):
+    # One shard: a JPEG sample (fine), a BMP-only sample and a GIF beside a JPEG (other formats: not trainable,
+    # never decoded), and a few-KB PNG claiming more pixels than the decoders' cap (refused from its header).
+    from PIL import Image
+
+    from data_prep.shards.members import MAX_DECODE_PIXELS
+    from pipeline.data.transforms import decode_member as train_decode
+
+    def encoded(img, fmt):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        return buf.getvalue()
+
+    side = int(MAX_DECODE_PIXELS ** 0.5) + 1
+    bomb = encoded(Image.new("1", (side, side)), "PNG")
+    jpeg = encoded(Image.new("RGB", (32, 32), "red"), "JPEG")
+    out = tmp_path / "ds"
+    out.mkdir()
+    with wds.TarWriter(str(out / "00000.tar")) as w:
+        w.write({"__key__": "ok", "jpg": jpeg, "txt": b"fine"})
+        w.write({"__key__": "bmp", "bmp": encoded(Image.new("RGB", (8, 8)), "BMP"), "txt": b"bmp only"})
+        w.write({"__key__": "gif", "jpg": jpeg, "gif": encoded(Image.new("P", (8, 8)), "GIF"), "txt": b"extra"})
+        w.write({"__key__": "bomb", "png": bomb, "txt": b"too many pixels"})
+    assert main(["index", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--decode-fraction", "1"]) == 1
+    text = capsys.readouterr().out
+    assert "00000.tar: bmp.bmp is a .bmp image: not trainable (plait reads JPEG, PNG, WEBP images)" in text
+    assert "00000.tar: gif.gif is a .gif image: not trainable" in text
+    assert "00000.tar: bomb.png does not decode as png (ValueError: image of 8193x8193 pixels is above" in text
+    assert "ok.jpg" not in text
+    with pytest.raises(ValueError, match="above the .*-pixel limit"):
+        train_decode("png", bomb)  # the same verdict in training

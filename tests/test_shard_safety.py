@@ -21,7 +21,8 @@ from pipeline.train.distributed import World
 from pipeline.eval.datasets import batches, resolve
 from pipeline.data.shardspec import parse_spec
 from data_prep.shards.tarseek import PipeRefused, open_url
-from pipeline.data.transforms import MAX_DECODE_PIXELS, decode_fields, decode_member
+from data_prep.shards.members import MAX_DECODE_PIXELS
+from pipeline.data.transforms import decode_fields, decode_member
 
 
 class _Payload:

@@ -26,18 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from data_prep.shards import manifest
 from data_prep.shards import layout
 from data_prep.maintenance.index import find_shards
 from data_prep.shards.scan import scan_shard, validate_sizes
-from data_prep.shards.members import IMAGE_FORMATS, TEXT_EXTS, MemberKeys, split_name
+from data_prep.shards.layout import IMAGE_EXTS
+from data_prep.shards.members import IMAGE_FORMATS, IMAGE_LIKE_EXTS, TEXT_EXTS, MemberKeys, open_image, split_name
 from data_prep.shards.tarwalk import MEMBER_KINDS, Member, TarWalk
 from data_prep.shards.writer import OutputDir
 
-_PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF",
-                "tif": "TIFF", "tiff": "TIFF", "ppm": "PPM", "pgm": "PPM"}
 MAX_LISTED = 20  # per kind of repeated finding (duplicate keys, samples without a member): the rest are counted
 
 
@@ -53,6 +51,8 @@ class ShardResult:
     sha256: str = ""
     readable: bool = True
     key_set: set[str] = field(default_factory=set)
+    untrainable: int = 0
+    """Image members of a format training does not read (.bmp, .gif, .tiff...)."""
     num_samples: int = 0
     key_hashes: np.ndarray | None = None
     """64-bit hashes of the keys, kept once the shard is checked (its keys are not: a dataset's keys as Python
@@ -267,6 +267,8 @@ def check_shard(url: str, every: int, entry: dict | None = None, keys: MemberKey
                 res.problems.append(f"{name}: sample {key} lacks {' and '.join(lacks)} member{why}")
     if missing > MAX_LISTED:
         res.problems.append(f"{name}: ... {missing - MAX_LISTED} more samples lacking a member")
+    if res.untrainable > MAX_LISTED:
+        res.problems.append(f"{name}: ... {res.untrainable - MAX_LISTED} more image members plait does not read")
     if entry is not None and res.readable:
         _check_against_manifest(res, entry)
     _check_index(url, res)
@@ -284,7 +286,7 @@ def _wanted(member_name: str, res: ShardResult, every: int) -> bool:
     key, ext = parts
     position = len(res.keys) - 1 if res.keys and res.keys[-1] == key else len(res.keys)  # of its sample
     return (ext == "json" or ext in TEXT_EXTS or ext.endswith(".txt")
-            or bool(every and position % every == 0 and ext.rsplit(".", 1)[-1] in _PIL_FORMATS))
+            or bool(every and position % every == 0 and ext.rsplit(".", 1)[-1] in IMAGE_EXTS))
 
 
 def _read_member(member: Member, res: ShardResult, samples: list) -> None:
@@ -312,19 +314,28 @@ def _read_member(member: Member, res: ShardResult, samples: list) -> None:
     if ext in members:
         res.problems.append(f"{name}: sample {key} has two {ext} members (webdataset raises on it)")
     members[ext] = None
-    if member.payload is not None:
+    base = ext.rsplit(".", 1)[-1]
+    if base in IMAGE_LIKE_EXTS and base not in IMAGE_EXTS:  # every one, decoded or not: training skips them
+        res.untrainable += 1
+        if res.untrainable <= MAX_LISTED:
+            res.problems.append(f"{name}: {key}.{ext} {decode_member(ext, b'')}")
+    elif member.payload is not None:
         error = decode_member(ext, member.payload)
         if error:
             res.problems.append(f"{name}: {key}.{ext} {error}")
 
 
 def decode_member(ext: str, data: bytes) -> str | None:
-    """None if member `ext` decodes with its explicit decoder, else why not. Only images, text and json are
-    decoded; any other extension (.pyd, .pth, .npy...) is never looked at."""
+    """None if member `ext` decodes as training decodes it, else why not. Images are opened by the format's one
+    decoder (members.open_image: JPEG, PNG and WebP only, under the pixel cap); other image extensions are
+    reported as not trainable without being decoded; text and json are decoded; any other extension (.pyd,
+    .pth, .npy...) is never looked at."""
     base = ext.rsplit(".", 1)[-1]
+    if base in IMAGE_LIKE_EXTS and base not in IMAGE_EXTS:
+        return f"is a .{base} image: not trainable (plait reads {', '.join(IMAGE_FORMATS)} images)"
     try:
-        if base in _PIL_FORMATS:
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # the loader's formats
+        if base in IMAGE_EXTS:
+            with open_image(data) as im:
                 im.load()
         elif base == "json":
             json.loads(data)

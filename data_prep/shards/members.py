@@ -15,9 +15,12 @@ frames as `f0000.jpg`, `f0001.jpg`, ... (any image key as the frame's extension)
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
+
+from PIL import Image
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 """Image members read by default (plait writes jpg, png or webp; other tools also write jpeg)."""
@@ -31,9 +34,22 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 Ghostscript, for one); a .bmp or .tiff member is reported, not read."""
 IMAGE_LIKE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 """Extensions that hold an image in some convention (named in a missing-image reason)."""
+MAX_DECODE_PIXELS = 8192 * 8192
+"""Images claiming more pixels are refused from their header, before any decoding (a 100-byte PNG can claim
+100k x 100k pixels); PIL's own bomb check only warns below twice its 89M-pixel limit."""
 _FRAME = re.compile(r"^f(\d+)\.([a-z0-9]+)$")
 _EXT = re.compile(r"^[a-z0-9_\-]+(\.[a-z0-9_\-]+)*$")
 _FIELD = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """An image member opened (lazily: pixels are decoded on first use) the one way every reader opens it:
+    only IMAGE_FORMATS, at most MAX_DECODE_PIXELS by its header. ValueError/OSError for anything else."""
+    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    if img.width * img.height > MAX_DECODE_PIXELS:
+        img.close()
+        raise ValueError(f"image of {img.width}x{img.height} pixels is above the {MAX_DECODE_PIXELS}-pixel limit")
+    return img
 
 
 def split_name(name: str) -> tuple[str, str] | None:

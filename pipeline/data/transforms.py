@@ -18,7 +18,6 @@ labels as integers, json), never webdataset's default decoders, which unpickle `
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Callable
@@ -30,12 +29,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data_prep.shards.layout import IMAGE_EXTS
-from data_prep.shards.members import IMAGE_FORMATS, MemberKeys
+from data_prep.shards.members import MemberKeys, open_image
 from pipeline.models.towers import image_mean_std
 
-MAX_DECODE_PIXELS = 8192 * 8192
-"""Images claiming more pixels are refused from their header, before any decoding (a 100-byte PNG can claim
-100k x 100k pixels); PIL's own bomb check only warns below twice its 89M-pixel limit."""
 
 
 def image_transform(model_cfg: dict, is_train: bool) -> T.Compose:
@@ -104,9 +100,7 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
 def decode_image(data: bytes, min_side: int | None) -> Image.Image:
     """RGB image; a JPEG at least twice `min_side` on its short side is decoded at 1/2, 1/4 or 1/8 scale,
     never below `min_side` (libjpeg picks the largest reduction that keeps both sides >= the request)."""
-    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    if img.width * img.height > MAX_DECODE_PIXELS:
-        raise ValueError(f"image of {img.width}x{img.height} pixels is above the {MAX_DECODE_PIXELS}-pixel limit")
+    img = open_image(data)  # the format's formats and pixel cap, as prep verify checks them
     if min_side and img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
