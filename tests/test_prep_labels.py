@@ -3,8 +3,13 @@ order for every array task, written to `classnames.txt` where `plait eval` / `pl
 label column kept without --label-col is warned about."""
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from data_prep.cli import main
@@ -87,3 +92,41 @@ def test_label_mapping_is_pure():
     with pytest.raises(Reject, match="out of range"):
         label_id(5, names, {"a": 0, "b": 1})
     assert label_id(5, None, None) == (5, None)
+
+
+def test_class_names_with_line_separators_are_refused_with_their_row(tmp_path):
+    # A JSONL table (JSON strings may hold any separator) whose labels include names that str.splitlines()
+    # would break in two: each such row is rejected, the rest keep ids that eval reads back in the same order.
+    labels = ["ant", "red\nthing", "bee", "dog\u2028x", "cat\x1cz", "bee"]
+    for i, p in enumerate(real_photos(limit=len(labels))):
+        shutil.copy(p, tmp_path / f"{i}.jpg")
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"url": f"{i}.jpg", "caption": f"photo {i}", "label": lab}) + "\n"
+                             for i, lab in enumerate(labels)))
+    out = tmp_path / "o"
+    _shard("--input", str(table), "--output", str(out), "--label-col", "label")
+    recs = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [r["reason"] for r in recs] == [None, "class name 'red\\nthing' holds a line break", None,
+                                           "class name 'dog\\u2028x' holds a line break",
+                                           "class name 'cat\\x1cz' holds a line break", None]
+    assert resolve(str(out)).classnames == ("ant", "bee")
+
+
+def test_a_classnames_file_is_read_at_newlines_only_and_checked_in_linear_time(tmp_path):
+    from data_prep.input.labels import read_classnames
+    from pipeline.eval.datasets import read_classnames as eval_read
+
+    path = tmp_path / "names.txt"
+    path.write_text("a\r\nb\u2028c\nd\n", newline="")
+    with pytest.raises(ValueError, match="holds a line break"):
+        read_classnames(str(path))
+    assert eval_read(path) == ("a", "b\u2028c", "d")  # one name per \n line, as prep writes them
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"class {i}\n" for i in range(200_000)) + "class 7\n")
+    script = f"from data_prep.input.labels import read_classnames\nread_classnames({str(many)!r})\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])  # quadratic: hours; linear: well under a second
+    assert "'class 7' appears twice" in proc.stderr
+    path.write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_classnames(str(path))

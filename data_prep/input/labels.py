@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from data_prep.media.images import Reject
+from data_prep.shards.layout import classname_problem, parse_classnames
 
 if TYPE_CHECKING:
     from data_prep.options import SourceOptions
@@ -36,15 +37,24 @@ def is_id(text: str) -> bool:
 
 
 def read_classnames(path: str) -> list[str]:
-    """One class name per line, in id order (blank lines ignored); duplicates are an error."""
+    """One class name per line, in id order (blank lines ignored; layout.parse_classnames, as eval reads it);
+    duplicates and undecodable files are errors naming the file."""
     import fsspec
-    with fsspec.open(path, "rt", encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    try:
+        with fsspec.open(path, "rb") as f:
+            names = parse_classnames(f.read().decode("utf-8"))
+    except UnicodeDecodeError as exn:
+        raise ValueError(f"--classnames {path!r}: not UTF-8 text ({exn.reason} at byte {exn.start})") from None
     if not names:
         raise ValueError(f"--classnames {path!r}: no class names in this file")
-    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if dup is not None:
-        raise ValueError(f"--classnames {path!r}: {dup!r} appears twice")
+    seen: set[str] = set()
+    for name in names:
+        problem = classname_problem(name)
+        if problem:
+            raise ValueError(f"--classnames {path!r}: {problem}")
+        if name in seen:
+            raise ValueError(f"--classnames {path!r}: {name!r} appears twice")
+        seen.add(name)
     return names
 
 
@@ -53,7 +63,7 @@ def plan_classnames(values: Iterable[Any], given: list[str] | None) -> list[str]
     None when every value is already an integer id (then no name mapping is needed or written)."""
     if given is not None:
         return given
-    names = {t for t in map(as_text, values) if t is not None}
+    names = {t for t in map(as_text, values) if t is not None and classname_problem(t) is None}
     if all(is_id(t) for t in names):
         return None
     return sorted(names)
@@ -64,6 +74,9 @@ def label_id(value: Any, classnames: tuple[str, ...] | None, index: dict[str, in
     text = as_text(value)
     if text is None:
         raise Reject("missing label")
+    problem = classname_problem(text)
+    if problem:  # it would split into two lines of classnames.txt and shift every later class
+        raise Reject(problem)
     if index is not None and text in index:
         return index[text], text
     if is_id(text):

@@ -62,8 +62,8 @@ def _adopt(out: OutputDir, have: dict[str, Any], opts: JobOptions, log: Callable
     _check_same_settings(have, opts)
     if have.get("class_names"):
         opts = dataclasses.replace(opts, class_names=tuple(have["class_names"]))
-        if not out.exists("classnames.txt"):  # beside the shards, where eval and finetune look for it
-            out.write_bytes("classnames.txt", ("\n".join(opts.class_names) + "\n").encode())
+        if not out.exists(layout.CLASSNAMES_FILE):  # beside the shards, where eval and finetune look for it
+            out.write_bytes(layout.CLASSNAMES_FILE, layout.format_classnames(opts.class_names))
     if opts.shard_bytes is None:
         return opts
     if not have.get("sizing"):

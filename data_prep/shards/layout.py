@@ -31,6 +31,8 @@ RECORDS_FILE = "samples.parquet"
 PLAN_FILE = "_plan.json"
 # The files beside the shards that identify a dataset's content (recorded, hashed, in model cards).
 CONTENT_FILES = (MANIFEST_FILE, SIZES_FILE, RECORDS_FILE)
+CLASSNAMES_FILE = "classnames.txt"
+"""One class name per line, in label-id order, beside the shards (`plait eval` and `plait finetune` read it)."""
 
 ENCODE_FORMATS = ("jpg", "png", "webp")
 """Image formats data_prep writes."""
@@ -81,3 +83,30 @@ def text_members(caption: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
     if isinstance(meta.get("cls"), int):
         members.append(("cls", str(meta["cls"]).encode()))  # webdataset / clip_benchmark label convention
     return members
+
+
+# Every character Python's str.splitlines() breaks a line at: a class name holding one would shift the ids of
+# every later class for a reader that splits that way.
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def classname_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name in classnames.txt (None: it can)."""
+    if _LINE_BREAKS.search(name):
+        return f"class name {name[:60]!r} holds a line break"
+    return None
+
+
+def format_classnames(names) -> bytes:
+    """classnames.txt's bytes; ValueError for a name that would not read back as one line."""
+    for name in names:
+        problem = classname_problem(name)
+        if problem:
+            raise ValueError(problem)
+    return ("\n".join(names) + "\n").encode("utf-8")
+
+
+def parse_classnames(text: str) -> list[str]:
+    """The class names of a classnames file, split at newlines only (a trailing \\r of CRLF files is stripped
+    with the other surrounding whitespace); blank lines are skipped. Every reader goes through this."""
+    return [line.strip() for line in text.split("\n") if line.strip()]

@@ -27,6 +27,7 @@ from pipeline.config import check_template
 from pipeline.train.distributed import World
 from pipeline.data.shardspec import expand
 from data_prep.shards.tarseek import PipeRefused, read_shard
+from data_prep.shards.layout import CLASSNAMES_FILE, parse_classnames
 from data_prep.shards.members import CAPTION_KEYS, MemberKeys
 from pipeline.data.transforms import decode_member
 
@@ -43,6 +44,18 @@ class EvalSet:
     templates: tuple[str, ...] = ()
     kind: str = ""
     """`classification`, `retrieval`, or '' when the folder does not say."""
+
+
+def read_classnames(path: str | Path) -> tuple[str, ...]:
+    """A classnames file (classnames.txt, --classnames) as prep writes it: split at newlines only
+    (layout.parse_classnames), so a name with another line separator cannot shift the labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return tuple(parse_classnames(path.read_bytes().decode("utf-8")))
+    except UnicodeDecodeError as exn:
+        raise ValueError(f"{path}: not UTF-8 text ({exn.reason} at byte {exn.start})") from None
 
 
 def read_lines(path: str | Path) -> tuple[str, ...]:
@@ -91,7 +104,7 @@ def resolve(data: str, split: str = "test", allow_pipe: bool = False, flag: str 
 
 def _described(urls: tuple[str, ...], meta: Path) -> EvalSet:
     """The shards with what `meta` (a folder) says about them: class names, templates, dataset type."""
-    names = read_lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else ()
+    names = read_classnames(meta / CLASSNAMES_FILE) if (meta / CLASSNAMES_FILE).is_file() else ()
     tpl_file = meta / "zeroshot_classification_templates.txt"
     templates = read_templates(tpl_file) if tpl_file.is_file() else ()
     kind_file = meta / "dataset_type.txt"

@@ -19,7 +19,8 @@ from torch import nn
 
 from pipeline.train.distributed import World, all_reduce_sum
 from data_prep.shards.members import CAPTION_KEYS, MemberKeys
-from pipeline.eval.datasets import EVAL_KEYS, IMAGE_KEYS, batches, rank_share, read_lines, read_templates, resolve
+from pipeline.eval.datasets import (EVAL_KEYS, IMAGE_KEYS, batches, rank_share, read_classnames, read_templates,
+                                    resolve)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     keys = MemberKeys.parse(args.image_keys, args.caption_keys, ("--image-keys", "--caption-keys"))
     data = resolve(args.data, args.split, allow_pipe=args.allow_pipe, flag="--allow-pipe")
-    classnames = read_lines(args.classnames) if args.classnames else data.classnames
+    classnames = read_classnames(args.classnames) if args.classnames else data.classnames
     templates = read_templates(args.templates) if args.templates else data.templates or DEFAULT_TEMPLATES
     train_data = args.train_data
     if not train_data and Path(args.data, "train").is_dir() and "linear_probe" in (args.task or []):

@@ -25,7 +25,8 @@ from pipeline.flags import add_options, from_args
 from pipeline.options import option, validate
 from pipeline.config import OptimConfig
 from data_prep.shards.members import MemberKeys
-from pipeline.eval.datasets import IMAGE_KEYS, batches, normalise_template, read_lines, resolve
+from data_prep.shards.layout import CLASSNAMES_FILE, format_classnames
+from pipeline.eval.datasets import IMAGE_KEYS, batches, normalise_template, read_classnames, read_lines, resolve
 from pipeline.artifacts.load import load_model
 from pipeline.eval.evaluate import (DEFAULT_TEMPLATES, class_embeddings, classification_counts, image_features,
                                summarise_classification)
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(cfg: FinetuneConfig) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     train_set, test_set = resolve(cfg.train_data, "train"), resolve(cfg.test_data, "test")
-    classnames = read_lines(cfg.classnames) if cfg.classnames else (test_set.classnames or train_set.classnames)
+    classnames = read_classnames(cfg.classnames) if cfg.classnames else (test_set.classnames or train_set.classnames)
     if not classnames:
         raise ValueError("class names needed: --classnames FILE (or classnames.txt beside the data)")
     templates = (tuple(map(normalise_template, read_lines(cfg.templates))) if cfg.templates
@@ -303,7 +304,7 @@ def export_finetuned(model: Classifier, loaded, cfg: FinetuneConfig, result: dic
 def write_head(folder: Path, head: dict[str, torch.Tensor], classnames: list[str]) -> None:
     """The classifier beside the exported towers: its weights and the class names in label order."""
     save_file(head, folder / "classifier.safetensors")
-    (folder / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    (folder / CLASSNAMES_FILE).write_bytes(format_classnames(classnames))
 
 
 def _scalars(metrics: dict) -> dict:
