@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from pipeline.options import option
 from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
+from data_prep.shards.manifest import read_manifest
+from data_prep.shards.scan import validate_sizes
 from data_prep.shards.writer import OutputDir
 
 PLAN = "_score_plan.json"
@@ -96,7 +98,7 @@ def open_dataset(url: str) -> Dataset:
         raise FileNotFoundError(f"dataset {url!r}: no such folder")
     src = OutputDir(url)
     if src.exists("manifest.json"):
-        manifest = src.read_json("manifest.json")
+        manifest = read_manifest(src)  # every name a plain tar of this folder: nothing is read or written elsewhere
         shards = [s["name"] for s in manifest["shards"]]
         sizes = {s["name"]: s["num_samples"] for s in manifest["shards"]}
         ident = [(s["name"], s["sha256"]) for s in manifest["shards"]]
@@ -105,7 +107,8 @@ def open_dataset(url: str) -> Dataset:
         shards = src.glob("*.tar")
         if not shards:
             raise ValueError(f"dataset {url!r}: not a WebDataset folder (no .tar shards and no plait manifest.json)")
-        sizes = src.read_json("sizes.json") if src.exists("sizes.json") else None
+        sizes = (validate_sizes(src.read_bytes("sizes.json"), src.path("sizes.json"))
+                 if src.exists("sizes.json") else None)
         ident = [(n, src.fs.size(src.path(n))) for n in shards]
         plait = False
     fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()

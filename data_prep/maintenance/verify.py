@@ -108,7 +108,11 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4,
             report.problems.append(f"{target}: no manifest.json (run `plait prep merge {target}` once all tasks "
                                    "are done)")
             return report
-        summary = out.read_json(layout.MANIFEST_FILE)
+        try:
+            summary = manifest.read_manifest(out)
+        except ValueError as exn:
+            report.problems.append(str(exn))
+            return report
         entries = {s["name"]: s for s in summary["shards"]}
         urls = [out.path(n) if "://" not in target else f"{target.rstrip('/')}/{n}" for n in entries]
         report.rows = {k: summary[k] for k in ("num_input_rows", "num_ok", "num_rejected")}

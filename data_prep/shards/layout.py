@@ -110,3 +110,13 @@ def parse_classnames(text: str) -> list[str]:
     """The class names of a classnames file, split at newlines only (a trailing \\r of CRLF files is stripped
     with the other surrounding whitespace); blank lines are skipped. Every reader goes through this."""
     return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def check_shard_name(name: object, where: str) -> str:
+    """`name` if it is a plain tar file name (`00003.tar`, `shard-a.tar`): what a manifest, sizes.json, index or
+    score file names is joined to its own folder, so a name that is a path (`../x.tar`, `/etc/x.tar`, `a/b.tar`,
+    `C:x.tar`) would read or write outside it. ValueError naming the file and the name otherwise."""
+    if (not isinstance(name, str) or not name.endswith(TAR_SUFFIX) or name in ("", ".", "..")
+            or any(c in name for c in "/\\\0:") or name.startswith(".") or len(name) > 255):
+        raise ValueError(f"{where}: shard name {name!r} is not a plain .tar file name in its folder")
+    return name

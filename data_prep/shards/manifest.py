@@ -97,3 +97,28 @@ def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int],
     assert num_samples == sum(sizes.values()), "per-sample manifest and shard stats disagree"
     out.write_json(layout.MANIFEST_FILE, summary)
     return summary
+
+
+def read_manifest(out: OutputDir) -> dict:
+    """A dataset's manifest.json, checked before any of it is used: an object whose `shards` entries each name a
+    plain tar of this folder (layout.check_shard_name) with a count, a size and a sha256. ValueError naming the
+    file and the bad entry."""
+    where = out.path(layout.MANIFEST_FILE)
+    try:
+        summary = out.read_json(layout.MANIFEST_FILE)
+    except ValueError as exn:
+        raise ValueError(f"{where}: not valid JSON ({exn})") from None
+    shards = summary.get("shards") if isinstance(summary, dict) else None
+    if not isinstance(shards, list):
+        raise ValueError(f"{where}: expected an object with a 'shards' list")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: shards[{i}] is not an object")
+        layout.check_shard_name(entry.get("name"), where)
+        for key in ("num_samples", "bytes"):
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: shards[{i}].{key} must be a non-negative integer, got {value!r}")
+        if not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"{where}: shards[{i}].sha256 must be a string")
+    return summary

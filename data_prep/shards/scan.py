@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 
+from data_prep.shards.layout import check_shard_name
 from data_prep.shards.members import MemberKeys, split_name
 from data_prep.shards.tarwalk import TarWalk
 
@@ -114,7 +115,7 @@ def validate_sizes(raw: bytes, where: str) -> dict[str, int]:
         raise ValueError(f"{where}: not valid JSON ({exn})") from None
     if not isinstance(table, dict):
         raise ValueError(f"{where}: expected an object {{\"shard.tar\": count}}, got {type(table).__name__}")
-    return {key: check_count(value, where, key) for key, value in table.items()}
+    return {check_shard_name(key, where): check_count(value, where, key) for key, value in table.items()}
 
 
 def check_count(value: Any, where: str, key: str) -> int:
