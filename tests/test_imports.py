@@ -211,7 +211,8 @@ def test_prep_starts_without_torch():
     # start-up before the first row.
     script = ("import sys\n"
               "import data_prep.cli, data_prep.curate.filter, data_prep.job.pool, data_prep.job.run\n"
-              "import data_prep.media.video, data_prep.job.worker\n"
+              "import data_prep.media.video, data_prep.job.worker, data_prep.maintenance.verify\n"
+              "import data_prep.maintenance.index, data_prep.maintenance.merge, data_prep.maintenance.repair\n"
               "data_prep.cli.build_parser()\n"
               "print(' '.join(m for m in ('torch', 'open_clip', 'accelerate') if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)

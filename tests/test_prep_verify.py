@@ -184,3 +184,22 @@ def test_verify_decodes_exactly_what_training_decodes(tmp_path, capsys):
     assert "ok.jpg" not in text
     with pytest.raises(ValueError, match="above the .*-pixel limit"):
         train_decode("png", bomb)  # the same verdict in training
+
+
+@pytest.mark.slow
+def test_verify_exits_cleanly_run_after_run_and_in_concurrent_pairs(tmp_path):
+    # `plait prep verify DIR && plait train ...` needs exit 0 every time: verify once imported torch (through the
+    # loader's tar reader), whose threads aborted the interpreter at exit in about half the runs ("terminate
+    # called without an active exception", exit 134), more often with two verifies of one folder at once.
+    import subprocess
+    import sys
+
+    photos = real_photos(limit=6)
+    out = tmp_path / "ds"
+    _shard(_table(tmp_path, [f"file://{p}" for p in photos * 4]), out, per=4)
+    command = [sys.executable, "-m", "data_prep", "verify", str(out)]
+    codes = []
+    for _ in range(10):
+        pair = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+        codes += [(p.wait(timeout=300), p.stderr.read().decode()[-300:]) for p in pair]
+    assert [c for c, _ in codes] == [0] * 20, [c for c in codes if c[0]]
