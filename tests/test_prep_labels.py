@@ -130,3 +130,32 @@ def test_a_classnames_file_is_read_at_newlines_only_and_checked_in_linear_time(t
     path.write_bytes(b"caf\xe9\n")
     with pytest.raises(ValueError, match="not UTF-8 text"):
         read_classnames(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "parquet"])
+@pytest.mark.parametrize("labels", [["bag", "coat", "bag", "sneaker", "coat", "bag"], [2, 0, 1, 2, 0, 1]])
+def test_label_col_works_over_every_table_format(tmp_path, fmt, labels):
+    import pyarrow as pa
+
+    for i, p in enumerate(real_photos(limit=len(labels))):
+        shutil.copy(p, tmp_path / f"{i}.jpg")
+    rows = [{"url": f"{i}.jpg", "caption": f"photo {i}", "label": lab} for i, lab in enumerate(labels)]
+    table = tmp_path / f"t.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), table)
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        table.write_text("".join(sep.join(map(str, r.values())) + "\n" for r in [dict(zip(rows[0], rows[0]))] + rows))
+    elif fmt == "jsonl":
+        table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        table.write_text(json.dumps(rows))
+    out = tmp_path / "o"
+    _shard("--input", str(table), "--output", str(out), "--label-col", "label")
+    recs = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [r["status"] for r in recs] == ["ok"] * len(labels), {r["reason"] for r in recs}
+    names = sorted(set(labels)) if isinstance(labels[0], str) else None
+    got = {key: int(m["cls"]) for key, m in shard_members(out).items()}
+    assert sorted(got.values()) == sorted(names.index(x) if names else x for x in labels)
+    assert ((out / "classnames.txt").read_text().split("\n")[:-1] == names) if names else \
+        not (out / "classnames.txt").exists()

@@ -171,7 +171,7 @@ def _parquet(opts: SourceOptions, fmt: str, ranges: RowRanges | None = None) -> 
         pf = pq.ParquetFile(f)
         _check_columns(pf.schema_arrow.names, opts, url_col, caption_col)
         cols = list(dict.fromkeys(c for c in (url_col, caption_col, *opts.extra_cols, opts.start_col,
-                                               opts.end_col) if c))
+                                               opts.end_col, opts.label_col) if c))
         if ranges is None:
             index = 0
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
