@@ -20,6 +20,7 @@ from pipeline.data.loader import TrainStream
 from pipeline.train.distributed import World
 from pipeline.eval.datasets import batches, resolve
 from pipeline.data.shardspec import parse_spec
+from data_prep.cli import main
 from data_prep.shards.tarseek import PipeRefused, open_url
 from data_prep.shards.members import MAX_DECODE_PIXELS
 from pipeline.data.transforms import decode_fields, decode_member
@@ -169,14 +170,14 @@ def test_eval_templates_are_checked_before_the_model_loads(trapped, tmp_path, ca
 def test_damaged_index_and_stats_files_are_named(tmp_path, caplog):
     """A corrupt member index is named and ignored (the samples are found by their tar headers); a corrupt stats
     file or sizes.json is an error naming the file."""
-    from data_prep.shards.tarseek import read_piece, sample_offsets
+    from data_prep.shards.tarseek import read_piece, sample_index, sample_offsets
     samples = [{"jpg": _jpeg(i), "txt": f"c{i}".encode()} for i in range(6)]
     shard = tmp_path / "00000.tar"
     _write_tar(shard, samples)
     index = tmp_path / "00000.idx.json"
     for damaged in ("{not json", json.dumps({"format": "plait-tar-index/1", "offsets": [0, 9, 3]})):
         index.write_text(damaged)
-        sample_offsets.cache_clear()
+        sample_index.cache_clear()
         assert sample_offsets(str(shard)) is None
         assert str(index) in caplog.text and "damaged index" in caplog.text
         caplog.clear()
@@ -187,3 +188,21 @@ def test_damaged_index_and_stats_files_are_named(tmp_path, caplog):
     (tmp_path / "sizes.json").write_text('{"00000.tar": "six"}')
     with pytest.raises(ValueError, match="sizes.json"):
         parse_spec(str(shard))
+
+
+def test_an_index_whose_offsets_were_shifted_is_caught_at_the_seek(tmp_path, caplog):
+    # Offsets still increasing (the index's own check passes) but shifted by one sample: a read of samples 2-4
+    # returned 3-5, sample 2 never read and 5 read twice. Each seek now checks the key the index names there.
+    from data_prep.shards.tarseek import read_piece, sample_index
+    samples = [{"jpg": _jpeg(i), "txt": f"c{i}".encode()} for i in range(6)]
+    shard = tmp_path / "00000.tar"
+    _write_tar(shard, samples)
+    assert main(["index", str(tmp_path), "--no-progress"]) == 0
+    index_file = tmp_path / "00000.idx.json"
+    index = json.loads(index_file.read_text())
+    index["offsets"] = index["offsets"][1:] + [index["offsets"][-1] + 1]
+    index_file.write_text(json.dumps(index))
+    sample_index.cache_clear()
+    got = [s["__key__"] for s in read_piece(str(shard), 2, 5)]
+    assert got == ["s0002", "s0003", "s0004"]
+    assert "the index's offset of sample 2 holds sample 's0003', not 's0002'" in caplog.text

@@ -13,6 +13,7 @@ that passes `allow_pipe=True` (the user's explicit `--allow-pipe`); a shard spec
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -126,9 +127,10 @@ class ForwardReader:
         self.close()
 
 
-def _open_at(url: str, start: int):
-    """`url` opened and positioned at the first header of sample `start`."""
-    offsets = sample_offsets(url) if start else None
+def _open_at(url: str, start: int, use_index: bool = True):
+    """`url` opened and positioned at the first header of sample `start` (by its index's offset unless
+    `use_index` is False, else by walking the tar headers)."""
+    offsets = sample_offsets(url) if start and use_index else None
     f = open_url(url)
     try:
         if offsets is not None and start < len(offsets):
@@ -152,9 +154,16 @@ def _open_at(url: str, start: int):
     return f
 
 
-@lru_cache(maxsize=64)
 def sample_offsets(url: str) -> tuple[int, ...] | None:
     """Byte offsets of the samples of `url` from its plait index `S.idx.json`, or None when there is none."""
+    index = sample_index(url)
+    return None if index is None else index[0]
+
+
+@lru_cache(maxsize=64)
+def sample_index(url: str) -> tuple[tuple[int, ...], tuple[str, ...] | None] | None:
+    """(byte offsets, keys) of the samples of `url` from its plait index `S.idx.json` (keys None in an index
+    without them), or None when there is none or it is damaged."""
     if not url.endswith(layout.TAR_SUFFIX):
         return None
     where = layout.sibling(url, layout.INDEX_SUFFIX)
@@ -171,12 +180,15 @@ def sample_offsets(url: str) -> tuple[int, ...] | None:
         if not all(type(o) is int for o in offsets) or any(b <= a for a, b in zip(offsets, offsets[1:])) or (
                 offsets and offsets[0] < 0):
             raise ValueError("offsets are not increasing byte positions")
+        keys = tuple(index["keys"]) if "keys" in index else None
+        if keys is not None and (len(keys) != len(offsets) or not all(isinstance(k, str) for k in keys)):
+            raise ValueError("keys do not pair with the offsets")
     except (ValueError, KeyError, TypeError) as exn:
         # The index only saves reading tar headers: without it the samples are found by walking them.
         log.warning("ignoring the damaged index %s (%s: %s); positioning by tar headers", where,
                     type(exn).__name__, exn)
         return None
-    return offsets
+    return offsets, keys
 
 
 def seek_by_headers(f, sample: int) -> None:
@@ -205,13 +217,29 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
         return
     got = 0
     try:
-        with _open_at(url, start) as f:
-            for sample in samples(f, url):
+        f = _open_at(url, start)
+        try:
+            stream = samples(f, url)
+            first = next(stream, None)
+            index = sample_index(url) if start else None
+            expected = index[1][start] if index and index[1] and start < len(index[1]) else None
+            if first is not None and expected is not None and first["__key__"] != expected:
+                # The offset led to another sample than the index names: a stale or tampered index. Reading
+                # on would shift the piece (one sample never read, another read twice): walk the headers.
+                log.warning("%s: the index's offset of sample %d holds sample %r, not %r (a stale or altered "
+                            "index): positioning by tar headers", url, start, first["__key__"], expected)
+                f.close()
+                f = _open_at(url, start, use_index=False)
+                stream = samples(f, url)
+                first = next(stream, None)
+            for sample in itertools.chain(() if first is None else (first,), stream):
                 yield sample
                 got += 1
                 if got == count:
                     return
-            reason = Bad("short_shard", f"{url}: {got} of {count} samples from {start} present")
+        finally:
+            f.close()
+        reason = Bad("short_shard", f"{url}: {got} of {count} samples from {start} present")
     except Exception as exn:  # truncated tar, network error, bad header: the rest of the piece is lost
         reason = Bad("unreadable_shard", f"{url} at sample {start + got}: {type(exn).__name__}: {exn}")
     for _ in range(count - got):
