@@ -99,7 +99,16 @@ class CorpusServer:
             def log_message(self, *a):
                 pass
 
+            def leave(self):
+                # Counted as done before the reply goes out: once the client has the body it may start its
+                # next request, maybe before this thread would run a `finally` (a false overlap under load).
+                if self.counted:
+                    with server.lock:
+                        server.active -= 1
+                    self.counted = False
+
             def send(self, code, body=b"", headers=()):
+                self.leave()
                 self.send_response(code)
                 for k, v in headers:
                     self.send_header(k, v)
@@ -115,11 +124,11 @@ class CorpusServer:
                 with server.lock:
                     server.active += 1
                     server.max_active = max(server.max_active, server.active)
+                self.counted = True
                 try:
                     return self.route(path, server.hits[path])
                 finally:
-                    with server.lock:
-                        server.active -= 1
+                    self.leave()
 
             def route(self, path, n):
                 if path == "/sleepy.jpg":
