@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import shutil
 import os
 import random
 import subprocess
@@ -358,3 +359,19 @@ def test_truncated_shard_records_every_missing_key(data, tmp_path):
     lost = [r for r in rows.values() if r["score"] is None]
     assert 40 <= len(lost) <= 60 and all(r["reason"].startswith("unreadable shard (TarFormatError") for r in lost)
     assert list(summary["shard_errors"]) == ["00001.tar"]
+
+
+def test_filter_reruns_and_resumes_without_scores_flag(data, tmp_path):
+    # The default score folder (DATASET/scores) is resolved before the plan is compared: the same command after
+    # a finished run, or after a kill between shards, continues instead of "filtered with other settings".
+    dataset = tmp_path / "ds"
+    shutil.copytree(data["noisy"], dataset)
+    score(ScoreOptions(str(dataset), str(data["untrained"]), num_workers=0, progress=False))
+    out = tmp_path / "kept"
+    opts = FilterOptions(str(dataset), str(out), top_fraction=0.5, progress=False)
+    first = filter_dataset(opts, log=lambda s: None)
+    assert filter_dataset(opts, log=lambda s: None)["num_ok"] == first["num_ok"]
+    (out / "00001_stats.json").unlink()  # as if killed while copying shard 1
+    assert filter_dataset(opts, log=lambda s: None)["shards_copied"] == 1
+    plan = json.loads((out / "_plan.json").read_text())["filter"]
+    assert plan["scores"] == f"{dataset}/scores"

@@ -91,6 +91,11 @@ class FilterOptions:
         parse_caption_rules(self.caption_rules)
 
     @property
+    def scores_folder(self) -> str | None:
+        """The score folder the score and dedup rules read (--scores, else DATASET/scores); None without them."""
+        return (self.scores or f"{self.dataset.rstrip('/')}/scores") if self.needs_scores else None
+
+    @property
     def needs_scores(self) -> bool:
         return self.min_score is not None or self.top_fraction is not None or self.dedup_embeddings is not None
 
@@ -144,7 +149,7 @@ def load_pool(src: OutputDir, shards: list[str]) -> pa.Table:
 def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np.ndarray, list, np.ndarray | None]:
     """(score plan, scores [N] with NaN for null, null reasons [N], image embeddings [N, D] or None) aligned to
     `keys`; refuses scores of another dataset, unfinished score folders and missing embeddings."""
-    folder = opts.scores or f"{opts.dataset.rstrip('/')}/scores"
+    folder = opts.scores_folder
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.exists(f"{root.rstrip('/')}/{SCORE_PLAN}"):
         raise FileNotFoundError(f"--scores {folder!r}: no score folder ({SCORE_PLAN} missing); run "
@@ -219,7 +224,7 @@ def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tupl
                 reasons[i] = caption_verdict(captions.get(k), rules)
     if opts.needs_scores:
         plan, scores, null_reasons, emb = load_scores(opts, dataset, keys)
-        info["model"], info["scores"] = plan["model"], opts.scores or f"{opts.dataset.rstrip('/')}/scores"
+        info["model"], info["scores"] = plan["model"], opts.scores_folder
         scored = ~np.isnan(scores)
         if opts.top_fraction is not None:
             count = math.ceil(opts.top_fraction * int(scored.sum()))
@@ -304,6 +309,7 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
     pool = load_pool(src, dataset.shards)
     settings = {k: v for k, v in asdict(opts).items() if k not in ("dataset", "output", "device", "progress")}
     settings["caption_rules"] = list(opts.caption_rules)
+    settings["scores"] = opts.scores_folder  # resolved: a rerun without --scores is the same command
     out = OutputDir(opts.output)
     provenance = {"source": opts.dataset, "source_fingerprint": dataset.fingerprint, **settings}
     if out.exists("_plan.json"):
