@@ -375,3 +375,26 @@ def test_filter_reruns_and_resumes_without_scores_flag(data, tmp_path):
     assert filter_dataset(opts, log=lambda s: None)["shards_copied"] == 1
     plan = json.loads((out / "_plan.json").read_text())["filter"]
     assert plan["scores"] == f"{dataset}/scores"
+
+
+def test_score_and_filter_write_only_into_new_empty_or_their_own_folders(data, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "00000_stats.json").write_text('{"successes": 9}')  # img2dataset's, not a finished score shard
+    (foreign / "00003.tar").write_bytes(b"someone's shard")
+    untouched = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    with pytest.raises(ValueError, match="--out .*holds 2 entries .*not an earlier output of `plait prep score`"):
+        score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(foreign), num_workers=0,
+                           progress=False))
+    with pytest.raises(ValueError, match="--out .*not an earlier output of `plait prep score`"):
+        score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(data["noisy"]), num_workers=0,
+                           progress=False))  # the dataset itself
+    with pytest.raises(ValueError, match="--output .*not an earlier output of `plait prep filter`"):
+        filter_dataset(FilterOptions(str(data["noisy"]), str(foreign), min_image_size=1, progress=False))
+    scores_dir = tmp_path / "scores"
+    score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(scores_dir), num_workers=0,
+                       progress=False))
+    with pytest.raises(ValueError, match="--output .*not an earlier output of `plait prep filter`"):
+        filter_dataset(FilterOptions(str(data["noisy"]), str(scores_dir), scores=str(scores_dir),
+                                     top_fraction=0.5, progress=False))  # a neighbouring plait folder
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == untouched

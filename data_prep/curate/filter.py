@@ -311,6 +311,8 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
     settings["caption_rules"] = list(opts.caption_rules)
     settings["scores"] = opts.scores_folder  # resolved: a rerun without --scores is the same command
     out = OutputDir(opts.output)
+    out.claim("--output", "_plan.json", lambda p: isinstance(p, dict) and isinstance(p.get("filter"), dict),
+              "plait prep filter")
     provenance = {"source": opts.dataset, "source_fingerprint": dataset.fingerprint, **settings}
     if out.exists("_plan.json"):
         have = out.read_json("_plan.json").get("filter", {})

@@ -237,6 +237,8 @@ def score(opts: ScoreOptions) -> dict[str, Any]:
         raise ValueError("--device cuda: no GPU visible")
     rank, world = accelerator.process_index, accelerator.num_processes
     out = OutputDir(opts.out_dir)
+    out.claim("--out", PLAN, lambda p: isinstance(p, dict) and p.get("format") == "plait-score-plan/1",
+              "plait prep score")
     plan = {"format": "plait-score-plan/1", "dataset": dataset.url, "dataset_fingerprint": dataset.fingerprint,
             "model": model_fingerprint(opts.model.removeprefix("local-dir:")), "embedding_dim": dim,
             "embeddings": opts.embeddings, "precision": opts.precision, "shards": dataset.shards}

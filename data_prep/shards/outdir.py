@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +33,26 @@ class OutputDir:
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
+
+    def entries(self) -> list[str]:
+        """The names in the folder (files and folders)."""
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+
+    def claim(self, flag: str, marker: str, is_ours: Callable[[Any], bool], command: str) -> None:
+        """Refuses to write into a folder this command did not write: it must be empty, or hold `marker`, a JSON
+        file that `is_ours` accepts (an earlier run of `command`, which then continues). ValueError naming the
+        flag and the folder; nothing is written either way."""
+        entries = self.entries()
+        if not entries:
+            return
+        try:
+            ours = self.exists(marker) and is_ours(self.read_json(marker))
+        except (ValueError, OSError):
+            ours = False
+        if not ours:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ValueError(f"{flag} {self.url!r}: the folder holds {len(entries)} entries ({shown}) and is not an "
+                             f"earlier output of `{command}`; choose a new or empty folder")
 
     def glob(self, pattern: str) -> list[str]:
         return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(self.path(pattern)))
