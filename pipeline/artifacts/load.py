@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pipeline.artifacts.pretrained import check_local_towers
 from pipeline.models.towers import build_clip, tokenizer_for
 from pipeline.data.transforms import image_transform
 
@@ -94,20 +95,26 @@ def load_model(source: str | Path, model: str | None = None) -> Loaded:
                              "(a registered open_clip config, e.g. ViT-B-32, or a config .json)")
         name = model
         if model.endswith(".json"):
+            check_local_towers(json.loads(Path(model).read_text()), model)
             open_clip.add_model_config(model)
             name = Path(model).stem
         clip = open_clip.create_model(name, pretrained=str(path))
         cfg = open_clip.get_model_config(name)
         return Loaded(clip.eval(), open_clip.get_tokenizer(name), image_transform(cfg, is_train=False), cfg, "open_clip")
     if (path / "open_clip_config.json").is_file():
+        where = path / "open_clip_config.json"
+        try:
+            config = json.loads(where.read_text())
+        except (ValueError, UnicodeDecodeError) as exn:
+            raise ValueError(f"{where}: not valid JSON ({exn})") from None
+        cfg = check_local_towers(config.get("model_cfg") if isinstance(config, dict) else None, str(where))
         clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
-        cfg = json.loads((path / "open_clip_config.json").read_text())["model_cfg"]
         return Loaded(clip.eval(), tokenizer_for(cfg), preprocess, cfg, "open_clip")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _hf(path)
     if (path / "towers.safetensors").is_file():
-        cfg = json.loads((path / "model_config.json").read_text())
+        cfg = check_local_towers(json.loads((path / "model_config.json").read_text()), str(path / "model_config.json"))
         return _from_state(load_file(path / "towers.safetensors"), cfg, "safetensors")
     from pipeline.artifacts.export import load_checkpoint_model  # a training checkpoint or run dir
     state, cfg = load_checkpoint_model(path)
-    return _from_state(state, cfg, "checkpoint")
+    return _from_state(state, check_local_towers(cfg, str(path)), "checkpoint")

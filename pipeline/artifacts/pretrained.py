@@ -42,6 +42,7 @@ def architecture(cfg: ModelConfig, resuming: Path | None = None) -> dict:
         found = (pretrained_architecture(cfg.pretrained) if resuming is None
                  else json.loads(torch.load(Path(resuming) / "trainer.pt", weights_only=True)["model_cfg"]))
     if found is not None:
+        check_local_towers(found, f"config key 'model.pretrained': {cfg.pretrained}")
         if _arch_key(found) != _arch_key(model_cfg):
             warnings.warn(f"model.pretrained {cfg.pretrained} holds its own architecture; model.name {cfg.name!r} "
                           "(a different one) is ignored", stacklevel=2)
@@ -57,6 +58,21 @@ def architecture(cfg: ModelConfig, resuming: Path | None = None) -> dict:
                 raise ValueError(f"config key 'model.text_hf': model.pretrained {cfg.pretrained} holds a whole model "
                                  f"whose text tower differs ({changed}); drop model.text_hf (and text_hf_*) to "
                                  "continue that model")
+    return model_cfg
+
+
+def check_local_towers(model_cfg: object, where: str) -> dict:
+    """`model_cfg` if it is an open_clip model config whose Hugging Face text tower and tokenizer (if any) are
+    local folders; a name such as `org/repo` would make open_clip and transformers ask the Hub for it. ValueError
+    naming `where` otherwise."""
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("text_cfg", {}), dict):
+        raise ValueError(f"{where}: not an open_clip model config (expected an object with text_cfg/vision_cfg)")
+    text = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text.get(key)
+        if name is not None and (not isinstance(name, str) or not Path(name).is_dir()):
+            raise ValueError(f"{where}: text_cfg.{key} {name!r} is not a local folder (plait never downloads a "
+                             "model: pass the path of a local copy)")
     return model_cfg
 
 
