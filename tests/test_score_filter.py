@@ -398,3 +398,44 @@ def test_score_and_filter_write_only_into_new_empty_or_their_own_folders(data, t
         filter_dataset(FilterOptions(str(data["noisy"]), str(scores_dir), scores=str(scores_dir),
                                      top_fraction=0.5, progress=False))  # a neighbouring plait folder
     assert {p.name: p.read_bytes() for p in foreign.iterdir()} == untouched
+
+
+@pytest.mark.parametrize("damage", ["inf score", "large score", "nan score", "duplicate key", "string scores",
+                                    "no score column", "plan is an array", "plan without embedding_dim",
+                                    "huge embedding_dim", "string embedding_dim", "nan embedding"])
+def test_damaged_score_files_are_one_line_errors(data, tmp_path, damage):
+    import pyarrow as pa
+
+    scores_dir = tmp_path / "scores"
+    score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(scores_dir), num_workers=0,
+                       embeddings=True, progress=False))
+    shard = scores_dir / "00001.parquet"
+    table = pq.read_table(shard)
+    plan_file = scores_dir / "_score_plan.json"
+    plan = json.loads(plan_file.read_text())
+    col = table.column("score").to_pylist()
+    if damage in ("inf score", "large score", "nan score"):
+        col[3] = {"inf score": float("inf"), "large score": 1e30, "nan score": float("nan")}[damage]
+        table = table.set_column(table.schema.get_field_index("score"), "score", pa.array(col, pa.float32()))
+    elif damage == "duplicate key":
+        table = pa.concat_tables([table, table.slice(0, 1)])
+    elif damage == "string scores":
+        table = table.set_column(table.schema.get_field_index("score"), "score", pa.array([str(c) for c in col]))
+    elif damage == "no score column":
+        table = table.drop(["score"])
+    elif damage == "nan embedding":
+        emb = table.column("image_embedding").to_pylist()
+        emb[2] = [float("nan")] * len(emb[2])
+        table = table.set_column(table.schema.get_field_index("image_embedding"), "image_embedding",
+                                 pa.array(emb, table.schema.field("image_embedding").type))
+    else:
+        plan = {"plan is an array": [plan], "plan without embedding_dim": {**plan, "embedding_dim": None},
+                "huge embedding_dim": {**plan, "embedding_dim": 10**12},
+                "string embedding_dim": {**plan, "embedding_dim": "64"}}[damage]
+        plan_file.write_text(json.dumps(plan))
+    pq.write_table(table, shard)
+    opts = FilterOptions(str(data["noisy"]), str(tmp_path / "o"), scores=str(scores_dir), top_fraction=0.5,
+                         dedup_embeddings=0.99, progress=False)
+    with pytest.raises(ValueError, match=r"--scores .*(score|embedding|_score_plan)") as exn:
+        filter_dataset(opts, log=lambda s: None)
+    assert "\n" not in str(exn.value)

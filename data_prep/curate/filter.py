@@ -155,7 +155,7 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
         raise FileNotFoundError(f"--scores {folder!r}: no score folder ({SCORE_PLAN} missing); run "
                                 f"`plait prep score {opts.dataset} --model EXPORT` first")
     sdir = OutputDir(folder)
-    plan = sdir.read_json(SCORE_PLAN)
+    plan = _score_plan(sdir, folder)
     if plan.get("dataset_fingerprint") != dataset.fingerprint:
         raise ValueError(f"--scores {folder!r} were computed on {plan.get('dataset')!r} (fingerprint "
                          f"{str(plan.get('dataset_fingerprint'))[:12]}), not on {opts.dataset!r} (fingerprint "
@@ -172,14 +172,36 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
     reasons: list[str | None] = ["not in the score file"] * len(keys)
     emb = None
     cols = ["key", "score", "reason"] + (["image_embedding"] if opts.dedup_embeddings is not None else [])
+    seen = np.zeros(len(keys), bool)
     for s in dataset.shards:
-        with sdir.fs.open(sdir.path(f"{s.removesuffix('.tar')}.parquet"), "rb") as f:
-            t = pq.ParquetFile(f).read(columns=cols)
+        name = sdir.path(f"{s.removesuffix('.tar')}.parquet")
+        try:
+            with sdir.fs.open(name, "rb") as f:
+                t = pq.ParquetFile(f).read(columns=cols)
+        except (OSError, ValueError, KeyError) as exn:  # pyarrow's errors are of these kinds (missing column too)
+            raise ValueError(f"--scores {folder!r}: {name} is not a score file ({type(exn).__name__}: "
+                             f"{str(exn).splitlines()[0] if str(exn) else ''})") from None
+        absent = [c for c in cols if c not in t.column_names]
+        if absent:
+            raise ValueError(f"--scores {folder!r}: {name} has no {absent[0]!r} column (not written by plait "
+                             "prep score)")
         idx = np.array([where.get(k, -1) for k in t.column("key").to_pylist()], np.int64)
         if (idx < 0).any():
             raise ValueError(f"--scores {folder!r}: {s} has keys the dataset does not ({int((idx < 0).sum())}): "
                              "scores of another dataset")
+        if len(np.unique(idx)) < len(idx) or seen[idx].any():
+            raise ValueError(f"--scores {folder!r}: {name} scores a sample twice")
+        seen[idx] = True
+        if not pa.types.is_floating(t.schema.field("score").type):
+            raise ValueError(f"--scores {folder!r}: {name}: the score column is {t.schema.field('score').type}, "
+                             "not a float (not written by plait prep score)")
         sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> nan
+        nulls = t.column("score").is_null().to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            bad = ~nulls & ~(np.abs(sc) <= 1 + 1e-3)  # NaN, inf and |s| > 1 (a null score is a recorded reason)
+        if bad.any():
+            raise ValueError(f"--scores {folder!r}: {name} holds the score {float(sc[bad][0])!r}: a cosine "
+                             "similarity lies in [-1, 1]")
         scores[idx] = sc
         for i, r in zip(idx, t.column("reason").to_pylist()):
             reasons[i] = r
@@ -187,8 +209,29 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
             emb = np.zeros((len(keys), plan["embedding_dim"]), np.float16)
         if emb is not None:
             col = t.column("image_embedding").combine_chunks()
-            emb[idx] = col.values.to_numpy(zero_copy_only=False).reshape(len(t), -1)
+            values = col.values.to_numpy(zero_copy_only=False)
+            if len(values) != len(t) * plan["embedding_dim"]:
+                raise ValueError(f"--scores {folder!r}: {name}: embeddings are not of dimension "
+                                 f"{plan['embedding_dim']} (the plan's embedding_dim)")
+            rows = values.reshape(len(t), -1)
+            if not np.isfinite(rows[~nulls]).all():
+                raise ValueError(f"--scores {folder!r}: {name} holds non-finite embeddings")
+            emb[idx] = rows
     return plan, scores, reasons, emb
+
+
+def _score_plan(sdir: OutputDir, folder: str) -> dict:
+    """A score folder's plan, checked: an object with a sane `embedding_dim` (it sizes an allocation)."""
+    try:
+        plan = sdir.read_json(SCORE_PLAN)
+    except ValueError as exn:
+        raise ValueError(f"--scores {folder!r}: {SCORE_PLAN} is not valid JSON ({exn})") from None
+    if not isinstance(plan, dict):
+        raise ValueError(f"--scores {folder!r}: {SCORE_PLAN} is not a JSON object")
+    dim = plan.get("embedding_dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 65536:
+        raise ValueError(f"--scores {folder!r}: {SCORE_PLAN} has embedding_dim {dim!r} (expected 1..65536)")
+    return plan
 
 
 def read_captions(src: OutputDir, shards: list[str], keys: MemberKeys) -> dict[str, str | None]:
