@@ -439,3 +439,14 @@ def test_damaged_score_files_are_one_line_errors(data, tmp_path, damage):
     with pytest.raises(ValueError, match=r"--scores .*(score|embedding|_score_plan)") as exn:
         filter_dataset(opts, log=lambda s: None)
     assert "\n" not in str(exn.value)
+
+
+def test_filter_on_cuda_without_a_gpu_is_a_one_line_error(data, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    scores_dir = tmp_path / "scores"
+    score(ScoreOptions(str(data["noisy"]), str(data["untrained"]), out=str(scores_dir), num_workers=0,
+                       embeddings=True, progress=False))
+    assert plait.main(["prep", "filter", str(data["noisy"]), "--output", str(tmp_path / "o"), "--scores",
+                       str(scores_dir), "--dedup-embeddings", "0.99", "--device", "cuda"]) == 2

@@ -74,6 +74,8 @@ def near_duplicates(embeddings: Callable[[np.ndarray], np.ndarray], order: np.nd
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"--dedup-embeddings {threshold}: a cosine threshold must be in (0, 1]")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no GPU visible (the near-duplicate search runs on the CPU with --device cpu)")
     n = len(order)
     dropped = np.zeros(n, bool)
     duplicate_of = np.full(n, -1, np.int64)
