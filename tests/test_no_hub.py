@@ -89,3 +89,39 @@ def test_the_loader_of_every_model_form_refuses_hub_names(hub_export):
     with pytest.raises(ValueError, match="open_clip_config.json: text_cfg.hf_model_name 'org/repo' is not a local"):
         load_model(hub_export)
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # and the HF libraries run offline in every plait process
+
+
+@pytest.mark.parametrize("damage", ["config is an array", "bogus image_mean", "zero image_std", "string size",
+                                    "weights symlinked to a non-weights file", "only a pickled .bin"])
+def test_damaged_exports_are_one_line_errors(hub_export, tmp_path, damage):
+    import pickle
+
+    from pipeline.artifacts.load import load_model
+
+    out = hub_export
+    config = json.loads((out / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"] = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                                       "layers": 1}
+    vision = config["model_cfg"]["vision_cfg"]
+    weights = out / "open_clip_model.safetensors"
+    if damage == "config is an array":
+        config = [config]
+    elif damage == "bogus image_mean":
+        vision["image_mean"] = ["a", "b", "c"]
+    elif damage == "zero image_std":
+        vision["image_std"] = [0, 0, 0]
+    elif damage == "string size":
+        vision["image_size"] = "big"
+    elif damage == "weights symlinked to a non-weights file":
+        other = tmp_path / "notes.txt"
+        other.write_text("not weights")
+        weights.unlink()
+        weights.symlink_to(other)
+    else:
+        for f in out.glob("*.safetensors"):
+            f.unlink()
+        (out / "open_clip_pytorch_model.bin").write_bytes(pickle.dumps({"weights": "a pickle"}))
+    (out / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as exn:
+        load_model(out)
+    assert "\n" not in str(exn.value) and str(out) in str(exn.value)

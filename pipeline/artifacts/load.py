@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.artifacts.pretrained import check_local_towers
+from pipeline.artifacts.pretrained import check_local_towers, check_weights_file
 from pipeline.models.towers import build_clip, tokenizer_for
 from pipeline.data.transforms import image_transform
 
@@ -84,6 +84,22 @@ def _hf(path: Path) -> Loaded:
     return Loaded(HFCLIP(hf), tokenizer_for(model_cfg), image_transform(model_cfg, is_train=False), model_cfg, "hf")
 
 
+# The names open_clip's `local-dir:` loader prefers, in its order; without one of them it takes the first
+# *.safetensors, else the first *.bin / *.pth, by name.
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                     "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def open_clip_weights(path: Path) -> Path | None:
+    """The weights file open_clip would load from export folder `path` (None: none), chosen as it chooses."""
+    found = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+    preferred = [p for p in found if p.name in OPEN_CLIP_WEIGHTS]
+    if preferred:
+        return min(preferred, key=lambda p: OPEN_CLIP_WEIGHTS.index(p.name))
+    return min(found, key=lambda p: p.suffix != ".safetensors", default=None)
+
+
 def load_model(source: str | Path, model: str | None = None) -> Loaded:
     """The model behind `source` (see the module docstring), in eval mode on CPU."""
     path = Path(source)
@@ -108,6 +124,10 @@ def load_model(source: str | Path, model: str | None = None) -> Loaded:
         except (ValueError, UnicodeDecodeError) as exn:
             raise ValueError(f"{where}: not valid JSON ({exn})") from None
         cfg = check_local_towers(config.get("model_cfg") if isinstance(config, dict) else None, str(where))
+        weights = open_clip_weights(path)
+        if weights is None:
+            raise ValueError(f"{path}: open_clip_config.json but no weights file open_clip reads beside it")
+        check_weights_file(weights)  # a pickle or a non-weights file: one line, before open_clip's torch.load
         clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
         return Loaded(clip.eval(), tokenizer_for(cfg), preprocess, cfg, "open_clip")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():

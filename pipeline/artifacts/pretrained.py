@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def check_local_towers(model_cfg: object, where: str) -> dict:
     naming `where` otherwise."""
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("text_cfg", {}), dict):
         raise ValueError(f"{where}: not an open_clip model config (expected an object with text_cfg/vision_cfg)")
+    vision = model_cfg.get("vision_cfg", {})
+    if not isinstance(vision, dict):
+        raise ValueError(f"{where}: vision_cfg is not an object")
+    for key in ("image_mean", "image_std"):
+        value = vision.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                and (key == "image_mean" or all(v > 0 for v in value))):
+            raise ValueError(f"{where}: vision_cfg.{key} {value!r} is not 1 or 3 finite numbers"
+                             + (" above 0" if key == "image_std" else ""))
+    size = vision.get("image_size", 224)
+    sizes = size if isinstance(size, (list, tuple)) else [size]
+    if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 16384 for v in sizes):
+        raise ValueError(f"{where}: vision_cfg.image_size {size!r} is not a positive pixel size")
     text = model_cfg.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         name = text.get(key)
@@ -164,12 +179,27 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A tensor dict from a safetensors file or a weights-only torch file, by content rather than suffix."""
+def check_weights_file(path: Path) -> None:
+    """The checks `read_weights` makes, without keeping the tensors (a safetensors file's header only): a file
+    that is not weights, or a pickle weights-only loading refuses, is a one-line ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    head = path.open("rb").read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        try:
+            with safe_open(str(path), "pt"):
+                return
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    read_weights(path, key=str(path.parent))
+
+
+def read_weights(path: Path, key: str = "config key 'model.pretrained'") -> dict[str, torch.Tensor]:
+    """A tensor dict from a safetensors file or a weights-only torch file, by content rather than suffix;
+    errors begin with `key` (the setting or folder the file came from)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    key = "config key 'model.pretrained'"
     head = path.open("rb").read(9)
     if not (head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")):
         raise ValueError(f"{key}: {path} is not a weights file (neither safetensors nor a torch.save archive)")
