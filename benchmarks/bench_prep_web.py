@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import random
 import socket
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -222,6 +223,39 @@ def shard_contents(out: Path) -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+def http10_run(tmp: Path, files: list[str], a: argparse.Namespace, per_shard: int) -> dict:
+    """The same photos behind Python's own `http.server` (HTTP/1.0: Content-Length, one response per connection,
+    then close), the kind of plain server much of the web still runs: how many rows each tool keeps."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp / "www"
+    www.mkdir()
+    for k, f in enumerate(files):
+        shutil.copy(f, www / f"{k}.jpg")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        corpus = tmp / "http10.csv"
+        with open(corpus, "w", newline="") as out:
+            w = csv.writer(out)
+            w.writerow(["url", "caption"])
+            w.writerows([f"http://127.0.0.1:{httpd.server_address[1]}/{i % len(files)}.jpg", f"photo number {i}"]
+                        for i in range(a.rows))
+        _, info = run_plait(corpus, tmp / "http10_plait", a, per_shard)
+        kept = {"plait": info["num_ok"]}
+        if not a.skip_img2dataset:
+            kept["img2dataset"] = run_img2dataset(corpus, tmp / "http10_i2d", a, per_shard)[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    print(f"HTTP/1.0 server (http.server), {a.rows} rows kept: " + ", ".join(f"{k} {v}" for k, v in kept.items()))
+    return kept
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1000)
@@ -314,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"server saw ({name}): {p['requests']} requests {p['status']}, most concurrent per host "
                       f"{p['max_active']}, 429 retries before Retry-After: {p['early_retries']}, "
                       f"{p['connections']} connections")
+            result["http10_kept"] = http10_run(tmp, files, a, per_shard)
     finally:
         server.kill()
     print(json.dumps(result))
