@@ -45,7 +45,7 @@ sizing for a web corpus (P = --processes, T = --threads, H = --max-per-host):
   0.87 of the local-file speed; each process waited 0.23 s in 10 s for downloads, the rest is CPU.
   Each process keeps max(128, 4 x T) rows fetching ahead of its decoding, across shard boundaries, and decodes
   rows as they arrive, so a Retry-After of a second or a slow body does not idle its core; the shards are the
-  same as with local files. Measured with benchmarks/bench_prep_web.py (README, "Prep over the web")."""
+  same as with local files. Measured with benchmarks/bench_prep_web.py (docs/prep.md, "Prep over the web")."""
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
