@@ -234,8 +234,11 @@ def http10_run(tmp: Path, files: list[str], a: argparse.Namespace, per_shard: in
     www.mkdir()
     for k, f in enumerate(files):
         shutil.copy(f, www / f"{k}.jpg")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *args: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(www))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
