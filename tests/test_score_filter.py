@@ -450,3 +450,12 @@ def test_filter_on_cuda_without_a_gpu_is_a_one_line_error(data, tmp_path):
                        embeddings=True, progress=False))
     assert plait.main(["prep", "filter", str(data["noisy"]), "--output", str(tmp_path / "o"), "--scores",
                        str(scores_dir), "--dedup-embeddings", "0.99", "--device", "cuda"]) == 2
+
+
+def test_a_garbage_tar_in_the_caption_pass_is_named(data, tmp_path):
+    dataset = tmp_path / "ds"
+    shutil.copytree(data["noisy"], dataset)
+    (dataset / "00001.tar").write_bytes(b"\x01" * 4096)
+    with pytest.raises(ValueError, match=r"00001.tar: unreadable tar in the caption rules' pass"):
+        filter_dataset(FilterOptions(str(dataset), str(tmp_path / "o"), caption_rules=("min-words=1",),
+                                     progress=False), log=lambda s: None)

@@ -240,12 +240,16 @@ def read_captions(src: OutputDir, shards: list[str], keys: MemberKeys) -> dict[s
     captions: dict[str, str | None] = {}
     for name in shards:
         with src.fs.open(src.path(name), "rb") as f:
-            for sample in iter_samples(f, want=lambda ext: ext in keys.caption or ext == "json"):
-                try:
-                    text = keys.caption_of({ext: data for ext, data in sample.members if data is not None})
-                except (KeyError, ValueError):  # no caption member, or a json without the field
-                    text = None
-                captions[sample.key] = text
+            try:
+                for sample in iter_samples(f, want=lambda ext: ext in keys.caption or ext == "json"):
+                    try:
+                        text = keys.caption_of({ext: data for ext, data in sample.members if data is not None})
+                    except (KeyError, ValueError):  # no caption member, or a json without the field
+                        text = None
+                    captions[sample.key] = text
+            except TarFormatError as exn:
+                raise ValueError(f"{src.path(name)}: unreadable tar in the caption rules' pass ({exn}); "
+                                 f"`plait prep verify {src.url}` names the damage") from None
     return captions
 
 
