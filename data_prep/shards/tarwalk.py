@@ -1,13 +1,15 @@
-"""Read the samples of a WebDataset tar as raw bytes, without decoding anything and without tarfile.
+"""The one tar reader of plait: the members of a WebDataset tar, and its samples as raw bytes, decoding nothing.
 
-Scoring and filtering read shards that come from anywhere (plait's own, img2dataset's, any WebDataset folder), so
-nothing here interprets a member beyond its name: no pickle (webdataset's default decoders unpickle `.pyd` /
-`.pth` members), no extraction to disk, no links followed. A sample is the run of consecutive regular members whose
-names share the key (the name up to the first dot of its last path component, as webdataset groups them).
+Every stage reads shards through it (the training loader and eval via tarseek, verify, index, merge, score and
+filter), so they all see the same members and bytes; shards come from anywhere (plait's own, img2dataset's, any
+WebDataset folder), so nothing here interprets a member beyond its name: no pickle (webdataset's default decoders
+unpickle `.pyd` / `.pth` members), no extraction to disk, no links followed. A sample is the run of consecutive
+regular members whose names share the key (members.split_name, as webdataset groups them).
 
 A header walk instead of `tarfile`: tarfile builds a TarInfo per member with several copies (tens of microseconds),
 which is most of the time of copying small members; here a member costs one 512-byte read and one payload read, or
-a seek over the payload when the caller does not want it (`want`).
+a seek over the payload when the caller does not want it (`want`). Names and sizes follow tarfile's reading
+(tests/test_tar_walk.py compares the two).
 """
 from __future__ import annotations
 
