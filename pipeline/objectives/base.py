@@ -47,7 +47,7 @@ class Unit:
 
     @classmethod
     def check(cls, root: Any) -> None:
-        """Validation across sections (e.g. MAE needs FLIP's masking); raise via config_fields.require."""
+        """Validation across sections (e.g. MAE needs FLIP's masking); raise via pipeline.options.require."""
 
     @property
     def weight(self) -> float:
