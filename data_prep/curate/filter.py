@@ -222,12 +222,7 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
 
 def _score_plan(sdir: OutputDir, folder: str) -> dict:
     """A score folder's plan, checked: an object with a sane `embedding_dim` (it sizes an allocation)."""
-    try:
-        plan = sdir.read_json(SCORE_PLAN)
-    except ValueError as exn:
-        raise ValueError(f"--scores {folder!r}: {SCORE_PLAN} is not valid JSON ({exn})") from None
-    if not isinstance(plan, dict):
-        raise ValueError(f"--scores {folder!r}: {SCORE_PLAN} is not a JSON object")
+    plan = sdir.read_json_object(SCORE_PLAN, f"--scores {folder!r}: {SCORE_PLAN}")
     dim = plan.get("embedding_dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 65536:
         raise ValueError(f"--scores {folder!r}: {SCORE_PLAN} has embedding_dim {dim!r} (expected 1..65536)")

@@ -322,11 +322,15 @@ def _read_member(member: Member, res: ShardResult, samples: list) -> None:
     if base in IMAGE_LIKE_EXTS and base not in IMAGE_EXTS:  # every one, decoded or not: training skips them
         res.untrainable += 1
         if res.untrainable <= MAX_LISTED:
-            res.problems.append(f"{name}: {key}.{ext} {decode_member(ext, b'')}")
+            res.problems.append(f"{name}: {key}.{ext} {_not_trainable(base)}")
     elif member.payload is not None:
         error = decode_member(ext, member.payload)
         if error:
             res.problems.append(f"{name}: {key}.{ext} {error}")
+
+
+def _not_trainable(base: str) -> str:
+    return f"is a .{base} image: not trainable (plait reads {', '.join(IMAGE_FORMATS)} images)"
 
 
 def decode_member(ext: str, data: bytes) -> str | None:
@@ -336,7 +340,7 @@ def decode_member(ext: str, data: bytes) -> str | None:
     .pth, .npy...) is never looked at."""
     base = ext.rsplit(".", 1)[-1]
     if base in IMAGE_LIKE_EXTS and base not in IMAGE_EXTS:
-        return f"is a .{base} image: not trainable (plait reads {', '.join(IMAGE_FORMATS)} images)"
+        return _not_trainable(base)
     try:
         if base in IMAGE_EXTS:
             with open_image(data) as im:

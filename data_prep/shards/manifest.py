@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from data_prep.shards import layout
 from data_prep.shards.outdir import OutputDir
+from data_prep.shards.scan import check_count
 
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("shard", pa.int32()), ("status", pa.string()),
@@ -104,11 +105,8 @@ def read_manifest(out: OutputDir) -> dict:
     plain tar of this folder (layout.check_shard_name) with a count, a size and a sha256. ValueError naming the
     file and the bad entry."""
     where = out.path(layout.MANIFEST_FILE)
-    try:
-        summary = out.read_json(layout.MANIFEST_FILE)
-    except ValueError as exn:
-        raise ValueError(f"{where}: not valid JSON ({exn})") from None
-    shards = summary.get("shards") if isinstance(summary, dict) else None
+    summary = out.read_json_object(layout.MANIFEST_FILE)
+    shards = summary.get("shards")
     if not isinstance(shards, list):
         raise ValueError(f"{where}: expected an object with a 'shards' list")
     for i, entry in enumerate(shards):
@@ -116,9 +114,7 @@ def read_manifest(out: OutputDir) -> dict:
             raise ValueError(f"{where}: shards[{i}] is not an object")
         layout.check_shard_name(entry.get("name"), where)
         for key in ("num_samples", "bytes"):
-            value = entry.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{where}: shards[{i}].{key} must be a non-negative integer, got {value!r}")
+            check_count(entry.get(key), where, f"shards[{i}].{key}")
         if not isinstance(entry.get("sha256"), str):
             raise ValueError(f"{where}: shards[{i}].sha256 must be a string")
     return summary

@@ -34,6 +34,18 @@ class OutputDir:
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
+    def read_json_object(self, name: str, where: str | None = None) -> dict:
+        """A JSON file that must hold an object; ValueError beginning with `where` (default: its path) when it
+        is not valid JSON or not an object."""
+        where = where or self.path(name)
+        try:
+            value = self.read_json(name)
+        except ValueError as exn:  # json.JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{where}: not valid JSON ({exn})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: not a JSON object")
+        return value
+
     def entries(self) -> list[str]:
         """The names in the folder (files and folders)."""
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
