@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"plait {command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a shard server's redirect refused by the address rule (data_prep/shards/remote.py)
+        from data_prep.shards.remote import refused_in
+        if (refused := refused_in(e)) is None:
+            raise
+        print(f"plait {command}: error: {refused.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

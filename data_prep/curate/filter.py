@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_prep.shards import manifest
+from data_prep.shards import manifest, remote
 from pipeline.options import option
 from data_prep.curate.score_set import PLAN as SCORE_PLAN
 from data_prep.curate.score_set import open_dataset
@@ -150,6 +150,7 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
     """(score plan, scores [N] with NaN for null, null reasons [N], image embeddings [N, D] or None) aligned to
     `keys`; refuses scores of another dataset, unfinished score folders and missing embeddings."""
     folder = opts.scores_folder
+    remote.trust(folder)  # typed with --scores, or the dataset's own score folder
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.exists(f"{root.rstrip('/')}/{SCORE_PLAN}"):
         raise FileNotFoundError(f"--scores {folder!r}: no score folder ({SCORE_PLAN} missing); run "

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline.options import option
+from data_prep.shards import remote
 from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
 from data_prep.shards.manifest import read_manifest
 from data_prep.shards.scan import validate_sizes
@@ -93,6 +94,7 @@ class Dataset:
 def open_dataset(url: str) -> Dataset:
     """The shards of a plait dataset (its manifest) or of any folder of WebDataset tars; refuses anything else."""
     import fsspec
+    remote.trust(url)
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.isdir(root):  # checked first: OutputDir would create it
         raise FileNotFoundError(f"dataset {url!r}: no such folder")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import http.client
-import ipaddress
 import re
 import socket
 import threading
@@ -28,6 +27,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import fsspec
 
 from data_prep.fetch.connection import PinnedConnection
+from data_prep.shards.remote import check_address
 from data_prep.options import FetchOptions
 from data_prep.media.images import Reject
 
@@ -37,8 +37,6 @@ U = TypeVar("U")
 OPT_OUT_TAGS = ("noai", "noimageai", "noindex", "noimageindex")
 _SECRET_QUERY_KEYS = ("token", "key", "sig", "signature", "x-amz-signature", "x-amz-credential",
                       "x-amz-security-token", "access_token", "password", "secret", "x-goog-signature")
-_METADATA_HOSTS = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
-                   ipaddress.ip_address("100.100.100.200")}
 _CHUNK = 1 << 16
 VERSION = "0.1"
 
@@ -71,19 +69,6 @@ def printable(text: str) -> str:
 def is_remote(url: str | None) -> bool:
     """True for a URL fetched over the network (worth a thread); False for local paths and inline media."""
     return isinstance(url, str) and "://" in url and not url.startswith("file://")
-
-
-def check_address(ip: str) -> str | None:
-    """Why connecting to `ip` is refused by default, or None."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if getattr(addr, "ipv4_mapped", None):
-        addr = addr.ipv4_mapped
-    if addr in _METADATA_HOSTS:
-        return "metadata"
-    for label in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
-        if getattr(addr, f"is_{label}"):
-            return label.replace("_", "-")
-    return None
 
 
 def ordered_map(fn: Callable[[T], U], items: Iterable[T], threads: int) -> Iterator[U]:

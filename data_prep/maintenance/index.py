@@ -27,7 +27,7 @@ from typing import Callable
 
 import fsspec
 
-from data_prep.shards import layout
+from data_prep.shards import layout, remote
 from data_prep.shards.layout import INDEX_FORMAT
 from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
 from data_prep.shards.scan import ShardScan, scan_shard, validate_sizes
@@ -41,7 +41,7 @@ class IndexOptions:
 
     target: str
     """A folder (its `*.tar`), one shard, a brace pattern (`shards/{00000..00099}.tar`) or a glob, local or an
-    fsspec URL (s3://, gs://, https://)."""
+    fsspec URL (s3://, gs://); not http(s), where the index could not be written beside the shards."""
     threads: int = 8
     """Shards scanned at once."""
     progress: bool = True
@@ -54,6 +54,7 @@ class IndexOptions:
 
 def find_shards(target: str) -> list[str]:
     """The shard URLs of `target` (see IndexOptions.target), sorted; FileNotFoundError naming it when none."""
+    remote.trust(target)
     fs, path = fsspec.core.url_to_fs(target)
 
     def url(p: str) -> str:  # glob gives bare paths; keep the user's form (plain local path or URL)
@@ -133,6 +134,9 @@ def index(opts: IndexOptions, log: Callable[[str], None] = print) -> list[ShardS
     if opts.threads < 1:
         raise ValueError(f"--threads {opts.threads}: must be >= 1")
     keys = MemberKeys.parse(opts.image_keys, opts.caption_keys, ("--image-keys", "--caption-keys"))
+    if opts.target.startswith(("http://", "https://")):
+        raise ValueError(f"{opts.target!r}: an http(s) server takes no uploads, so the index cannot be written "
+                         "beside the shards; index them where they are stored (a folder, s3://, gs://)")
     urls = find_shards(opts.target)
     scans = scan_all(urls, opts.threads, opts.progress, keys)
     write_index(scans)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.shards import manifest
-from data_prep.shards import layout
+from data_prep.shards import layout, remote
 from data_prep.maintenance.index import find_shards
 from data_prep.shards.scan import scan_shard, validate_sizes
 from data_prep.shards.layout import IMAGE_EXTS
@@ -97,6 +97,7 @@ def verify(target: str, decode_fraction: float = 0.05, threads: int = 4,
     """Checks the WebDataset folder (or shard pattern) `target`; see the module docstring for what. A sample
     passes when training with the same member `keys` (data.image_keys / data.caption_keys) can read it."""
     keys = keys or MemberKeys.parse()
+    remote.trust(target)
     if not 0 <= decode_fraction <= 1:
         raise ValueError(f"--decode-fraction {decode_fraction}: must be within [0, 1]")
     every = max(1, round(1 / decode_fraction)) if decode_fraction > 0 else 0

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Iterator
 
 import fsspec
-from data_prep.shards import layout
+from data_prep.shards import layout, remote
 from data_prep.shards.members import split_name
 from data_prep.shards.tarwalk import TarWalk, iter_samples
 
@@ -241,6 +241,7 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
             f.close()
         reason = Bad("short_shard", f"{url}: {got} of {count} samples from {start} present")
     except Exception as exn:  # truncated tar, network error, bad header: the rest of the piece is lost
+        exn = remote.refused_in(exn) or exn  # fsspec reports a refused redirect as FileNotFoundError
         reason = Bad("unreadable_shard", f"{url} at sample {start + got}: {type(exn).__name__}: {exn}")
     for _ in range(count - got):
         yield reason

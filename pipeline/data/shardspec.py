@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
-from data_prep.shards import layout
+from data_prep.shards import layout, remote
 from data_prep.shards.scan import check_count, scan_shard, train_hint, validate_sizes
 from data_prep.shards.tarseek import PIPE_PREFIX, check_no_pipe
 
@@ -74,6 +74,7 @@ def expand(pattern: str, allow_pipe: bool = False, flag: str = "") -> list[str]:
     A `pipe:` pattern is a shell command: PipeRefused (a ValueError) unless `allow_pipe`; `flag` names the
     user's switch for it in the error."""
     urls = wds.shardlists.expand_urls(pattern)
+    remote.trust(*urls)  # hosts typed in a spec may be private; where they redirect may not (remote.py)
     for url in [pattern.strip(), *urls]:  # `{pipe:a,b}` expands to one
         check_no_pipe(url, allow_pipe, flag)
     local = [u for u in urls if ("://" not in u or u.startswith("file://")) and not u.startswith(PIPE_PREFIX)]
@@ -95,7 +96,9 @@ def _read_bytes(url: str) -> bytes | None:
     try:
         with fs.open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except FileNotFoundError as exn:
+        if (refused := remote.refused_in(exn)) is not None:  # fsspec reports a refused redirect as not found
+            raise refused from None
         return None
 
 
