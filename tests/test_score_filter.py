@@ -8,6 +8,7 @@ import json
 import shutil
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -459,3 +460,30 @@ def test_a_garbage_tar_in_the_caption_pass_is_named(data, tmp_path):
     with pytest.raises(ValueError, match=r"00001.tar: unreadable tar in the caption rules' pass"):
         filter_dataset(FilterOptions(str(dataset), str(tmp_path / "o"), caption_rules=("min-words=1",),
                                      progress=False), log=lambda s: None)
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("vocab 10^11", r"open_clip_config.json: the config describes a model of at least 6,400,[\d,]+ parameters"),
+    ("width a string", r"open_clip_config.json: vision_cfg.width '64' is not a positive integer"),
+    ("weights linked out", r"links to .*elsewhere.safetensors, outside its folder"),
+])
+def test_an_export_whose_config_or_weights_cannot_be_its_own_is_named(data, tmp_path, capsys, damage, words):
+    """Fixture: a copy of the module's untrained export with one change to its config or its weights file."""
+    bad = tmp_path / "export"
+    shutil.copytree(data["untrained"], bad)
+    where = bad / "open_clip_config.json"
+    cfg = json.loads(where.read_text())
+    if damage == "vocab 10^11":  # open_clip would allocate 10^11 x width floats
+        cfg["model_cfg"]["text_cfg"]["vocab_size"] = 10 ** 11
+    elif damage == "width a string":
+        cfg["model_cfg"]["vision_cfg"]["width"] = "64"
+    else:
+        weights = next(bad.glob("*.safetensors"))
+        shutil.move(weights, tmp_path / "elsewhere.safetensors")
+        weights.symlink_to(tmp_path / "elsewhere.safetensors")
+    where.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=words):
+        score(ScoreOptions(str(data["noisy"]), str(bad), out=str(tmp_path / "s"), progress=False))
+    assert plait.main(["eval", str(bad), "--data", str(data["noisy"]), "--task", "retrieval"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err) and err.count("\n") == 1, err

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.artifacts.pretrained import check_local_towers, check_weights_file
+from pipeline.artifacts.pretrained import check_fits, check_local_towers, check_weights_file
 from pipeline.models.towers import build_clip, tokenizer_for
 from pipeline.data.transforms import image_transform
 
@@ -111,7 +111,7 @@ def load_model(source: str | Path, model: str | None = None) -> Loaded:
                              "(a registered open_clip config, e.g. ViT-B-32, or a config .json)")
         name = model
         if model.endswith(".json"):
-            check_local_towers(json.loads(Path(model).read_text()), model)
+            check_fits(check_local_towers(json.loads(Path(model).read_text()), model), path, model)
             open_clip.add_model_config(model)
             name = Path(model).stem
         clip = open_clip.create_model(name, pretrained=str(path))
@@ -127,14 +127,17 @@ def load_model(source: str | Path, model: str | None = None) -> Loaded:
         weights = open_clip_weights(path)
         if weights is None:
             raise ValueError(f"{path}: open_clip_config.json but no weights file open_clip reads beside it")
-        check_weights_file(weights)  # a pickle or a non-weights file: one line, before open_clip's torch.load
+        check_weights_file(weights, inside=path)  # a pickle, a non-weights file or a link out: one line
+        check_fits(cfg, weights, str(where))
         clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
         return Loaded(clip.eval(), tokenizer_for(cfg), preprocess, cfg, "open_clip")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _hf(path)
     if (path / "towers.safetensors").is_file():
         cfg = check_local_towers(json.loads((path / "model_config.json").read_text()), str(path / "model_config.json"))
+        check_fits(cfg, path / "towers.safetensors", str(path / "model_config.json"))
         return _from_state(load_file(path / "towers.safetensors"), cfg, "safetensors")
     from pipeline.artifacts.export import load_checkpoint_model  # a training checkpoint or run dir
     state, cfg = load_checkpoint_model(path)
-    return _from_state(state, check_local_towers(cfg, str(path)), "checkpoint")
+    check_fits(check_local_towers(cfg, str(path)), state, str(path))
+    return _from_state(state, cfg, "checkpoint")

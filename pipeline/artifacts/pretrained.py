@@ -44,6 +44,10 @@ def architecture(cfg: ModelConfig, resuming: Path | None = None) -> dict:
                  else json.loads(torch.load(Path(resuming) / "trainer.pt", weights_only=True)["model_cfg"]))
     if found is not None:
         check_local_towers(found, f"config key 'model.pretrained': {cfg.pretrained}")
+        if resuming is None:
+            folder = Path(cfg.pretrained)
+            check_fits(found, folder if any(folder.glob("*.safetensors")) else _checkpoint_dir(folder),
+                       f"config key 'model.pretrained': {cfg.pretrained}")
         if _arch_key(found) != _arch_key(model_cfg):
             warnings.warn(f"model.pretrained {cfg.pretrained} holds its own architecture; model.name {cfg.name!r} "
                           "(a different one) is ignored", stacklevel=2)
@@ -89,6 +93,58 @@ def check_local_towers(model_cfg: object, where: str) -> dict:
             raise ValueError(f"{where}: text_cfg.{key} {name!r} is not a local folder (plait never downloads a "
                              "model: pass the path of a local copy)")
     return model_cfg
+
+
+# open_clip's defaults for the sizes a config may leave out (CLIPTextCfg, CLIPVisionCfg).
+_TEXT_SIZES = {"vocab_size": 49408, "width": 512, "layers": 12, "context_length": 77}
+_VISION_SIZES = {"width": 768, "layers": 12, "patch_size": 16, "image_size": 224}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def fewest_parameters(model_cfg: dict, where: str) -> int:
+    """A lower bound on the parameters open_clip allocates for `model_cfg`: the token and position embeddings,
+    and 4 x width^2 per transformer layer (the attention projections alone). ValueError naming `where` for a
+    size that is not a positive integer. Hugging Face, timm and ResNet towers count as nothing here."""
+    def positive(cfg: dict, tower: str, key: str, pair: bool = False) -> tuple[int, ...]:
+        value = cfg.get(key, (_TEXT_SIZES if tower == "text_cfg" else _VISION_SIZES)[key])
+        values = tuple(value) if pair and isinstance(value, (list, tuple)) and len(value) == 2 else (value,)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"{where}: {tower}.{key} {value!r} is not a positive integer")
+        return values * 2 if pair and len(values) == 1 else values
+
+    total = 0
+    text, vision = model_cfg.get("text_cfg") or {}, model_cfg.get("vision_cfg") or {}
+    if not text.get("hf_model_name"):
+        (vocab,), (context,), (width,), (layers,) = (positive(text, "text_cfg", k) for k in
+                                                     ("vocab_size", "context_length", "width", "layers"))
+        total += (vocab + context) * width + layers * 4 * width ** 2
+    if not vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple)):
+        (width,), (layers,) = positive(vision, "vision_cfg", "width"), positive(vision, "vision_cfg", "layers")
+        (h, w), (ph, pw) = positive(vision, "vision_cfg", "image_size", True), positive(vision, "vision_cfg",
+                                                                                        "patch_size", True)
+        total += (h // ph) * (w // pw) * width + layers * 4 * width ** 2
+    return total
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of the weights at `path`: the file, or the weights files of a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def check_fits(model_cfg: dict, weights: Path | dict, where: str) -> None:
+    """Refuses a config whose model the weights cannot hold (a file or folder: at least one byte per parameter;
+    a loaded state dict: its element count), before open_clip allocates it: a stranger's `vocab_size` of 10^11
+    is a one-line error naming `where`, not a 200 TB allocation."""
+    need = fewest_parameters(model_cfg, where)
+    if isinstance(weights, dict):
+        have, held = sum(t.numel() for t in weights.values()), "the checkpoint's tensors hold {:,} values"
+    else:
+        have, held = weights_bytes(weights), f"{weights} holds {{:,}} bytes"
+    if need > have:
+        raise ValueError(f"{where}: the config describes a model of at least {need:,} parameters, but "
+                         f"{held.format(have)}: the config does not belong to these weights")
 
 
 def _arch_key(model_cfg: dict) -> str:
@@ -179,11 +235,15 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_weights_file(path: Path) -> None:
+def check_weights_file(path: Path, inside: Path | None = None) -> None:
     """The checks `read_weights` makes, without keeping the tensors (a safetensors file's header only): a file
-    that is not weights, or a pickle weights-only loading refuses, is a one-line ValueError naming it."""
+    that is not weights, or a pickle weights-only loading refuses, is a one-line ValueError naming it; so is a
+    file that resolves (through a link) outside the folder `inside` it was found in."""
     from safetensors import SafetensorError, safe_open
 
+    if inside is not None and not path.resolve().is_relative_to(inside.resolve()):
+        raise ValueError(f"{path} links to {path.resolve()}, outside its folder {inside}: weights are read only "
+                         "from the folder you name")
     head = path.open("rb").read(9)
     if len(head) == 9 and head[8:9] == b"{":
         try:
