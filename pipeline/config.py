@@ -18,7 +18,7 @@ import tomli_w
 
 # re-exported: sections outside this module use them
 from data_prep.shards.members import CAPTION_KEYS, IMAGE_KEYS, MemberKeys
-from pipeline.options import choice, field_docs, require  # noqa: F401
+from pipeline.options import choice, field_docs, parse_size, require  # noqa: F401
 from pipeline.models.config import ModelConfig  # noqa: F401  (the model library owns its config)
 from pipeline.objectives.registry import ObjectiveConfig  # each objective's section lives in its unit
 
@@ -26,6 +26,9 @@ from pipeline.objectives.registry import ObjectiveConfig  # each objective's sec
 MAX_SEED = 2**31 - 1
 # Integers travel into torch and numpy as int64.
 MAX_INT = 2**63 - 1
+# Accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS; tests/test_config.py checks they agree),
+# spelled out so that reading a config imports no tracker code.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 def check_template(template: str, key: str) -> str:
@@ -86,6 +89,11 @@ class DataConfig:
     resume_mismatch: str = choice("error", "error", "next_epoch")
     """When a checkpoint's data order cannot be continued (seed, batch size, processes, workers or dataset size
     changed): error, or next_epoch (continue at the start of the next epoch)."""
+    cache_dir: str = ""
+    """Local folder that keeps remote shards (s3://, gs://, http(s)://) after their first read, so later epochs
+    and resumed runs read them from disk; shared by the workers and ranks of a node. Empty: no cache."""
+    cache_bytes: str = "100GB"
+    """Bound on the cache's size (500GB, 1TiB, bytes); the least recently used shards leave first."""
 
     def __post_init__(self):
         require(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
@@ -96,6 +104,9 @@ class DataConfig:
         require(self.epoch_samples >= 0, "data.epoch_samples", f"must be >= 0, got {self.epoch_samples}")
         require(self.video_frames >= 0, "data.video_frames", f"must be >= 0, got {self.video_frames}")
         MemberKeys.parse(self.image_keys, self.caption_keys)  # ValueError naming data.image_keys / caption_keys
+        parse_size(self.cache_bytes, "config key 'data.cache_bytes':")
+        require("::" not in self.cache_dir and not ("://" in self.cache_dir and not self.cache_dir.startswith(
+            "file://")), "data.cache_dir", f"{self.cache_dir!r} must be a local folder")
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,15 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
-    """Directory of the run: resolved config, checkpoints, metrics, report."""
+    """Local directory of the run: resolved config, checkpoints, metrics, report (object storage: remote_dir)."""
+    remote_dir: str = ""
+    """Object-storage URL (`s3://bucket/runs/r1`, any fsspec URL) that every checkpoint is copied to once it is
+    complete locally, published there only after its last file (`--resume auto` takes the newest complete one
+    of both places, `keep_last` prunes both); `plait export` and `plait finetune` read checkpoints from it.
+    Empty: checkpoints stay in run_dir only."""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Experiment trackers, through Accelerate (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive,
+    swanlab, trackio); metrics.jsonl is always written. [] for none."""
     steps: int = 1000
     """Total optimizer steps; the LR schedule spans them."""
     max_time_s: float = 0.0
@@ -176,6 +195,12 @@ class TrainConfig:
         require(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(self.timeout_s > 0, "train.timeout_s", "must be positive")
+        require("://" not in self.run_dir or self.run_dir.startswith("file://"), "train.run_dir",
+                f"{self.run_dir!r} is not a local directory: checkpoints go to object storage through "
+                "train.remote_dir (e.g. train.run_dir=runs/r1 train.remote_dir=s3://bucket/runs/r1)")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        require(not unknown, "train.report_to", f"{unknown[0]!r} is not a tracker Accelerate has "
+                f"({', '.join(TRACKERS)})" if unknown else "")
         require(not (self.compile and self.strategy == "fsdp"), "train.compile",
                 "not supported with train.strategy=fsdp (use ddp to compile)")
 

@@ -1,6 +1,7 @@
 """Config parsing: presets, overrides, and the errors users see for bad keys and values."""
 import dataclasses
 import json
+import re
 import typing
 
 import pytest
@@ -118,3 +119,22 @@ def test_eval_templates_need_exactly_one_empty_placeholder(template, found):
     with pytest.raises(ValueError, match="is malformed"):
         check_template("a {", "eval.templates")
     assert check_template("a {{literal}} {}.", "eval.templates")  # escaped braces are text
+
+
+def test_tracker_names_are_accelerates():
+    import accelerate.tracking
+    from pipeline.config import TRACKERS
+    assert set(TRACKERS) == set(accelerate.tracking.LOGGER_TYPE_TO_CLASS)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.run_dir=s3://runs/r1", "'s3://runs/r1' is not a local directory: checkpoints go to object storage "
+                                   "through train.remote_dir"),
+    ("train.report_to=['tensorboard', 'neptune']", "'neptune' is not a tracker Accelerate has"),
+    ("data.cache_dir=s3://b/cache", "'data.cache_dir': 's3://b/cache' must be a local folder"),
+    ("data.cache_bytes=lots", "data.cache_bytes': 'lots': expected a size"),
+])
+def test_storage_and_tracker_keys_are_checked(override, words):
+    """A run dir on object storage was written into a local folder named `s3:`; now it is refused."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_config("tiny", [override])
