@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
 import plait
 from pipeline.train.distributed import World
-from pipeline.eval.datasets import rank_share, read_lines, resolve
+from pipeline.eval.datasets import rank_share, read_classnames, read_lines, read_templates, resolve
 from pipeline.eval.evaluate import classification_counts, linear_probe, retrieval_metrics, summarise_classification
 from tests.helpers.fmnist_fixture import EVAL_TEMPLATES, trained_run, write_shards
 
@@ -172,3 +173,28 @@ def test_two_processes_give_the_single_process_result(run, tmp_path):
     assert two["zeroshot"]["per_class"] == pytest.approx(single["zeroshot"]["per_class"])
     for key, value in single["retrieval"].items():
         assert two["retrieval"][key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_zero_shot_suites_come_from_the_installed_open_clip(run, tmp_path):
+    """`--classnames imagenet --templates simple|openai` read open_clip.zero_shot_metadata; the report names
+    the suite and the open_clip version."""
+    from open_clip import zero_shot_metadata as meta
+    assert read_classnames("imagenet") == tuple(meta.IMAGENET_CLASSNAMES) and len(read_classnames("imagenet")) == 1000
+    assert read_templates("openai")[:2] == ("a bad photo of a {}.", "a photo of many {}.")
+    assert len(read_templates("openai")) == 80 and len(read_templates("simple")) == len(meta.SIMPLE_IMAGENET_TEMPLATES)
+    own = tmp_path / "imagenet"  # a file of a suite's name is read as the file
+    own.write_text("a\nb\n")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert read_classnames("imagenet") == ("a", "b")
+    finally:
+        os.chdir(cwd)
+    root = run["root"]
+    test_spec = f"{root}/test/{{00000..00001}}.tar"
+    got = eval_json(tmp_path, "suite", [str(run["run_dir"]), "--data", test_spec, "--classnames", "imagenet",
+                                        "--templates", "simple", "--batch-size", "128", "--max-samples", "100"])
+    assert got["suite"]["classnames"].startswith(f"imagenet (open_clip {open_clip.__version__} zero_shot_metadata.")
+    assert got["suite"]["templates"].startswith("simple (open_clip ")
+    assert got["zeroshot"]["num_samples"] == 100 and len(got["zeroshot"]["per_class"]) == 1000

@@ -46,9 +46,34 @@ class EvalSet:
     """`classification`, `retrieval`, or '' when the folder does not say."""
 
 
+# Zero-shot suites by name, read from the installed open_clip (open_clip.zero_shot_metadata): nothing is
+# downloaded. A file of that name wins over the suite.
+CLASSNAME_SUITES = {"imagenet": "IMAGENET_CLASSNAMES"}
+TEMPLATE_SUITES = {"openai": "OPENAI_IMAGENET_TEMPLATES", "simple": "SIMPLE_IMAGENET_TEMPLATES"}
+
+
+def suite(name: str, table: dict[str, str]) -> tuple[str, ...] | None:
+    """The names or templates open_clip ships under suite `name`, or None when `name` is no suite (or a file)."""
+    if name not in table or Path(name).exists():
+        return None
+    from open_clip import zero_shot_metadata
+    return tuple(getattr(zero_shot_metadata, table[name]))
+
+
+def suite_label(name: str, table: dict[str, str]) -> str | None:
+    """`imagenet (open_clip 3.2.0 zero_shot_metadata.IMAGENET_CLASSNAMES)` for a suite, for the report."""
+    if suite(name, table) is None:
+        return None
+    import open_clip
+    return f"{name} (open_clip {open_clip.__version__} zero_shot_metadata.{table[name]})"
+
+
 def read_classnames(path: str | Path) -> tuple[str, ...]:
     """A classnames file (classnames.txt, --classnames) as prep writes it: split at newlines only
-    (layout.parse_classnames), so a name with another line separator cannot shift the labels."""
+    (layout.parse_classnames), so a name with another line separator cannot shift the labels; or a suite
+    open_clip ships (`imagenet`)."""
+    if (names := suite(str(path), CLASSNAME_SUITES)) is not None:
+        return names
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -72,7 +97,10 @@ def normalise_template(template: str, source: str = "templates") -> str:
 
 
 def read_templates(path: str | Path) -> tuple[str, ...]:
-    """The templates of a file, one per line (`{}` or `{c}` marks the class name); errors name the file."""
+    """The templates of a file, one per line (`{}` or `{c}` marks the class name), or a suite open_clip ships
+    (`openai`: its 80 ImageNet prompts, `simple`); errors name the file."""
+    if (templates := suite(str(path), TEMPLATE_SUITES)) is not None:  # open_clip's are `lambda c: f"...{c}."`
+        return tuple(normalise_template(t("{}"), str(path)) for t in templates)
     return tuple(normalise_template(t, str(path)) for t in read_lines(path))
 
 

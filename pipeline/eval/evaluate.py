@@ -6,6 +6,7 @@ of the shards and reduce over ranks, so the same code serves one process, `torch
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -19,8 +20,8 @@ from torch import nn
 
 from pipeline.train.distributed import World, all_reduce_sum
 from data_prep.shards.members import CAPTION_KEYS, MemberKeys
-from pipeline.eval.datasets import (EVAL_KEYS, IMAGE_KEYS, batches, rank_share, read_classnames, read_templates,
-                                    resolve)
+from pipeline.eval.datasets import (CLASSNAME_SUITES, EVAL_KEYS, IMAGE_KEYS, TEMPLATE_SUITES, batches, rank_share,
+                                    read_classnames, read_templates, resolve, suite_label)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)
@@ -82,7 +83,14 @@ def summarise_classification(counts: torch.Tensor, classnames: Sequence[str]) ->
     present = per_total > 0
     return {"top1": counts[0].item() / max(total, 1), "top5": counts[1].item() / max(total, 1), "num_samples": total,
             "mean_per_class_recall": (per_hits[present] / per_total[present]).mean().item() if present.any() else 0.0,
-            "per_class": dict(zip(classnames, per_class))}
+            "per_class": dict(zip(_unique_labels(classnames), per_class))}
+
+
+def _unique_labels(classnames: Sequence[str]) -> list[str]:
+    """Report keys: a name that occurs more than once (open_clip's ImageNet names hold two `missile`s and two `sunglasses`) gets its
+    class index, so no class's recall overwrites another's."""
+    counts = collections.Counter(classnames)
+    return [name if counts[name] == 1 else f"{name} (class {i})" for i, name in enumerate(classnames)]
 
 
 @torch.no_grad()
@@ -270,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "retrieval; linear_probe when --train-data is given)")
     parser.add_argument("--train-data", help="labelled training shards for the linear probe (clip_benchmark root: "
                                              "its train split is used when omitted and present)")
-    parser.add_argument("--classnames", help="file, one class name per line in label order")
-    parser.add_argument("--templates", help="file, one prompt template per line ({} or {c} marks the class)")
+    parser.add_argument("--classnames", help="file, one class name per line in label order; or a suite from the "
+                        f"installed open_clip: {', '.join(CLASSNAME_SUITES)}")
+    parser.add_argument("--templates", help="file, one prompt template per line ({} or {c} marks the class); or "
+                        "a suite from the installed open_clip: openai (its 80 ImageNet prompts), simple")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-samples", type=int, default=0, help="per task; 0: all (default)")
     parser.add_argument("--train-max-samples", type=int, default=0, help="linear probe training samples; 0: all")
@@ -310,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model, args.arch)
     model = loaded.model.to(device)
     result = {"model": str(args.model), "model_kind": loaded.kind, "data": args.data, "processes": world.world_size}
+    suites = {"classnames": args.classnames and suite_label(args.classnames, CLASSNAME_SUITES),
+              "templates": args.templates and suite_label(args.templates, TEMPLATE_SUITES)}
+    if any(suites.values()):
+        result["suite"] = {k: v for k, v in suites.items() if v}
     if "zeroshot" in tasks:
         result["zeroshot"] = zero_shot(model, loaded.tokenize, data.urls, classnames, templates, loaded.transform,
                                        args.batch_size, device, args.max_samples, world, allow_pipe=args.allow_pipe, keys=keys)
