@@ -39,7 +39,7 @@ def test_run_writes_report_metrics_and_clean_checkpoints(tmp_path, shards):
         assert key in first, key
     assert any(k.startswith("data/") for k in first), "bad-sample counters of the loader are logged"
     assert sorted(records(run_dir, "eval")) == [3, 6]
-    assert list((run_dir / "tensorboard").iterdir())
+    assert list((run_dir / "tensorboard/plait").glob("events.out.tfevents.*"))  # train.report_to's default
     # keep_last=2 of the checkpoints at 2, 4, 6; every file loads weights-only; no wrapper prefixes.
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step-00000004", "step-00000006"]

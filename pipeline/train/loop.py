@@ -5,7 +5,8 @@ accumulation across micro-batches, gradient sync once) -> clip -> LR from the pu
 Processes hold the whole model (DDP) or shards of it (FSDP, train.strategy: pipeline/train/sharded_state.py); the
 checkpoints are the same either way.
 
-RUN_DIR holds config.toml (resolved), metrics.jsonl + tensorboard/ (train and eval records), checkpoints/
+RUN_DIR holds config.toml (resolved), metrics.jsonl + tensorboard/ (train and eval records; the trackers of
+train.report_to get them too: pipeline/train/metrics.py), checkpoints/
 (pipeline/train/checkpoint.py), and at the end report.json with loss.png, throughput.png, eval.png.
 Exit status: 0 done (or out of train.max_time_s, checkpointed), 75 checkpointed on SIGTERM/SIGUSR1 (requeue and
 resume with --resume auto), 2 bad input (via the plait CLI).
@@ -24,7 +25,7 @@ from typing import Callable, Iterator
 import tomli_w
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from tqdm import tqdm
 
@@ -48,13 +49,15 @@ from pipeline.data.transforms import image_transform
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerate's DDP (gloo on CPU, NCCL on GPU) or FSDP2 (pipeline/train/sharded_state.py), with the run's precision
-    and an explicit process-group timeout."""
+    """Accelerate's DDP (gloo on CPU, NCCL on GPU) or FSDP2 (pipeline/train/sharded_state.py), with the run's precision,
+    an explicit process-group timeout and the trackers of train.report_to (TensorBoard in RUN_DIR/tensorboard/)."""
     plugin = sharded_state.fsdp_plugin() if sharded_state.wants_fsdp(cfg.strategy) else None
     launch_env = os.environ.get(sharded_state.LAUNCH_FSDP_ENV)
     accelerator = Accelerator(cpu=cfg.device == "cpu",
                               mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
-                              fsdp_plugin=plugin,
+                              fsdp_plugin=plugin, log_with=metrics.check_trackers(cfg.report_to),
+                              project_config=ProjectConfiguration(project_dir=cfg.run_dir,
+                                                                  logging_dir=str(Path(cfg.run_dir) / "tensorboard")),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))])
     if launch_env is None:  # Accelerate records a given plugin in the environment: a later run must not inherit it
         os.environ.pop(sharded_state.LAUNCH_FSDP_ENV, None)
@@ -242,7 +245,8 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         checkpointer.restore(resume_from, parts.state, world.rank)
         print0(world, f"resumed from {resume_from} at step {trainer.step}")
 
-    log = metrics.MetricsLog(run_dir, enabled=world.is_main)
+    log = metrics.MetricsLog(run_dir, accelerator, enabled=world.is_main)
+    trainer.tracker_runs = log.start_trackers(to_dict(cfg), continuing=trainer.tracker_runs)
     batches = iter(parts.stream)
     started = time.monotonic()
     try:
@@ -260,7 +264,6 @@ def run(cfg: Config, resume: str | None = None) -> dict:
             result = write_report(run_dir, result)
     finally:
         batches.close()  # idempotent; on an exception the workers must not keep the process alive
-        log.close()
         stop_flag.restore()
     # Every rank leaves together and the process group is destroyed: a rank exiting early left its peer in a
     # 300 s exit barrier.

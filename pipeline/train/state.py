@@ -7,6 +7,7 @@ Every state dict holds only tensors, numbers, strings, lists and dicts (`torch.l
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,7 +29,8 @@ class Stateful(Protocol):
 class TrainState:
     """Progress (step, samples seen) and what a resumed run must share with the one it continues (the process
     count, which fixes the data order, and the LR schedule), plus the run's model config and resolved config
-    for exports. Stored at the top level of trainer.pt, the layout of plait's first checkpoints."""
+    for exports and the run ids of its experiment trackers. Stored at the top level of trainer.pt, the layout of
+    plait's first checkpoints."""
     world_size: int
     schedule: dict
     model_cfg: dict
@@ -37,6 +39,9 @@ class TrainState:
     samples_seen: int = 0
     resumed_step: int | None = field(default=None, compare=False)
     """The step a resumed run started from (None for a fresh run)."""
+    tracker_runs: dict[str, str] = field(default_factory=dict, compare=False)
+    """The experiment trackers' run ids (`{"wandb": ..., "mlflow": ...}`, pipeline/train/metrics.py), so that a
+    resumed run logs into the same tracker runs."""
 
     def advance(self, samples: int) -> None:
         self.step += 1
@@ -44,7 +49,8 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size,
-                "schedule": self.schedule, "model_cfg": json.dumps(self.model_cfg), "config": self.config_text}
+                "schedule": self.schedule, "model_cfg": json.dumps(self.model_cfg), "config": self.config_text,
+                "tracker_runs": dict(self.tracker_runs)}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         check_schedule(state["schedule"], self.schedule, source)
@@ -53,6 +59,15 @@ class TrainState:
                              f"this run has {self.world_size} (the data order depends on the topology)")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.resumed_step = self.step
+        # A checkpoint resumed into another run_dir starts a branch: new tracker runs, not the checkpoint's.
+        # Checkpoints of plait versions that kept no tracker runs have no key.
+        same_run = _run_dir(state.get("config", "")) == _run_dir(self.config_text)
+        self.tracker_runs = dict(state.get("tracker_runs", {})) if same_run else {}
+
+
+def _run_dir(config_text: str) -> str | None:
+    """train.run_dir of a resolved config (TOML text)."""
+    return tomllib.loads(config_text).get("train", {}).get("run_dir") if config_text else None
 
 
 class RNGState:
