@@ -10,7 +10,9 @@ new or empty directory or over an earlier export.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.artifacts.staging import (DTYPES, cast_state, check_destination, embeddings, fixed_batch, max_error,
                                reference_model, require_close, staged, with_logit_bias, write_model_card)
 from pipeline.train.checkpoint import Checkpointer, clean_state_dict
+from pipeline.train.remote_store import fetch, is_url
 from pipeline.artifacts.hf import export_hf
 from pipeline.artifacts.model_card import METADATA_FILE, card_metadata, eval_entries, training_metadata
 from pipeline.data.transforms import preprocess_cfg
@@ -60,7 +63,7 @@ def export_open_clip(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: s
     """Writes `open_clip_config.json` + `open_clip_model.safetensors` (for `local-dir:`), `NAME.json` +
     `open_clip_model.pt` (for `add_model_config` + `pretrained=`), and the model card; reloads both ways and
     fails unless their embeddings match the exported weights within `atol`."""
-    out = Path(out_dir)
+    out = out_dir if is_url(out_dir) else Path(out_dir)  # an object-storage URL stays a URL
     state = clean_state_dict(state)
     model_cfg = with_logit_bias(state, model_cfg)
     cast = cast_state(state, dtype)
@@ -91,7 +94,7 @@ def export_safetensors(state: dict[str, torch.Tensor], model_cfg: dict, out_dir:
                        meta: dict | None = None, add_files: Callable[[Path], None] | None = None) -> Path:
     """Raw tensors for users' own code: `towers.safetensors` (open_clip key names), optionally
     `heads.safetensors`, plus `model_config.json`; reloaded and compared bit for bit."""
-    out = Path(out_dir)
+    out = out_dir if is_url(out_dir) else Path(out_dir)  # an object-storage URL stays a URL
     state = clean_state_dict(state)
     model_cfg = with_logit_bias(state, model_cfg)
     files = {"towers.safetensors": cast_state(state, dtype)}
@@ -125,7 +128,12 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_source(path: str | Path) -> Source:
-    """The exportable parts of a checkpoint or run dir: the trained weights, heads, config and history."""
+    """The exportable parts of a checkpoint or run dir (local, or a run's train.remote_dir and its checkpoints
+    on object storage): the trained weights, heads, config and history."""
+    if is_url(path):
+        with tempfile.TemporaryDirectory(prefix="plait-fetch-") as tmp:
+            src = load_source(fetch(str(path), Path(tmp)))
+        return dataclasses.replace(src, checkpoint=str(path))
     ckpt = checkpoint_dir(path)
     if not (ckpt / "trainer.pt").exists():
         raise FileNotFoundError(f"{ckpt}: trainer.pt missing (not a complete plait checkpoint)")
@@ -189,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 def source_training(path: str | Path) -> dict:
     """The training history of a model to fine-tune: an export's card metadata, or what a checkpoint or run dir
     records (as `plait export` reads it); {} for a bare weights file."""
+    if is_url(path):
+        try:
+            return load_source(path).training
+        except (OSError, ValueError, KeyError):
+            return {}  # an export folder there: its card stays behind (fine-tuning records `from` either way)
     path = Path(path)
     card = path / METADATA_FILE
     if card.is_file():
@@ -213,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"--eval-json: {path} not found")
         eval_results = json.loads(path.read_text())
-    check_destination(Path(args.out))  # before the minutes of loading and checking
+    check_destination(args.out)  # before the minutes of loading and checking
     src = load_source(args.checkpoint)
     out = export(src, args.format, args.out, args.dtype, args.heads, eval_results)
     print(f"exported {src.checkpoint} -> {out} ({args.format}, {args.dtype}); see {out}/README.md")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from pipeline.artifacts.staging import (cast_state, fixed_batch, reference_model, require_close, staged, with_logit_bias,
                                write_model_card)
 from pipeline.train.checkpoint import clean_state_dict
+from pipeline.train.remote_store import is_url
 from pipeline.models.towers import tokenizer_for
 from pipeline.data.transforms import preprocess_cfg
 
@@ -172,7 +173,7 @@ def export_hf(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Pa
     state = clean_state_dict(state)
     model_cfg = with_logit_bias(state, model_cfg)
     config = hf_config(model_cfg)  # refuses unsupported architectures before anything is written
-    out = Path(out_dir)
+    out = out_dir if is_url(out_dir) else Path(out_dir)  # an object-storage URL stays a URL
     cast = cast_state(state, dtype)
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     with staged(out) as tmp:

@@ -8,10 +8,12 @@ a registered open_clip config or a config JSON, and training checkpoints or run 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 import open_clip
 import torch
 from safetensors.torch import load_file
@@ -20,6 +22,7 @@ from torch import nn
 from pipeline.artifacts.pretrained import check_fits, check_local_towers, check_weights_file
 from pipeline.models.towers import build_clip, tokenizer_for
 from pipeline.data.transforms import image_transform
+from pipeline.train.remote_store import is_url
 
 
 @dataclass
@@ -100,8 +103,32 @@ def open_clip_weights(path: Path) -> Path | None:
     return min(found, key=lambda p: p.suffix != ".safetensors", default=None)
 
 
+def download(url: str, local_root: Path) -> Path:
+    """A local copy of the export folder or the checkpoint (a run's remote_dir, a `step-N`) at `url`."""
+    from pipeline.artifacts.staging import MARKER_FILE, UPLOADING_FILE
+    from pipeline.train.remote_store import fetch
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{UPLOADING_FILE}"):
+        raise ValueError(f"{url}: an export upload that did not finish ({UPLOADING_FILE}); export it again")
+    if not fs.exists(f"{root}/{MARKER_FILE}"):
+        return fetch(url, local_root)
+    files = [p for p in fs.find(root) if not p[len(root) + 1:].startswith(".")]
+    for path in files:
+        rel = path[len(root) + 1:]
+        if ".." in rel.split("/"):
+            raise ValueError(f"{url}: file name {rel!r} leaves the folder")
+        (local_root / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(local_root / "model" / rel))
+    return local_root / "model"
+
+
 def load_model(source: str | Path, model: str | None = None) -> Loaded:
-    """The model behind `source` (see the module docstring), in eval mode on CPU."""
+    """The model behind `source` (see the module docstring; also on object storage), in eval mode on CPU."""
+    if is_url(source):
+        with tempfile.TemporaryDirectory(prefix="plait-fetch-") as tmp:
+            return load_model(download(str(source), Path(tmp)), model)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")

@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import fsspec
 import torch
 
 from pipeline.train.checkpoint import follow_umask
+from pipeline.train.remote_store import is_url
 from pipeline.artifacts.model_card import METADATA_FILE, write_card
 from pipeline.models.towers import build_clip, tokenizer_for
 from pipeline.data.transforms import preprocess_cfg
@@ -27,11 +29,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # export's model card, from before the marker existed).
 MARKER_FILE = ".plait-export"
 EXPORT_MARKERS = (MARKER_FILE, METADATA_FILE)
+UPLOADING_FILE = ".plait-export-uploading"  # on object storage, while an export is being uploaded
 
 
 # ------------------------------------------------------------------------------------------------ publication
-def check_destination(out: Path) -> None:
-    """Raises ValueError unless `out` is missing, an empty directory, or an earlier plait export."""
+def check_destination(out: str | Path) -> None:
+    """Raises ValueError unless `out` is missing, an empty directory, or an earlier plait export (also on
+    object storage, where an upload cut short is recognised by its own marker)."""
+    if is_url(out):
+        fs, root = fsspec.core.url_to_fs(str(out))
+        entries = fs.ls(root, detail=False) if fs.isdir(root) else []
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in entries}
+        if entries and not names & {*EXPORT_MARKERS, UPLOADING_FILE}:
+            raise ValueError(f"--out {out}: holds {len(entries)} entries and is not a plait export (no "
+                             f"{MARKER_FILE} marker); choose a new or empty folder")
+        return
+    out = Path(out)
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():
@@ -46,7 +59,15 @@ def check_destination(out: Path) -> None:
 @contextmanager
 def staged(out: str | Path) -> Iterator[Path]:
     """Yields a fresh staging directory beside `out`; publishes it as `out` when the block succeeds, removes it
-    when the block raises. `out` is checked before any work is done and again just before the rename."""
+    when the block raises. `out` is checked before any work is done and again just before the rename. An
+    object-storage `out` is staged in a local temp dir and uploaded (`upload`)."""
+    if is_url(out):
+        check_destination(out)
+        with tempfile.TemporaryDirectory(prefix="plait-export-") as tmp:
+            yield Path(tmp)
+            (Path(tmp) / MARKER_FILE).write_text(json.dumps({"written_by": "plait export"}) + "\n")
+            upload(Path(tmp), str(out))
+        return
     out = Path(out)
     check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +79,28 @@ def staged(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def upload(tmp: Path, out: str) -> None:
+    """Copies the finished export `tmp` to object storage: `UPLOADING_FILE` first (a rerun then recognises a
+    folder it left half-written), the files, the files of an earlier export there that this one lacks removed,
+    the marker last. Until the marker is there, loaders refuse the folder as unfinished."""
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    check_destination(out)
+    for old_marker in EXPORT_MARKERS:
+        if fs.exists(f"{root}/{old_marker}"):
+            fs.rm(f"{root}/{old_marker}")
+    fs.pipe_file(f"{root}/{UPLOADING_FILE}", b"plait export upload in progress\n")
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER_FILE)
+    for path in files:
+        fs.put_file(str(path), f"{root}/{path.relative_to(tmp).as_posix()}")
+    keep = {p.relative_to(tmp).as_posix() for p in files} | {MARKER_FILE, UPLOADING_FILE}
+    for path in fs.find(root):
+        if path[len(root) + 1:] not in keep:  # an earlier plait export's file (the folder held its marker)
+            fs.rm(path)
+    fs.put_file(str(tmp / MARKER_FILE), f"{root}/{MARKER_FILE}")
+    fs.rm(f"{root}/{UPLOADING_FILE}")
 
 
 def publish(tmp: Path, out: Path) -> Path:

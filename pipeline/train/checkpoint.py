@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.train.remote_store import RemoteCheckpoints
+
 
 
 class RunState(Protocol):
@@ -78,9 +80,11 @@ def _literal(text: str):
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int):
+    def __init__(self, run_dir: str | Path, keep_last: int, remote_dir: str = ""):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.remote = RemoteCheckpoints(remote_dir) if remote_dir else None
+        """The copy on object storage (train.remote_dir), or None."""
 
     def complete(self) -> list[Path]:
         """Finished checkpoints, oldest first (temp dirs of interrupted writes are ignored)."""
@@ -103,11 +107,21 @@ class Checkpointer:
         if not resume:
             return None
         if resume == "auto":
-            return self.latest()
+            return self.latest()  # with a remote_dir, `fetch_latest` has put its newest checkpoint here
         path = Path(resume)
         if not (path / "trainer.pt").is_file():
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no trainer.pt)")
         return path
+
+    def fetch_latest(self) -> Path | None:
+        """Downloads the remote copy's newest checkpoint when it is newer than every local one (a run moved to
+        another cluster, a node whose disk was wiped); the main process calls it before anyone resolves."""
+        if self.remote is None:
+            return None
+        name, local = self.remote.latest(), self.latest()
+        if name is None or (local is not None and local.name >= name):
+            return None
+        return self.remote.download(name, self.root)
 
     def write_rank_state(self, step: int, rank: int, state: dict) -> None:
         _save(state, self.staging_dir(step) / f"rank-{rank:05d}.pt")
@@ -130,6 +144,9 @@ class Checkpointer:
         _fsync(self.root)
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        if self.remote is not None:
+            self.remote.upload(final)
+            self.remote.prune(self.keep_last)
         return final
 
     def save(self, step: int, state: "RunState", rank: int, barrier: Callable[[], None]) -> None:
