@@ -236,7 +236,11 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_config(cfg, run_dir / "config.toml")
-    checkpointer = Checkpointer(run_dir, cfg.train.keep_last)
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, cfg.train.remote_dir)
+    if resume == "auto" and checkpointer.remote is not None:
+        if world.is_main:
+            checkpointer.fetch_latest()  # the remote copy's newest, when no local checkpoint is as new
+        accelerator.wait_for_everyone()
     resume_from = checkpointer.resolve(resume)
     parts = build_parts(cfg, accelerator, world, resume_from)
     print0(world, describe_run(parts, cfg))
