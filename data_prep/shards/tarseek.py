@@ -23,6 +23,7 @@ from typing import Iterator
 
 import fsspec
 from data_prep.shards import layout, remote
+from data_prep.shards.cache import ShardCache
 from data_prep.shards.members import split_name
 from data_prep.shards.tarwalk import TarWalk, iter_samples
 
@@ -207,8 +208,9 @@ def seek_by_headers(f, sample: int) -> None:
     raise EOFError(f"tar ends after {seen + 1} samples, before sample {sample}")
 
 
-def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
-    """Samples [start, stop) of shard `url` as webdataset sample dicts (`__key__`, `__url__`, `jpg`: bytes...).
+def read_piece(url: str, start: int, stop: int, cache: ShardCache | None = None) -> Iterator[dict | Bad]:
+    """Samples [start, stop) of shard `url` as webdataset sample dicts (`__key__`, `__url__`, `jpg`: bytes...),
+    from `cache`'s local copy of a remote shard when a cache is given.
 
     Never raises for bad data: an unreadable shard, or one holding fewer samples than its count promised,
     yields one Bad per missing sample, so a slot's sample count (and hence every rank's batch count) holds."""
@@ -217,11 +219,12 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
         return
     got = 0
     try:
-        f = _open_at(url, start)
+        source = cache.local(url) if cache is not None else url  # what is opened; samples keep `url`
+        f = _open_at(source, start)
         try:
             stream = samples(f, url)
             first = next(stream, None)
-            index = sample_index(url) if start else None
+            index = sample_index(source) if start else None
             expected = index[1][start] if index and index[1] and start < len(index[1]) else None
             if first is not None and expected is not None and first["__key__"] != expected:
                 # The offset led to another sample than the index names: a stale or tampered index. Reading
@@ -229,7 +232,7 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | Bad]:
                 log.warning("%s: the index's offset of sample %d holds sample %r, not %r (a stale or altered "
                             "index): positioning by tar headers", url, start, first["__key__"], expected)
                 f.close()
-                f = _open_at(url, start, use_index=False)
+                f = _open_at(source, start, use_index=False)
                 stream = samples(f, url)
                 first = next(stream, None)
             for sample in itertools.chain(() if first is None else (first,), stream):

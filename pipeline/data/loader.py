@@ -44,6 +44,8 @@ from pipeline.config import DataConfig
 from pipeline.train.distributed import World
 from pipeline.data.shardspec import ShardSet, parse_spec
 from data_prep.shards.members import MemberKeys
+from data_prep.shards.cache import ShardCache
+from pipeline.options import parse_size
 from data_prep.shards.tarseek import Bad, read_piece
 from pipeline.data.transforms import SampleDecoder
 
@@ -136,6 +138,7 @@ class TrainStream:
         self.decoder = SampleDecoder(image_transform, cfg.video_frames, cfg.draft,
                                      MemberKeys.parse(cfg.image_keys, cfg.caption_keys))
         self.shards: ShardSet = parse_spec(cfg.train_shards, estimate=cfg.mode == "resampled")
+        self.cache = ShardCache(cfg.cache_dir.removeprefix("file://"), parse_size(cfg.cache_bytes)) if cfg.cache_dir else None
         self.topology = topology(world, cfg.num_workers)
         self.num_samples = self.shards.num_samples
         if cfg.mode == "exact":
@@ -271,7 +274,7 @@ class TrainStream:
         block = max(1, self.cfg.shuffle_buffer)
         first_block = done // block
         pieces = sharding.skip(self.slot_pieces(epoch, slot), first_block * block)
-        raw = (s for p in pieces for s in read_piece(self.shards.urls[p.shard], p.start, p.stop))
+        raw = (s for p in pieces for s in read_piece(self.shards.urls[p.shard], p.start, p.stop, self.cache))
         shuffled = block_shuffle(raw, block, self.cfg.seed, epoch, slot, first_block, done - first_block * block)
         counts = torch.zeros(len(COUNTER_KINDS), dtype=torch.long)
         examples = self._decoded(shuffled, epoch, slot, done, counts)
