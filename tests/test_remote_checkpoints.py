@@ -128,6 +128,14 @@ def test_a_run_resumes_from_the_bucket_and_exports_there(s3, tmp_path, shards):
     images = torch.rand(2, 3, size, size)
     torch.testing.assert_close(from_bucket.model.encode_image(images), from_disk.model.encode_image(images),
                                rtol=1e-4, atol=1e-5)
+    # fine-tuning reads the export from the bucket and writes its own export there
+    assert plait.main(["finetune", "s3://plait-test/exports/e1", "--train-data", shards["train"], "--test-data",
+                       shards["test"], "--mode", "linear", "--epochs", "1", "--batch-size", "64",
+                       "--out", "s3://plait-test/exports/ft1"]) == 0
+    names = {p.rsplit("/", 1)[-1] for p in s3.ls("plait-test/exports/ft1")}
+    assert {"open_clip_model.safetensors", "classifier.safetensors", ".plait-export"} <= names
+    meta = json.loads(s3.cat_file("plait-test/exports/ft1/plait_metadata.json"))
+    assert meta["finetune"]["from"] == "s3://plait-test/exports/e1"
     # an export never replaces a bucket folder it did not write
     s3.pipe_file("plait-test/exports/theirs/data.csv", b"a,b\n")
     assert plait.main(["export", remote, "--format", "open_clip", "--out", "s3://plait-test/exports/theirs"]) == 2
