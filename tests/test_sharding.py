@@ -127,3 +127,70 @@ def test_skip_drops_a_prefix_across_pieces():
     assert sharding.skip(pieces, 0) == pieces
     assert sharding.skip(pieces, 7) == [Piece(1, 2, 4), Piece(2, 2, 3)]
     assert sharding.skip(pieces, 10) == []
+
+
+# ------------------------------------------------------------------------------------------ elastic resume
+def _slot_streams(segment, topo, batch, block, seed, epoch, segment_id):
+    """What each slot reads of `segment`, in read order (epoch positions): an independent simulation of the
+    loader (a slot's contiguous range of the segment, shuffled in blocks as its worker shuffles them)."""
+    positions = np.concatenate([np.arange(a, b) for a, b in segment.tolist()])
+    per_rank, ranges = sharding.segment_ranges(segment, topo, batch)
+    streams = []
+    for slot, (v0, v1) in enumerate(ranges.tolist()):
+        mine = positions[v0:v1]
+        blocks = [mine[i:i + block] for i in range(0, len(mine), block)]
+        streams.append(np.concatenate([b[sharding.block_order(seed, epoch, segment_id, slot, n, len(b))]
+                                       for n, b in enumerate(blocks)] or [np.zeros(0, np.int64)]))
+    return per_rank, streams
+
+
+def _consume(segment, topo, batch, block, seed, epoch, segment_id, consumed):
+    per_rank, streams = _slot_streams(segment, topo, batch, block, seed, epoch, segment_id)
+    done = sharding.consumed_per_worker(consumed, per_rank, topo.workers_per_rank)
+    return np.concatenate([s[:done[slot % topo.workers_per_rank] * batch] for slot, s in enumerate(streams)])
+
+
+@pytest.mark.parametrize("changes", [
+    [(BIG, 0.5), (Topology(48, 8, 6), None)],                                   # shrink
+    [(BIG, 0.3), (Topology(80, 8, 8), None)],                                   # grow
+    [(BIG, 0.2), (Topology(48, 8, 6), 0.5), (Topology(80, 8, 8), 0.1), (Topology(64, 8, 8), None)],  # several
+])
+def test_elastic_resume_reads_every_sample_of_the_epoch_once(big_sizes, changes):
+    """Each topology runs a fraction of its segment's batches, then the run resumes on the next one; the last
+    reads its segment to the end. Together they read the epoch's samples exactly once, less one tail that
+    fills no global batch of the last topology."""
+    batch, block, seed, epoch = 16, 24, 3, 2
+    total = sum(big_sizes)
+    segment, read = sharding.whole_epoch(total), []
+    for segment_id, (topo, fraction) in enumerate(changes):
+        per_rank, _ = sharding.segment_ranges(segment, topo, batch)
+        consumed = per_rank if fraction is None else int(per_rank * fraction)
+        read.append(_consume(segment, topo, batch, block, seed, epoch, segment_id, consumed))
+        if fraction is not None:
+            segment = sharding.remaining(segment, topo, batch, consumed, block, seed, epoch, segment_id)
+            assert sharding.segment_length(segment) == total - sum(len(r) for r in read)
+    everything = np.concatenate(read)
+    assert len(np.unique(everything)) == len(everything)  # nothing twice
+    last = changes[-1][0]
+    assert total - len(everything) < batch * last.num_ranks  # only the last topology's tail is left out
+    assert len(segment) <= 2 * sum(t.num_slots for t, _ in changes) + sum(t.num_slots for t, _ in changes) * block
+
+
+def test_segment_pieces_are_the_positions_each_slot_reads(big_sizes):
+    """The pieces the loader reads for a slot of a segment (shard, start, stop) cover exactly that slot's
+    positions of the segment, and the whole epoch is exact_pieces."""
+    batch, seed, epoch = 16, 3, 0
+    order = sharding.shard_order(len(big_sizes), seed, epoch)
+    starts = np.concatenate([[0], np.cumsum(np.asarray(big_sizes)[order])])
+    where = {int(order[i]): int(starts[i]) for i in range(len(order))}  # shard -> its first epoch position
+    segment = sharding.remaining(sharding.whole_epoch(sum(big_sizes)), BIG, batch, 3, 24, seed, epoch, 0)
+    small = Topology(48, 8, 6)
+    _, ranges = sharding.segment_ranges(segment, small, batch)
+    positions = np.concatenate([np.arange(a, b) for a, b in segment.tolist()])
+    for slot in (0, 1, 1000, small.num_slots - 1):
+        pieces = sharding.segment_pieces(big_sizes, segment, small, batch, seed, epoch, slot)
+        got = np.concatenate([np.arange(where[p.shard] + p.start, where[p.shard] + p.stop) for p in pieces])
+        assert np.array_equal(got, positions[ranges[slot, 0]:ranges[slot, 1]])
+    whole = sharding.whole_epoch(sum(big_sizes))
+    assert sharding.segment_pieces(big_sizes, whole, BIG, batch, seed, 1, 77) == \
+        sharding.exact_assignment(big_sizes, BIG, batch, seed, 1)[77]

@@ -23,6 +23,17 @@ each epoch) is left out.
 
 Resampled mode. Slot s draws whole shards with replacement from a generator seeded by (seed, epoch, s), with the
 mixing probabilities of pipeline/data/shardspec.py, until its quota is filled.
+
+Segments: elastic resume. An epoch is read as one segment, the whole permuted sequence, unless the topology
+changes inside it. A run resumed on another number of ranks or workers continues the epoch with a new segment:
+the samples of the current one that no slot has consumed yet (`remaining`), as intervals of positions in the
+epoch's sequence. The new topology assigns the segment exactly as an epoch (`segment_pieces`): contiguous slot
+ranges of the segment's samples, equal batches per rank, the tail that fills no global batch left out; the next
+epoch starts whole again. Consumption is exact to the sample: a worker shuffles its stream in blocks
+(`block_order`), so inside the block it was reading it consumed a permuted subset, and exactly the rest of that
+block goes into the segment. Several changes in one epoch chain: each segment is a subset of the one before, in
+epoch positions. A segment holds at most one interval per slot plus the leftovers of partly read blocks (at most
+half a shuffle block per slot, in runs), and computing it reads nothing.
 """
 from __future__ import annotations
 
@@ -144,12 +155,7 @@ def exact_assignment(sizes: Sequence[int], topo: Topology, batch_size: int, seed
 def exact_pieces(sizes: Sequence[int], topo: Topology, batch_size: int, seed: int, epoch: int,
                  slot: int) -> list[Piece]:
     """Slot `slot`'s pieces for one exact epoch."""
-    check_exact(len(sizes), topo)
-    order = shard_order(len(sizes), seed, epoch)
-    bounds = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64)[order])])
-    quotas = slot_quotas(topo, batch_size, batches_per_rank(int(bounds[-1]), batch_size, topo))
-    start = int(quotas[:slot].sum())
-    return _ranges_to_pieces(order, bounds, start, start + int(quotas[slot]))
+    return segment_pieces(sizes, whole_epoch(int(sum(sizes))), topo, batch_size, seed, epoch, slot)
 
 
 def resampled_pieces(sizes: Sequence[int], probabilities: np.ndarray, seed: int, epoch: int, slot: int,
@@ -166,6 +172,93 @@ def resampled_pieces(sizes: Sequence[int], probabilities: np.ndarray, seed: int,
             if filled == quota:
                 break
     return pieces
+
+
+# ------------------------------------------------------------------------------------------------- segments
+def whole_epoch(num_samples: int) -> np.ndarray:
+    """The segment of an epoch read without a topology change: every position. [1, 2]"""
+    return np.array([[0, num_samples]], dtype=np.int64)
+
+
+def block_order(seed: int, epoch: int, segment_id: int, slot: int, number: int, length: int) -> np.ndarray:
+    """The order a slot's worker reads block `number` (of `length` samples) of its stream in. Segment 0 keeps
+    the key of plait's first checkpoints, so they resume into the same order."""
+    key = [seed, epoch, slot, number] if segment_id == 0 else [seed, epoch, slot, number, segment_id]
+    return np.random.default_rng(key).permutation(length)
+
+
+def _epoch_layout(sizes: Sequence[int], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    order = shard_order(len(sizes), seed, epoch)
+    return order, np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64)[order])])
+
+
+def _virtual_to_epoch(segment: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:
+    """Positions [start, stop) of the segment's own numbering as intervals of epoch positions."""
+    lengths = segment[:, 1] - segment[:, 0]
+    cum = np.concatenate([[0], np.cumsum(lengths)])
+    out, i = [], int(np.searchsorted(cum, start, side="right")) - 1
+    while start < stop:
+        end = min(stop, int(cum[i + 1]))
+        if end > start:
+            a = int(segment[i, 0])
+            out.append((a + start - int(cum[i]), a + end - int(cum[i])))
+        start, i = end, i + 1
+    return out
+
+
+def _merged(intervals: list[tuple[int, int]]) -> np.ndarray:
+    out: list[list[int]] = []
+    for a, b in sorted(i for i in intervals if i[1] > i[0]):
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def segment_length(segment: np.ndarray) -> int:
+    return int((segment[:, 1] - segment[:, 0]).sum())
+
+
+def segment_ranges(segment: np.ndarray, topo: Topology, batch_size: int) -> tuple[int, np.ndarray]:
+    """(batches per rank, each slot's [start, stop) in the segment's own numbering) [num_slots, 2]."""
+    per_rank = batches_per_rank(segment_length(segment), batch_size, topo)
+    starts = np.concatenate([[0], np.cumsum(slot_quotas(topo, batch_size, per_rank))])
+    return per_rank, np.stack([starts[:-1], starts[1:]], axis=1)
+
+
+def segment_pieces(sizes: Sequence[int], segment: np.ndarray, topo: Topology, batch_size: int, seed: int,
+                   epoch: int, slot: int) -> list[Piece]:
+    """Slot `slot`'s pieces of `segment` in exact mode (the whole epoch: exact_pieces)."""
+    check_exact(len(sizes), topo)
+    order, bounds = _epoch_layout(sizes, seed, epoch)
+    _, ranges = segment_ranges(segment, topo, batch_size)
+    return [p for a, b in _virtual_to_epoch(segment, int(ranges[slot, 0]), int(ranges[slot, 1]))
+            for p in _ranges_to_pieces(order, bounds, a, b)]
+
+
+def remaining(segment: np.ndarray, topo: Topology, batch_size: int, consumed: int, block: int, seed: int,
+              epoch: int, segment_id: int) -> np.ndarray:
+    """The positions of `segment` that no slot has consumed once every rank took `consumed` batches of it
+    (as intervals of epoch positions, sorted, merged): what a resume on another topology reads in the rest of
+    the epoch. Includes the segment's tail that this topology would have left out."""
+    per_rank, ranges = segment_ranges(segment, topo, batch_size)
+    done = consumed_per_worker(consumed, per_rank, topo.workers_per_rank)
+    block = max(1, block)
+    left: list[tuple[int, int]] = []
+    for slot, (v0, v1) in enumerate(ranges.tolist()):
+        used = done[slot % topo.workers_per_rank] * batch_size
+        full, part = divmod(used, block)
+        cut = v0 + full * block                   # blocks before it are consumed whole
+        if part:
+            length = min(block, v1 - cut)
+            rest = np.sort(block_order(seed, epoch, segment_id, slot, full, length)[part:]) + cut
+            runs = np.split(rest, np.flatnonzero(np.diff(rest) != 1) + 1)
+            left += [(int(r[0]), int(r[-1]) + 1) for r in runs if len(r)]
+            cut += length
+        left.append((cut, v1))
+    left.append((int(ranges[-1, 1]), segment_length(segment)))  # the tail no slot reads
+    return _merged([iv for a, b in left for iv in _virtual_to_epoch(segment, a, b)])
 
 
 def skip(pieces: list[Piece], num_samples: int) -> list[Piece]:
