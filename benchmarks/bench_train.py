@@ -5,13 +5,18 @@ same process, alternating rounds so that machine load hits both alike; medians o
 against this machine's measured fp32 matmul peak (MFU).
 
     .venv/bin/python benchmarks/bench_train.py [--shards SPEC] [--steps 12] [--rounds 2]
+    .venv/bin/python benchmarks/bench_train.py --report-to tensorboard,wandb,mlflow [--rounds 4]
 
-Target: plait >= 0.95x the hand-written loop.
+Target: plait >= 0.95x the hand-written loop. With --report-to, the same plait loop with those trackers against
+none (train.report_to=[]), alternating rounds, and the cost of one record's tracker calls; target: trackers cost
+<= 2% of the step time. wandb runs offline and MLflow logs to a SQLite file in a temporary folder unless
+WANDB_MODE / MLFLOW_TRACKING_URI say otherwise: nothing leaves the machine by default.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -25,20 +30,27 @@ from open_clip.loss import ClipLoss
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config, to_dict  # noqa: E402
 from pipeline.models.sizes import model_config  # noqa: E402
-from pipeline.train.loop import run  # noqa: E402
+from pipeline.train import metrics  # noqa: E402
+from pipeline.train.loop import build_accelerator, run  # noqa: E402
 
 MODEL, BATCH = "tiny-bench", 128
 
 
-def plait_step_times(shards: str, steps: int, warmup: int, run_dir: Path) -> list[float]:
+def plait_config(shards: str, steps: int, run_dir: Path, report_to: list[str] | None = None):
+    return load_config(None, [f"model.name={MODEL}", f"data.train_shards={shards}", f"data.batch_size={BATCH}",
+                              "data.num_workers=1", "train.device=cpu", f"train.steps={steps}",
+                              "train.log_every=1", f"train.run_dir={run_dir}", "optim.warmup_steps=2"]
+                       + ([] if report_to is None else [f"train.report_to={json.dumps(report_to)}"]))
+
+
+def plait_step_times(shards: str, steps: int, warmup: int, run_dir: Path,
+                     report_to: list[str] | None = None) -> list[float]:
     """Seconds per step after `warmup` steps, from the metrics log (a record every step: the pessimistic case,
-    with the loss all-reduce and grad-norm of logging in every step)."""
-    cfg = load_config(None, [f"model.name={MODEL}", f"data.train_shards={shards}", f"data.batch_size={BATCH}",
-                             "data.num_workers=1", "train.device=cpu", f"train.steps={steps}",
-                             "train.log_every=1", f"train.run_dir={run_dir}", "optim.warmup_steps=2"])
-    run(cfg)
+    with the loss all-reduce and grad-norm of logging in every step, and every tracker called at every step).
+    `report_to` None: train.report_to's default (tensorboard)."""
+    run(plait_config(shards, steps, run_dir, report_to))
     elapsed = [json.loads(x)["elapsed_s"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [b - a for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:])]
 
@@ -99,18 +111,69 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
+def record_log_s(records: list[dict], run_dir: Path, report_to: list[str], repeats: int = 5) -> float:
+    """Seconds per record of MetricsLog.write (metrics.jsonl + the trackers' log calls), over `records` logged
+    `repeats` times at increasing steps; the best of three passes."""
+    cfg = plait_config("unused.tar", 1, run_dir, report_to)
+    run_dir.mkdir(parents=True)
+    log = metrics.MetricsLog(run_dir, build_accelerator(cfg.train), enabled=True)
+    log.start_trackers(to_dict(cfg), continuing={})
+    best, step = float("inf"), 0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            for record in records:
+                step += 1
+                log.write({**record, "step": step})
+        best = min(best, (time.perf_counter() - t) / (repeats * len(records)))
+    log.accelerator.end_training()
+    return best
+
+
+def tracker_overhead(shards: str, trackers: list[str], args, tmp: Path) -> int:
+    """Step times of the same plait loop with `trackers` and with none, alternating rounds; then the cost of one
+    record's tracker calls, measured alone."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    bare, tracked = [], []
+    for r in range(args.rounds):
+        bare += plait_step_times(shards, args.steps, args.warmup, tmp / f"bare{r}", report_to=[])
+        tracked += plait_step_times(shards, args.steps, args.warmup, tmp / f"tracked{r}", report_to=trackers)
+        print(f"round {r}: median s/step without trackers {statistics.median(bare):.4f}, "
+              f"with {','.join(trackers)} {statistics.median(tracked):.4f}", flush=True)
+    records = [json.loads(x) for x in (tmp / "tracked0/metrics.jsonl").read_text().splitlines()]
+    jsonl_s = record_log_s(records, tmp / "log-bare", [])
+    tracked_s = record_log_s(records, tmp / "log-tracked", trackers)
+    step_s = statistics.median(bare)
+    print(f"model {MODEL}, batch {BATCH}, a record every step ({len(records[0])} fields), "
+          f"{args.rounds} rounds x {args.steps - args.warmup} timed steps")
+    print(f"without trackers: {1 / step_s:.3f} steps/s ({step_s:.4f} s/step)")
+    print(f"with {','.join(trackers)}: {1 / statistics.median(tracked):.3f} steps/s "
+          f"({statistics.median(tracked):.4f} s/step)")
+    print(f"step-time ratio with / without: {statistics.median(tracked) / step_s:.4f} (target <= 1.02)")
+    print(f"one record alone: metrics.jsonl {jsonl_s * 1e3:.2f} ms, with the trackers {tracked_s * 1e3:.2f} ms: "
+          f"the trackers' calls are {(tracked_s - jsonl_s) / step_s:.2%} of a step")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="", help="training shards (default: write Fashion-MNIST ones)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--report-to", default="", metavar="NAMES",
+                        help="comma-separated trackers (tensorboard,wandb,mlflow): compare plait with them against "
+                             "plait without trackers, instead of against the hand-written loop")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if not shards:
             from tests.helpers.fmnist_fixture import spec, write_shards
             shards = spec(write_shards(Path(tmp) / "shards", "train", 2048, per_shard=512, fmt="jpg"))
+        if args.report_to:
+            return tracker_overhead(shards, args.report_to.split(","), args, Path(tmp))
         plait, hand = [], []
         for r in range(args.rounds):
             plait += plait_step_times(shards, args.steps, args.warmup, Path(tmp) / f"run{r}")
