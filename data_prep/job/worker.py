@@ -3,6 +3,10 @@
 Stages per row, in order: reader's own verdict (e.g. a YFCC video row), caption cleanup, fetch (threaded for
 remote URLs, in input order), sha256 + exact dedup (within the shard here; across shards in `merge`; against an
 earlier dataset's manifest if asked), decode/resize/encode (images) or frame sampling (video), sample assembly.
+
+What dedup compares is the record's `sha256`: the sha256 of the fetched bytes, or for a segment of a video (a
+row with a start or an end) `segment_digest` of those bytes' sha256 and the segment's times, so that two windows
+of one file are two samples and the same window of two identical files is one.
 Each stage may raise `Reject`; the reason becomes the row's manifest record, so nothing is lost or crashes.
 """
 from __future__ import annotations
@@ -50,6 +54,14 @@ def earlier_hashes(path: str | None) -> frozenset[str]:
         _earlier_hashes[path] = frozenset(h for s, h in zip(t.column("status").to_pylist(),
                                                             t.column("sha256").to_pylist()) if s == "ok" and h)
     return _earlier_hashes[path]
+
+
+def segment_digest(content_sha256: str, start_s: float | None, end_s: float | None) -> str:
+    """What dedup compares for a row: the bytes' sha256 for a whole file; for a segment, the sha256 of the bytes'
+    sha256 and its [start, end] (repr of the floats: the same times in any run)."""
+    if start_s is None and end_s is None:
+        return content_sha256
+    return hashlib.sha256(f"{content_sha256}:{start_s!r}:{end_s!r}".encode()).hexdigest()
 
 
 def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, Any]:
@@ -108,7 +120,8 @@ class ShardBuild:
             if isinstance(data, Reject):
                 raise data
             original = data if row.pixels is None else row.pixels[2]
-            sha = hashlib.sha256(original).hexdigest()
+            content = hashlib.sha256(original).hexdigest()
+            sha = segment_digest(content, row.start_s, row.end_s)
             rec["sha256"] = sha
             kept = self.kept.get(sha)
             if self.opts.dedup and kept is not None and kept < row.index:
@@ -117,7 +130,8 @@ class ShardBuild:
             if sha in self.earlier:
                 raise Reject("duplicate of an earlier dataset")
             before = dict(rec)
-            self.samples[row.index] = _make_samples(self.opts, row, rec, data, self.captions[row.index], sha)
+            self.samples[row.index] = _make_samples(self.opts, row, rec, data, self.captions[row.index], sha,
+                                                    content)
             if kept is not None and self.opts.dedup:  # a later row with these bytes came first: it yields
                 self._demote(kept, sha)
             if kept is None or row.index < kept:
@@ -149,9 +163,11 @@ def _reject(rec: dict[str, Any], r: Reject) -> None:
 
 
 def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
-                  sha: str) -> list[Sample]:
+                  sha: str, content_sha: str) -> list[Sample]:
     meta = {"key": rec["key"], "caption": caption, "url": rec["url"], "status": "success", "sha256": sha,
             **row.extra}
+    if sha != content_sha:  # a segment: its digest above, the file's own sha256 here
+        meta["video_sha256"] = content_sha
     if opts.video.video:
         from data_prep.media.video import video_samples
         return video_samples(opts, row, rec, data, caption, meta)
