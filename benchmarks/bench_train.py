@@ -138,10 +138,13 @@ def tracker_overhead(shards: str, trackers: list[str], args, tmp: Path) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
     bare, tracked = [], []
     for r in range(args.rounds):
-        bare += plait_step_times(shards, args.steps, args.warmup, tmp / f"bare{r}", report_to=[])
-        tracked += plait_step_times(shards, args.steps, args.warmup, tmp / f"tracked{r}", report_to=trackers)
-        print(f"round {r}: median s/step without trackers {statistics.median(bare):.4f}, "
-              f"with {','.join(trackers)} {statistics.median(tracked):.4f}", flush=True)
+        bare_round = plait_step_times(shards, args.steps, args.warmup, tmp / f"bare{r}", report_to=[])
+        tracked_round = plait_step_times(shards, args.steps, args.warmup, tmp / f"tracked{r}", report_to=trackers)
+        bare, tracked = bare + bare_round, tracked + tracked_round
+        # This round's own medians: a round that machine load slowed shows here, and in neither column alone.
+        print(f"round {r}: median s/step without trackers {statistics.median(bare_round):.4f}, "
+              f"with {','.join(trackers)} {statistics.median(tracked_round):.4f} "
+              f"(ratio {statistics.median(tracked_round) / statistics.median(bare_round):.4f})", flush=True)
     records = [json.loads(x) for x in (tmp / "tracked0/metrics.jsonl").read_text().splitlines()]
     jsonl_s = record_log_s(records, tmp / "log-bare", [])
     tracked_s = record_log_s(records, tmp / "log-tracked", trackers)
