@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import signal
@@ -71,15 +72,15 @@ def topology(world: World, num_workers: int) -> sharding.Topology:
 
 
 def block_shuffle(items: Iterator, block: int, seed: int, epoch: int, slot: int, first_block: int,
-                  skip: int) -> Iterator:
-    """Items in blocks of `block`, each block permuted by (seed, epoch, slot, block number); the first `skip`
-    items of the first block's permuted order are dropped (resume inside a block)."""
+                  skip: int, segment_id: int = 0) -> Iterator:
+    """Items in blocks of `block`, each block permuted by (seed, epoch, slot, block number: sharding.block_order);
+    the first `skip` items of the first block's permuted order are dropped (resume inside a block)."""
     number = first_block
     while True:
         chunk = [x for _, x in zip(range(block), items)]
         if not chunk:
             return
-        order = np.random.default_rng([seed, epoch, slot, number]).permutation(len(chunk)) if block > 1 else [0]
+        order = sharding.block_order(seed, epoch, segment_id, slot, number, len(chunk)) if block > 1 else [0]
         for i in order[skip:]:
             yield chunk[i]
         skip, number = 0, number + 1
@@ -150,8 +151,14 @@ class TrainStream:
         else:
             epoch_samples = cfg.epoch_samples or self.num_samples
             self.probabilities = self.shards.shard_probabilities()
-        self.batches_per_epoch = sharding.batches_per_rank(epoch_samples, cfg.batch_size, self.topology)
+        self.epoch_samples = epoch_samples
         self.epoch, self.consumed = 0, 0
+        self.segment: np.ndarray | None = None
+        """The epoch positions the rest of this epoch reads after an elastic resume (sharding.remaining);
+        None: the whole epoch."""
+        self.segment_id = 0
+        """How many topology changes this epoch has seen (0: none); part of the order's seeds after one."""
+        self.batches_per_epoch = self._segment_batches()
         self._base: Counter[str] = Counter()       # counts of DataLoaders that finished (or of the checkpoint)
         self._live: dict[int, torch.Tensor] = {}    # slot -> cumulative counts of the running DataLoader
         self._loader = None                         # the running DataLoader iterator (its workers), if any
@@ -180,12 +187,21 @@ class TrainStream:
         self.close()
 
     # ---------------------------------------------------------------- the main process
+    def _segment_batches(self) -> int:
+        """Batches per rank of the current segment (the whole epoch, or its rest after an elastic resume)."""
+        samples = self.epoch_samples if self.segment is None else sharding.segment_length(self.segment)
+        return sharding.batches_per_rank(samples, self.cfg.batch_size, self.topology)
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.consumed, self.segment, self.segment_id = self.epoch + 1, 0, None, 0
+        self.batches_per_epoch = self._segment_batches()
+
     def __iter__(self) -> Iterator[dict]:
         while True:
             if self.consumed < self.batches_per_epoch:
                 yield from self._epoch()
             self._check_bad(final=True)
-            self.epoch, self.consumed = self.epoch + 1, 0
+            self._next_epoch()
 
     def _epoch(self) -> Iterator[dict]:
         dataset = _EpochDataset(self, self.epoch, self.consumed)
@@ -241,33 +257,83 @@ class TrainStream:
                                f"above data.max_bad_fraction={self.cfg.max_bad_fraction}; see the warnings above")
 
     def _signature(self) -> dict:
+        sizes = np.asarray(self.shards.sizes, dtype=np.int64)
         return {"mode": self.cfg.mode, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size,
                 "num_ranks": self.topology.num_ranks, "workers": self.topology.workers_per_rank,
-                "num_samples": self.num_samples, "batches_per_epoch": self.batches_per_epoch}
+                "shuffle_buffer": self.cfg.shuffle_buffer, "num_samples": self.num_samples,
+                "epoch_samples": self.epoch_samples, "num_shards": len(sizes),
+                "sizes_digest": hashlib.sha256(sizes.tobytes()).hexdigest()[:16],
+                "batches_per_epoch": self.batches_per_epoch}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "counters": dict(self._base + self._live_counts()),
-                "signature": self._signature()}
+                "segment": None if self.segment is None else torch.from_numpy(self.segment.copy()),
+                "segment_id": self.segment_id, "signature": self._signature()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state.get("consumed", 0))
-        self._base, self._live = Counter(state.get("counters", {})), {}
-        saved = state.get("signature")
-        if saved is not None and saved != self._signature():
-            diff = {k: (saved.get(k), v) for k, v in self._signature().items() if saved.get(k) != v}
+        """Continues where `state` (this rank's, from a run of the same topology or any other) left off."""
+        self.load_elastic([state], same_rank=True)
+
+    def load_elastic(self, states: list[dict], same_rank: bool = False) -> None:
+        """Continues the data order of a checkpoint whose ranks saved `states` (rank order). On the same
+        topology: where it stopped. On another one (processes, workers, batch size): the rest of its epoch,
+        every sample not yet consumed read once (sharding.remaining); the epochs after it as a fresh run on this
+        topology. The dataset, seed and mode must be the same. Counters carry over summed (on rank 0)."""
+        state = states[0]
+        saved, now = state.get("signature") or {}, self._signature()
+        self.epoch, consumed = int(state["epoch"]), int(state.get("consumed", 0))
+        self._live = {}
+        if same_rank:
+            self._base = Counter(state.get("counters", {}))
+        else:
+            self._base = sum((Counter(s.get("counters", {})) for s in states), Counter()) if self.world.is_main \
+                else Counter()
+        # Checkpoints of earlier versions lack some keys: only the keys both sides have are compared.
+        fixed = [k for k in ("mode", "seed", "num_samples", "epoch_samples", "num_shards", "sizes_digest")
+                 if k in saved]
+        diff = {k: (saved[k], now[k]) for k in fixed if saved[k] != now[k]}
+        if diff:
+            names = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in diff.items())
             if self.cfg.resume_mismatch == "error":
-                raise ValueError(f"cannot resume the data order: {diff} (saved, now) changed since the checkpoint; "
-                                 f"set data.resume_mismatch=next_epoch to continue from the next epoch instead")
-            log.warning("data order changed since the checkpoint %s: continuing at epoch %d", diff, self.epoch + 1)
-            self.epoch, self.consumed = self.epoch + 1, 0
+                raise ValueError(f"cannot resume the data order: the dataset or its order changed since the "
+                                 f"checkpoint ({names}); set data.resume_mismatch=next_epoch to continue from the "
+                                 "next epoch instead")
+            log.warning("data order changed since the checkpoint (%s): continuing at epoch %d", names, self.epoch + 1)
+            return self._next_epoch()
+        segment = state.get("segment")
+        self.segment = None if segment is None else segment.numpy().astype(np.int64)
+        self.segment_id = int(state.get("segment_id", 0))
+        moved = [k for k in ("num_ranks", "workers", "batch_size", "shuffle_buffer") if saved.get(k, now[k]) != now[k]]
+        if not moved:
+            self.batches_per_epoch, self.consumed = self._segment_batches(), consumed
+            return
+        # Another topology: the rest of the epoch as a new segment, from the saved topology's consumption.
+        old = sharding.Topology(int(saved["num_ranks"]), 1, int(saved["workers"]))
+        batch, block = int(saved["batch_size"]), int(saved.get("shuffle_buffer", self.cfg.shuffle_buffer))
+        current = self.segment if self.segment is not None else sharding.whole_epoch(self.epoch_samples)
+        if self.cfg.mode == "exact":
+            rest = sharding.remaining(current, old, batch, consumed, block, self.cfg.seed, self.epoch,
+                                      self.segment_id)
+        else:  # resampled: the rest of the virtual epoch's draws, drawn afresh for the new slots
+            rest = sharding.whole_epoch(max(0, sharding.segment_length(current) - consumed * batch * old.num_ranks))
+        self.segment, self.segment_id, self.consumed = rest, self.segment_id + 1, 0
+        log.warning("the data order continues on another topology (%s): %d samples of epoch %d left to read",
+                    ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in moved),
+                    sharding.segment_length(rest), self.epoch)
+        try:
+            self.batches_per_epoch = self._segment_batches()
+        except ValueError:  # the rest fills no global batch of this topology: the epoch is done
+            self._next_epoch()
 
     # ---------------------------------------------------------------- inside a worker
     def slot_pieces(self, epoch: int, slot: int) -> list[sharding.Piece]:
         quota = int(sharding.slot_quotas(self.topology, self.cfg.batch_size, self.batches_per_epoch)[slot])
         if self.cfg.mode == "exact":
-            return sharding.exact_pieces(self.shards.sizes, self.topology, self.cfg.batch_size, self.cfg.seed,
-                                         epoch, slot)
-        return sharding.resampled_pieces(self.shards.sizes, self.probabilities, self.cfg.seed, epoch, slot, quota)
+            segment = self.segment if self.segment is not None else sharding.whole_epoch(self.num_samples)
+            return sharding.segment_pieces(self.shards.sizes, segment, self.topology, self.cfg.batch_size,
+                                           self.cfg.seed, epoch, slot)
+        return sharding.resampled_pieces(self.shards.sizes, self.probabilities, self.cfg.seed, epoch, slot, quota,
+                                         self.segment_id)
 
     def slot_batches(self, epoch: int, slot: int, done: int, worker: int) -> Iterator[dict]:
         """The batches of `slot` in `epoch` after its first `done` samples (a multiple of the batch size)."""
@@ -275,7 +341,8 @@ class TrainStream:
         first_block = done // block
         pieces = sharding.skip(self.slot_pieces(epoch, slot), first_block * block)
         raw = (s for p in pieces for s in read_piece(self.shards.urls[p.shard], p.start, p.stop, self.cache))
-        shuffled = block_shuffle(raw, block, self.cfg.seed, epoch, slot, first_block, done - first_block * block)
+        shuffled = block_shuffle(raw, block, self.cfg.seed, epoch, slot, first_block, done - first_block * block,
+                                 self.segment_id)
         counts = torch.zeros(len(COUNTER_KINDS), dtype=torch.long)
         examples = self._decoded(shuffled, epoch, slot, done, counts)
         batcher = wds.filters.batched(self.cfg.batch_size, collation_fn=self._collate, partial=False)
@@ -292,8 +359,10 @@ class TrainStream:
             # whatever the stages read ahead (webdataset's batched pulls the next batch's first sample early).
             # The CPU generator only: torch.manual_seed also queues a CUDA reseed that captures a stack trace
             # on every call (9 ms per sample when CUDA is not initialised).
-            torch.default_generator.manual_seed(hash((seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF)
-            rng = np.random.default_rng([seed, epoch, slot, position, 2])
+            where = (seed, epoch, slot, position) if not self.segment_id else (seed, epoch, slot, position,
+                                                                                 self.segment_id)
+            torch.default_generator.manual_seed(hash(where) & 0x7FFF_FFFF_FFFF)
+            rng = np.random.default_rng([*where, 2])
             position += 1
             if not isinstance(item, Bad):
                 try:

@@ -159,9 +159,10 @@ def exact_pieces(sizes: Sequence[int], topo: Topology, batch_size: int, seed: in
 
 
 def resampled_pieces(sizes: Sequence[int], probabilities: np.ndarray, seed: int, epoch: int, slot: int,
-                     quota: int) -> list[Piece]:
-    """Whole shards drawn with replacement for slot `slot` until `quota` samples; the last one is cut short."""
-    rng = np.random.default_rng([seed, epoch, slot, 1])
+                     quota: int, segment_id: int = 0) -> list[Piece]:
+    """Whole shards drawn with replacement for slot `slot` until `quota` samples; the last one is cut short.
+    After a topology change (`segment_id` > 0) the draws are new ones, not a replay of the consumed part."""
+    rng = np.random.default_rng([seed, epoch, slot, 1] if segment_id == 0 else [seed, epoch, slot, 1, segment_id])
     pieces, filled = [], 0
     while filled < quota:
         for shard in rng.choice(len(sizes), size=_DRAW_CHUNK, p=probabilities):
