@@ -10,7 +10,8 @@ import os
 import sys
 
 from pipeline.flags import add_member_key_flags, add_options, from_args
-from data_prep.options import FetchOptions, ImageOptions, JobOptions, RunOptions, SourceOptions, VideoOptions
+from data_prep.options import (FetchOptions, ImageOptions, JobOptions, RunOptions, SegmentOptions, SourceOptions,
+                               VideoOptions)
 from pipeline.options import field_docs
 
 LAYOUT = """\
@@ -59,6 +60,9 @@ examples:
   plait prep shard --input cc3m.tsv --shard-bytes 500MB --output cc3m/       # rows per shard from a pilot
   plait prep shard --input yfcc100m_dataset.bz2 --input-format yfcc100m --yfcc-caption title,tags --output yfcc/
   plait prep shard --input webvid.csv --input-format webvid --num-frames 8 --output videos/
+  plait prep shard --input videos.csv --input-format howto100m --caption-json caption.json --url-col path \
+      --min-clip-s 8 --output howto/                # one sample per (merged) ASR segment
+  plait prep shard --input videos.csv --url-col path --caption-col none --segment scenes --output scenes/
   plait prep shard --input /data/list.csv --local-root /data/images --output shards/   # paths under /data/images
   plait prep index i2d/               # shards from img2dataset or webdataset: sizes.json + offset index
   plait prep verify shards/           # exit status 1 with a report if anything is wrong
@@ -69,7 +73,9 @@ Run `plait prep shard --help` for every option and the output layout."""
 
 # flag groups of `plait prep shard`, in help order: each is generated from the dataclass' fields and their docs
 SECTIONS = (("input", SourceOptions), ("image processing", ImageOptions), ("fetching", FetchOptions),
-            ("video (implied by --input-format webvid)", VideoOptions), ("output and distribution", JobOptions),
+            ("video (implied by --input-format webvid, howto100m, clips and the segment options)", VideoOptions),
+            ("segments: long videos cut into clips, one sample each (docs/prep.md, \"Long videos\")",
+             SegmentOptions), ("output and distribution", JobOptions),
             ("running", RunOptions))
 
 
@@ -145,15 +151,19 @@ def job_options(a: argparse.Namespace) -> JobOptions:
     fmt = detect_format(a.input) if a.input_format == "auto" else a.input_format
     local = "://" not in a.input or a.input.startswith("file://")
     caption_col = None if (a.caption_col or "").lower() in ("", "none") else a.caption_col
+    if a.caption_json and not os.path.isfile(a.caption_json):
+        raise FileNotFoundError(f"--caption-json {a.caption_json!r}: no such file")
+    segments = from_args(SegmentOptions, a, caption_json=os.path.abspath(a.caption_json) if a.caption_json else None)
+    segmented = fmt in ("howto100m", "clips") or segments.subtitles or segments.subtitle_col or segments.segment
     source = from_args(SourceOptions, a, input=os.path.abspath(a.input) if local else a.input, input_format=fmt,
-                       caption_col=caption_col,
+                       caption_col=caption_col, segments=segments,
                        local_root=tuple(os.path.abspath(r.removeprefix("file://")) for r in a.local_root or ()))
     samples_per_shard = a.samples_per_shard
     if samples_per_shard is None and a.shard_bytes is None:
         samples_per_shard = JobOptions.__dataclass_fields__["samples_per_shard"].default
     return from_args(JobOptions, a, source=source, fetch=from_args(FetchOptions, a),
                      image=from_args(ImageOptions, a),
-                     video=from_args(VideoOptions, a, video=a.video or fmt == "webvid"),
+                     video=from_args(VideoOptions, a, video=bool(a.video or fmt == "webvid" or segmented)),
                      samples_per_shard=samples_per_shard)
 
 

@@ -18,10 +18,67 @@ from pipeline.options import option, validate
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 RESAMPLE_FILTERS = ("bicubic", "lanczos", "bilinear", "box")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folder", "yfcc100m", "webvid",
-                 "fashion-mnist")
+                 "howto100m", "clips", "fashion-mnist")
+TABLE_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
+"""Formats of the video table under --input-format howto100m and clips (told from the file name)."""
 FRAME_SAMPLING = ("uniform", "fps", "keyframes")
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How videos are cut into segments, each one sample (see `data_prep.input.segments`)."""
+    caption_json: str | None = option(None, metavar="FILE")
+    """howto100m: the caption file, a JSON object mapping each video id to parallel lists start, end, text
+    (seconds, seconds, ASR text), one segment each; loaded whole (at most --max-caption-json-bytes)"""
+    video_id_col: str = "video_id"
+    """howto100m: the video table's column with the id the caption file is keyed by"""
+    subtitles: bool = False
+    """cut each video by the subtitle file beside it (VIDEO.vtt or VIDEO.srt, same folder and name), one segment
+    per cue; a video without one is rejected"""
+    subtitle_col: str | None = option(None, metavar="COL")
+    """column naming each video's subtitle file (.vtt or .srt; local paths under the same rules as the videos)"""
+    segment: str | None = option(None, metavar="stride=SECONDS|scenes")
+    """cut videos without captions: stride=SECONDS (fixed length, the last one shorter) or scenes (PySceneDetect's
+    content detector, --scene-threshold); each segment takes the row's --caption-col text, or none with
+    --caption-col none (then only image-side objectives learn from it). Local videos only"""
+    min_clip_s: float = option(0.0, ge=0, metavar="SECONDS")
+    """merge consecutive segments of a video (texts joined) until a clip lasts at least this long (HowTo100M's ASR
+    segments are ~4 s and often shorter than what they describe); 0: every segment its own clip"""
+    max_clip_s: float = option(math.inf, gt=0, inf=True, metavar="SECONDS")
+    """a merge never makes a clip longer; a single longer segment is cut to its first SECONDS"""
+    drop_non_speech: bool = True
+    """reject (with a reason) segments whose text is empty or only non-speech markup: [Music], (applause), ♪
+    (--no-drop-non-speech: keep them)"""
+    scene_threshold: float = option(27.0, gt=0)
+    """--segment scenes: ContentDetector threshold (mean HSV change between frames, 0-255 scale)"""
+    max_segments: int = option(100_000, gt=0)
+    """segments of one video at most; a caption entry or subtitle file with more rejects its video"""
+    max_caption_json_bytes: int = option(4 * 2**30, gt=0, parse="size", metavar="SIZE")
+    """largest --caption-json read"""
+    max_subtitle_bytes: int = option(8 * 2**20, gt=0, parse="size", metavar="SIZE")
+    """largest subtitle file read; a larger one rejects its video"""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.segment is not None and self.segment != "scenes":
+            kind, _, value = self.segment.partition("=")
+            try:
+                stride = float(value)
+            except ValueError:
+                stride = math.nan
+            if kind != "stride" or not math.isfinite(stride) or stride <= 0:
+                raise ValueError(f"--segment {self.segment!r}: expected stride=SECONDS (a number > 0) or scenes")
+        if self.segment and (self.subtitles or self.subtitle_col or self.caption_json):
+            raise ValueError(f"--segment {self.segment}: cuts videos without captions; not with --subtitles, "
+                             "--subtitle-col or --caption-json")
+        if self.min_clip_s > self.max_clip_s:
+            raise ValueError(f"--min-clip-s {self.min_clip_s}: larger than --max-clip-s {self.max_clip_s}")
+
+    @property
+    def stride_s(self) -> float | None:
+        return float(self.segment.split("=", 1)[1]) if self.segment and self.segment != "scenes" else None
 
 
 @dataclass(frozen=True)
@@ -32,7 +89,10 @@ class SourceOptions:
     input_format: str = option("auto", choices=INPUT_FORMATS)
     """auto = from the file extension; tsv is unquoted (a '"' is text); csv quotes within one line;
     yfcc100m = the YFCC100M metadata dump (tab-separated, no header); webvid = WebVid CSV (videoid, contentUrl,
-    duration, page_dir, name); fashion-mnist = the idx gz files of --split (a JSON array input is loaded whole)"""
+    duration, page_dir, name); howto100m = a video table (--video-id-col, --url-col) plus --caption-json;
+    clips = a clip table, one row per clip: video, start, end, caption (as video2dataset's clip_col); the table's
+    own format of both from its name; fashion-mnist = the idx gz files of --split (a JSON array input is loaded
+    whole)"""
     url_col: str = "url"
     """column with the URL or path (webvid: contentUrl)"""
     caption_col: str | None = option("caption", parse="caption_col")
@@ -52,6 +112,7 @@ class SourceOptions:
     repeatable. Default: the table's own folder (none for a table that is not local: its local paths are
     refused). Relative paths start from the table's folder. Rows pointing elsewhere are rejected"""
 
+    segments: SegmentOptions = field(default_factory=SegmentOptions)
     label_col: str | None = option(None, metavar="COL")
     """column with each row's class: integer ids are written as they are; class names are mapped to ids in
     sorted order (or the order of --classnames), the same in every array task, and the list is written to
@@ -65,6 +126,10 @@ class SourceOptions:
         validate(self)
         if self.classnames and not self.label_col:
             raise ValueError(f"--classnames {self.classnames!r}: needs --label-col (the column to map)")
+        if self.input_format == "howto100m" and not self.segments.caption_json:
+            raise ValueError("--input-format howto100m: needs --caption-json FILE (the captions by video id)")
+        if self.segments.caption_json and self.input_format != "howto100m":
+            raise ValueError(f"--caption-json {self.segments.caption_json!r}: needs --input-format howto100m")
         if self.label_col and self.input_format in ("folder", "txt", "yfcc100m", "fashion-mnist"):
             raise ValueError(f"--label-col {self.label_col!r}: needs a table input, not {self.input_format}")
         bad = set(self.yfcc_caption) - {"title", "description", "tags"}
@@ -222,11 +287,15 @@ class JobOptions:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         # json has no infinity; keep the file strict JSON
+        def finite(section: dict[str, Any]) -> None:
+            for k, v in section.items():
+                if isinstance(v, float) and math.isinf(v):
+                    section[k] = None
+                elif isinstance(v, dict):
+                    finite(v)
         for section in out.values():
             if isinstance(section, dict):
-                for k, v in section.items():
-                    if isinstance(v, float) and math.isinf(v):
-                        section[k] = None
+                finite(section)
         return out
 
     @staticmethod
@@ -242,6 +311,8 @@ class JobOptions:
                     v = math.inf
                 if isinstance(v, list):
                     v = tuple(v)
+                if f.name == "segments" and isinstance(v, dict):
+                    v = build(SegmentOptions, v)
                 kw[f.name] = v
             return cls(**kw)
 

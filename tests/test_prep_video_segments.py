@@ -49,3 +49,180 @@ def test_windows_of_one_file_are_separate_samples_under_default_dedup(tmp_path):
         metas = [json.loads(samples[k]["json"]) for k in sorted(samples)]
         assert len({m["video_sha256"] for m in metas}) == 1 and [m["start"] for m in metas] == [0.0, 2.0, 4.0]
         assert main(["verify", str(out), "--decode-fraction", "1"]) == 0
+
+
+# --- long videos: fixtures at known times -------------------------------------------------------------------
+
+import hashlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.helpers.long_videos import OPENCV, concat_videos, set_rotation, zero_stretch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """25.6 s: bikes (0-10 s, real scene cuts), Megamind (10-20.8 s), carphone (20.8-25.6 s), at 25 fps."""
+    folder = tmp_path_factory.mktemp("long")
+    parts = concat_videos([SKV / "bikes.mp4", OPENCV / "Megamind.avi", SKV / "carphone_pristine.mp4"],
+                          folder / "long.mp4")
+    return folder, parts
+
+
+def _video_table(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video_id", "path"])
+        w.writerows(rows)
+    return path
+
+
+def _frames_inside(samples: dict) -> list[dict]:
+    metas = []
+    for members in samples.values():
+        meta = json.loads(members["json"])
+        assert meta["timestamps"] and all(meta["start"] <= t <= meta["end"] for t in meta["timestamps"]), meta
+        metas.append(meta)
+    return metas
+
+
+def test_howto100m_segments_merge_drop_and_past_the_end(long_video, tmp_path):
+    folder, _ = long_video
+    (folder / "lies.mp4").write_bytes((folder / "long.mp4").read_bytes())
+    captions = {"vid_a": {"start": [0.5, 3.0, 5.0, 7.5, 12.0, 12.4, 30.0],
+                          "end": [2.5, 4.5, 6.0, 9.0, 12.4, 14.0, 32.0],
+                          "text": ["we cut the bikes", "[Music]", "", "now the wheel", "then", "the tree", "late"]},
+                "vid_bad": {"start": [1.0], "end": [2.0, 3.0], "text": ["lists differ"]}}
+    (folder / "caption.json").write_text(json.dumps(captions))
+    table = _video_table(folder / "videos.csv", [("vid_a", "long.mp4"), ("vid_missing", "long.mp4"),
+                                                 ("vid_bad", "long.mp4")])
+    out = tmp_path / "howto"
+    main(["shard", *FAST, "--input", str(table), "--input-format", "howto100m", "--caption-json",
+          str(folder / "caption.json"), "--url-col", "path", "--output", str(out), "--samples-per-shard", "3"])
+    recs = [r for _, r in sorted(_records(out).items())]
+    reasons = [r["reason"] for r in recs]
+    assert reasons == [None, "non-speech caption ([Music])", "empty caption", None, None, None,
+                       "no frames in segment [30.000, 32.000]s (past the end of the video?)",
+                       "no captions for video id 'vid_missing' in --caption-json",
+                       "caption entry lists differ in length (start 1, end 2, text 1)"], reasons
+    metas = _frames_inside(shard_members(out))
+    assert [(m["start"], m["end"], m["caption"]) for m in metas] == [
+        (0.5, 2.5, "we cut the bikes"), (7.5, 9.0, "now the wheel"), (12.0, 12.4, "then"), (12.4, 14.0, "the tree")]
+    assert {m["video_id"] for m in metas} == {"vid_a"} and [m["segment_index"] for m in metas] == [0, 3, 4, 5]
+
+    merged = tmp_path / "merged"
+    main(["shard", *FAST, "--input", str(table), "--input-format", "howto100m", "--caption-json",
+          str(folder / "caption.json"), "--url-col", "path", "--output", str(merged), "--min-clip-s", "1.5",
+          "--max-clip-s", "4"])
+    metas = _frames_inside(shard_members(merged))
+    assert [(m["start"], m["end"], m["caption"]) for m in metas] == [
+        (0.5, 2.5, "we cut the bikes"), (7.5, 9.0, "now the wheel"), (12.0, 14.0, "then the tree")]
+    assert metas[-1]["source_segments"] == [4, 5]
+    summary = json.loads((merged / "manifest.json").read_text())
+    assert summary["num_input_rows"] == 8 and summary["num_ok"] == 3  # 7 segments merged to 6, + 2 videos
+
+
+def test_subtitles_beside_the_video_and_named_by_a_column(long_video, tmp_path):
+    folder, parts = long_video
+    (folder / "long.vtt").write_text("WEBVTT\n\n00:00:01.000 --> 00:00:03.000\na street\n\n"
+                                     "00:11.000 --> 00:14.500\n<v Anna>a face</v>\n\n"
+                                     "00:00:21.000 --> 00:00:24.000\n[Applause]\n")
+    (folder / "other.srt").write_text("1\n00:00:21,000 --> 00:00:24,500\na man on the phone\n\n"
+                                      "2\n00:00:05,000 --> 00:00:06,000\nbikes\n")
+    (folder / "huge.srt").write_text("1\n00:00:01,000 --> 00:00:02,000\n" + "x" * 3000 + "\n")
+    (folder / "bad.srt").write_text("not a subtitle file at all\n")
+    table = tmp_path / "subs.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "subs"], [str(folder / "long.mp4"), ""],
+                                 [str(folder / "long.mp4"), str(folder / "other.srt")],
+                                 [str(folder / "long.mp4"), str(folder / "huge.srt")],
+                                 [str(folder / "long.mp4"), str(folder / "bad.srt")],
+                                 [str(folder / "long.mp4"), "/etc/passwd"]])
+    out = tmp_path / "subs"
+    main(["shard", *FAST, "--local-root", str(folder), "--input", str(table), "--url-col", "path",
+          "--subtitles", "--subtitle-col", "subs", "--max-subtitle-bytes", "2048", "--output", str(out)])
+    recs = [r for _, r in sorted(_records(out).items())]
+    reasons = [r["reason"] for r in recs]
+    assert reasons[:5] == [None, None, "non-speech caption ([Applause])", None, None]
+    assert reasons[5] == "subtitle file larger than 2048 bytes"
+    assert reasons[6].startswith("malformed subtitle file") or reasons[6] == "no segments"
+    assert reasons[7] == "local path outside the allowed folders (the table's folder, or --local-root)"
+    metas = _frames_inside(shard_members(out))
+    assert [(m["start"], m["end"], m["caption"]) for m in metas] == [
+        (1.0, 3.0, "a street"), (11.0, 14.5, "a face"), (5.0, 6.0, "bikes"), (21.0, 24.5, "a man on the phone")]
+
+
+def test_stride_over_a_damaged_stretch_rejects_only_its_segments(long_video, tmp_path):
+    folder, _ = long_video
+    zero_stretch(folder / "long.mp4", folder / "damaged.mp4", 12.0, 16.0)
+    data = (folder / "long.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    table = _video_table(folder / "stride.csv", [("d", "damaged.mp4"), ("t", "truncated.mp4")])
+    out = tmp_path / "stride"
+    main(["shard", *FAST, "--input", str(table), "--url-col", "path", "--caption-col", "none", "--segment",
+          "stride=4", "--output", str(out)])
+    recs = [r for _, r in sorted(_records(out).items())]
+    assert [r["status"] for r in recs[:7]] == ["ok", "ok", "ok", "rejected", "ok", "ok", "ok"], recs
+    assert recs[3]["reason"].startswith("damaged stretch (") and "[12.000, 16.000]s" in recs[3]["reason"]
+    assert len(recs) == 8 and recs[7]["reason"].startswith("not a video")  # the truncated file: one row
+    metas = _frames_inside(shard_members(out))
+    assert [m["start"] for m in metas] == [0.0, 4.0, 8.0, 16.0, 20.0, 24.0] and metas[-1]["end"] == 25.6
+    assert all(m["caption"] == "" for m in metas)
+
+
+def test_scene_cuts_on_bikes(tmp_path):
+    table = _video_table(tmp_path / "scenes.csv", [("bikes", str(SKV / "bikes.mp4"))])
+    out = tmp_path / "scenes"
+    main(["shard", *ROOTS, *FAST, "--input", str(table), "--url-col", "path", "--caption-col", "none",
+          "--segment", "scenes", "--output", str(out)])
+    metas = _frames_inside(shard_members(out))
+    assert len(metas) >= 3, metas  # bikes.mp4 cuts between shots
+    assert metas[0]["start"] == 0.0 and abs(metas[-1]["end"] - 10.0) < 0.05
+    assert all(a["end"] == b["start"] for a, b in zip(metas, metas[1:]))
+
+
+def test_rotation_tag_turns_the_frames(long_video, tmp_path):
+    folder, _ = long_video
+    set_rotation(folder / "long.mp4", folder / "rotated.mp4", 90)
+    table = _clip_csv(folder / "rot.csv", [("rotated.mp4", 1.0, 2.0, "upright"), ("long.mp4", 1.0, 2.0, "as is")])
+    out = tmp_path / "rot"
+    main(["shard", *FAST, "--input", str(table), "--input-format", "clips", "--output", str(out),
+          "--resize-mode", "no"])
+    samples = shard_members(out)
+    rotated, plain = (json.loads(samples[k]["json"]) for k in ("000000000", "000000001"))
+    assert (plain["width"], plain["height"]) == (160, 96) and "rotation" not in plain
+    assert (rotated["width"], rotated["height"]) == (96, 160) and rotated["rotation"] == 90
+    from PIL import Image
+    import io
+    turned = Image.open(io.BytesIO(samples["000000000"]["f0000.jpg"])).convert("L")
+    upright = Image.open(io.BytesIO(samples["000000001"]["f0000.jpg"])).convert("L")
+    expect = upright.transpose(Image.Transpose.ROTATE_270)  # 90 degrees clockwise
+    assert turned.size == expect.size
+    diff = sum(abs(a - b) for a, b in zip(turned.getdata(), expect.getdata())) / (96 * 160)
+    assert diff < 8, diff
+
+
+def test_array_tasks_and_a_killed_task_give_the_same_bytes(long_video, tmp_path):
+    folder, _ = long_video
+    # the same file twice: the second's segments are duplicates, settled by merge across the tasks' shards
+    table = _video_table(folder / "tasks.csv", [("a", "long.mp4"), ("b", "long.mp4")])
+    args = [*FAST, "--input", str(table), "--url-col", "path", "--caption-col", "none", "--segment", "stride=5",
+            "--samples-per-shard", "2"]
+    single, split = tmp_path / "single", tmp_path / "split"
+    main(["shard", *args, "--output", str(single)])
+    for task in ("1", "0"):
+        main(["shard", *args, "--output", str(split), "--task-index", task, "--num-tasks", "2"])
+    main(["merge", str(split)])
+
+    def digests(out: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("0*"))}
+
+    assert digests(single) == digests(split) and len(digests(single)) >= 20
+    recs = [r for _, r in sorted(_records(single).items())]
+    assert [r["status"] for r in recs] == ["ok"] * 6 + ["rejected"] * 6
+    assert recs[6]["reason"] == "duplicate (of 000000000)"
+    (split / "00002_stats.json").unlink()  # a task killed while writing shard 2: no done marker
+    (split / "00002.tar").write_bytes(b"partial")
+    main(["shard", *args, "--output", str(split), "--task-index", "0", "--num-tasks", "2"])
+    main(["merge", str(split)])
+    assert digests(single) == digests(split)

@@ -97,6 +97,10 @@ def read_rows(opts: SourceOptions, ranges: RowRanges | None = None) -> Iterator[
     fs, root = fsspec.core.url_to_fs(opts.input)
     if not fs.exists(root):
         raise FileNotFoundError(f"--input {opts.input!r}: no such file or folder")
+    from data_prep.input import segments
+    if segments.is_segmenting(opts):  # rows are videos, cut into one row per segment
+        yield from segments.segment_rows(opts, read_rows(segments.video_columns(opts)))
+        return
     fmt = detect_format(opts.input) if opts.input_format == "auto" else opts.input_format
     reader = {"parquet": _parquet, "csv": _csv, "tsv": _csv, "webvid": _csv, "jsonl": _jsonl, "json": _jsonl,
               "txt": _txt, "folder": _folder, "yfcc100m": _yfcc, "fashion-mnist": _fashion_mnist}[fmt]
@@ -109,7 +113,8 @@ def read_rows(opts: SourceOptions, ranges: RowRanges | None = None) -> Iterator[
 def count_rows(opts: SourceOptions) -> int | None:
     """The input's row count when it is known without reading the rows (parquet metadata), else None."""
     fmt = detect_format(opts.input) if opts.input_format == "auto" else opts.input_format
-    if fmt != "parquet":
+    from data_prep.input.segments import is_segmenting
+    if fmt != "parquet" or is_segmenting(opts):  # segments per video are known once the videos are read
         return None
     import pyarrow.parquet as pq
 

@@ -73,8 +73,8 @@ def stream_shards(opts: JobOptions, next_unit: Callable[[bool], Unit | None | ob
                 shard_id, row, url = backlog.popleft()
                 if is_remote(url):
                     pending[pool.submit(fetcher.fetch_or_reject, url)] = (shard_id, row)
-                else:
-                    add(shard_id, row, fetcher.fetch_or_reject(url))
+                else:  # local files and inline media, in row order; local videos are read by seeking
+                    add(shard_id, row, builds[shard_id].read_local(fetcher, url))
             if pending and not any(n == 0 for n in left.values()):
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:

@@ -12,6 +12,7 @@ Each stage may raise `Reject`; the reason becomes the row's manifest record, so 
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 from data_prep.shards import manifest
@@ -22,11 +23,14 @@ from data_prep.shards.layout import text_members
 from data_prep.options import JobOptions
 from data_prep.job.plan import sample_key
 from data_prep.media.images import Reject, clean_caption, process_image
+from data_prep.media.video import LocalVideo
 from data_prep.input.sources import Row
 from data_prep.shards.writer import OutputDir, Sample, write_shard
 
 _progress = None  # multiprocessing.Value('q') of processed rows, set by the pool initializer
 _earlier_hashes: dict[str, frozenset[str]] = {}
+_file_hashes: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256, the videos lately seen
+_FILE_HASHES_KEPT = 64
 
 
 def init_worker(progress) -> None:
@@ -56,6 +60,22 @@ def earlier_hashes(path: str | None) -> frozenset[str]:
     return _earlier_hashes[path]
 
 
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, read in 1 MiB blocks (a long video is never held whole), once per process for
+    the segments of one video."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _file_hashes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+        if len(_file_hashes) >= _FILE_HASHES_KEPT:
+            _file_hashes.pop(next(iter(_file_hashes)))
+        _file_hashes[key] = h.hexdigest()
+    return _file_hashes[key]
+
+
 def segment_digest(content_sha256: str, start_s: float | None, end_s: float | None) -> str:
     """What dedup compares for a row: the bytes' sha256 for a whole file; for a segment, the sha256 of the bytes'
     sha256 and its [start, end] (repr of the floats: the same times in any run)."""
@@ -67,7 +87,10 @@ def segment_digest(content_sha256: str, start_s: float | None, end_s: float | No
 def build_shard(opts: JobOptions, shard_id: int, rows: list[Row]) -> dict[str, Any]:
     """One shard from start to end, its rows fetched in input order (the pilot's path; jobs use `pool`)."""
     build = ShardBuild(opts, shard_id, rows)
-    fetched = Fetcher(opts.fetch).fetch_many(url for _, url in build.to_fetch)
+    fetcher = Fetcher(opts.fetch)
+    fetched = (build.read_local(fetcher, url) if build.streams(url) else data
+               for (_, url), data in zip(build.to_fetch, fetcher.fetch_many(
+                   None if build.streams(url) else url for _, url in build.to_fetch)))
     for (row, _), data in zip(build.to_fetch, fetched):
         build.add(row, data)
     return build.finish()
@@ -113,14 +136,30 @@ class ShardBuild:
         self.duplicates: dict[int, str] = {}  # row -> sha256 of a kept row's bytes
         self.before: dict[int, dict[str, Any]] = {}  # kept row -> its record before processing (for demotion)
 
-    def add(self, row: Row, data: bytes | Reject | None) -> None:
+    def streams(self, url: str | None) -> bool:
+        """A local video file is decoded from its path by seeking (`LocalVideo`), never read whole."""
+        return bool(self.opts.video.video and url and is_local(url))
+
+    def read_local(self, fetcher: Fetcher, url: str | None) -> bytes | LocalVideo | Reject | None:
+        """The media of a row that is not fetched over the network (url already resolved by the access rules)."""
+        if not self.streams(url):
+            return fetcher.fetch_or_reject(url)
+        if not os.path.exists(url):
+            return Reject("file not found")
+        if not os.path.isfile(url):
+            return Reject("unreadable file: not a regular file")
+        return LocalVideo(url)
+
+    def add(self, row: Row, data: bytes | LocalVideo | Reject | None) -> None:
         """Processes one admitted row's fetched media (a Reject: the fetch failed); never raises for the row."""
         rec = self.by_row[row.index]
         try:
             if isinstance(data, Reject):
                 raise data
-            original = data if row.pixels is None else row.pixels[2]
-            content = hashlib.sha256(original).hexdigest()
+            if isinstance(data, LocalVideo):
+                content = file_sha256(data.path)
+            else:
+                content = hashlib.sha256(data if row.pixels is None else row.pixels[2]).hexdigest()
             sha = segment_digest(content, row.start_s, row.end_s)
             rec["sha256"] = sha
             kept = self.kept.get(sha)
@@ -162,7 +201,7 @@ def _reject(rec: dict[str, Any], r: Reject) -> None:
     rec.update(status="rejected", reason=r.reason, transient=r.transient)
 
 
-def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
+def _make_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | LocalVideo | None, caption: str,
                   sha: str, content_sha: str) -> list[Sample]:
     meta = {"key": rec["key"], "caption": caption, "url": rec["url"], "status": "success", "sha256": sha,
             **row.extra}

@@ -37,6 +37,8 @@ class Frames:
     header_frames: int
     fps: float
     duration_s: float
+    rotation: int = 0
+    """Clockwise degrees the frames were turned by, from the stream's display matrix."""
 
 
 def sample_timestamps(times: list[float], keyframe: list[bool], opts: VideoOptions) -> list[float]:
@@ -63,18 +65,28 @@ def sample_timestamps(times: list[float], keyframe: list[bool], opts: VideoOptio
     return picked
 
 
-def decode_frames(data: bytes | None, vopts: VideoOptions, iopts: ImageOptions, start_s: float | None = None,
-                  end_s: float | None = None) -> Frames:
+@dataclass(frozen=True)
+class LocalVideo:
+    """A local video file read by seeking, never whole: a segment of a 2-hour file costs its own stretch."""
+    path: str
+
+
+def decode_frames(data: bytes | LocalVideo | None, vopts: VideoOptions, iopts: ImageOptions,
+                  start_s: float | None = None, end_s: float | None = None) -> Frames:
+    """The sampled frames of [start_s, end_s] (the whole video without them), resized and encoded; Reject for a
+    file or a stretch that does not decode."""
     import av
 
-    if not data:
+    head = _head(data)
+    if not head:
         raise Reject("empty file")
-    if data[:256].lstrip().lower().startswith(_HTML_MARKERS):
+    if head.lstrip().lower().startswith(_HTML_MARKERS):
         raise Reject("not a video: HTML or XML document")
     start = start_s or 0.0
     end = min(end_s if end_s is not None else float("inf"), start + vopts.max_duration_s)
+    window = start_s is not None or end_s is not None
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(data.path if isinstance(data, LocalVideo) else io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise Reject(f"no video stream (streams: {', '.join(kinds)})")
@@ -86,42 +98,11 @@ def decode_frames(data: bytes | None, vopts: VideoOptions, iopts: ImageOptions, 
             header_rate = float(stream.average_rate or 0) or None
             header_s = header_frames / header_rate if header_frames and header_rate else \
                 (float(stream.duration * stream.time_base) if stream.duration else 0.0)
-            tb = float(stream.time_base)
-            times, keys = [], []
-            try:
-                for packet in container.demux(stream):
-                    if packet.pts is None or packet.size == 0:
-                        continue
-                    t = packet.pts * tb
-                    if start - 1e-9 <= t <= end:
-                        times.append(t)
-                        keys.append(bool(packet.is_keyframe))
-            except av.error.FFmpegError:
-                pass  # a damaged tail: what demuxed so far counts, the shortfall check below decides
-            order = sorted(range(len(times)), key=times.__getitem__)
-            times, keys = [times[i] for i in order], [keys[i] for i in order]
+            times, keys = _index_window(container, stream, start, end)
+            if window and not times:
+                raise Reject(f"no frames in segment [{start:.3f}, {end:.3f}]s (past the end of the video?)")
             wanted = set(sample_timestamps(times, keys, vopts))
-        with av.open(io.BytesIO(data), mode="r") as container:
-            stream = container.streams.video[0]
-            # no FFmpeg frame threads: the job already runs one worker process per core
-            if start > 0:
-                container.seek(int(start / tb), stream=stream, backward=True)
-            kept: list[tuple[float, Any]] = []
-            decoded_times: list[float] = []
-            try:
-                for frame in container.decode(stream):
-                    if frame.pts is None:
-                        continue
-                    t = frame.pts * tb
-                    if t < start - 1e-9:
-                        continue
-                    if t > end:
-                        break
-                    decoded_times.append(t)
-                    if t in wanted:
-                        kept.append((t, frame))
-            except av.error.FFmpegError:
-                pass
+            kept, decoded_times, rotation = _decode_window(container, stream, start, end, wanted)
             width, height = stream.codec_context.width, stream.codec_context.height
     except Reject:
         raise
@@ -130,12 +111,18 @@ def decode_frames(data: bytes | None, vopts: VideoOptions, iopts: ImageOptions, 
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise Reject(f"video decode error: {type(e).__name__}: {str(e)[:160]}") from None
     n = len(decoded_times)
+    # a segment: the frames its packets promise against those that decode (a damaged stretch of a long video
+    # rejects the segments it touches, not the video)
+    missing = len(times) - n
+    if window and missing > max(_MAX_MISSING_FRAMES, _MAX_MISSING_FRACTION * len(times)):
+        raise Reject(f"damaged stretch ({missing} of {len(times)} frames in [{start:.3f}, {end:.3f}]s do not "
+                     "decode)")
     if n == 0:
         raise Reject("no frames decoded")
-    whole = start_s is None and end_s is None and vopts.max_duration_s == float("inf")
     tick = 1.0 / header_rate if header_rate else 0.0
     span = decoded_times[-1] - decoded_times[0] + tick
     # compared on the timeline, not frame counts: variable-rate files legitimately have fewer frames than ticks
+    whole = not window and vopts.max_duration_s == float("inf")
     if whole and header_s - span > max(_MAX_MISSING_FRAMES * tick, _MAX_MISSING_FRACTION * header_s):
         raise Reject(f"damaged video (header claims {header_frames} frames / {header_s:.2f}s, {n} frames over "
                      f"{span:.2f}s decode)")
@@ -143,25 +130,130 @@ def decode_frames(data: bytes | None, vopts: VideoOptions, iopts: ImageOptions, 
         raise Reject("no sampled frame decoded")
     fps = (n - 1) / (decoded_times[-1] - decoded_times[0]) if n > 1 and decoded_times[-1] > decoded_times[0] else 0.0
     duration = (decoded_times[-1] - decoded_times[0]) + (1.0 / fps if fps else 0.0)
+    if rotation % 180:
+        width, height = height, width
     images, out_w, out_h = [], width, height
     for _, frame in kept:
-        img = _resize_frame(frame, iopts)
+        img = _resize_frame(frame, iopts, rotation)
         out_w, out_h = img.size
         images.append(encode(img, iopts))
     return Frames(images, [round(t, 6) for t, _ in kept], out_w, out_h, width, height, n, header_frames,
-                  round(fps, 6), round(duration, 6))
+                  round(fps, 6), round(duration, 6), rotation)
 
 
-def _resize_frame(frame, iopts: ImageOptions):
-    """The image job's geometry, with the scaling itself done by FFmpeg's swscale (faster than Pillow here)."""
+def _head(data: bytes | LocalVideo | None) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, LocalVideo):
+        try:
+            with open(data.path, "rb") as f:
+                return f.read(256)
+        except OSError as e:
+            raise Reject(f"unreadable file: {type(e).__name__}") from None
+    return data[:256]
+
+
+_PAST_END_PACKETS = 32
+"""Packets read past a window's end before the index stops: decode order runs ahead of time order (B-frames)."""
+
+
+def _seek(container, stream, start: float, first: bool) -> None:
+    """To the keyframe at or before start (decoding from there reaches every frame of the window); the second
+    pass back to the file's beginning for a window that starts there."""
+    if start > 0:
+        container.seek(int(start / float(stream.time_base)), stream=stream, backward=True)
+    elif not first:
+        container.seek(0, backward=True)
+
+
+def _index_window(container, stream, start: float, end: float) -> tuple[list[float], list[bool]]:
+    """Pass 1, demux only: the times (sorted) and keyframe flags of the video packets in [start, end]."""
+    import av
+
+    tb = float(stream.time_base)
+    _seek(container, stream, start, first=True)
+    times, keys, past = [], [], 0
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.size == 0:
+                continue
+            t = packet.pts * tb
+            if start - 1e-9 <= t <= end:
+                times.append(t)
+                keys.append(bool(packet.is_keyframe))
+            elif t > end:
+                past += 1
+                if past > _PAST_END_PACKETS:
+                    break
+    except av.error.FFmpegError:
+        pass  # a damaged tail: what demuxed so far counts, the shortfall checks decide
+    order = sorted(range(len(times)), key=times.__getitem__)
+    return [times[i] for i in order], [keys[i] for i in order]
+
+
+def _decode_window(container, stream, start: float, end: float, wanted: set[float]):
+    """Pass 2: decodes [start, end] packet by packet, keeping the frames at `wanted` times. A packet that does not
+    decode costs its frame, not the pass, so a damaged stretch shows as frames missing where it is."""
+    import av
+
+    tb = float(stream.time_base)
+    _seek(container, stream, start, first=False)
+    kept: list[tuple[float, Any]] = []
+    decoded: list[float] = []
+    rotation, past = 0, 0
+    # no FFmpeg frame threads: the job already runs one worker process per core
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                continue
+            for frame in frames:
+                if frame.pts is None:
+                    continue
+                t = frame.pts * tb
+                if t < start - 1e-9:
+                    continue
+                if t > end:
+                    past += 1
+                    continue
+                decoded.append(t)
+                if t in wanted:
+                    rotation = _rotation(frame)
+                    kept.append((t, frame))
+            if past > _PAST_END_PACKETS:
+                break
+    except av.error.FFmpegError:
+        pass
+    decoded.sort()
+    kept.sort(key=lambda tf: tf[0])
+    return kept, decoded, rotation
+
+
+def _rotation(frame) -> int:
+    """Clockwise degrees a player turns the frame (the display matrix side data), a multiple of 90."""
+    # PyAV's rotation is the display matrix's counter-clockwise angle, as FFmpeg's av_display_rotation_get
+    return round(-float(getattr(frame, "rotation", 0) or 0) / 90) % 4 * 90
+
+
+def _resize_frame(frame, iopts: ImageOptions, rotation: int = 0):
+    """The image job's geometry on the frame as displayed (turned by `rotation`, as EXIF orientation is for
+    photos), with the scaling itself done by FFmpeg's swscale (faster than Pillow here)."""
+    from PIL import Image
+
     w, h = frame.width, frame.height
-    scale, canvas = target_geometry(w, h, iopts)
+    shown_w, shown_h = (h, w) if rotation % 180 else (w, h)
+    scale, canvas = target_geometry(shown_w, shown_h, iopts)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     img = frame.to_image(width=new_w, height=new_h) if (new_w, new_h) != (w, h) else frame.to_image()
+    if rotation:
+        img = img.transpose({90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180,
+                             270: Image.Transpose.ROTATE_90}[rotation])
+    new_w, new_h = img.size
     return resize(img, 1.0, canvas, new_w, new_h, iopts.background, iopts.resample)
 
 
-def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | None, caption: str,
+def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | LocalVideo | None, caption: str,
                   meta: dict[str, Any]) -> list[Sample]:
     fr = decode_frames(data, opts.video, opts.image, row.start_s, row.end_s)
     ext = opts.image.encode_format
@@ -171,7 +263,7 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
     meta.update(fps=fr.fps, duration=fr.duration_s, timestamps=fr.timestamps, num_frames=len(fr.images),
                 num_decoded_frames=fr.num_decoded, header_frames=fr.header_frames, width=fr.width,
                 height=fr.height, original_width=fr.original_width, original_height=fr.original_height,
-                sampling=opts.video.frame_sampling)
+                sampling=opts.video.frame_sampling, **({"rotation": fr.rotation} if fr.rotation else {}))
     if row.start_s is not None or row.end_s is not None:
         meta.update(start=row.start_s, end=row.end_s)
     if not opts.video.frames_as_samples:
