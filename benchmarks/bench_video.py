@@ -8,6 +8,15 @@ uniformly spaced frames, resize them to 256 px on the shorter side (no upscale) 
 processes. The bare loop trusts the header's frame count and skips everything else (no demux pass, no manifests,
 no tar), timed over a warm pool: it is the ceiling. Reports videos/s and decoded frames/s and the ratio; runs are
 interleaved --repeat times and the best of each side counts (other jobs on a shared machine add noise).
+
+    .venv/bin/python benchmarks/bench_video.py --clips [--long-minutes 8] [--segment-s 4]
+
+The clip row: the same real files decoded and re-encoded back to back (H.264, 320x240, 25 fps, a keyframe every
+2 s) into a long video of --long-minutes and a short one of a quarter of it, cut into --segment-s segments by a
+clip table (`--input-format clips`, one caption each). The bare loop opens each video once and, per segment,
+seeks to it and decodes to its end, keeping --num-frames uniformly spaced frames resized and encoded as above.
+Reports segments/s and decoded frames/s, the ratio, and plait's peak resident memory (the largest process of the
+job) on the short and on the long video: flat means decoding does not grow with the video.
 """
 from __future__ import annotations
 
@@ -56,6 +65,121 @@ def _bare_one(args: tuple[str, int]) -> int:
         return n
 
 
+def _long_video(path: Path, files: list[str], seconds: float) -> float:
+    import av
+    from fractions import Fraction
+
+    n, fps = 0, 25
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.codec_context.gop_size = 2 * fps
+        while n < seconds * fps:
+            for src in files:
+                with av.open(src) as inp:
+                    for frame in inp.decode(video=0):
+                        img = frame.reformat(width=320, height=240, format="yuv420p")
+                        img.pts, img.time_base = n, Fraction(1, fps)
+                        for packet in stream.encode(img):
+                            out.mux(packet)
+                        n += 1
+                        if n >= seconds * fps:
+                            break
+                if n >= seconds * fps:
+                    break
+        for packet in stream.encode():
+            out.mux(packet)
+    return n / fps
+
+
+def _bare_segments(args: tuple[str, list[tuple[float, float]], int]) -> tuple[int, int]:
+    """One video, opened once: per segment seek, decode to its end, keep k uniform frames, resize, encode."""
+    import av
+
+    path, segments, k = args
+    frames = decoded = 0
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        tb = float(s.time_base)
+        for start, end in segments:
+            c.seek(int(start / tb), stream=s, backward=True)
+            window = []
+            for frame in c.decode(s):
+                t = frame.pts * tb
+                if t < start:
+                    continue
+                if t > end:
+                    break
+                window.append(frame)
+            decoded += len(window)
+            for i in range(min(k, len(window))):
+                f = window[int((i + 0.5) * len(window) / min(k, len(window)))]
+                scale = 256 / min(f.width, f.height)
+                img = f.to_image(width=round(f.width * scale), height=round(f.height * scale)) if scale < 1 else \
+                    f.to_image()
+                img.save(io.BytesIO(), "JPEG", quality=95)
+                frames += 1
+    return frames, decoded
+
+
+def clips(a) -> None:
+    import resource
+
+    files = videos()
+    with tempfile.TemporaryDirectory(prefix="bench_video_clips_") as d:
+        tmp = Path(d)
+        rows_of = {}
+        for name, minutes in (("short", a.long_minutes / 4), ("long", a.long_minutes)):
+            path = tmp / f"{name}.mp4"
+            duration = _long_video(path, files, minutes * 60)
+            segs = [(round(i * a.segment_s, 3), round(min((i + 1) * a.segment_s, duration) - 0.001, 3))
+                    for i in range(int(duration // a.segment_s))]
+            rows_of[name] = (path, segs)
+        results = {}
+        for name, (path, segs) in rows_of.items():
+            table = tmp / f"{name}.csv"
+            with open(table, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["video", "start", "end", "caption"])
+                w.writerows([path.name, a0, b0, f"segment {i}"] for i, (a0, b0) in enumerate(segs))
+            # the bare loop splits the segments into one contiguous run per process, as plait's shards do
+            per = -(-len(segs) // a.processes)
+            work = [(str(path), segs[i:i + per], a.num_frames) for i in range(0, len(segs), per)]
+            bare_s = plait_s = float("inf")
+            with mp.get_context("spawn").Pool(a.processes) as pool:
+                pool.map(_bare_one, [(files[0], a.num_frames)] * a.processes)
+                for rep in range(a.repeat):
+                    t = time.perf_counter()
+                    got = pool.map(_bare_segments, work, chunksize=1)
+                    bare_s = min(bare_s, time.perf_counter() - t)
+                    out = tmp / f"{name}{rep}"
+                    cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(table), "--input-format",
+                           "clips", "--output", str(out), "--processes", str(a.processes), "--num-frames",
+                           str(a.num_frames), "--image-size", "256", "--encode-quality", "95", "--no-progress",
+                           "--samples-per-shard", str(per)]
+                    t = time.perf_counter()
+                    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+                    plait_s = min(plait_s, time.perf_counter() - t)
+            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            summary = json.loads((out / "manifest.json").read_text())
+            decoded = 0
+            for tar_path in sorted(out.glob("*.tar")):
+                with tarfile.open(tar_path) as tar:
+                    decoded += sum(json.loads(tar.extractfile(m).read())["num_decoded_frames"]
+                                   for m in tar if m.name.endswith(".json"))
+            bare_decoded = sum(dd for _, dd in got)
+            results[name] = (len(segs), bare_s, bare_decoded, plait_s, summary["num_ok"], decoded, peak_mb,
+                             path.stat().st_size)
+    for name, (n, bare_s, bare_decoded, plait_s, ok, decoded, peak_mb, size) in results.items():
+        print(f"{name}: {n} segments of {a.segment_s:g} s, {size / 1e6:.1f} MB, {a.num_frames} frames each, 256 px, "
+              f"{a.processes} processes")
+        print(f"  bare PyAV seek+decode: {n / bare_s:7.2f} segments/s, {bare_decoded / bare_s:8.1f} decoded frames/s")
+        print(f"  plait prep (clips)   : {ok / plait_s:7.2f} segments/s, {decoded / plait_s:8.1f} decoded frames/s "
+              f"({ok}/{n} ok, {plait_s:.2f}s wall incl. start-up)")
+        print(f"  plait / bare         : {(ok / plait_s) / (n / bare_s):7.2f}   (target >= 0.80); peak RSS of the "
+              f"largest process so far {peak_mb:.0f} MB")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=240, help="enough work (~40 s) that a job's fixed start-up cost "
@@ -65,7 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=2, help="interleaved runs; the best time of each side counts")
     ap.add_argument("--samples-per-shard", type=int, default=10, help="videos are heavy, uneven work units "
                     "(0.01-0.6 s each here): 12 shards per process keep the processes balanced")
+    ap.add_argument("--clips", action="store_true", help="the clip row: long videos cut into segments")
+    ap.add_argument("--long-minutes", type=float, default=8.0)
+    ap.add_argument("--segment-s", type=float, default=4.0)
     a = ap.parse_args(argv)
+    if a.clips:
+        return clips(a)
     files = videos()
     work = [files[i % len(files)] for i in range(a.rows)]
     with tempfile.TemporaryDirectory(prefix="bench_video_") as d:
