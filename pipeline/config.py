@@ -89,6 +89,9 @@ class DataConfig:
     resume_mismatch: str = choice("error", "error", "next_epoch")
     """When a checkpoint's data order cannot be continued (seed, batch size, processes, workers or dataset size
     changed): error, or next_epoch (continue at the start of the next epoch)."""
+    log_keys: bool = False
+    """Audit the data order: each process appends `step epoch key` for every sample it trains on to
+    RUN_DIR/keys/rank-NNNNN.txt (a resumed run appends; lines after the checkpoint it resumed from were not kept)."""
     cache_dir: str = ""
     """Local folder that keeps remote shards (s3://, gs://, http(s)://) after their first read, so later epochs
     and resumed runs read them from disk; shared by the workers and ranks of a node. Empty: no cache."""

@@ -128,7 +128,7 @@ class TrainStream:
     """An endless iterator of batches, epoch after epoch, with equal batch counts on every rank.
 
     Batches: `image` float [B,3,H,W] (or `frames` [B,T,3,H,W] with data.video_frames=T>0), `text` long [B,L],
-    and `__key__` (list of sample keys) when `with_keys`. `collate_hook(batch) -> batch` runs in the workers
+    and `__key__` (list of sample keys) and `__epoch__` when `with_keys`. `collate_hook(batch) -> batch` runs in the workers
     after collation (e.g. masks for masked modeling); it sees uint8 images when the preprocess ends in ToTensor +
     Normalize (transforms.split_transform), normalised afterwards in the main process."""
 
@@ -219,6 +219,8 @@ class TrainStream:
                 self._live[slot] = batch.pop("_counts")
                 self.consumed += 1
                 self._check_bad()
+                if self.with_keys:
+                    batch["__epoch__"] = self.epoch
                 yield self._finish(batch)
         finally:
             self._base.update(self._live_counts())
@@ -274,7 +276,7 @@ class TrainStream:
         """Continues where `state` (this rank's, from a run of the same topology or any other) left off."""
         self.load_elastic([state], same_rank=True)
 
-    def load_elastic(self, states: list[dict], same_rank: bool = False) -> None:
+    def load_elastic(self, states: list[dict], step: int = 0, same_rank: bool = False) -> None:
         """Continues the data order of a checkpoint whose ranks saved `states` (rank order). On the same
         topology: where it stopped. On another one (processes, workers, batch size): the rest of its epoch,
         every sample not yet consumed read once (sharding.remaining); the epochs after it as a fresh run on this

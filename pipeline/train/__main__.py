@@ -1,6 +1,7 @@
-"""`python -m pipeline.train ...` is `plait train ...` (the form the rendered sbatch scripts run under torchrun)."""
+"""`python -m pipeline.train ...` is `plait train ...` (the form the rendered sbatch scripts run under torchrun),
+with its one-line errors for bad input."""
 import sys
 
-from pipeline.train.loop import main
+import plait
 
-sys.exit(main())
+sys.exit(plait.main(["train", *sys.argv[1:]]))

@@ -74,6 +74,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA), numpy and Python generators from one seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _literal(text: str):
     import ast
     return ast.literal_eval(text)
@@ -165,10 +172,13 @@ class Checkpointer:
     def restore(self, path: Path, state: "RunState", rank: int) -> None:
         """Loads every object of `state` from the checkpoint at `path`: the trainer state first (it refuses a
         different schedule or process count before anything else changes), then the weights, then the rest."""
-        files = self.load(path, rank, whole=state.weights.reads_files)
+        trainer = torch.load(path / "trainer.pt", weights_only=True)
+        saved_world = int(trainer.get("world_size", 0))
+        elastic = saved_world != state.trainer.world_size  # another topology: every old rank's state is read
+        files = self.load(path, rank, whole=state.weights.reads_files, ranks=range(saved_world) if elastic else None)
         trainer = files["trainer"]
         missing = [k for k in (*TRAINER_KEYS, *state.shared) if k not in trainer]
-        missing += [f"rank-{rank:05d}.pt:{k}" for k in state.per_rank if k not in files["rank"]]
+        missing += [f"{name}:{k}" for name, f in files["ranks"].items() for k in state.per_rank if k not in f]
         if missing:
             raise ValueError(f"cannot resume {path}: the checkpoint lacks {', '.join(missing)} (not written by "
                              "this version of plait train); start a new train.run_dir")
@@ -177,19 +187,25 @@ class Checkpointer:
         for name, obj in state.shared.items():
             obj.load_state_dict(trainer[name])
         for name, obj in state.per_rank.items():
-            obj.load_state_dict(files["rank"][name])
+            if elastic:
+                obj.load_elastic([f[name] for f in files["ranks"].values()], int(trainer["step"]))
+            else:
+                obj.load_state_dict(files["ranks"][f"rank-{rank:05d}.pt"][name])
 
     @staticmethod
-    def load(path: Path, rank: int, whole: bool = True) -> dict:
-        """Everything this rank needs to resume; without `whole`, the model and optimizer state stay on disk
-        (empty dicts): under FSDP rank 0 reads them and broadcasts."""
-        if not (path / f"rank-{rank:05d}.pt").is_file():
-            raise ValueError(f"cannot resume {path} on rank {rank}: it was written by fewer processes; "
-                             "resume with the same number of processes")
+    def load(path: Path, rank: int, whole: bool = True, ranks: range | None = None) -> dict:
+        """Everything this rank needs to resume: its own rank file, or with `ranks` (a resume on another
+        topology) those ranks' files; without `whole`, the model and optimizer state stay on disk (empty
+        dicts): under FSDP rank 0 reads them and broadcasts."""
+        names = [f"rank-{r:05d}.pt" for r in (ranks if ranks is not None else [rank])]
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise ValueError(f"cannot resume {path}: {missing[0]} is missing ({len(missing)} of {len(names)} "
+                             "per-rank files); the checkpoint is incomplete")
         return {"model": load_file(path / "model.safetensors") if whole else {},
                 "optim": torch.load(path / "optimizer.pt", weights_only=True) if whole else {"optimizer": {}},
                 "trainer": torch.load(path / "trainer.pt", weights_only=True),
-                "rank": torch.load(path / f"rank-{rank:05d}.pt", weights_only=True)}
+                "ranks": {n: torch.load(path / n, weights_only=True) for n in names}}
 
 
 def _save(obj, path: Path) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.train import metrics
-from pipeline.train import sharded_state
+from pipeline.train import elastic, sharded_state
 from pipeline.train import evals as train_eval
 from pipeline.train.accumulate import concat_batches, forward_backward
 from pipeline.train.checkpoint import Checkpointer
@@ -128,14 +128,15 @@ def build_parts(cfg: Config, accelerator: Accelerator, world: World, resuming: P
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model, keep_torch_compile=False)
     tokenize = tokenizer_for(model_cfg)
-    stream = TrainStream(cfg.data, world, image_transform(model_cfg, is_train=True), tokenize)
+    stream = TrainStream(cfg.data, world, image_transform(model_cfg, is_train=True), tokenize,
+                         with_keys=cfg.data.log_keys)
+    global_batch = cfg.data.batch_size * cfg.train.accum_steps * world.world_size
     trainer = TrainState(world_size=world.world_size, schedule=schedule_signature(cfg.optim, cfg.train.steps),
-                         model_cfg=model_cfg, config_text=tomli_w.dumps(to_dict(cfg)))
+                         model_cfg=model_cfg, config_text=tomli_w.dumps(to_dict(cfg)), global_batch=global_batch)
     weights = ModelAndOptimizer(core, optimizer.optimizer, promoted, sharded_state.is_sharded(accelerator),
                                 world.rank)
     state = RunState(trainer, weights, shared={"grad_scaler": GradScalerState(accelerator.scaler)},
-                     per_rank={"rng": RNGState(), "loader": stream})
-    global_batch = cfg.data.batch_size * cfg.train.accum_steps * world.world_size
+                     per_rank={"rng": RNGState(cfg.train.seed, world.rank), "loader": stream})
     return Parts(accelerator, world, model, core, optimizer, objective, stream, tokenize, model_cfg, state,
                  global_batch)
 
@@ -151,7 +152,12 @@ def describe_run(parts: Parts, cfg: Config) -> str:
 def train_step(parts: Parts, cfg: Config, batches: Iterator[dict], step: int, want_norm: bool) -> dict:
     """One optimizer step on accum_steps micro-batches; the loss, its parts, the LR, timings (and grad norm)."""
     t_fetch = time.perf_counter()
-    batch = concat_batches([next(batches) for _ in range(cfg.train.accum_steps)])
+    micro = [next(batches) for _ in range(cfg.train.accum_steps)]
+    if cfg.data.log_keys:  # data.log_keys: which samples this step trains on, with the epoch each came from
+        epochs_and_keys = [(b.pop("__epoch__"), b.pop("__key__")) for b in micro]
+        log_keys(Path(cfg.train.run_dir), parts.world.rank, step + 1,
+                 [(epoch, k) for epoch, keys in epochs_and_keys for k in keys])
+    batch = concat_batches(micro)
     batch = {k: v.to(parts.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in batch.items()}
     t_compute = time.perf_counter()
@@ -163,6 +169,13 @@ def train_step(parts: Parts, cfg: Config, batches: Iterator[dict], step: int, wa
     clamp_logit_scale(parts.core.clip, cfg.objective.max_logit_scale)
     return {"loss": loss, "losses": losses, "report": report, "lr": lr, "grad_norm": grad_norm,
             "wait_s": t_compute - t_fetch, "total_s": time.perf_counter() - t_fetch}
+
+
+def log_keys(run_dir: Path, rank: int, step: int, keys: list[tuple[int, str]]) -> None:
+    folder = run_dir / "keys"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank-{rank:05d}.txt", "a") as f:
+        f.writelines(f"{step} {epoch} {key}\n" for epoch, key in keys)
 
 
 def train_record(parts: Parts, out: dict, window: metrics.Window, elapsed_s: float) -> dict:
@@ -234,14 +247,19 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     world = World.from_accelerator(accelerator)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:
-        save_config(cfg, run_dir / "config.toml")
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, cfg.train.remote_dir)
     if resume == "auto" and checkpointer.remote is not None:
         if world.is_main:
             checkpointer.fetch_latest()  # the remote copy's newest, when no local checkpoint is as new
         accelerator.wait_for_everyone()
     resume_from = checkpointer.resolve(resume)
+    if resume_from is not None:  # on another world size: the accumulation that keeps the global batch
+        cfg, note = elastic.keep_global_batch(cfg, torch.load(resume_from / "trainer.pt", weights_only=True),
+                                              world.world_size)
+        if note:
+            print0(world, f"plait train: {note}")
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
     parts = build_parts(cfg, accelerator, world, resume_from)
     print0(world, describe_run(parts, cfg))
     trainer = parts.state.trainer

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.train import sharded_state
-from pipeline.train.checkpoint import rng_state, set_rng_state
+from pipeline.train.checkpoint import rng_state, seed_everything, set_rng_state
 from pipeline.train.optim import check_schedule
 
 
@@ -39,6 +39,8 @@ class TrainState:
     samples_seen: int = 0
     resumed_step: int | None = field(default=None, compare=False)
     """The step a resumed run started from (None for a fresh run)."""
+    global_batch: int = 0
+    """Samples per optimizer step over all processes: what a resume on another world size keeps (elastic.py)."""
     tracker_runs: dict[str, str] = field(default_factory=dict, compare=False)
     """The experiment trackers' run ids (`{"wandb": ..., "mlflow": ...}`, pipeline/train/metrics.py), so that a
     resumed run logs into the same tracker runs."""
@@ -50,13 +52,13 @@ class TrainState:
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size,
                 "schedule": self.schedule, "model_cfg": json.dumps(self.model_cfg), "config": self.config_text,
+                "global_batch": self.global_batch,
                 "tracker_runs": dict(self.tracker_runs)}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         check_schedule(state["schedule"], self.schedule, source)
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"cannot resume {source}: written by {state['world_size']} processes, "
-                             f"this run has {self.world_size} (the data order depends on the topology)")
+        # Another world size is fine: the run's config already keeps the global batch (elastic.keep_global_batch)
+        # and the data order continues on the new topology (the loader's load_elastic).
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.resumed_step = self.step
         # A checkpoint resumed into another run_dir starts a branch: new tracker runs, not the checkpoint's.
@@ -73,11 +75,19 @@ def _run_dir(config_text: str) -> str | None:
 class RNGState:
     """This process's torch, numpy, Python and CUDA generators."""
 
+    def __init__(self, seed: int = 0, rank: int = 0):
+        self.seed, self.rank = seed, rank
+
     def state_dict(self) -> dict:
         return rng_state()
 
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(state)
+
+    def load_elastic(self, states: list[dict], step: int) -> None:
+        """On another topology the saved streams belong to other ranks: derived afresh from (seed, step, rank),
+        so masks and dropout drawn after the resume differ from an uninterrupted run's (deterministically)."""
+        seed_everything(hash((self.seed, step, self.rank)) & 0x7FFF_FFFF)
 
 
 class GradScalerState:

@@ -28,12 +28,13 @@ def train_args(run_dir: Path, shards: dict, *overrides: str) -> list[str]:
             *[a for o in overrides for a in ("--set", o)]]
 
 
-def spawn(args: list[str], world_size: int = 1, rank: int = 0, port: int = 0) -> subprocess.Popen:
+def spawn(args: list[str], world_size: int = 1, rank: int = 0, port: int = 0,
+          module: str = "pipeline.train.loop") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if world_size > 1:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train.loop", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
