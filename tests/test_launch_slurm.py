@@ -297,3 +297,39 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, train_shards,
     print(f"\nrequeue cycle: stopped at step {stop_step}/{TRAIN_STEPS}; {done - signalled:.1f}s from the signal "
           "to completion")
     _assert_same_training(run_dir, local_reference)
+
+
+def _signal_when(cluster: SlurmCluster, run_dir: Path, job_id: str, lines: int) -> None:
+    """USR1 to the batch script once metrics.jsonl holds `lines` records (training under way)."""
+    metrics_path, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= lines):
+        assert time.monotonic() < deadline, f"training never got there: {_log_tail(run_dir)}"
+        assert cluster.job_state(job_id).get("JobState") in ("PENDING", "RUNNING"), _log_tail(run_dir)
+        time.sleep(0.2)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_preempted_two_node_job_resumes_on_one_node_then_on_two(slurm_env, train_shards, tmp_path):
+    """Preempted on 2 nodes x 2 processes, resubmitted on 1 node (2 processes: accumulation 2 keeps the global
+    batch of 16), preempted again, resubmitted on 2 nodes to the end: every step once, 16 samples each."""
+    cluster, run_dir = slurm_env, tmp_path / "slurm"
+    common = ["--procs-per-node", "2", "--cpu", "--max-restarts", "0", "--", *_train_args(train_shards, TRAIN_STEPS)]
+    logs = []
+    for nodes, lines in ((2, 2), (1, None), (2, None)):
+        before = len(_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        assert cli.main(["train", "--run-dir", str(run_dir), "--nodes", str(nodes), *common]) == 0
+        job_id = _records(run_dir, "train")[-1]
+        if len(logs) < 2:
+            _signal_when(cluster, run_dir, job_id, lines or before + 3)
+        cluster.wait_job(job_id, 300)
+        logs.append((run_dir / f"slurm-{job_id}.out").read_text())
+    assert "stopping at step" in logs[0] and "stopping at step" in logs[1], logs[1][-4000:]
+    assert "resuming on 2 processes (the checkpoint ran on 4): global batch 16 kept with data.batch_size 4 x " \
+           "train.accum_steps 2" in logs[1], logs[1][-4000:]
+    assert "resuming on 4 processes (the checkpoint ran on 2)" in logs[2], logs[2][-4000:]
+    assert logs[2].count("training finished") == 1, logs[2][-4000:]
+    records = _metrics(run_dir)
+    assert [m["step"] for m in records] == list(range(1, TRAIN_STEPS + 1))
+    assert [m["samples_seen"] for m in records] == [16 * s for s in range(1, TRAIN_STEPS + 1)]

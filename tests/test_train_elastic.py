@@ -102,3 +102,19 @@ def test_a_world_size_that_breaks_the_global_batch_is_refused_with_the_valid_one
     assert ("cannot resume on 5 processes: the checkpoint's global batch 24 (2 processes) is not data.batch_size 4 "
             "x accum_steps x 5; processes that keep it: 1, 2, 3, 6") in outs[0][1], outs[0][1][-2000:]
     assert "Traceback" not in outs[0][1]
+
+
+def test_an_fsdp_checkpoint_of_four_ranks_resumes_on_two(tmp_path, shards):
+    """FSDP checkpoints hold the whole model and the optimizer state by parameter name (gathered on save), so
+    2 ranks scatter what 4 wrote."""
+    run = tmp_path / "run"
+    fsdp = ("train.strategy=fsdp", "train.steps=4", "data.num_workers=1")
+    _kill_after(run, _launch(run, shards, 4, "train.accum_steps=1", *fsdp), 3)
+    ckpt = run / "checkpoints/step-00000002"
+    procs = _launch(run, shards, 2, "train.accum_steps=1", *fsdp, resume=str(ckpt))
+    outs = [finish(p) for p in procs]
+    assert all(code == 0 for code, _ in outs), outs[0][1][-4000:]
+    assert "global batch 16 kept with data.batch_size 4 x train.accum_steps 2" in outs[0][1], outs[0][1][-3000:]
+    assert f"resumed from {ckpt} at step 2" in outs[0][1]
+    optim = torch.load(run / "checkpoints/step-00000004/optimizer.pt", weights_only=True)["optimizer"]
+    assert {int(v["step"]) for v in optim["state"].values() if "step" in v} == {4}
