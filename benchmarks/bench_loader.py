@@ -152,6 +152,24 @@ def resume_times(spec, transform, tokenizer, points) -> list[tuple[int, float]]:
     return out
 
 
+def elastic_resume_time(spec, transform, tokenizer, fraction: float = 0.75) -> tuple[int, float]:
+    """(batches consumed, seconds to the first batch) of a resume on 1 rank from the state of 2 ranks that
+    were `fraction` through the epoch: the topology changes, the rest of the epoch is a new segment."""
+    def stream(world):
+        return TrainStream(DataConfig(train_shards=spec, batch_size=BATCH, num_workers=WORKERS,
+                                      shuffle_buffer=SHUFFLE), world, transform, tokenizer)
+    old = [stream(World(rank=r, world_size=2)) for r in range(2)]
+    deep = int(old[0].batches_per_epoch * fraction)
+    states = [{**s.state_dict(), "consumed": deep} for s in old]
+    t = time.perf_counter()
+    moved = stream(World())
+    moved.load_elastic(states)
+    next(iter(moved))
+    seconds = time.perf_counter() - t
+    moved.close()
+    return deep, seconds
+
+
 def data_wait_fraction(spec: str, work: Path, steps: int) -> dict | None:
     """A short `plait train` on the benchmark shards; the loop logs the data-wait fraction itself."""
     from pipeline.train import loop as train
@@ -170,6 +188,26 @@ def data_wait_fraction(spec: str, work: Path, steps: int) -> dict | None:
     return {"windows": len(waits), "data_wait_fraction": sum(waits) / max(1, len(waits))}
 
 
+def report_resume(work: Path, transform, tokenizer, rate: float | None) -> None:
+    """Time to the first batch: fresh, resumed deep in the epoch, and resumed on another topology."""
+    long_spec = resume_shards(work)
+    per_epoch = TrainStream(DataConfig(train_shards=long_spec, batch_size=BATCH, num_workers=WORKERS), World(),
+                            transform, tokenizer).batches_per_epoch
+    points = [0, per_epoch // 4, per_epoch // 2, per_epoch - 2, 0]  # fresh twice: before and after
+    print(f"\nresume on {long_spec} (epoch of {per_epoch} batches of {BATCH}): time to first batch")
+    timings = resume_times(long_spec, transform, tokenizer, points)
+    for consumed, seconds in timings:
+        print(f"  after {consumed:5d} batches: {seconds:.2f}s")
+    fresh = min(timings[0][1], timings[-1][1])
+    deepest = timings[-2]
+    print(f"  deepest / fresh = {deepest[1] / fresh:.2f}x (target <= 2x)"
+          + (f"; decoding the {deepest[0]} skipped batches instead (skip_first_batches) would take "
+             f"~{deepest[0] * BATCH / rate:.0f}s at the 224 px rate measured above" if rate else ""))
+    deep, seconds = elastic_resume_time(long_spec, transform, tokenizer)
+    print(f"  after a topology change (2 ranks x {WORKERS} workers {deep} batches into the epoch, resumed on 1 "
+          f"rank): {seconds:.2f}s = {seconds / fresh:.2f}x fresh (target <= 2x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", help="folder for photos and shards (default: a fresh temp dir, removed after)")
@@ -177,13 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=25, help="timed batches after the first one")
     parser.add_argument("--repeats", type=int, default=2, help="runs per loader; the best is reported")
     parser.add_argument("--train-steps", type=int, default=30, help="steps of the data-wait run (0: skip)")
+    parser.add_argument("--resume-only", action="store_true",
+                        help="only the resume timings (fresh, deep in the epoch, after a topology change)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
-        spec = build_shards(work, args.samples)
         transform = open_clip.image_transform(SIZE, is_train=True)
         tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        if args.resume_only:
+            report_resume(work, transform, tokenizer, rate=None)
+            return 0
+        spec = build_shards(work, args.samples)
         loaders = {"plait": plait_loader, "plait (no draft)": functools.partial(plait_loader, draft=False),
                    "open_clip_train": open_clip_loader, "bare webdataset": bare_loader}
         results = {name: [] for name in loaders}
@@ -212,19 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plait / open_clip_train = {cpu['plait'] / cpu['open_clip_train']:.2f}x, "
               f"plait / bare webdataset = {cpu['plait'] / cpu['bare webdataset']:.2f}x (CPU-time based)")
 
-        long_spec = resume_shards(work)
-        per_epoch = TrainStream(DataConfig(train_shards=long_spec, batch_size=BATCH, num_workers=WORKERS), World(),
-                                transform, tokenizer).batches_per_epoch
-        points = [0, per_epoch // 4, per_epoch // 2, per_epoch - 2, 0]  # fresh twice: before and after
-        print(f"\nresume on {long_spec} (epoch of {per_epoch} batches of {BATCH}): time to first batch")
-        timings = resume_times(long_spec, transform, tokenizer, points)
-        for consumed, seconds in timings:
-            print(f"  after {consumed:5d} batches: {seconds:.2f}s")
-        fresh = min(timings[0][1], timings[-1][1])
-        deepest = timings[-2]
-        print(f"  deepest / fresh = {deepest[1] / fresh:.2f}x (target <= 2x); decoding the {deepest[0]} skipped "
-              f"batches instead (skip_first_batches) would take ~{deepest[0] * BATCH / best['plait']:.0f}s "
-              f"at the 224 px rate measured above")
+        report_resume(work, transform, tokenizer, rate=best["plait"])
         if args.train_steps:
             wait = data_wait_fraction(spec, work, args.train_steps)
             if wait:
