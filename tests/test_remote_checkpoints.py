@@ -4,7 +4,6 @@ is gone, survive a kill during upload, and `plait export` reads from and writes 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -13,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
@@ -21,25 +19,9 @@ import plait
 from pipeline.train.remote_store import MARKER, RemoteCheckpoints
 from tests.helpers.train_cli import finish, shards, spawn, train_args, wait_for_step  # noqa: F401 (a fixture)
 
+from tests.helpers.s3_server import s3  # noqa: F401 (a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
-moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the test extras)")
-
-
-@pytest.fixture()
-def s3(monkeypatch):
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    type(fs).clear_instance_cache()  # filesystems cached by an earlier test talk to that test's server
-    if not fs.exists("plait-test"):  # moto keeps its buckets for the whole test process
-        fs.mkdir("plait-test")
-    yield fs
-    server.stop()
 
 
 def _fake_checkpoint(root: Path, step: int, big: int = 0) -> Path:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import csv
-import logging
 import subprocess
 import sys
 from pathlib import Path
 
-import fsspec
 import open_clip
-import pytest
 
 from data_prep.cli import main as prep
 from pipeline.config import DataConfig
@@ -18,24 +15,9 @@ from pipeline.data.loader import TrainStream
 from pipeline.train.distributed import World
 from tests.helpers.prep_corpus import real_photos
 
+from tests.helpers.s3_server import s3  # noqa: F401 (a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
-moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the test extras)")
-
-
-@pytest.fixture()
-def s3(monkeypatch):
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    # credentials and endpoint through the environment, as on a cluster node; worker processes inherit them
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("plait-test")
-    yield fs
-    server.stop()
 
 
 def test_prep_writes_verifies_and_the_loader_streams_an_s3_dataset(tmp_path, s3):
