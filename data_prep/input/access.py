@@ -17,6 +17,7 @@ import fsspec
 from data_prep.input.formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES, detect_format
 from data_prep.options import SourceOptions
 from data_prep.media.images import Reject
+from data_prep.shards import remote
 
 
 def is_local(url: str) -> bool:
@@ -31,6 +32,7 @@ def local_access(opts: SourceOptions, fmt: str | None = None) -> tuple[tuple[str
     folder itself plus --local-root. Relative paths start from a local table's folder, else the first root."""
     fmt = fmt or (opts.input_format if opts.input_format != "auto" else detect_format(opts.input))
     roots = [os.path.realpath(r) for r in opts.local_root]
+    remote.trust(opts.input)  # a table the user typed may sit on a private host (data_prep/shards/remote.py)
     fs, path = fsspec.core.url_to_fs(opts.input)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     base = None

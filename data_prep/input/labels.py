@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from data_prep.media.images import Reject
+from data_prep.shards import remote
 from data_prep.shards.layout import classname_problem, parse_classnames
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ def read_classnames(path: str) -> list[str]:
     """One class name per line, in id order (blank lines ignored; layout.parse_classnames, as eval reads it);
     duplicates and undecodable files are errors naming the file."""
     import fsspec
+
+    remote.trust(path)  # typed with --classnames
     try:
         with fsspec.open(path, "rb") as f:
             names = parse_classnames(f.read().decode("utf-8"))
