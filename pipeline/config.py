@@ -260,6 +260,9 @@ def check_locks(model: ModelConfig, objective: ObjectiveConfig) -> None:
     require(not (image_locked and objective.mae.weight), "objective.mae",
             "MAE trains the image tower, which model.lock_image locks (unlock groups with "
             "model.lock_image_unlocked_groups, or drop one)")
+    require(not (image_locked and objective.caption.weight and objective.caption.train_image),
+            "objective.caption.train_image", "the caption loss would train the image tower, which model.lock_image "
+            "locks (set objective.caption.train_image = false to caption from the locked tower's tokens)")
     require(not (text_locked and objective.mlm.weight), "objective.mlm",
             "MLM trains the text tower, which model.lock_text locks (unlock layers with "
             "model.lock_text_unlocked_layers, or drop one)")

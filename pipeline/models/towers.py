@@ -13,6 +13,7 @@ def build_clip(model_cfg: dict) -> nn.Module:
     """An open_clip CLIP (or CustomTextCLIP for HF text towers) returning feature dicts; random weights."""
     model_cfg = dict(model_cfg)
     model_cfg.pop("custom_text", None)
+    model_cfg.pop("multimodal_cfg", None)  # objective.caption's decoder: a head, built by the unit
     text_cfg = model_cfg.get("text_cfg", {})
     cls = open_clip.CustomTextCLIP if "hf_model_name" in text_cfg else open_clip.CLIP
     return cls(**model_cfg, output_dict=True)

@@ -15,6 +15,7 @@ from pipeline.options import require
 from pipeline.objectives.adversarial import Adversarial, AdversarialConfig
 from pipeline.objectives.autoencoder import Autoencoder, AutoencoderConfig
 from pipeline.objectives.base import Unit
+from pipeline.objectives.caption import Caption, CaptionConfig
 from pipeline.objectives.contrastive import Contrastive, ContrastiveConfig
 from pipeline.objectives.flip import Flip, FlipConfig
 from pipeline.objectives.itm import Itm, ItmConfig
@@ -23,7 +24,7 @@ from pipeline.objectives.mlm import Mlm, MlmConfig
 from pipeline.objectives.siglip import SigLip, SigLipConfig
 
 UNITS: dict[str, type[Unit]] = {unit.name: unit for unit in (Contrastive, SigLip, Flip, Mae, Mlm, Autoencoder,
-                                                             Adversarial, Itm)}
+                                                             Adversarial, Itm, Caption)}
 
 
 @dataclass(frozen=True, init=False)
@@ -46,6 +47,8 @@ class ObjectiveConfig:
     """adversarial modality alignment."""
     itm: ItmConfig = field(default_factory=ItmConfig)
     """image-text matching with hard negatives (ALBEF, BLIP)."""
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    """captioning: a text decoder cross-attending to the image tokens (CoCa)."""
 
     def __init__(self, **values: Any):
         """Sections by name (dataclasses or dicts of their keys), or plait's flat keys from before the units
