@@ -28,6 +28,8 @@ from pipeline.train.remote_store import fetch, is_url
 from pipeline.artifacts.hf import export_hf
 from pipeline.artifacts.model_card import METADATA_FILE, card_metadata, eval_entries, training_metadata
 from pipeline.data.transforms import preprocess_cfg
+from pipeline.models.caption_head import build_decoder, caption_logits
+from pipeline.models.towers import encode_image_tokens, encode_text_tokens
 
 __all__ = ["DTYPES", "Source", "checkpoint_dir", "embeddings", "export", "export_hf", "export_open_clip",
            "export_safetensors", "fixed_batch", "load_checkpoint_model", "load_source", "max_error", "main",
@@ -84,6 +86,76 @@ def export_open_clip(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: s
         require_close(error, atol, "open_clip embeddings")
         check = {"max_abs_error": error, "tolerance": atol, "compared": "image+text embeddings, local-dir and .pt"}
         write_model_card(tmp, "open_clip", name, dtype, model_cfg, meta, check, state, cast)
+        if add_files is not None:
+            add_files(tmp)
+    return out
+
+
+def coca_config(model_cfg: dict) -> dict:
+    """The open_clip CoCa config of a model trained with objective.caption (its model config names the decoder in
+    `multimodal_cfg`): both towers hand their tokens on, the text tower is CoCa's `text` module."""
+    cfg = json.loads(json.dumps(model_cfg))
+    cfg["custom_text"] = True
+    cfg["vision_cfg"]["output_tokens"] = True
+    cfg["text_cfg"]["output_tokens"] = True
+    return cfg
+
+
+def coca_state(clip: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """plait's CLIP towers and caption head -> open_clip CoCa keys: the text tower under `text.`, the decoder
+    (model.heads.caption) under `text_decoder.`; the image tower and the temperature keep their names."""
+    top = ("visual.", "logit_scale", "logit_bias")
+    out = {k if k.startswith(top) else f"text.{k}": v for k, v in clip.items()}
+    decoder = {f"text_decoder.{k[len('caption.'):]}": v for k, v in heads.items() if k.startswith("caption.")}
+    if not decoder:
+        raise ValueError("the model config names a text decoder (multimodal_cfg) but the checkpoint has no "
+                         "heads.caption weights")
+    return {**out, **decoder}
+
+
+@torch.no_grad()
+def coca_outputs(model, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(image and text embeddings, teacher-forced caption logits) of an open_clip CoCa on a fixed batch."""
+    model.eval()
+    return (*embeddings(model, images, tokens), model(images, tokens)["logits"])
+
+
+def export_coca(state: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], model_cfg: dict,
+                out_dir: str | Path, dtype: str = "fp32", atol: float = OPEN_CLIP_ATOL, name: str = "plait-model",
+                meta: dict | None = None, add_files: Callable[[Path], None] | None = None) -> Path:
+    """export_open_clip for a model trained with objective.caption: the same files, holding an open_clip CoCa
+    (towers + text decoder); reloaded both ways, embeddings and caption logits compared with the exported
+    weights in plait's own training architecture."""
+    out = out_dir if is_url(out_dir) else Path(out_dir)
+    state, heads = clean_state_dict(state), clean_state_dict(heads)
+    model_cfg = with_logit_bias(state, model_cfg)
+    cfg = coca_config(model_cfg)
+    cast_clip, cast_heads = cast_state(state, dtype), cast_state(heads, dtype)
+    cast = coca_state(cast_clip, cast_heads)
+    with staged(out) as tmp:
+        save_file(cast, tmp / "open_clip_model.safetensors")
+        torch.save(cast, tmp / "open_clip_model.pt")
+        (tmp / f"{name}.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg":
+                                                               preprocess_cfg(cfg)}, indent=2))
+        images, tokens = fixed_batch(model_cfg)
+        clip = reference_model(cast_clip, model_cfg)
+        decoder = build_decoder(model_cfg, model_cfg["multimodal_cfg"])
+        decoder.load_state_dict({k[len("caption."):]: v.float() for k, v in cast_heads.items()
+                                 if k.startswith("caption.")})
+        with torch.no_grad():
+            image_tokens = encode_image_tokens(clip.visual, images)[1][:, 1:]
+            logits = caption_logits(decoder.eval(), image_tokens, encode_text_tokens(clip, tokens)[1])
+        expected = (*embeddings(clip, images, tokens), logits)
+        from_dir = open_clip.create_model_and_transforms(f"local-dir:{tmp}")[0]
+        open_clip.add_model_config(tmp / f"{name}.json")
+        from_pt = open_clip.create_model(name, pretrained=str(tmp / "open_clip_model.pt"))
+        error = max(max_error(expected, coca_outputs(from_dir.float(), images, tokens)),
+                    max_error(expected, coca_outputs(from_pt.float(), images, tokens)))
+        require_close(error, atol, "open_clip CoCa embeddings and caption logits")
+        check = {"max_abs_error": error, "tolerance": atol,
+                 "compared": "image+text embeddings and caption logits, local-dir and .pt (open_clip CoCa)"}
+        write_model_card(tmp, "open_clip", name, dtype, model_cfg, meta, check, state, cast_clip)
         if add_files is not None:
             add_files(tmp)
     return out
@@ -164,6 +236,9 @@ def export(src: Source, fmt: str, out: str | Path, dtype: str = "fp32", with_hea
     if evals is None:
         evals = eval_entries(eval_results or {}, None, "plait eval (--eval-json)")
     meta = card_metadata(src.training, src.checkpoint, evals, eval_results, extra_meta)
+    if fmt == "open_clip" and "multimodal_cfg" in src.model_cfg:
+        return export_coca(src.clip, src.heads, src.model_cfg, out, dtype, name=src.name, meta=meta,
+                           add_files=add_files)
     if fmt == "open_clip":
         return export_open_clip(src.clip, src.model_cfg, out, dtype, name=src.name, meta=meta, add_files=add_files)
     if fmt == "hf":

@@ -51,6 +51,10 @@ def _check_defaults(cfg: dict, cls: type, free: set[str], section: str) -> None:
 
 def hf_config(model_cfg: dict) -> dict:
     """The `config.json` of the equivalent CLIPModel; raises ValueError for architectures it cannot express."""
+    if "multimodal_cfg" in model_cfg:
+        raise ValueError("--format hf: a model trained with objective.caption is a CoCa (a text decoder beside the "
+                         "towers), which transformers has no model class for; export --format open_clip, which "
+                         "open_clip loads as CoCa and plait caption decodes")
     for key, value in model_cfg.items():
         if key not in TOP_FREE and not (key == "init_logit_bias" and value is None):
             raise _unsupported(f"model_cfg.{key}" if key != "init_logit_bias"
