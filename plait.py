@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "train": ("pipeline.train.loop", "pretrain with contrastive / masked / fusion objectives (Accelerate)"),
     "eval": ("pipeline.eval.evaluate", "zero-shot classification, retrieval and linear probe"),
     "export": ("pipeline.artifacts.export", "export a checkpoint as open_clip / Hugging Face / safetensors"),
+    "caption": ("pipeline.eval.caption", "generate a caption per sample with an exported captioner (CoCa)"),
     "finetune": ("pipeline.eval.finetune", "fine-tune an exported model on a labelled shard set"),
     "launch": ("launch.cli", "render and submit SLURM jobs (training, prep arrays), or run locally"),
     "demo": ("pipeline.demo", "the whole pipeline on Fashion-MNIST: shards, train, zero-shot, export"),

@@ -186,6 +186,34 @@ def retrieval(clip: nn.Module, tokenize: Callable, shards, transform: Callable, 
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Captioning
+# ------------------------------------------------------------------------------------------------------------
+
+def captioning(model: nn.Module, shards, transform: Callable, classnames: Sequence[str] = (), batch_size: int = 32,
+               device: str | torch.device = "cpu", max_samples: int = 0, world: World | None = None,
+               num_beams: int = 1, max_length: int = 30, allow_pipe: bool = False,
+               keys: MemberKeys = EVAL_KEYS) -> dict:
+    """BLEU-4, CIDEr and class naming (pipeline/eval/caption.py) of a captioner's greedy (or beam) captions
+    against the shards' captions; ranks caption disjoint shares, the rows are gathered before scoring."""
+    from pipeline.eval.caption import caption_metrics, generate_captions
+
+    urls = _urls(shards)
+    if world is not None and world.world_size > 1:
+        urls = rank_share(urls, world)
+        max_samples = math.ceil(max_samples / world.world_size) if max_samples else 0
+    rows = generate_captions(model, urls, transform, batch_size, device, num_beams, max_length,
+                             max_samples=max_samples, allow_pipe=allow_pipe, keys=keys,
+                             progress=world is None or world.is_main)
+    rows = [r for part in _gather(rows, world) for r in part]
+    if not rows:
+        raise ValueError(f"no image samples found in {shards}")
+    out = caption_metrics(rows, classnames)
+    out.update({"decoding": "greedy" if num_beams == 1 else f"beam search, {num_beams} beams",
+                "max_length": max_length})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Linear probe
 # ------------------------------------------------------------------------------------------------------------
 
@@ -256,6 +284,15 @@ def world_from_env() -> World:
     return World()
 
 
+def is_captioner(model: nn.Module) -> bool:
+    from pipeline.models.caption_head import captioner_for
+    try:
+        captioner_for(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _device(name: str, world: World) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -273,9 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shard spec (dir/{00000..00009}.tar, a::b), a folder of shards, or a clip_benchmark wds root "
         "(ROOT/test/*.tar, classnames.txt, zeroshot_classification_templates.txt)"))
     parser.add_argument("--split", default="test", help="clip_benchmark split folder (default: %(default)s)")
-    parser.add_argument("--task", action="append", choices=["zeroshot", "retrieval", "linear_probe"],
+    parser.add_argument("--task", action="append", choices=["zeroshot", "retrieval", "linear_probe", "caption"],
                         help="repeatable; default: what the data supports (zeroshot with class names, else "
-                             "retrieval; linear_probe when --train-data is given)")
+                             "retrieval; linear_probe when --train-data is given; caption for a captioner)")
+    parser.add_argument("--caption-beams", type=int, default=1,
+                        help="caption task: beam search width; 1: greedy (default)")
+    parser.add_argument("--caption-max-length", type=int, default=0, help=(
+        "caption task: tokens per caption, start and end included (default: 30, or the text context if shorter)"))
     parser.add_argument("--train-data", help="labelled training shards for the linear probe (clip_benchmark root: "
                                              "its train split is used when omitted and present)")
     parser.add_argument("--classnames", help="file, one class name per line in label order; or a suite from the "
@@ -319,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     device = _device(args.device, world)
     loaded = load_model(args.model, args.arch)
     model = loaded.model.to(device)
+    if not args.task and is_captioner(model):
+        tasks.append("caption")
+    if "caption" in tasks:
+        from pipeline.eval.caption import check_decoding
+        context = loaded.model_cfg["text_cfg"].get("context_length", 77)
+        caption_length = args.caption_max_length or min(30, context)
+        check_decoding(args.caption_beams, caption_length, 5, args.batch_size, context)
     result = {"model": str(args.model), "model_kind": loaded.kind, "data": args.data, "processes": world.world_size}
     suites = {"classnames": args.classnames and suite_label(args.classnames, CLASSNAME_SUITES),
               "templates": args.templates and suite_label(args.templates, TEMPLATE_SUITES)}
@@ -330,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     if "retrieval" in tasks:
         result["retrieval"] = retrieval(model, loaded.tokenize, data.urls, loaded.transform, args.batch_size,
                                         device, args.max_samples, world, allow_pipe=args.allow_pipe, keys=keys)
+    if "caption" in tasks:
+        result["caption"] = captioning(model, data.urls, loaded.transform, classnames, args.batch_size, device,
+                                       args.max_samples, world, args.caption_beams, caption_length,
+                                       allow_pipe=args.allow_pipe, keys=keys)
     if "linear_probe" in tasks:
         train_urls = resolve(train_data, "train", allow_pipe=args.allow_pipe, flag="--allow-pipe").urls
         train = image_features(model, train_urls, loaded.transform, args.batch_size, device,
