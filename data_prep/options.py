@@ -22,6 +22,7 @@ INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "folde
 TABLE_FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 """Formats of the video table under --input-format howto100m and clips (told from the file name)."""
 FRAME_SAMPLING = ("uniform", "fps", "keyframes")
+CLIP_FORMATS = ("frames", "mp4")
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
@@ -237,8 +238,16 @@ class VideoOptions:
     """frames per video at most (fps, keyframes)"""
     frames_as_samples: bool = False
     """write one image-text sample per frame (caption, frame index, timestamp) instead of one per video"""
+    clip_format: str = option("frames", choices=CLIP_FORMATS)
+    """frames: the sampled frames only; mp4: also the clip itself as a {key}.mp4 member, cut from the source
+    without re-encoding, from the keyframe at or before the segment's start (recorded as clip_start in
+    {key}.json, with clip_end and clip_audio); a codec mp4 cannot hold rejects the row"""
+    clip_audio: bool = True
+    """--clip-format mp4: keep the first audio stream in the clip (--no-clip-audio: video only)"""
 
     def __post_init__(self) -> None:
+        if self.clip_format == "mp4" and self.frames_as_samples:
+            raise ValueError("--clip-format mp4 needs one sample per video: drop --frames-as-samples")
         validate(self)
 
 

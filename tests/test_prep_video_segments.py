@@ -226,3 +226,70 @@ def test_array_tasks_and_a_killed_task_give_the_same_bytes(long_video, tmp_path)
     main(["shard", *args, "--output", str(split), "--task-index", "0", "--num-tasks", "2"])
     main(["merge", str(split)])
     assert digests(single) == digests(split)
+
+
+def _keyframe_times(path: Path) -> list[float]:
+    import av
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return [round(float(p.pts * s.time_base), 6) for p in c.demux(s) if p.pts is not None and p.is_keyframe]
+
+
+def test_mp4_clip_cut_from_the_keyframe_before_the_segment(long_video, tmp_path):
+    import io
+
+    import av
+
+    folder, _ = long_video
+    segments = [(2.5, 4.2), (11.3, 12.0), (0.0, 1.5)]
+    table = _clip_csv(folder / "mp4.csv", [("long.mp4", a, b, f"clip {i}") for i, (a, b) in enumerate(segments)])
+    out = tmp_path / "mp4"
+    main(["shard", *FAST, "--input", str(table), "--input-format", "clips", "--output", str(out),
+          "--clip-format", "mp4"])
+    keyframes = _keyframe_times(folder / "long.mp4")
+    samples = shard_members(out)
+    assert len(samples) == len(segments)
+    for (start, end), members in zip(segments, (samples[k] for k in sorted(samples))):
+        meta = json.loads(members["json"])
+        assert meta["clip_start"] in keyframes and start - 1.0 <= meta["clip_start"] <= start, meta
+        assert "f0000.jpg" in members and meta["clip_audio"] is False  # frames stay; this video has no audio
+        with av.open(io.BytesIO(members["mp4"])) as clip:
+            assert not clip.streams.audio
+            stream = clip.streams.video[0]
+            times = [float(f.pts * stream.time_base) for f in clip.decode(stream)]
+        assert times[0] == 0.0 and meta["clip_start"] + times[-1] >= end - 1 / 25 - 1e-6, (meta, times[-1])
+        assert meta["clip_end"] >= end
+    rec = _records(out)[0]
+    assert rec["bytes"] > len(samples["000000000"]["mp4"])  # the clip counts in the sample's bytes
+
+
+def test_mp4_clip_keeps_or_drops_the_audio(tmp_path):
+    import io
+
+    import av
+
+    bunny = str(SKV / "bigbuckbunny.mp4")
+    table = _clip_csv(tmp_path / "bunny.csv", [(bunny, 0.5, 2.5, "a rabbit")])
+    for flag, num_audio in (("--clip-audio", 1), ("--no-clip-audio", 0)):
+        out = tmp_path / flag
+        main(["shard", *FAST, *ROOTS, "--input", str(table), "--input-format", "clips", "--output", str(out),
+              "--clip-format", "mp4", flag])
+        (members,) = shard_members(out).values()
+        assert json.loads(members["json"])["clip_audio"] is bool(num_audio)
+        with av.open(io.BytesIO(members["mp4"])) as clip:
+            assert len(clip.streams.audio) == num_audio
+            stream = clip.streams.video[0]
+            assert float(stream.duration * stream.time_base) >= 2.5 - 1 / 25 - 1e-6
+            if num_audio:
+                assert sum(f.samples for f in clip.decode(clip.streams.audio[0])) / clip.streams.audio[0].rate > 2.0
+
+
+def test_mp4_clip_of_a_codec_mp4_cannot_hold_rejects_the_row(tmp_path):
+    table = _clip_csv(tmp_path / "avi.csv", [(str(OPENCV / "tree.avi"), 0.0, 1.0, "cinepak"),
+                                             (str(OPENCV / "Megamind.avi"), 1.0, 2.0, "mpeg-4 part 2")])
+    out = tmp_path / "avi"
+    main(["shard", *FAST, "--local-root", str(OPENCV), "--input", str(table), "--input-format", "clips",
+          "--output", str(out), "--clip-format", "mp4"])
+    recs = _records(out)
+    assert recs[0]["status"] == "rejected" and "cinepak" in recs[0]["reason"] and "mp4" in recs[0]["reason"]
+    assert recs[1]["status"] == "ok" and set(shard_members(out)) == {"000000001"}

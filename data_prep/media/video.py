@@ -20,6 +20,8 @@ from data_prep.media.images import Reject, encode, resize, target_geometry
 from data_prep.input.sources import Row
 from data_prep.shards.writer import Sample
 
+CLIP_MEMBER = "mp4"
+"""The member holding a sample's clip under --clip-format mp4: `{key}.mp4`, WebDataset's name for video."""
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 # a header claiming this much more than decodes marks a damaged file (a few frames of slack: containers round)
 _MAX_MISSING_FRACTION, _MAX_MISSING_FRAMES = 0.1, 2
@@ -139,6 +141,20 @@ def decode_frames(data: bytes | LocalVideo | None, vopts: VideoOptions, iopts: I
         images.append(encode(img, iopts))
     return Frames(images, [round(t, 6) for t, _ in kept], out_w, out_h, width, height, n, header_frames,
                   round(fps, 6), round(duration, 6), rotation)
+
+
+def _clip(data: bytes | LocalVideo, vopts: VideoOptions, row: Row, rec: dict[str, Any],
+          meta: dict[str, Any]) -> bytes:
+    """The row's segment (the whole video without one, up to --max-duration) as an mp4 cut without re-encoding;
+    its keyframe-adjusted span goes into the sample's JSON."""
+    from data_prep.media.clips import cut_clip
+
+    start = row.start_s or 0.0
+    end = min(row.end_s if row.end_s is not None else float("inf"), start + vopts.max_duration_s)
+    clip = cut_clip(data.path if isinstance(data, LocalVideo) else io.BytesIO(data), start, end, vopts.clip_audio)
+    meta.update(clip_start=clip.start_s, clip_end=clip.end_s, clip_audio=clip.has_audio)
+    rec["bytes"] += len(clip.data)
+    return clip.data
 
 
 def _head(data: bytes | LocalVideo | None) -> bytes:
@@ -271,8 +287,10 @@ def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes |
     if row.start_s is not None or row.end_s is not None:
         meta.update(start=row.start_s, end=row.end_s)
     if not opts.video.frames_as_samples:
-        frames = [(frame_member(i, ext), img) for i, img in enumerate(fr.images)]
-        return [Sample(rec["key"], frames + text_members(caption, meta))]
+        members = [(frame_member(i, ext), img) for i, img in enumerate(fr.images)]
+        if opts.video.clip_format == "mp4":
+            members.append((CLIP_MEMBER, _clip(data, opts.video, row, rec, meta)))
+        return [Sample(rec["key"], members + text_members(caption, meta))]
     samples = []
     for i, (img, t) in enumerate(zip(fr.images, fr.timestamps)):
         key = f"{rec['key']}_{i:04d}"
