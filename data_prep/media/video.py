@@ -14,14 +14,12 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.shards.layout import frame_member, text_members
+from data_prep.shards.layout import CLIP_MEMBER, frame_member, text_members
 from data_prep.options import ImageOptions, JobOptions, VideoOptions
 from data_prep.media.images import Reject, encode, resize, target_geometry
 from data_prep.input.sources import Row
 from data_prep.shards.writer import Sample
 
-CLIP_MEMBER = "mp4"
-"""The member holding a sample's clip under --clip-format mp4: `{key}.mp4`, WebDataset's name for video."""
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 # a header claiming this much more than decodes marks a damaged file (a few frames of slack: containers round)
 _MAX_MISSING_FRACTION, _MAX_MISSING_FRAMES = 0.1, 2

@@ -2,8 +2,9 @@
 from: data_prep writes by it, the training loader, evaluation and exports read by it.
 
 Files of a dataset folder (shard S written as `{S:05d}`):
-  S.tar            samples in key order; per sample `{key}.jpg|png|webp` (video: `{key}.f0000.jpg`, ...),
-                   `{key}.txt` (caption), `{key}.json` (metadata), `{key}.cls` (ascii int label) when it has one
+  S.tar            samples in key order; per sample `{key}.jpg|png|webp` (video: `{key}.f0000.jpg`, ...,
+                   and `{key}.mp4`, the clip itself, under --clip-format mp4), `{key}.txt` (caption),
+                   `{key}.json` (metadata), `{key}.cls` (ascii int label) when it has one
   S.idx.json       member index, format "plait-tar-index/1": byte offset of each sample's first tar member
   S.parquet        one record per input row of the shard (data_prep/shards/manifest.py)
   S_stats.json     counts and reasons, format "plait-shard/1"; written last: the shard's done marker
@@ -40,6 +41,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Image members readers accept (shards from other tools may say jpeg)."""
 FRAME_MEMBER = re.compile(r"^f(\d+)\.(jpg|jpeg|png|webp)$")
 """A video frame member (after the sample key): `f0000.jpg`, `f0001.jpg`, ... in time order."""
+CLIP_MEMBER = "mp4"
+"""The member holding a sample's clip under --clip-format mp4: `{key}.mp4`, WebDataset's name for video."""
 
 
 def shard_name(shard_id: int) -> str:
