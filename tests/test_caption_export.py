@@ -80,3 +80,29 @@ def test_hf_export_of_a_captioner_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="--format hf: a model trained with objective.caption is a CoCa") as e:
         ex.export(src, "hf", tmp_path / "hf")
     assert "\n" not in str(e.value)
+
+
+def test_a_coca_export_is_a_pretrained_start_towers_and_decoder(tmp_path):
+    from pipeline.artifacts.pretrained import load_pretrained, pretrained_architecture
+    from pipeline.objectives.registry import ObjectiveConfig
+    from pipeline.models.model import build_model
+    trained, batch, out = exported(tmp_path, steps=3)
+    cfg = pretrained_architecture(str(out))
+    assert "multimodal_cfg" in cfg and "output_tokens" not in cfg["text_cfg"] and "custom_text" not in cfg
+    fresh = build_model(cfg, ObjectiveConfig(caption={"weight": 1.0, "layers": 1, "heads": 2}))
+    load_pretrained(fresh.clip, str(out), cfg, fresh.heads)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    plain = build_model(dict(cfg), ObjectiveConfig())                    # contrastive only: the decoder left out
+    load_pretrained(plain.clip, str(out), cfg, plain.heads)
+    assert torch.equal(plain.clip.visual.conv1.weight, trained.clip.visual.conv1.weight)
+
+
+def test_open_clips_released_coca_layout_is_refused_in_one_line(tmp_path):
+    import json
+    from pipeline.artifacts.pretrained import pretrained_architecture
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(
+        "coca_ViT-B-32")}))
+    with pytest.raises(ValueError, match="model.pretrained.*embed_cls.*attentional_pool") as e:
+        pretrained_architecture(str(tmp_path))
+    assert "\n" not in str(e.value)

@@ -200,7 +200,7 @@ def pretrained_architecture(path_str: str) -> dict | None:
     if path.is_file():
         return None
     if (path / "open_clip_config.json").is_file():
-        return _read_json(path / "open_clip_config.json")["model_cfg"]
+        return towers_of_coca(_read_json(path / "open_clip_config.json")["model_cfg"], key)
     if (path / "model_config.json").is_file() and (path / "towers.safetensors").is_file():
         return _read_json(path / "model_config.json")
     if (path / "config.json").is_file():
@@ -283,6 +283,31 @@ def read_weights(path: Path, key: str = "config key 'model.pretrained'") -> dict
     return obj
 
 
+def towers_of_coca(model_cfg: dict, key: str) -> dict:
+    """An open_clip CoCa config (`multimodal_cfg`) as plait's towers plus the decoder's `multimodal_cfg` (what a
+    run with objective.caption records); any other config unchanged. CoCa's CLS-token text tower and attentional
+    image pooler (open_clip's released CoCa checkpoints) have no plait equivalent: refused."""
+    if not isinstance(model_cfg, dict) or "multimodal_cfg" not in model_cfg:
+        return model_cfg
+    cfg = json.loads(json.dumps(model_cfg))
+    if cfg.get("text_cfg", {}).get("embed_cls") or cfg.get("vision_cfg", {}).get("attentional_pool"):
+        raise ValueError(f"{key}: a CoCa whose text tower appends a CLS token (text_cfg.embed_cls) or whose image "
+                         "tower pools with attention (vision_cfg.attentional_pool): plait's towers have neither")
+    cfg.pop("custom_text", None)
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg.get(tower, {}).pop("output_tokens", None)
+    return cfg
+
+
+def split_coca(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A CoCa state dict -> (the towers keyed like plait's CLIP, the text decoder keyed like heads.caption);
+    any other state -> (itself, {})."""
+    if not any(k.startswith("text_decoder.") for k in state):
+        return state, {}
+    towers = {k.removeprefix("text."): v for k, v in state.items() if not k.startswith("text_decoder.")}
+    return towers, {k.removeprefix("text_decoder."): v for k, v in state.items() if k.startswith("text_decoder.")}
+
+
 def pretrained_state(path_str: str, model_cfg: dict) -> dict[str, torch.Tensor]:
     """The open_clip weights behind `model.pretrained`, keyed like the towers' own state dict."""
     path = Path(path_str)
@@ -320,10 +345,18 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_pretrained(clip: nn.Module, path: str, model_cfg: dict) -> str:
+def load_pretrained(clip: nn.Module, path: str, model_cfg: dict, heads: nn.Module | None = None) -> str:
     """Copies the weights of `path` into `clip`; any missing, unexpected or mis-shaped tensor fails, naming the
-    first few keys. A logit bias present on one side only is left as it is (SigLIP adds one to a CLIP model)."""
-    state = pretrained_state(path, model_cfg)
+    first few keys. A logit bias present on one side only is left as it is (SigLIP adds one to a CLIP model).
+    An open_clip CoCa's text decoder goes into `heads["caption"]` when the run trains one (strictly), else it
+    is left out."""
+    state, decoder = split_coca(pretrained_state(path, model_cfg))
+    if decoder and heads is not None and "caption" in heads:
+        try:
+            heads["caption"].load_state_dict(decoder)
+        except RuntimeError as e:
+            raise ValueError(f"config key 'model.pretrained': {path}'s text decoder does not fit "
+                             f"objective.caption ({str(e).splitlines()[1].strip()})") from None
     own = clip.state_dict()
     optional = {"logit_bias"}
     missing = [k for k in own if k not in state and k not in optional]
@@ -356,7 +389,7 @@ def start_from(model: nn.Module, cfg: ModelConfig, model_cfg: dict, load_weights
     Returns a line for the log."""
     notes = []
     if cfg.pretrained and load_weights:
-        notes.append(load_pretrained(model.clip, cfg.pretrained, model_cfg))
+        notes.append(load_pretrained(model.clip, cfg.pretrained, model_cfg, model.heads))
     apply_locks(model.clip, cfg)
     check_trainable(model)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
