@@ -8,10 +8,11 @@ Layout of `RUN_DIR/checkpoints/step-00001000/`:
                         sharded (FSDP): gathered on save, scattered on load (pipeline/train/sharded_state.py)
   optimizer.pt          {"optimizer": the whole AdamW state keyed by parameter name (torch.distributed.checkpoint's
                         full optimizer state dict)}; the LR schedule is a pure function of the step (optim.py)
-  trainer.pt            step, samples seen, world size, schedule signature, model_cfg (JSON text), resolved config
-                        (TOML text) (`TrainState`), and one key per shared object (`grad_scaler`: fp16 gradient
-                        scaler state or None)
-  rank-00000.pt ...     one key per per-rank object: `rng` (RNG states) and `loader` (the stream's position)
+  trainer.pt            step, samples seen, world size, global batch, schedule signature, model_cfg (JSON text),
+                        resolved config (TOML text), the trackers' run ids (`TrainState`), and one key per shared
+                        object (`grad_scaler`: fp16 gradient scaler state or None)
+  rank-00000.pt ...     one key per per-rank object: `rng` (RNG states) and `loader` (the stream's position);
+                        a resume on another world size reads every rank's file (`load_elastic`)
 Every .pt loads with `torch.load(weights_only=True)`. Files are written under `.tmp-step-N/`, fsynced, and the
 directory is renamed once every rank has written: a checkpoint dir without `.tmp-` is complete, so a run killed
 mid-write (kill -9, node loss) resumes from the previous one.
