@@ -1,0 +1,90 @@
+"""plait's caption-objective training step against open_clip's CoCa forward + backward on the same tiny model.
+
+Both sides train contrastive (weight 1) + captioning (weight 2, CoCa's weights) on the same towers and decoder
+(plait's `tiny`: 64 px, 16 px patches, 2 x 128 image and text towers, context 32; a 2-block decoder): plait through
+Objective.augment + PlaitModel.forward + Objective + backward + AdamW, open_clip through CoCa.forward + CoCaLoss
++ backward + AdamW, from the same weights (plait's export mapping). Step times are medians over interleaved
+rounds, so load from other processes hits both alike; the ratio is the median of each round's own ratio.
+Usage: .venv/bin/python benchmarks/bench_caption.py [--batch 32] [--rounds 7] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.artifacts.export import clip_state, coca_config, coca_state, heads_state  # noqa: E402
+from pipeline.models.model import build_model  # noqa: E402
+from pipeline.models.sizes import model_config  # noqa: E402
+from pipeline.objectives.combined import Objective  # noqa: E402
+from pipeline.objectives.registry import ObjectiveConfig  # noqa: E402
+from pipeline.train.distributed import World  # noqa: E402
+
+CAPTIONS = ["a photo of a t-shirt", "a black and white photo of a pair of trousers", "a pullover", "a dress",
+            "a grey coat on a plain background", "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot"]
+
+
+def timed(step, steps: int) -> float:
+    step()                                                   # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(caption={"weight": 2.0, "layers": 2, "heads": 2})
+    model_cfg = model_config("tiny")
+    plait = build_model(model_cfg, cfg)
+    objective = Objective(cfg, World())
+    coca = open_clip.CoCa(**{k: v for k, v in coca_config(model_cfg).items() if k != "custom_text"})
+    state = plait.state_dict()
+    coca.load_state_dict(coca_state(clip_state(state), heads_state(state)))
+    loss = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+    images = torch.randn(args.batch, 3, 64, 64)
+    text = open_clip.SimpleTokenizer(context_length=32)([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)])
+    opt_plait = torch.optim.AdamW(plait.parameters(), lr=1e-4)
+    opt_coca = torch.optim.AdamW(coca.parameters(), lr=1e-4)
+
+    def plait_step():
+        batch = objective.augment({"image": images, "text": text}, 0)
+        total, _, _ = objective(plait(batch), batch, 0)
+        opt_plait.zero_grad(set_to_none=True)
+        total.backward()
+        opt_plait.step()
+
+    def coca_step():
+        out = coca(images, text)
+        total = sum(loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                         out["logit_scale"], output_dict=True).values())
+        opt_coca.zero_grad(set_to_none=True)
+        total.backward()
+        opt_coca.step()
+
+    ours, theirs = [], []
+    for _ in range(args.rounds):
+        ours.append(timed(plait_step, args.steps))
+        theirs.append(timed(coca_step, args.steps))
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    print(f"batch {args.batch}, {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, "
+          f"open_clip {open_clip.__version__}, {torch.get_num_threads()} threads")
+    print(f"plait caption step   {statistics.median(ours) * 1e3:7.1f} ms")
+    print(f"open_clip CoCa step  {statistics.median(theirs) * 1e3:7.1f} ms")
+    print(f"plait / open_clip    {statistics.median(ratios):7.2f}x (median of rounds' ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
