@@ -108,3 +108,10 @@ def test_a_copy_cut_short_is_fetched_again(server, tmp_path):
     (tmp_path / "cache" / "notes.txt").write_text("mine")
     ShardCache(str(tmp_path / "cache"), 1)._evict(keep=tmp_path / "none")
     assert (tmp_path / "cache" / "notes.txt").read_text() == "mine"
+
+
+def test_an_entry_is_always_inside_the_cache(tmp_path):
+    cache = ShardCache(str(tmp_path / "cache"), 1 << 20)
+    for url in ("http://h/a/..", "http://h/a/.x.tar", "s3://b/p/", "http://h/a\\b/c\\..\\d.tar"):
+        entry = cache.entry(url).resolve()
+        assert entry.parent.parent == (tmp_path / "cache").resolve() and not entry.name.startswith("."), url

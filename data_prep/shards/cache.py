@@ -54,6 +54,8 @@ class ShardCache:
 
     def entry(self, url: str) -> Path:
         folder, name = posixpath.split(url)
+        if not name or name.startswith(".") or "\\" in name or "\0" in name:  # never a path out of the entry
+            name = hashlib.sha256(name.encode()).hexdigest()[:32] + layout.TAR_SUFFIX
         return Path(self.root) / hashlib.sha256(folder.encode()).hexdigest()[:32] / name
 
     def local(self, url: str) -> str:
