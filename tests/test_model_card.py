@@ -251,11 +251,11 @@ def test_recorded_evaluations_under_any_key_names_with_their_steps(tmp_path):
     from pipeline.train.report import write_report
     from pipeline.train.evals import log_fields
 
-    log = MetricsLog(tmp_path, enabled=True)
+    from accelerate import Accelerator
+    log = MetricsLog(tmp_path, Accelerator(cpu=True), enabled=True)  # no trackers: metrics.jsonl only
     log.write({"kind": "eval", "step": 50, **log_fields({"retrieval": {"image_to_text_R@1": 0.25}})})
     log.write({"kind": "eval", "step": 50, **log_fields({"retrieval": {"image_to_text_R@1": 0.5}})})  # resumed
     log.write({"kind": "eval", "step": 100, **log_fields({"retrieval": {"image_to_text_R@1": 0.75}})})
-    log.close()
     write_report(tmp_path, {"steps": 100, "retrieval": {"image_to_text_R@1": 0.75, "num_images": 8},
                             "linear_probe": {"top1": 0.625, "C": 1.0, "probe_sweep": {"1.0": 0.5}},
                             "final_loss": 1.5})
