@@ -59,6 +59,13 @@ def heads_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k[len("heads."):]: v for k, v in model_state.items() if k.startswith("heads.")}
 
 
+def _reload_both_ways(folder: Path, name: str) -> tuple:
+    """The staged open_clip export in `folder` as open_clip loads it: `local-dir:` and `NAME.json` + `.pt`."""
+    from_dir = open_clip.create_model_and_transforms(f"local-dir:{folder}")[0]
+    open_clip.add_model_config(folder / f"{name}.json")
+    return from_dir, open_clip.create_model(name, pretrained=str(folder / "open_clip_model.pt"))
+
+
 def export_open_clip(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Path, dtype: str = "fp32",
                      atol: float = OPEN_CLIP_ATOL, name: str = "plait-model", meta: dict | None = None,
                      add_files: Callable[[Path], None] | None = None) -> Path:
@@ -78,9 +85,7 @@ def export_open_clip(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: s
                                                               indent=2))
         images, tokens = fixed_batch(model_cfg)
         expected = embeddings(reference_model(cast, model_cfg), images, tokens)
-        from_dir = open_clip.create_model_and_transforms(f"local-dir:{tmp}")[0]
-        open_clip.add_model_config(tmp / f"{name}.json")
-        from_pt = open_clip.create_model(name, pretrained=str(tmp / "open_clip_model.pt"))
+        from_dir, from_pt = _reload_both_ways(tmp, name)
         error = max(max_error(expected, embeddings(from_dir.float(), images, tokens)),
                     max_error(expected, embeddings(from_pt.float(), images, tokens)))
         require_close(error, atol, "open_clip embeddings")
@@ -147,9 +152,7 @@ def export_coca(state: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], 
             image_tokens = encode_image_tokens(clip.visual, images)[1][:, 1:]
             logits = caption_logits(decoder.eval(), image_tokens, encode_text_tokens(clip, tokens)[1])
         expected = (*embeddings(clip, images, tokens), logits)
-        from_dir = open_clip.create_model_and_transforms(f"local-dir:{tmp}")[0]
-        open_clip.add_model_config(tmp / f"{name}.json")
-        from_pt = open_clip.create_model(name, pretrained=str(tmp / "open_clip_model.pt"))
+        from_dir, from_pt = _reload_both_ways(tmp, name)
         error = max(max_error(expected, coca_outputs(from_dir.float(), images, tokens)),
                     max_error(expected, coca_outputs(from_pt.float(), images, tokens)))
         require_close(error, atol, "open_clip CoCa embeddings and caption logits")
