@@ -18,6 +18,7 @@ from pipeline.models.caption_head import PAD_ID, build_decoder, caption_logits, 
 from pipeline.models.encoding import Needs
 from pipeline.models.towers import check_text_transformer, check_vit
 from pipeline.objectives.base import Unit
+from pipeline.train.distributed import all_reduce_sum
 
 MIN_CONTEXT = 8
 """Text context (tokens, start and end included) below which captions are cut to a few words."""
@@ -46,12 +47,23 @@ class CaptionConfig:
                 f"must lie in [0, 1), got {self.label_smoothing}")
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                 world_size: int = 1) -> torch.Tensor:
     """Mean next-token cross-entropy over the non-padding labels: logits [B, L, V], labels [B, L] (0 = padding,
-    ignored, as in open_clip's CoCaLoss)."""
+    ignored, as in open_clip's CoCaLoss).
+
+    With `world_size` > 1 the sum is divided by the mean count of labels per rank (all-reduced), not by this
+    rank's own count: captions differ in length, so per-rank means would weight a token of a rank with short
+    captions more, and DDP's average of the ranks' gradients would not be the gradient of the global batch's
+    mean (open_clip's CoCaLoss has that bias). This way the ranks' mean loss and averaged gradients are those of
+    one process on the whole batch."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
-                           label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
+                            label_smoothing=label_smoothing, reduction="sum")
+    count = (labels != PAD_ID).sum().to(total.dtype)
+    if world_size > 1:
+        count = all_reduce_sum(count) / world_size
+    return total / count.clamp(min=1)
 
 
 class Caption(Unit):
@@ -96,9 +108,12 @@ class Caption(Unit):
         logits = caption_logits(model.heads[self.name], image_tokens, enc.text_tokens)  # [B, L' - 1, V]
         return {"caption_logits": logits, "caption_labels": enc.text_ids[:, 1:]}, []
 
+    def bind(self, world, total_steps):
+        self.world_size = world.world_size
+
     def loss(self, outputs, batch, step):
         logits, labels = outputs["caption_logits"], outputs["caption_labels"]  # [B, L, V], [B, L]
-        loss = caption_loss(logits, labels, self.cfg.label_smoothing)
+        loss = caption_loss(logits, labels, self.cfg.label_smoothing, getattr(self, "world_size", 1))
         text = batch["text"]
         # a caption whose end of text sits in the context's last slot was probably cut by the tokenizer
         truncated = float((text.argmax(dim=-1) == text.shape[1] - 1).float().mean())
