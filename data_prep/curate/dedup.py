@@ -124,3 +124,59 @@ def near_duplicates(embeddings: Callable[[np.ndarray], np.ndarray], order: np.nd
         if index is not None:
             index.close()
     return dropped, duplicate_of, cosine
+
+
+# ------------------------------------------------------------------------------------------------ method choice
+METHODS = ("auto", "exact", "clustered")
+EXACT_BELOW = 20_000
+"""--dedup-method auto: the exact search below this many candidates (about 15 s on 2 CPU threads at 20,000, and
+quadratic), the clustered one (`clusters.py`) from there on."""
+
+
+class DedupPending(Exception):
+    """The clustered search's units are left to a job array (--dedup-units array) and not all done yet."""
+
+
+def choose_method(method: str, num_candidates: int) -> str:
+    if method not in METHODS:
+        raise ValueError(f"--dedup-method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "auto":
+        return "exact" if num_candidates < EXACT_BELOW else "clustered"
+    return method
+
+
+def near_duplicates_of(embeddings: Callable[[np.ndarray], np.ndarray], order: np.ndarray, dim: int,
+                       threshold: float, method: str = "auto", work: str | Path | None = None,
+                       clusters=None, processes: int = 1, units: str = "local", device: str = "cpu",
+                       progress: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+    """(method used, duplicate_of [N]: the position in `order` of the kept sample each candidate duplicates or
+    -1, cosine [N]) by the exact or the clustered search. The clustered one copies the candidates' embeddings, in
+    `order`, to `work`/embeddings.npy once (a rerun with the same candidates reuses the folder and the units
+    already done); with `units` "array" it runs no unit itself and raises DedupPending until an array did them.
+    `clusters` is a `clusters.ClusterOptions` (its threshold is replaced by `threshold`)."""
+    import dataclasses
+    import hashlib
+    import json
+    from data_prep.curate import clusters as clustered
+    chosen = choose_method(method, len(order))
+    if chosen == "exact" or not len(order):
+        dropped, dup_of, cos = near_duplicates(embeddings, order, threshold, device=device)
+        return "exact", np.where(dropped, dup_of, -1), np.where(dropped, cos, 0.0).astype(np.float32)
+    if work is None:
+        raise ValueError("--dedup-method clustered needs a local work folder (--dedup-work DIR)")
+    work = Path(work)
+    opts = dataclasses.replace(clusters or clustered.ClusterOptions(), threshold=threshold)
+    candidates = hashlib.sha256(np.ascontiguousarray(order, np.int64).tobytes()).hexdigest()
+    marker = work / "candidates.json"
+    if marker.exists() and json.loads(marker.read_text()).get("sha256") != candidates:
+        raise ValueError(f"--dedup-work {str(work)!r} holds the search of other candidates: use a new folder")
+    if not (work / clustered.EMBEDDINGS).exists():
+        clustered.write_embeddings(work, lambda a, b: embeddings(order[a:b]), len(order), dim)
+        marker.write_text(json.dumps({"sha256": candidates, "num_candidates": len(order)}))
+    result = clustered.near_duplicates_clustered(work, opts, processes=processes, run=units == "local", dim=dim,
+                                                 progress=progress)
+    if result is None:
+        raise DedupPending(f"near-duplicate units prepared in {work}: run them as a job array (`python -m "
+                           f"data_prep.curate.clusters units {work} --task-index I --num-tasks T`, which "
+                           "`plait launch dedup` renders), then rerun this command")
+    return "clustered", result[0], result[1]

@@ -63,6 +63,20 @@ class FilterOptions:
     dedup_embeddings: float | None = option(None, metavar="THRESH")
     """drop samples whose image embedding has cosine >= THRESH (0..1] to a kept, better-scored one (needs
     `plait prep score --embeddings`)"""
+    dedup_method: str = option("auto", choices=("auto", "exact", "clustered"))
+    """near-duplicate search: exact (every candidate against every kept sample; quadratic), clustered (k-means
+    units, data_prep/curate/clusters.py), or auto: exact below 20,000 candidates"""
+    dedup_clusters: int | None = option(None, metavar="K")
+    """clustered search: k-means clusters (default sqrt(probe x candidates))"""
+    dedup_probe: int = option(3, metavar="P")
+    """clustered search: a sample is compared in its P nearest clusters (>= 2 finds pairs on a boundary)"""
+    dedup_work: str | None = option(None, metavar="DIR")
+    """clustered search: a local work folder for its embeddings, units and verdicts (default NEW/_dedup)"""
+    dedup_processes: int = option(1, metavar="N")
+    """clustered search: local processes running its units"""
+    dedup_units: str = option("local", choices=("local", "array"))
+    """clustered search: run its units here (local), or prepare them and stop until a job array ran them
+    (array: `plait launch dedup` renders prepare, array and this command again)"""
     min_image_size: int = 0
     """drop samples whose stored image's shorter side is smaller (pixels)"""
     caption_rules: tuple[str, ...] = option((), repeat=True, aliases=("--caption-rule",), metavar="RULE")
@@ -86,6 +100,14 @@ class FilterOptions:
             raise ValueError(f"--top-fraction {self.top_fraction}: must be in (0, 1]")
         if self.dedup_embeddings is not None and not 0.0 < self.dedup_embeddings <= 1.0:
             raise ValueError(f"--dedup-embeddings {self.dedup_embeddings}: a cosine threshold must be in (0, 1]")
+        for flag, value, choices in (("--dedup-method", self.dedup_method, ("auto", "exact", "clustered")),
+                                     ("--dedup-units", self.dedup_units, ("local", "array"))):
+            if value not in choices:
+                raise ValueError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
+        for flag, value in (("--dedup-clusters", self.dedup_clusters), ("--dedup-probe", self.dedup_probe),
+                            ("--dedup-processes", self.dedup_processes)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}: must be >= 1")
         if self.min_image_size < 0:
             raise ValueError(f"--min-image-size {self.min_image_size}: must be >= 0")
         parse_caption_rules(self.caption_rules)
@@ -293,9 +315,15 @@ def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tupl
             order = np.flatnonzero(alive)
             order = order[np.lexsort((order, -scores[order]))]  # best score first
             emb_f = emb  # [N, D] float16, L2-normalised when written
-            dropped, dup_of, cos = near_duplicates(lambda idx: emb_f[idx], order, opts.dedup_embeddings,
-                                                   device=opts.device)
-            for p in np.flatnonzero(dropped):
+            from data_prep.curate.clusters import ClusterOptions
+            from data_prep.curate.dedup import near_duplicates_of
+            work = opts.dedup_work or (f"{opts.output.rstrip('/')}/_dedup" if "://" not in opts.output else None)
+            method, dup_of, cos = near_duplicates_of(
+                lambda idx: emb_f[idx], order, emb.shape[1], opts.dedup_embeddings, opts.dedup_method, work,
+                ClusterOptions(num_clusters=opts.dedup_clusters, probe=opts.dedup_probe), opts.dedup_processes,
+                opts.dedup_units, opts.device, opts.progress)
+            info["dedup_method"] = method
+            for p in np.flatnonzero(dup_of >= 0):
                 reasons[order[p]] = f"near-duplicate (of {keys[order[dup_of[p]]]}, cosine {cos[p]:.4f})"
     return reasons, info
 
@@ -350,7 +378,8 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
     if OutputDir(opts.output).root.rstrip("/") == src.root.rstrip("/"):
         raise ValueError(f"--output {opts.output!r}: must differ from the source dataset")
     pool = load_pool(src, dataset.shards)
-    settings = {k: v for k, v in asdict(opts).items() if k not in ("dataset", "output", "device", "progress")}
+    settings = {k: v for k, v in asdict(opts).items() if k not in (
+        "dataset", "output", "device", "progress", "dedup_work", "dedup_processes", "dedup_units")}
     settings["caption_rules"] = list(opts.caption_rules)
     settings["scores"] = opts.scores_folder  # resolved: a rerun without --scores is the same command
     out = OutputDir(opts.output)
@@ -368,7 +397,11 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
         reasons = manifest.read_records(out, DECISIONS, ["reason"]).column("reason").to_pylist()
         info = out.read_json("_plan.json")["filter"]
     else:
-        reasons, info = decide(opts, dataset, src, pool)
+        from data_prep.curate.dedup import DedupPending
+        try:
+            reasons, info = decide(opts, dataset, src, pool)
+        except DedupPending as pending:  # the units are an array's: this run only prepared them
+            return {"dedup_pending": str(pending)}
         kept = sum(r is None for r in reasons)
         if not kept:
             counts = Counter(reason_kind(r) for r in reasons)
@@ -413,6 +446,8 @@ def _bar(enabled: bool, total: int):
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    if "dedup_pending" in summary:
+        return summary["dedup_pending"]
     n = summary["num_input_rows"]
     lines = [f"kept {summary['num_ok']} of {n} samples ({summary['num_ok'] / n:.1%}) in {summary['num_shards']} "
              f"shard(s); {summary['shards_copied']} shard(s) written in {summary['seconds']:.1f} s"]
