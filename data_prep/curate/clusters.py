@@ -198,8 +198,10 @@ def prepare(work: str | Path, opts: ClusterOptions, dim: int | None = None, thre
     visitor_offsets = np.concatenate([[0], np.cumsum(np.bincount(units_v, minlength=k))]).astype(np.int64)
     _save_npy(work / "centroids.npy", centroids)
     _save_npy(work / "assign.npy", assign)
-    _save_npz(work / "units.npz", members=members, member_offsets=member_offsets, visitors=visitors,
-              visitor_offsets=visitor_offsets)
+    # separate .npy files, so that a unit maps them and reads only its own slice
+    for name, array in (("members", members), ("member_offsets", member_offsets), ("visitors", visitors),
+                        ("visitor_offsets", visitor_offsets)):
+        _save_npy(work / f"{name}.npy", array)
     (work / "units").mkdir(exist_ok=True)
     sizes = np.diff(member_offsets)
     plan.update(largest_cluster=int(sizes.max()), empty_clusters=int((sizes == 0).sum()))
@@ -239,10 +241,12 @@ def run_unit(work: str | Path, unit: int) -> int:
     """Writes unit `unit`'s pairs at or above the threshold, then its done marker; returns the pair count."""
     work = Path(work)
     plan = _plan(work)
-    with np.load(work / "units.npz", allow_pickle=False) as u:
-        mo, vo = u["member_offsets"], u["visitor_offsets"]
-        members = u["members"][mo[unit]:mo[unit + 1]]
-        visitors = u["visitors"][vo[unit]:vo[unit + 1]]
+    if not 0 <= unit < plan["num_clusters"]:
+        raise ValueError(f"{work}: unit {unit} is outside 0..{plan['num_clusters'] - 1}")
+    load = lambda name: np.load(work / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    mo, vo = load("member_offsets"), load("visitor_offsets")
+    members = np.array(load("members")[mo[unit]:mo[unit + 1]])
+    visitors = np.array(load("visitors")[vo[unit]:vo[unit + 1]])
     threshold = float(plan["threshold"])
     # a large cluster gets shorter blocks: one block of cosines stays under 2^25 floats (128 MiB)
     block = max(1, min(int(plan["block"]), (1 << 25) // max(1, len(members))))
