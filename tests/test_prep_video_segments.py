@@ -293,3 +293,32 @@ def test_mp4_clip_of_a_codec_mp4_cannot_hold_rejects_the_row(tmp_path):
     recs = _records(out)
     assert recs[0]["status"] == "rejected" and "cinepak" in recs[0]["reason"] and "mp4" in recs[0]["reason"]
     assert recs[1]["status"] == "ok" and set(shard_members(out)) == {"000000001"}
+
+
+def test_the_container_kept_open_decodes_as_a_fresh_one(long_video, tmp_path):
+    """Segments of one file read through the container kept open across rows, in any order, give the bytes a
+    freshly opened container gives; a file rewritten at the same path is reopened, not read through the old one."""
+    import shutil
+
+    from data_prep.media import video
+    from data_prep.options import ImageOptions, VideoOptions
+
+    folder, _ = long_video
+    path = tmp_path / "v.mp4"
+    shutil.copy(folder / "long.mp4", path)
+    vopts, iopts = VideoOptions(num_frames=3), ImageOptions(image_size=64, encode_format="jpg")
+    windows = [(12.0, 14.0), (0.0, 2.0), (21.0, 23.5), (0.0, 2.0), (5.0, 9.0)]
+
+    def fresh(start: float, end: float) -> video.Frames:
+        video._close_open_video()
+        return video.decode_frames(video.LocalVideo(str(path)), vopts, iopts, start, end)
+
+    expected = [fresh(a, b) for a, b in windows]
+    video._close_open_video()
+    kept = [video.decode_frames(video.LocalVideo(str(path)), vopts, iopts, a, b) for a, b in windows]
+    assert kept == expected
+    assert video._open_video and video._open_video[0][0] == str(path)  # one container served them all
+    shutil.copy(SKV / "bikes.mp4", path)  # another video at the same path: size and mtime change
+    assert video.decode_frames(video.LocalVideo(str(path)), vopts, iopts, 0.0, 2.0) != expected[1]
+    assert video._open_video[0][1] == path.stat().st_size
+    video._close_open_video()
