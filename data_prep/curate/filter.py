@@ -11,7 +11,12 @@ writes them, so the new dataset passes `plait prep verify` and trains with `plai
 
 Rules, in the order they are applied (the first that fails is the recorded reason):
   image too small        the stored image's shorter side is below --min-image-size
+  image rule R           an --image-rule fails (min-side=N, max-side=N, min-pixels=N, max-aspect=R), judged on the
+                         size in the records (rules.py), never by decoding
   caption rule R         a --caption-rule fails (min-words=N, max-words=N, min-chars=N, max-chars=N, exclude=REGEX)
+  caption language L     the caption's language (lang=CODE[,CODE...], lang-min-prob=P; py3langid, offline)
+  (--basic-filter datacomp adds DataComp's basic filter: min-words=3, min-chars=6, lang=en, min-side=200,
+  max-aspect=3)
   not scored             the score file has null for the sample (it could not be decoded; the reason follows)
   score below threshold  score < --min-score
   score not in top fraction   outside the best --top-fraction of all scored samples
@@ -40,12 +45,13 @@ from data_prep.shards import manifest, remote
 from pipeline.options import option
 from data_prep.curate.score_set import PLAN as SCORE_PLAN
 from data_prep.curate.score_set import open_dataset
+from data_prep.curate.rules import (BASIC_FILTERS, caption_verdict, image_size, image_verdict, parse_caption_rules,
+                                    parse_image_rules)
 from data_prep.shards.members import CAPTION_KEYS, MemberKeys, split_name
 from data_prep.shards.tarwalk import TarFormatError, iter_members, iter_samples
 from data_prep.shards.writer import END_OF_ARCHIVE, HashingWriter, OutputDir, reason_kind, tar_header
 
 DECISIONS = "_filter_decisions.parquet"
-CAPTION_RULES = ("min-words", "max-words", "min-chars", "max-chars", "exclude")
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,16 @@ class FilterOptions:
     min_image_size: int = 0
     """drop samples whose stored image's shorter side is smaller (pixels)"""
     caption_rules: tuple[str, ...] = option((), repeat=True, aliases=("--caption-rule",), metavar="RULE")
-    """caption rule, repeatable: min-words=N, max-words=N, min-chars=N, max-chars=N or exclude=REGEX
-    (case-insensitive search)"""
+    """caption rule, repeatable: min-words=N, max-words=N, min-chars=N, max-chars=N, exclude=REGEX
+    (case-insensitive search), lang=CODE[,CODE...] (the caption's language by py3langid, ISO 639 codes) with
+    lang-min-prob=P (its probability at least P, 0..1)"""
+    image_rules: tuple[str, ...] = option((), repeat=True, aliases=("--image-rule",), metavar="RULE")
+    """image rule, repeatable, on the original image size in the records: min-side=N, max-side=N (pixels of
+    the shorter / longer side), min-pixels=N, max-aspect=R (longer / shorter side)"""
+    basic_filter: str | None = option(None, choices=tuple(BASIC_FILTERS))
+    """a named bundle of caption and image rules, applied before --caption-rule / --image-rule: datacomp =
+    DataComp's basic filter (Gadre et al. 2023: English, > 2 words, > 5 characters, shorter side >= 200 px,
+    aspect ratio <= 3)"""
     caption_keys: str = option(CAPTION_KEYS, metavar="KEYS")
     """caption members the caption rules read, tried in order: extensions or json:FIELD (as training's
     data.caption_keys); a sample without one fails every rule, with the reason"""
@@ -110,7 +124,10 @@ class FilterOptions:
                 raise ValueError(f"{flag} {value}: must be >= 1")
         if self.min_image_size < 0:
             raise ValueError(f"--min-image-size {self.min_image_size}: must be >= 0")
-        parse_caption_rules(self.caption_rules)
+        if self.basic_filter is not None and self.basic_filter not in BASIC_FILTERS:
+            raise ValueError(f"--basic-filter {self.basic_filter!r}: expected one of {', '.join(BASIC_FILTERS)}")
+        parse_caption_rules(self.all_caption_rules)
+        parse_image_rules(self.all_image_rules)
 
     @property
     def scores_folder(self) -> str | None:
@@ -118,40 +135,19 @@ class FilterOptions:
         return (self.scores or f"{self.dataset.rstrip('/')}/scores") if self.needs_scores else None
 
     @property
+    def all_caption_rules(self) -> tuple[str, ...]:
+        """--basic-filter's caption rules, then --caption-rule's."""
+        bundle = BASIC_FILTERS[self.basic_filter].caption_rules if self.basic_filter in BASIC_FILTERS else ()
+        return (*bundle, *(self.caption_rules or ()))
+
+    @property
+    def all_image_rules(self) -> tuple[str, ...]:
+        bundle = BASIC_FILTERS[self.basic_filter].image_rules if self.basic_filter in BASIC_FILTERS else ()
+        return (*bundle, *(self.image_rules or ()))  # None: the CLI's repeatable flag, not given
+
+    @property
     def needs_scores(self) -> bool:
         return self.min_score is not None or self.top_fraction is not None or self.dedup_embeddings is not None
-
-
-def parse_caption_rules(rules: tuple[str, ...]) -> list[tuple[str, Any]]:
-    parsed = []
-    for rule in rules:
-        name, eq, value = rule.partition("=")
-        if not eq or name not in CAPTION_RULES:
-            raise ValueError(f"--caption-rule {rule!r}: expected one of {', '.join(r + '=...' for r in CAPTION_RULES)}")
-        if name == "exclude":
-            try:
-                parsed.append((rule, re.compile(value, re.IGNORECASE)))
-            except re.error as e:
-                raise ValueError(f"--caption-rule {rule!r}: bad regular expression ({e})") from None
-        else:
-            if not value.isdigit():
-                raise ValueError(f"--caption-rule {rule!r}: expected a whole number after '='")
-            parsed.append((rule, int(value)))
-    return parsed
-
-
-def caption_verdict(caption: str | None, rules: list[tuple[str, Any]]) -> str | None:
-    if caption is None:
-        return "caption rule (no caption)"
-    words, chars = len(caption.split()), len(caption)
-    for rule, value in rules:
-        name = rule.split("=", 1)[0]
-        failed = {"min-words": lambda: words < value, "max-words": lambda: words > value,
-                  "min-chars": lambda: chars < value, "max-chars": lambda: chars > value,
-                  "exclude": lambda: value.search(caption) is not None}[name]()
-        if failed:
-            return f"caption rule {name} ({rule})"
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ deciding
@@ -281,8 +277,17 @@ def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tupl
         for i, (w, h) in enumerate(zip(pool.column("width").to_pylist(), pool.column("height").to_pylist())):
             if w is not None and h is not None and min(w, h) < opts.min_image_size:
                 reasons[i] = f"image too small ({w}x{h} < {opts.min_image_size})"
-    if opts.caption_rules:
-        rules = parse_caption_rules(opts.caption_rules)
+    if opts.all_image_rules:
+        image_rules = parse_image_rules(opts.all_image_rules)
+        for i, rec in enumerate(pool.select(["width", "height", "original_width", "original_height"]).to_pylist()):
+            if reasons[i] is None:
+                reasons[i] = image_verdict(*image_size(rec), image_rules)
+    if opts.basic_filter:
+        info["basic_filter"] = {"name": opts.basic_filter, "caption_rules": list(opts.all_caption_rules),
+                                "image_rules": list(opts.all_image_rules),
+                                "source": BASIC_FILTERS[opts.basic_filter].source}
+    if opts.all_caption_rules:
+        rules = parse_caption_rules(opts.all_caption_rules)
         captions = read_captions(src, dataset.shards, MemberKeys.parse(caption_keys=opts.caption_keys))
         for i, k in enumerate(keys):
             if reasons[i] is None:
@@ -381,6 +386,7 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(opts).items() if k not in (
         "dataset", "output", "device", "progress", "dedup_work", "dedup_processes", "dedup_units")}
     settings["caption_rules"] = list(opts.caption_rules)
+    settings["image_rules"] = list(opts.image_rules or ())
     settings["scores"] = opts.scores_folder  # resolved: a rerun without --scores is the same command
     out = OutputDir(opts.output)
     out.claim("--output", "_plan.json", lambda p: isinstance(p, dict) and isinstance(p.get("filter"), dict),
