@@ -1,4 +1,4 @@
-"""`plait launch {train,prep,score,resubmit,local,status,cancel}`: parse, render, submit.
+"""`plait launch {train,prep,score,dedup,resubmit,local,status,cancel}`: parse, render, submit.
 
 Everything after the first `--` is passed through untouched to the payload
 (`pipeline.train` or `data_prep.cli shard`).
@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "DATASET, as one shell-quoted string, run once every task succeeded, e.g. "
                        "'--output NEW --top-fraction 0.3'")
 
+    dedup = sub.add_parser("dedup", help="`plait prep filter` with the clustered near-duplicate search's units as "
+                           "a job array: a prepare job, the array, the filter again: ... -- DATASET --output NEW "
+                           "--dedup-embeddings T [filter args]")
+    _add_resources(dedup, multi_node=False)
+    dedup.add_argument("--tasks", dest="num_tasks", type=int, required=True, help="number of array tasks (each "
+                       "runs a contiguous range of the units)")
+    dedup.add_argument("--throttle", type=int, help="at most this many tasks at once (the %% in --array)")
+
     resubmit = sub.add_parser("resubmit", help="rerun failed prep array tasks, then the merge again")
     resubmit.add_argument("run_dir", type=Path)
     resubmit.add_argument("--tasks", help="comma-separated task ids (default: the failed ones)")
@@ -209,6 +217,58 @@ def cmd_score(args: argparse.Namespace, payload: list[str]) -> int:
     return 0
 
 
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def cmd_dedup(args: argparse.Namespace, payload: list[str]) -> int:
+    """Three jobs over one filter command: it prepares the units and stops (--dedup-units array), the array runs
+    them, the same command again resolves the verdicts and writes the dataset."""
+    container = _container(args)
+    dataset = next((a for a in payload if not a.startswith("-")), None)
+    output = _flag_value(payload, "--output")
+    if not dataset or not output:
+        raise ValueError("dedup needs the filter's DATASET and --output NEW after --")
+    if _flag_value(payload, "--dedup-embeddings") is None:
+        raise ValueError("dedup needs --dedup-embeddings THRESH in the filter args")
+    if _flag_value(payload, "--dedup-units") not in (None, "array"):
+        raise ValueError("dedup: the filter args set --dedup-units local; the array runs the units")
+    if _flag_value(payload, "--dedup-method") not in (None, "clustered"):
+        raise ValueError("dedup: the units are the clustered search's; drop --dedup-method or set clustered")
+    if "://" in output and _flag_value(payload, "--dedup-work") is None:
+        raise ValueError(f"dedup: --output {output!r} is not a local folder: name a shared one with --dedup-work")
+    work = _flag_value(payload, "--dedup-work") or f"{output.rstrip('/')}/_dedup"
+    filter_args = [a for a in payload if a != dataset]
+    filter_args += [f for f, v in (("--dedup-method", "clustered"), ("--dedup-units", "array"))
+                    if _flag_value(payload, f) is None for f in (f, v)]
+    if _flag_value(payload, "--dedup-work") is None:
+        filter_args += ["--dedup-work", work]
+    job = PrepJob(
+        run_dir=args.run_dir.resolve(), output_dir=dataset, prep_args=tuple(filter_args), num_tasks=args.num_tasks,
+        throttle=args.throttle, resources=_resources(args), job_name=args.job_name or "plait-dedup",
+        python=_python(args, container), container=container)
+    scripts = [("dedup_prepare.sbatch", render.render_filter(job, tuple(filter_args))),
+               ("dedup_units.sbatch", render.render_dedup_array(job, work)),
+               ("dedup_filter.sbatch", render.render_filter(job, tuple(filter_args)))]
+    if args.dry_run:
+        sys.stdout.write("".join(f"# ---- {name}\n{text}" for name, text in scripts))
+        return 0
+    paths = [_write(job.run_dir / name, text) for name, text in scripts]
+    prepare_id = slurm.submit(job.run_dir, "dedup-prepare", paths[0])
+    array_id = slurm.submit(job.run_dir, "dedup-array", paths[1], f"--dependency=afterok:{prepare_id}",
+                            "--kill-on-invalid-dep=yes")
+    filter_id = slurm.submit(job.run_dir, "dedup-filter", paths[2], f"--dependency=afterok:{array_id}",
+                             "--kill-on-invalid-dep=yes")
+    print(f"submitted dedup prepare job {prepare_id}, unit array {array_id} ({job.num_tasks} tasks) and filter "
+          f"job {filter_id}")
+    return 0
+
+
 def _submit_merge(run_dir: Path, merge_path: Path, array_id: str) -> str:
     # kill-on-invalid-dep: if a task fails the merge is cancelled instead of pending forever;
     # `plait launch resubmit` queues a new one after the rerun tasks.
@@ -248,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prep(args, payload)
         if args.command == "score":
             return cmd_score(args, payload)
+        if args.command == "dedup":
+            return cmd_dedup(args, payload)
         if args.command == "resubmit":
             return cmd_resubmit(args)
         if args.command == "local":

@@ -167,11 +167,24 @@ def render_filter(job: PrepJob, filter_args: tuple[str, ...]) -> str:
     )
 
 
+def render_dedup_array(job: PrepJob, work: str, task_ids: list[int] | None = None) -> str:
+    """The near-duplicate search's units as a job array over the prepared work folder `work`: task i runs the
+    i-th of num_tasks contiguous unit ranges (`data_prep.curate.clusters.task_units`)."""
+    units = f"{shlex.quote(job.python)} -m data_prep.curate.clusters units {shlex.quote(work)} --no-progress"
+    return _env.get_template("dedup_array.sbatch.j2").render(
+        job=job,
+        res=job.resources,
+        array_spec=array_spec(job.num_tasks, job.throttle, task_ids),
+        units_command=units,
+        command_prefix=command_prefix(job.container, job.run_dir, (job.output_dir, work)),
+    )
+
+
 def _outputs(args: tuple[str, ...]) -> tuple[str, ...]:
-    """Folders named by --output / --scores in filter args (bound into a container)."""
+    """Folders named by --output / --scores / --dedup-work in filter args (bound into a container)."""
     found = []
     for i, arg in enumerate(args):
-        for flag in ("--output", "--scores"):
+        for flag in ("--output", "--scores", "--dedup-work"):
             if arg == flag and i + 1 < len(args):
                 found.append(args[i + 1])
             elif arg.startswith(flag + "="):
