@@ -407,6 +407,8 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
         try:
             reasons, info = decide(opts, dataset, src, pool)
         except DedupPending as pending:  # the units are an array's: this run only prepared them
+            base = src.read_json("_plan.json") if src.exists("_plan.json") else {}
+            out.write_json("_plan.json", {**base, "output": opts.output, "filter": provenance})  # claims NEW
             return {"dedup_pending": str(pending)}
         kept = sum(r is None for r in reasons)
         if not kept:
