@@ -322,3 +322,34 @@ def test_the_container_kept_open_decodes_as_a_fresh_one(long_video, tmp_path):
     assert video.decode_frames(video.LocalVideo(str(path)), vopts, iopts, 0.0, 2.0) != expected[1]
     assert video._open_video[0][1] == path.stat().st_size
     video._close_open_video()
+
+
+def test_segment_times_in_samples_parquet_and_old_records_files_still_merge(tmp_path):
+    """samples.parquet names each segment's video, index and times; a records file from before those columns
+    (an older dataset, or the old shards of one resumed by this version) merges and verifies with them null."""
+    import pyarrow as pa
+
+    from data_prep.shards.manifest import SEGMENT_FIELDS
+
+    bikes = str(SKV / "bikes.mp4")
+    table = _clip_csv(tmp_path / "clips.csv", [(bikes, 0.0, 2.0, "a"), (bikes, 2.5, 4.0, "b"),
+                                               (bikes, 4.0, 6.0, "c"), (bikes, 60.0, 62.0, "past the end")])
+    out = tmp_path / "out"
+    main(["shard", *ROOTS, *FAST, "--input", str(table), "--input-format", "clips", "--output", str(out),
+          "--samples-per-shard", "2"])
+    recs = _records(out)
+    assert [(recs[i]["video_id"], recs[i]["segment_index"], recs[i]["start"], recs[i]["end"]) for i in range(4)] == \
+        [("bikes", 0, 0.0, 2.0), ("bikes", 1, 2.5, 4.0), ("bikes", 2, 4.0, 6.0), ("bikes", 3, 60.0, 62.0)]
+    assert recs[3]["status"] == "rejected" and recs[3]["reason"].startswith("no frames in segment")
+    shard0 = out / "00000.parquet"  # shard 0 as the version before these columns wrote it
+    old = pq.read_table(shard0)
+    pq.write_table(old.drop_columns(list(SEGMENT_FIELDS)), shard0)
+    for name in ("samples.parquet", "manifest.json", "sizes.json"):
+        (out / name).unlink()
+    assert main(["merge", str(out)]) == 0
+    merged = pq.read_table(out / "samples.parquet")
+    assert merged.schema.field("start").type == pa.float64()
+    recs = _records(out)
+    assert [recs[i]["start"] for i in range(4)] == [None, None, 4.0, 60.0]
+    assert [recs[i]["status"] for i in range(4)] == ["ok", "ok", "ok", "rejected"]
+    assert main(["verify", str(out), "--decode-fraction", "1"]) == 0

@@ -3,7 +3,9 @@
 Per shard `S.parquet` columns (RECORD_SCHEMA): key, row (input position), shard, status ("ok" or "rejected"),
 reason (null when ok), transient (true for failures `repair` retries: timeouts, 429/5xx, connection errors),
 url (credentials removed), sha256 of the original bytes, width, height, original_width, original_height, bytes,
-num_samples (samples this row put in the tar: 1, or one per frame with --frames-as-samples, 0 if rejected).
+num_samples (samples this row put in the tar: 1, or one per frame with --frames-as-samples, 0 if rejected);
+for a segment of a video (SEGMENT_FIELDS, null otherwise): video_id, segment_index (its index among the video's
+segments), start and end (seconds). Records files written before those columns existed read with them null.
 
 Dataset files (written by `merge` once every shard is done):
   sizes.json       {"00000.tar": num_samples, ...}: open_clip's convention, read by the loader.
@@ -29,7 +31,10 @@ RECORD_SCHEMA = pa.schema([
     ("reason", pa.string()), ("transient", pa.bool_()), ("url", pa.string()), ("sha256", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
     ("original_height", pa.int32()), ("bytes", pa.int64()), ("num_samples", pa.int32()),
+    ("video_id", pa.string()), ("segment_index", pa.int32()), ("start", pa.float64()), ("end", pa.float64()),
 ])
+SEGMENT_FIELDS = ("video_id", "segment_index", "start", "end")
+"""Nullable columns added last to RECORD_SCHEMA; `read_records` pads a records file that predates them."""
 
 
 def reason_kind(reason: str) -> str:
@@ -54,7 +59,19 @@ def write_shard_records(out: OutputDir, name: str, records: list[dict[str, Any]]
 def read_records(out: OutputDir, name: str, columns: list[str] | None = None) -> pa.Table:
     # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and pandas (~0.5 s per job start)
     with out.fs.open(out.path(name), "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        return _pad_segment_fields(pq.ParquetFile(f).read(columns=columns), columns)
+
+
+def _pad_segment_fields(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """A whole records file of an older dataset with the SEGMENT_FIELDS columns it lacks, all null, appended in
+    RECORD_SCHEMA's order: merge writes old and new shards' records as one table of RECORD_SCHEMA."""
+    if columns is not None or not set(RECORD_SCHEMA.names[:-len(SEGMENT_FIELDS)]) <= set(table.column_names):
+        return table
+    for name in SEGMENT_FIELDS:
+        if name not in table.column_names:
+            field = RECORD_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 def write_dataset_manifests(out: OutputDir, shard_ids: Iterable[int],
