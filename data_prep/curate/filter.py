@@ -17,6 +17,8 @@ Rules, in the order they are applied (the first that fails is the recorded reaso
   caption language L     the caption's language (lang=CODE[,CODE...], lang-min-prob=P; py3langid, offline)
   (--basic-filter datacomp adds DataComp's basic filter: min-words=3, min-chars=6, lang=en, min-side=200,
   max-aspect=3)
+  contaminated           near-duplicate of an image of a --decontaminate evaluation set, by pHash or embedding
+                         (decontaminate.py; the set and its sample are named)
   not scored             the score file has null for the sample (it could not be decoded; the reason follows)
   score below threshold  score < --min-score
   score not in top fraction   outside the best --top-fraction of all scored samples
@@ -45,6 +47,7 @@ from data_prep.shards import manifest, remote
 from pipeline.options import option
 from data_prep.curate.score_set import PLAN as SCORE_PLAN
 from data_prep.curate.score_set import open_dataset
+from data_prep.curate.decontaminate import check_thresholds
 from data_prep.curate.rules import (BASIC_FILTERS, caption_verdict, image_size, image_verdict, parse_caption_rules,
                                     parse_image_rules)
 from data_prep.shards.members import CAPTION_KEYS, MemberKeys, split_name
@@ -99,6 +102,15 @@ class FilterOptions:
     caption_keys: str = option(CAPTION_KEYS, metavar="KEYS")
     """caption members the caption rules read, tried in order: extensions or json:FIELD (as training's
     data.caption_keys); a sample without one fails every rule, with the reason"""
+    decontaminate: tuple[str, ...] = option((), repeat=True, metavar="EVAL")
+    """evaluation set, repeatable: a plait dataset folder or WebDataset shards (as `plait prep score` opens
+    them); every sample whose image is a near-duplicate of one of its images is dropped, the reason naming it"""
+    decontaminate_cosine: float = option(0.95, metavar="C")
+    """with --decontaminate: near-duplicate when the image embeddings (the score folder's, under its model)
+    have cosine >= C (0..1; 0: embeddings not used; needs `plait prep score --embeddings`)"""
+    decontaminate_hamming: int = option(8, metavar="BITS")
+    """with --decontaminate: near-duplicate when the images' 64-bit pHashes differ in <= BITS bits (0..64;
+    -1: pHash not used)"""
     device: str = option("cpu", choices=("cpu", "cuda"))
     """where the near-duplicate search runs"""
     progress: bool = True
@@ -128,6 +140,7 @@ class FilterOptions:
             raise ValueError(f"--basic-filter {self.basic_filter!r}: expected one of {', '.join(BASIC_FILTERS)}")
         parse_caption_rules(self.all_caption_rules)
         parse_image_rules(self.all_image_rules)
+        check_thresholds(self.decontaminate, self.decontaminate_cosine, self.decontaminate_hamming)
 
     @property
     def scores_folder(self) -> str | None:
@@ -147,7 +160,20 @@ class FilterOptions:
 
     @property
     def needs_scores(self) -> bool:
+        return self.has_score_rules or self.decontaminate_embeddings
+
+    @property
+    def has_score_rules(self) -> bool:
         return self.min_score is not None or self.top_fraction is not None or self.dedup_embeddings is not None
+
+    @property
+    def decontaminate_embeddings(self) -> bool:
+        """Whether decontamination compares embeddings (then it reads the score folder's)."""
+        return bool(self.decontaminate) and self.decontaminate_cosine > 0
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.dedup_embeddings is not None or self.decontaminate_embeddings
 
 
 # ------------------------------------------------------------------------------------------------ deciding
@@ -183,14 +209,15 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
     if missing:
         raise ValueError(f"--scores {folder!r}: shards not scored yet: {', '.join(missing[:10])}"
                          f"{' ...' if len(missing) > 10 else ''} (rerun `plait prep score` to finish)")
-    if opts.dedup_embeddings is not None and not plan.get("embeddings"):
-        raise ValueError(f"--dedup-embeddings needs image embeddings, and {folder!r} has none: rerun "
+    if opts.needs_embeddings and not plan.get("embeddings"):
+        flag = "--dedup-embeddings" if opts.dedup_embeddings is not None else "--decontaminate (its embedding test)"
+        raise ValueError(f"{flag} needs image embeddings, and {folder!r} has none: rerun "
                          "`plait prep score ... --embeddings` into a new --out")
     where = {k: i for i, k in enumerate(keys)}
     scores = np.full(len(keys), np.nan, np.float32)
     reasons: list[str | None] = ["not in the score file"] * len(keys)
     emb = None
-    cols = ["key", "score", "reason"] + (["image_embedding"] if opts.dedup_embeddings is not None else [])
+    cols = ["key", "score", "reason"] + (["image_embedding"] if opts.needs_embeddings else [])
     seen = np.zeros(len(keys), bool)
     for s in dataset.shards:
         name = sdir.path(f"{s.removesuffix('.tar')}.parquet")
@@ -292,8 +319,13 @@ def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tupl
         for i, k in enumerate(keys):
             if reasons[i] is None:
                 reasons[i] = caption_verdict(captions.get(k), rules)
+    plan = emb = None
     if opts.needs_scores:
         plan, scores, null_reasons, emb = load_scores(opts, dataset, keys)
+    if opts.decontaminate:  # before the score rules: a contaminated sample is named as such
+        from data_prep.curate.decontaminate import decontaminate
+        info["decontamination"] = decontaminate(opts, src, dataset.shards, keys, reasons, emb, plan)
+    if opts.needs_scores and opts.has_score_rules:
         info["model"], info["scores"] = plan["model"], opts.scores_folder
         scored = ~np.isnan(scores)
         if opts.top_fraction is not None:
@@ -387,6 +419,7 @@ def filter_dataset(opts: FilterOptions, log=print) -> dict[str, Any]:
         "dataset", "output", "device", "progress", "dedup_work", "dedup_processes", "dedup_units")}
     settings["caption_rules"] = list(opts.caption_rules)
     settings["image_rules"] = list(opts.image_rules or ())
+    settings["decontaminate"] = list(opts.decontaminate)
     settings["scores"] = opts.scores_folder  # resolved: a rerun without --scores is the same command
     out = OutputDir(opts.output)
     out.claim("--output", "_plan.json", lambda p: isinstance(p, dict) and isinstance(p.get("filter"), dict),
