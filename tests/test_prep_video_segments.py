@@ -353,3 +353,54 @@ def test_segment_times_in_samples_parquet_and_old_records_files_still_merge(tmp_
     assert [recs[i]["start"] for i in range(4)] == [None, None, 4.0, 60.0]
     assert [recs[i]["status"] for i in range(4)] == ["ok", "ok", "ok", "rejected"]
     assert main(["verify", str(out), "--decode-fraction", "1"]) == 0
+
+
+def test_caption_json_is_streamed_and_only_the_tables_videos_are_used(long_video, tmp_path):
+    """--caption-json is parsed incrementally (ijson) into an on-disk index: memory holds one entry at a time, not
+    the file; entries of videos the table does not list are skipped, in whatever order the file has them."""
+    import tracemalloc
+
+    import pytest
+
+    from data_prep.input.segments import CaptionIndex
+
+    folder, _ = long_video
+    path = tmp_path / "captions.json"
+    entry = {"start": [0.5 + i for i in range(200)], "end": [1.0 + i for i in range(200)],
+             "text": [f"segment number {i} of a video" for i in range(200)]}
+    with open(path, "w") as f:  # 1,001 entries, the table's one in the middle, a repeated id last
+        f.write("{")
+        for i in range(1000):
+            f.write(f'"other_{i}": {json.dumps(entry)}, ')
+            if i == 500:
+                f.write('"vid_a": {"start": [0.5], "end": [2.5], "text": ["superseded"]}, ')
+        f.write('"vid_a": {"start": [0.5, 3.0], "end": [2.5, 4.5], "text": ["first", "second"]}}')
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        index = CaptionIndex(str(path), 2**30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert size > 5e6 and peak < size / 8, (size, peak)  # json.load would hold several times the file
+        assert index.get("vid_a") == {"start": [0.5, 3.0], "end": [2.5, 4.5], "text": ["first", "second"]}
+        assert index.get("other_999")["text"][199] == "segment number 199 of a video"
+        assert index.get("not_there") is None
+    finally:
+        index.close()
+
+    table = _video_table(tmp_path / "videos.csv", [("vid_a", str(folder / "long.mp4"))])
+    out = tmp_path / "out"
+    main(["shard", *FAST, "--input", str(table), "--input-format", "howto100m", "--caption-json", str(path),
+          "--url-col", "path", "--output", str(out), "--local-root", str(folder)])
+    recs = [r for _, r in sorted(_records(out).items())]
+    assert [(r["video_id"], r["start"], r["end"], r["status"]) for r in recs] == [
+        ("vid_a", 0.5, 2.5, "ok"), ("vid_a", 3.0, 4.5, "ok")]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"vid_a": {"start": [0.5], "end": [2.5], "text": ["cut off"')
+    with pytest.raises(ValueError, match=r"bad\.json.*invalid JSON"):
+        CaptionIndex(str(bad), 2**30)
+    bad.write_text('[{"vid_a": 1}]')
+    with pytest.raises(ValueError, match="expected an object"):
+        CaptionIndex(str(bad), 2**30)

@@ -87,7 +87,17 @@ def segment_rows(opts: SourceOptions, videos: Iterator[Any]) -> Iterator[Any]:
     """One row per segment of each video row (`sources.Row`, whose reader calls this: each segment's row is a
     copy of its video's), numbered on from 0 in input order (see the module docstring)."""
     seg = opts.segments
-    captions = _load_caption_json(seg) if opts.input_format == "howto100m" else None
+    captions = CaptionIndex(seg.caption_json, seg.max_caption_json_bytes) if opts.input_format == "howto100m" \
+        else None
+    try:
+        yield from _segment_rows(opts, videos, captions)
+    finally:
+        if captions is not None:
+            captions.close()
+
+
+def _segment_rows(opts: SourceOptions, videos: Iterator[Any], captions: CaptionIndex | None) -> Iterator[Any]:
+    seg = opts.segments
     roots, base = local_access(opts, _table_format(opts))
     clip_counts: dict[str, int] = {}
     index = 0
@@ -162,13 +172,14 @@ def _video_id(video: Any, seg: SegmentOptions) -> str | None:
     return os.path.splitext(os.path.basename(video.url.split("?", 1)[0]))[0] or None
 
 
-def _raw_segments(video: Any, video_id: str | None, captions: dict | None, opts: SourceOptions,
+def _raw_segments(video: Any, video_id: str | None, captions: CaptionIndex | None, opts: SourceOptions,
                   roots: tuple[str, ...], base: str | None) -> list[tuple[float, float, str | None]]:
     seg = opts.segments
     if captions is not None:
-        if video_id not in captions:
+        entry = captions.get(video_id)
+        if entry is None:
             raise Reject(f"no captions for video id {str(video_id)[:60]!r} in --caption-json")
-        return _caption_entry(captions[video_id], video_id)
+        return _caption_entry(entry, video_id)
     if not video.url:
         raise Reject("missing url")
     if not is_local(video.url):
@@ -190,20 +201,54 @@ def _raw_segments(video: Any, video_id: str | None, captions: dict | None, opts:
     return scene_segments(path, seg.scene_threshold)
 
 
-def _load_caption_json(seg: SegmentOptions) -> dict[str, Any]:
-    path = seg.caption_json
-    size = os.path.getsize(path)
-    if size > seg.max_caption_json_bytes:
-        raise ValueError(f"--caption-json {path!r}: {size} bytes, more than --max-caption-json-bytes "
-                         f"{seg.max_caption_json_bytes}")
-    with open(path, "rb") as f:
+class CaptionIndex:
+    """--caption-json streamed (ijson) into a temporary SQLite table of video id -> entry, so that the videos of
+    the table can look theirs up in any order while memory holds one entry at a time: HowTo100M's file is a
+    ~1.3 GB object of 1.2M entries, in no particular order. The table on disk is about the size of the file;
+    it is removed on close. An entry is checked when its video asks for it (a bad one rejects that video)."""
+
+    def __init__(self, path: str, max_bytes: int):
+        import sqlite3
+        import tempfile
+
+        import ijson
+
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise ValueError(f"--caption-json {path!r}: {size} bytes, more than --max-caption-json-bytes "
+                             f"{max_bytes}")
+        self._dir = tempfile.TemporaryDirectory(prefix="plait-captions-")
+        self._db = sqlite3.connect(os.path.join(self._dir.name, "captions.sqlite"))
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE captions (video_id TEXT PRIMARY KEY, entry TEXT)")
         try:
-            obj = json.load(f)
-        except ValueError as e:
+            with open(path, "rb") as f:
+                if f.read(64).lstrip()[:1] != b"{":
+                    raise ValueError(f"--caption-json {path!r}: expected an object mapping video ids to "
+                                     "start/end/text lists")
+                f.seek(0)
+                # a repeated id keeps its last entry, as json.load would
+                self._db.executemany("INSERT OR REPLACE INTO captions VALUES (?, ?)",
+                                     ((k, json.dumps(v)) for k, v in ijson.kvitems(f, "", use_float=True)))
+            self._db.commit()
+        except ijson.JSONError as e:
+            self.close()
             raise ValueError(f"--caption-json {path!r}: invalid JSON ({str(e)[:120]})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"--caption-json {path!r}: expected an object mapping video ids to start/end/text lists")
-    return obj
+        except BaseException:
+            self.close()
+            raise
+
+    def get(self, video_id: str | None) -> Any:
+        """The entry of `video_id`, or None when the file has none (an entry of null is treated alike)."""
+        if video_id is None:
+            return None
+        row = self._db.execute("SELECT entry FROM captions WHERE video_id = ?", (video_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
 
 
 def _caption_entry(entry: Any, video_id: str | None) -> list[tuple[float, float, str | None]]:
