@@ -35,8 +35,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DIM = 512
 
 
-def _rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024
+def _hwm_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries the forked parent's RSS over
+    an exec into it, so a spawned child would report its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssSampler:
+    """The largest RSS of this process plus all its children together, sampled every `interval_s` (the pool's
+    workers run beside this process, so their sum is what the machine must hold)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+        import psutil
+        self.me, self.interval_s = psutil.Process(), interval_s
+        self.total_mb = self.child_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+        while not self._stop.wait(self.interval_s):
+            try:
+                kids = [c.memory_info().rss for c in self.me.children(recursive=True)]
+            except psutil.Error:  # a worker that exited between listing and reading
+                continue
+            self.child_mb = max(self.child_mb, max(kids, default=0) / 2**20)
+            self.total_mb = max(self.total_mb, (self.me.memory_info().rss + sum(kids)) / 2**20)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_total_rss_mb": self.total_mb, "worker_peak_rss_mb": self.child_mb}
 
 
 def generate(work: Path, rows: int, modes: int, dup_fraction: float, seed: int, copy_noise: float) -> dict:
@@ -109,7 +143,8 @@ def _cos(work: Path, pairs: np.ndarray) -> np.ndarray:
 
 def run_clustered(work: str, threshold: float, probe: int, processes: int, clusters_k: int | None) -> dict:
     from data_prep.curate import clusters
-    base = _rss_mb()
+    base = _hwm_mb()
+    sampler = RssSampler()
     opts = clusters.ClusterOptions(threshold=threshold, probe=probe, num_clusters=clusters_k)
     t0 = time.perf_counter()
     plan = clusters.prepare(work, opts, dim=DIM, progress=True)
@@ -121,7 +156,7 @@ def run_clustered(work: str, threshold: float, probe: int, processes: int, clust
     return {"prepare_s": t1 - t0, "units_s": t2 - t1, "resolve_s": t3 - t2, "total_s": t3 - t0,
             "pairs": pairs, "dropped": int((dup_of >= 0).sum()), "num_clusters": plan["num_clusters"],
             "largest_cluster": plan["largest_cluster"], "empty_clusters": plan["empty_clusters"],
-            "peak_rss_mb": _rss_mb(), "start_rss_mb": base, "worker_peak_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}
+            "peak_rss_mb": _hwm_mb(), "start_rss_mb": base, **sampler.stop()}
 
 
 def exact_pairs_of_queries(work: str, queries: np.ndarray, threshold: float) -> dict:
@@ -141,7 +176,7 @@ def exact_pairs_of_queries(work: str, queries: np.ndarray, threshold: float) -> 
             keep = a != b
             found.append(np.stack([np.maximum(a, b)[keep], np.minimum(a, b)[keep]], axis=1))
     pairs = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
-    return {"pairs": pairs.tolist(), "seconds": time.perf_counter() - t0, "peak_rss_mb": _rss_mb()}
+    return {"pairs": pairs.tolist(), "seconds": time.perf_counter() - t0, "peak_rss_mb": _hwm_mb()}
 
 
 def verdicts_on_subsample(work: str, sub: str, rows: int, threshold: float, probe: int) -> dict:
@@ -237,11 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
         "subsample": sub,
     }
     c = clustered
-    print(f"| rows | clusters (largest) | prepare s | units s | resolve s | total s | peak RSS MB (workers) | "
+    print(f"| rows | clusters (largest) | prepare s | units s | resolve s | total s | peak RSS MB: all / main / "
+          f"one worker | "
           f"planted recall | exact-pair recall | verdicts = exact on {sub['rows']} |")
     print(f"| {a.rows:,} | {c['num_clusters']:,} ({c['largest_cluster']:,}) | {c['prepare_s']:.0f} | "
-          f"{c['units_s']:.0f} | {c['resolve_s']:.1f} | {c['total_s']:.0f} | {c['peak_rss_mb']:.0f} "
-          f"({c['worker_peak_rss_mb']:.0f}) | {result['planted']['recall']:.4f} of {len(above):,} | "
+          f"{c['units_s']:.0f} | {c['resolve_s']:.1f} | {c['total_s']:.0f} | {c['peak_total_rss_mb']:.0f} / "
+          f"{c['peak_rss_mb']:.0f} / {c['worker_peak_rss_mb']:.0f} | "
+          f"{result['planted']['recall']:.4f} of {len(above):,} | "
           f"{result['exact_queries']['recall']:.4f} of {len(exact_pairs):,} | {sub['equal_verdicts']:.4f} |")
     print(json.dumps(result))
     tmp.cleanup()
