@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -187,6 +188,29 @@ def test_verify_decodes_exactly_what_training_decodes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_reading_records_starts_no_arrow_thread(tmp_path):
+    # The abort at exit came from Arrow's I/O threads, started when Arrow read through a Python file object and
+    # still holding it while the interpreter finalized. Reading a records file must start no thread at all: count
+    # the process's native threads (/proc/self/task) around the read in a fresh interpreter.
+    import subprocess
+    import sys
+
+    photos = real_photos(limit=3)
+    out = tmp_path / "ds"
+    _shard(_table(tmp_path, [f"file://{p}" for p in photos]), out, per=4)
+    script = (
+        "import os, sys\n"
+        "from data_prep.shards import manifest\n"
+        "from data_prep.shards.writer import OutputDir\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "table = manifest.read_records(OutputDir(sys.argv[1]), 'samples.parquet', ['row', 'status'])\n"
+        "print(table.num_rows, len(os.listdir('/proc/self/task')) - before)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "0"], done.stdout
+
+
 def test_verify_exits_cleanly_run_after_run_and_in_concurrent_pairs(tmp_path):
     # `plait prep verify DIR && plait train ...` needs exit 0 every time: verify once imported torch (through the
     # loader's tar reader), whose threads aborted the interpreter at exit in about half the runs ("terminate

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.curate import score_set
 from data_prep.curate.score_set import PLAN, PRECISION_NAMES, Dataset, ScoreOptions, add_arguments, open_dataset, options
+from data_prep.shards import manifest
 from data_prep.shards.members import MemberKeys
 from data_prep.shards.tarwalk import TarFormatError, iter_samples
 from data_prep.shards.writer import OutputDir, reason_kind
@@ -330,7 +331,7 @@ def summarize(out: OutputDir, dataset: Dataset, seconds: float, scored_now: list
     for s in dataset.shards:
         if s not in missing:
             with out.fs.open(out.path(f"{s.removesuffix('.tar')}.parquet"), "rb") as f:
-                col = pq.ParquetFile(f).read(columns=["score"]).column("score")
+                col = manifest.read_parquet(f, ["score"]).column("score")
             scores.append(col.drop_null().to_numpy())
     scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     reasons: Counter[str] = Counter()

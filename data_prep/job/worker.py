@@ -49,12 +49,11 @@ def earlier_hashes(path: str | None) -> frozenset[str]:
     if not path:
         return frozenset()
     if path not in _earlier_hashes:
-        import pyarrow.parquet as pq
         import fsspec
         if not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
             raise FileNotFoundError(f"--dedup-against {path!r}: no such manifest")
         with fsspec.open(path, "rb") as f:
-            t = pq.read_table(f, columns=["status", "sha256"])
+            t = manifest.read_parquet(f, ["status", "sha256"])
         _earlier_hashes[path] = frozenset(h for s, h in zip(t.column("status").to_pylist(),
                                                             t.column("sha256").to_pylist()) if s == "ok" and h)
     return _earlier_hashes[path]
