@@ -6,6 +6,13 @@ Objective.augment + PlaitModel.forward + Objective + backward + AdamW, open_clip
 + backward + AdamW, from the same weights (plait's export mapping). Step times are medians over interleaved
 rounds, so load from other processes hits both alike; the ratio is the median of each round's own ratio.
 Usage: .venv/bin/python benchmarks/bench_caption.py [--batch 32] [--rounds 7] [--steps 5]
+
+--generate: caption generation speed instead (captions/s, greedy and beam search with 3 beams, the decoding of
+`plait caption`) for the demo's model size (`fmnist-vit`: 28 px, 7 px patches, 4 x 128 image tower, 2 x 128 text
+tower, context 16) with the default 2-block decoder, from fresh weights: such a decoder hardly ever picks the end
+of text, so each caption runs to --max-length tokens, the most a caption of that length can cost (a trained model's
+captions end earlier and cost less). Medians over rounds of whole batches.
+Usage: .venv/bin/python benchmarks/bench_caption.py --generate [--batch 32] [--rounds 5] [--max-length 16 8]
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import open_clip
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.models.caption_head import beam_search, captioner_for, greedy  # noqa: E402
 from pipeline.artifacts.export import clip_state, coca_config, coca_state, heads_state  # noqa: E402
 from pipeline.models.model import build_model  # noqa: E402
 from pipeline.models.sizes import model_config  # noqa: E402
@@ -43,7 +51,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--generate", action="store_true", help="time caption generation instead of training")
+    parser.add_argument("--max-length", type=int, nargs="+", default=[16, 8],
+                        help="--generate: tokens per caption, start and end included")
+    parser.add_argument("--beams", type=int, default=3, help="--generate: beam width of the beam-search rows")
     args = parser.parse_args(argv)
+    if args.generate:
+        return generation_speed(args)
     torch.manual_seed(0)
     cfg = ObjectiveConfig(caption={"weight": 2.0, "layers": 2, "heads": 2})
     model_cfg = model_config("tiny")
@@ -83,6 +97,35 @@ def main(argv=None) -> int:
     print(f"plait caption step   {statistics.median(ours) * 1e3:7.1f} ms")
     print(f"open_clip CoCa step  {statistics.median(theirs) * 1e3:7.1f} ms")
     print(f"plait / open_clip    {statistics.median(ratios):7.2f}x (median of rounds' ratios)")
+    return 0
+
+
+def generation_speed(args) -> int:
+    torch.manual_seed(0)
+    model = build_model(model_config("fmnist-vit"), ObjectiveConfig(caption={"weight": 2.0})).eval()
+    captioner = captioner_for(model)
+    images = torch.randn(args.batch, 3, 28, 28)
+    print(f"fmnist-vit + {len(model.heads['caption'].resblocks)}-block decoder, batch {args.batch}, "
+          f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'decoding':10s} {'max length':>10s} {'mean length':>11s} {'captions/s':>10s} {'ms/batch':>9s} "
+          f"{'captions/CPU-s':>14s}")
+    for max_length in args.max_length:
+        min_length = min(5, max_length - 1)
+        for name, decode in (("greedy", lambda: greedy(captioner, images, max_length, min_length)),
+                             (f"beam {args.beams}", lambda: beam_search(captioner, images, args.beams, max_length,
+                                                                       min_length))):
+            ids = decode()                                   # warm-up, and the captions' length
+            times, cpu = [], []
+            for _ in range(args.rounds):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                decode()
+                times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
+            length = float((ids != 0).sum(1).float().mean())
+            t, c = statistics.median(times), statistics.median(cpu)
+            # captions per CPU-second (this process, all threads): robust to other jobs on a shared machine
+            print(f"{name:10s} {max_length:10d} {length:11.1f} {args.batch / t:10.1f} {t * 1e3:9.0f} "
+                  f"{args.batch / c:14.1f}", flush=True)
     return 0
 
 

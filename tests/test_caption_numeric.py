@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.models.caption_head import build_decoder, caption_logits
+from pipeline.models.caption_head import build_decoder, caption_logits, last_logits
 from pipeline.objectives.caption import Caption, CaptionConfig, caption_loss
 from pipeline.train.distributed import World
 from tests.helpers.captioner import model_and_objective
@@ -103,6 +103,15 @@ def test_decoder_loss_equals_a_per_position_reference_values_and_gradients(smoot
     # a caption's text tokens after its last label take no gradient (they predict nothing scored)
     after = torch.arange(L)[None, :] >= torch.tensor(LENGTHS)[:, None] - 1     # [N, L]
     assert (fast_grads[1][after] == 0).all() and fast_grads[1][~after].abs().sum() > 0
+
+
+def test_decoding_projects_the_last_position_as_the_full_forward_does():
+    decoder = make_decoder()
+    image_tokens, text_tokens, _ = inputs()
+    with torch.no_grad():
+        for length in (1, 4, L):
+            assert close(last_logits(decoder, image_tokens, text_tokens[:, :length]),
+                         decoder(image_tokens, text_tokens[:, :length])[:, -1], rtol=1e-12), length
 
 
 def test_packed_trimmed_and_padded_captions_give_the_same_loss_and_gradients():

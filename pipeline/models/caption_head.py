@@ -45,6 +45,21 @@ def caption_logits(decoder: nn.Module, image_tokens: torch.Tensor, text_tokens: 
     return decoder(image_tokens, text_tokens[:, :-1])                     # [B, L - 1, V]
 
 
+def last_logits(decoder: MultimodalTransformer, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+    """`decoder(image_tokens, text_tokens)[:, -1]` -> [B, V], with the vocabulary projection applied to the last
+    position only: decoding needs no other, and projecting every position of the prefix onto the 49,408 words made
+    that projection most of each decoding step (open_clip's `MultimodalTransformer.forward`, its last line cut)."""
+    seq_len = text_tokens.shape[1]
+    x, context = text_tokens, image_tokens
+    if not decoder.batch_first:
+        x, context = x.permute(1, 0, 2), context.permute(1, 0, 2)          # NLD -> LND
+    for block, cross in zip(decoder.resblocks, decoder.cross_attn):
+        x = block(x, attn_mask=decoder.attn_mask[:seq_len, :seq_len])
+        x = cross(x, k_x=context, v_x=context)
+    last = x[:, -1] if decoder.batch_first else x[-1]                      # [B, W]
+    return decoder.ln_final(last) @ decoder.text_projection                # [B, V]
+
+
 # ---- generation ------------------------------------------------------------------------------------------------
 class Captioner:
     """What decoding needs from a model: the image tokens once, then next-token logits for a prefix."""
@@ -67,7 +82,7 @@ class PlaitCaptioner(Captioner):
 
     def next_logits(self, context, ids):
         tokens = encode_text_tokens(self.clip, ids)[1]                  # [B, l, W]
-        return self.decoder(context, tokens)[:, -1]                     # [B, V]
+        return last_logits(self.decoder, context, tokens)               # [B, V]
 
 
 @dataclass
@@ -88,7 +103,7 @@ class CocaCaptioner(Captioner):
             x = text.token_embedding(ids) + text.positional_embedding[:length]  # [B, l, W]
             x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask[:length, :length]))
             tokens = x                                                  # [B, l, W]
-        return self.coca.text_decoder(context, tokens)[:, -1]           # [B, V]
+        return last_logits(self.coca.text_decoder, context, tokens)     # [B, V]
 
 
 def captioner_for(model: nn.Module) -> Captioner:
