@@ -16,7 +16,11 @@ The clip row: the same real files decoded and re-encoded back to back (H.264, 32
 clip table (`--input-format clips`, one caption each). The bare loop opens each video once and, per segment,
 seeks to it and decodes to its end, keeping --num-frames uniformly spaced frames resized and encoded as above.
 Reports segments/s and decoded frames/s, the ratio, and plait's peak resident memory (the largest process of the
-job) on the short and on the long video: flat means decoding does not grow with the video.
+job: its main process or a worker, measured per run) on each video: flat means decoding does not grow with the
+video. `--hours 2` adds a 2-hour video, the long one looped by remuxing (no re-encode); `--video-dir` keeps the
+encoded videos for later runs.
+
+    .venv/bin/python benchmarks/bench_video.py --clips --long-minutes 16 --hours 2 --video-dir /tmp/bench_clips
 """
 from __future__ import annotations
 
@@ -92,6 +96,37 @@ def _long_video(path: Path, files: list[str], seconds: float) -> float:
     return n / fps
 
 
+def _looped_video(src: Path, out_path: Path, seconds: float) -> float:
+    """`src` repeated back to back up to `seconds` by remuxing its packets with shifted timestamps (no re-encode:
+    a 2-hour file in seconds). The source starts with a keyframe, so every repeat decodes on its own."""
+    import av
+
+    with av.open(str(src)) as probe:
+        s = probe.streams.video[0]
+        tb = float(s.time_base)
+        span_s = _demuxed_span(probe, s)
+    span = round(span_s / tb)  # one repeat, in the stream's time base
+    repeats = max(1, round(seconds / span_s))
+    with av.open(str(src)) as first, av.open(str(out_path), "w") as out:
+        stream = out.add_stream_from_template(first.streams.video[0])
+        for k in range(repeats):
+            with av.open(str(src)) as inp:
+                for packet in inp.demux(inp.streams.video[0]):
+                    if packet.dts is None:
+                        continue
+                    packet.pts += k * span
+                    packet.dts += k * span
+                    packet.stream = stream
+                    out.mux(packet)
+    return repeats * span_s
+
+
+def _demuxed_span(container, stream) -> float:
+    times = [p.pts for p in container.demux(stream) if p.pts is not None and p.size]
+    rate = float(stream.average_rate)
+    return (max(times) - min(times)) * float(stream.time_base) + 1 / rate
+
+
 def _bare_segments(args: tuple[str, list[tuple[float, float]], int]) -> tuple[int, int]:
     """One video, opened once: per segment seek, decode to its end, keep k uniform frames, resize, encode."""
     import av
@@ -122,22 +157,37 @@ def _bare_segments(args: tuple[str, list[tuple[float, float]], int]) -> tuple[in
     return frames, decoded
 
 
-def clips(a) -> None:
-    import resource
+_PEAK = ("import resource, subprocess, sys\n"
+         "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+"""Runs a command and prints the peak RSS (kB) of its largest process: the job's main process and its workers,
+which it waits for, and nothing else this benchmark ran."""
 
+
+def clips(a) -> None:
     files = videos()
     with tempfile.TemporaryDirectory(prefix="bench_video_clips_") as d:
         tmp = Path(d)
+        store = Path(a.video_dir) if a.video_dir else tmp
+        store.mkdir(parents=True, exist_ok=True)
         rows_of = {}
-        for name, minutes in (("short", a.long_minutes / 4), ("long", a.long_minutes)):
-            path = tmp / f"{name}.mp4"
-            duration = _long_video(path, files, minutes * 60)
+        lengths = [("short", a.long_minutes / 4), ("long", a.long_minutes)] + ([("hours", a.hours * 60)]
+                                                                              if a.hours else [])
+        for name, minutes in lengths:
+            path = store / f"{name}-{minutes:g}min.mp4"
+            if name == "hours":  # the long video looped by remuxing: hours of video in seconds
+                duration = _looped_video(store / f"long-{a.long_minutes:g}min.mp4", path, minutes * 60)
+            elif path.exists():  # --video-dir: built once, reused (encoding them takes minutes)
+                with __import__("av").open(str(path)) as c:
+                    duration = _demuxed_span(c, c.streams.video[0])
+            else:
+                duration = _long_video(path, files, minutes * 60)
             segs = [(round(i * a.segment_s, 3), round(min((i + 1) * a.segment_s, duration) - 0.001, 3))
                     for i in range(int(duration // a.segment_s))]
-            rows_of[name] = (path, segs)
+            rows_of[name] = (path, segs, duration)
         results = {}
-        for name, (path, segs) in rows_of.items():
-            table = tmp / f"{name}.csv"
+        for name, (path, segs, duration) in rows_of.items():
+            table = path.with_suffix(".csv") if a.video_dir else tmp / f"{name}.csv"
             with open(table, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["video", "start", "end", "caption"])
@@ -146,6 +196,7 @@ def clips(a) -> None:
             per = -(-len(segs) // a.processes)
             work = [(str(path), segs[i:i + per], a.num_frames) for i in range(0, len(segs), per)]
             bare_s = plait_s = float("inf")
+            peak_mb = 0.0
             with mp.get_context("spawn").Pool(a.processes) as pool:
                 pool.map(_bare_one, [(files[0], a.num_frames)] * a.processes)
                 for rep in range(a.repeat):
@@ -156,11 +207,12 @@ def clips(a) -> None:
                     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(table), "--input-format",
                            "clips", "--output", str(out), "--processes", str(a.processes), "--num-frames",
                            str(a.num_frames), "--image-size", "256", "--encode-quality", "95", "--no-progress",
-                           "--samples-per-shard", str(per)]
+                           "--samples-per-shard", str(min(per, a.max_shard_rows))]
                     t = time.perf_counter()
-                    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+                    run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], cwd=REPO, check=True,
+                                         capture_output=True, text=True)
                     plait_s = min(plait_s, time.perf_counter() - t)
-            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                    peak_mb = max(peak_mb, int(run.stdout.split()[-1]) / 1024)
             summary = json.loads((out / "manifest.json").read_text())
             decoded = 0
             for tar_path in sorted(out.glob("*.tar")):
@@ -169,15 +221,16 @@ def clips(a) -> None:
                                    for m in tar if m.name.endswith(".json"))
             bare_decoded = sum(dd for _, dd in got)
             results[name] = (len(segs), bare_s, bare_decoded, plait_s, summary["num_ok"], decoded, peak_mb,
-                             path.stat().st_size)
-    for name, (n, bare_s, bare_decoded, plait_s, ok, decoded, peak_mb, size) in results.items():
-        print(f"{name}: {n} segments of {a.segment_s:g} s, {size / 1e6:.1f} MB, {a.num_frames} frames each, 256 px, "
-              f"{a.processes} processes")
-        print(f"  bare PyAV seek+decode: {n / bare_s:7.2f} segments/s, {bare_decoded / bare_s:8.1f} decoded frames/s")
+                             path.stat().st_size, duration)
+    for name, (n, bare_s, bare_decoded, plait_s, ok, decoded, peak_mb, size, duration) in results.items():
+        print(f"{name}: {duration / 60:.1f} min, {n} segments of {a.segment_s:g} s, {size / 1e6:.1f} MB, "
+              f"{a.num_frames} frames each, 256 px, {a.processes} processes")
+        print(f"  bare PyAV seek+decode: {n / bare_s:7.2f} segments/s, {bare_decoded / bare_s:8.1f} decoded frames/s "
+              f"({bare_s:.2f}s)")
         print(f"  plait prep (clips)   : {ok / plait_s:7.2f} segments/s, {decoded / plait_s:8.1f} decoded frames/s "
               f"({ok}/{n} ok, {plait_s:.2f}s wall incl. start-up)")
-        print(f"  plait / bare         : {(ok / plait_s) / (n / bare_s):7.2f}   (target >= 0.80); peak RSS of the "
-              f"largest process so far {peak_mb:.0f} MB")
+        print(f"  plait / bare         : {(ok / plait_s) / (n / bare_s):7.2f}   (target >= 0.80); peak RSS of plait's "
+              f"largest process {peak_mb:.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clips", action="store_true", help="the clip row: long videos cut into segments")
     ap.add_argument("--long-minutes", type=float, default=8.0)
     ap.add_argument("--segment-s", type=float, default=4.0)
+    ap.add_argument("--hours", type=float, default=0.0, help="also a video of about this many hours: the long one "
+                    "looped by remuxing (peak memory must not grow with it)")
+    ap.add_argument("--video-dir", default=None, help="build the encoded videos here once and reuse them (and "
+                    "their clip tables) on later runs")
+    ap.add_argument("--max-shard-rows", type=int, default=120, help="segments per shard at most (a 2-hour video "
+                    "in 2 shards would hold 900 records per shard in memory)")
     a = ap.parse_args(argv)
     if a.clips:
         return clips(a)
