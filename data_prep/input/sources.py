@@ -118,8 +118,22 @@ def count_rows(opts: SourceOptions) -> int | None:
         return None
     import pyarrow.parquet as pq
 
-    with fsspec.open(opts.input, "rb") as f:
+    with _open_parquet(opts.input) as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+def _open_parquet(url: str):
+    """A local table as Arrow's own file, a remote one through fsspec.
+
+    Arrow reads a Python file object on its I/O threads, calling back into Python; one still holding it while the
+    interpreter finalizes aborts the process after the job finished ("terminate called without an active
+    exception", apache/arrow#34314). A native file keeps Python out of Arrow's threads. Remote tables are streamed
+    by row group, too large to read into memory first as records are (manifest.read_parquet)."""
+    import pyarrow as pa
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return pa.OSFile(path) if isinstance(fs, LocalFileSystem) else fsspec.open(url, "rb").open()
 
 
 def _table_row(index: int, rec: dict[str, Any], opts: SourceOptions, url_col: str,
@@ -172,7 +186,7 @@ def _parquet(opts: SourceOptions, fmt: str, ranges: RowRanges | None = None) -> 
     import pyarrow.parquet as pq
 
     url_col, caption_col = _columns(opts, fmt)
-    with fsspec.open(opts.input, "rb") as f:
+    with _open_parquet(opts.input) as f:
         pf = pq.ParquetFile(f)
         _check_columns(pf.schema_arrow.names, opts, url_col, caption_col)
         cols = list(dict.fromkeys(c for c in (url_col, caption_col, *opts.extra_cols, opts.start_col,
