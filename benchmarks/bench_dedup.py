@@ -7,7 +7,8 @@ another row (an "original") plus small noise, in groups of 1-4 copies, so a grou
 group is a planted pair. Rows are in random priority order (row 0 the best-scored), originals and copies mixed.
 
 Measured, each in a fresh spawned child (its own peak RSS; pool workers as its children):
-  clustered   prepare (k-means on a sample, assignment), the units in a pool of --processes, resolve.
+  clustered   prepare (k-means on a sample), the assignment parts and the units in a pool of --processes,
+              resolve.
   planted     recall of the planted pairs at or above --threshold among the pairs the clustered search compared.
   exact pairs --queries random rows against all N rows by brute force (float32 matmul in blocks, what
               faiss.IndexFlatIP computes): every pair at or above the threshold touching a query row; recall =
@@ -147,15 +148,19 @@ def run_clustered(work: str, threshold: float, probe: int, processes: int, clust
     sampler = RssSampler()
     opts = clusters.ClusterOptions(threshold=threshold, probe=probe, num_clusters=clusters_k)
     t0 = time.perf_counter()
-    plan = clusters.prepare(work, opts, dim=DIM, progress=True)
+    plan = clusters.prepare(work, opts, dim=DIM)
     t1 = time.perf_counter()
-    pairs = clusters.run_units(work, processes, progress=True)
+    clusters.run_assign(work, processes, progress=True)
     t2 = time.perf_counter()
-    dup_of, _ = clusters.resolve(work)
+    pairs = clusters.run_units(work, processes, progress=True)
     t3 = time.perf_counter()
-    return {"prepare_s": t1 - t0, "units_s": t2 - t1, "resolve_s": t3 - t2, "total_s": t3 - t0,
+    dup_of, _ = clusters.resolve(work)
+    t4 = time.perf_counter()
+    sizes = np.bincount(clusters.assignment(work)[:, 0], minlength=plan["num_clusters"])
+    return {"train_s": t1 - t0, "assign_s": t2 - t1, "units_s": t3 - t2, "resolve_s": t4 - t3, "total_s": t4 - t0,
             "pairs": pairs, "dropped": int((dup_of >= 0).sum()), "num_clusters": plan["num_clusters"],
-            "largest_cluster": plan["largest_cluster"], "empty_clusters": plan["empty_clusters"],
+            "largest_cluster": int(sizes.max()), "median_cluster": float(np.median(sizes)),
+            "empty_clusters": int((sizes == 0).sum()),
             "peak_rss_mb": _hwm_mb(), "start_rss_mb": base, **sampler.stop()}
 
 
@@ -272,12 +277,11 @@ def main(argv: list[str] | None = None) -> dict:
         "subsample": sub,
     }
     c = clustered
-    print(f"| rows | clusters (largest) | prepare s | units s | resolve s | total s | peak RSS MB: all / main / "
-          f"one worker | "
-          f"planted recall | exact-pair recall | verdicts = exact on {sub['rows']} |")
-    print(f"| {a.rows:,} | {c['num_clusters']:,} ({c['largest_cluster']:,}) | {c['prepare_s']:.0f} | "
-          f"{c['units_s']:.0f} | {c['resolve_s']:.1f} | {c['total_s']:.0f} | {c['peak_total_rss_mb']:.0f} / "
-          f"{c['peak_rss_mb']:.0f} / {c['worker_peak_rss_mb']:.0f} | "
+    print("| rows | clusters (largest) | train s | assign s | units s | resolve s | total s | peak RSS MB: all / "
+          f"main / one worker | planted recall | exact-pair recall | verdicts = exact on {sub['rows']} |")
+    print(f"| {a.rows:,} | {c['num_clusters']:,} ({c['largest_cluster']:,}) | {c['train_s']:.0f} | "
+          f"{c['assign_s']:.0f} | {c['units_s']:.0f} | {c['resolve_s']:.1f} | {c['total_s']:.0f} | "
+          f"{c['peak_total_rss_mb']:.0f} / {c['peak_rss_mb']:.0f} / {c['worker_peak_rss_mb']:.0f} | "
           f"{result['planted']['recall']:.4f} of {len(above):,} | "
           f"{result['exact_queries']['recall']:.4f} of {len(exact_pairs):,} | {sub['equal_verdicts']:.4f} |")
     print(json.dumps(result))

@@ -106,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "DATASET, as one shell-quoted string, run once every task succeeded, e.g. "
                        "'--output NEW --top-fraction 0.3'")
 
-    dedup = sub.add_parser("dedup", help="`plait prep filter` with the clustered near-duplicate search's units as "
-                           "a job array: a prepare job, the array, the filter again: ... -- DATASET --output NEW "
-                           "--dedup-embeddings T [filter args]")
+    dedup = sub.add_parser("dedup", help="`plait prep filter` with the clustered near-duplicate search as job "
+                           "arrays: a prepare job, the assignment array, the unit array, the filter again: ... -- "
+                           "DATASET --output NEW --dedup-embeddings T [filter args]")
     _add_resources(dedup, multi_node=False)
-    dedup.add_argument("--tasks", dest="num_tasks", type=int, required=True, help="number of array tasks (each "
-                       "runs a contiguous range of the units)")
+    dedup.add_argument("--tasks", dest="num_tasks", type=int, required=True, help="tasks of each array (a task "
+                       "runs a contiguous range of the assignment parts, then of the units)")
     dedup.add_argument("--throttle", type=int, help="at most this many tasks at once (the %% in --array)")
 
     resubmit = sub.add_parser("resubmit", help="rerun failed prep array tasks, then the merge again")
@@ -227,8 +227,9 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 
 
 def cmd_dedup(args: argparse.Namespace, payload: list[str]) -> int:
-    """Three jobs over one filter command: it prepares the units and stops (--dedup-units array), the array runs
-    them, the same command again resolves the verdicts and writes the dataset."""
+    """Four jobs over one filter command: it copies the candidates' embeddings, trains k-means and stops
+    (--dedup-units array), an array assigns the rows, an array runs the units, the same command again resolves
+    the verdicts and writes the dataset."""
     container = _container(args)
     dataset = next((a for a in payload if not a.startswith("-")), None)
     output = _flag_value(payload, "--output")
@@ -252,20 +253,19 @@ def cmd_dedup(args: argparse.Namespace, payload: list[str]) -> int:
         run_dir=args.run_dir.resolve(), output_dir=dataset, prep_args=tuple(filter_args), num_tasks=args.num_tasks,
         throttle=args.throttle, resources=_resources(args), job_name=args.job_name or "plait-dedup",
         python=_python(args, container), container=container)
-    scripts = [("dedup_prepare.sbatch", render.render_filter(job, tuple(filter_args))),
-               ("dedup_units.sbatch", render.render_dedup_array(job, work)),
-               ("dedup_filter.sbatch", render.render_filter(job, tuple(filter_args)))]
+    scripts = [("dedup-prepare", "dedup_prepare.sbatch", render.render_filter(job, tuple(filter_args))),
+               ("dedup-assign", "dedup_assign.sbatch", render.render_dedup_array(job, work, "assign")),
+               ("dedup-units", "dedup_units.sbatch", render.render_dedup_array(job, work, "units")),
+               ("dedup-filter", "dedup_filter.sbatch", render.render_filter(job, tuple(filter_args)))]
     if args.dry_run:
-        sys.stdout.write("".join(f"# ---- {name}\n{text}" for name, text in scripts))
+        sys.stdout.write("".join(f"# ---- {name}\n{text}" for _, name, text in scripts))
         return 0
-    paths = [_write(job.run_dir / name, text) for name, text in scripts]
-    prepare_id = slurm.submit(job.run_dir, "dedup-prepare", paths[0])
-    array_id = slurm.submit(job.run_dir, "dedup-array", paths[1], f"--dependency=afterok:{prepare_id}",
-                            "--kill-on-invalid-dep=yes")
-    filter_id = slurm.submit(job.run_dir, "dedup-filter", paths[2], f"--dependency=afterok:{array_id}",
-                             "--kill-on-invalid-dep=yes")
-    print(f"submitted dedup prepare job {prepare_id}, unit array {array_id} ({job.num_tasks} tasks) and filter "
-          f"job {filter_id}")
+    ids: list[str] = []
+    for kind, name, text in scripts:  # each after the one before succeeded
+        after = (f"--dependency=afterok:{ids[-1]}", "--kill-on-invalid-dep=yes") if ids else ()
+        ids.append(slurm.submit(job.run_dir, kind, _write(job.run_dir / name, text), *after))
+    print(f"submitted dedup prepare job {ids[0]}, assignment array {ids[1]} and unit array {ids[2]} "
+          f"({job.num_tasks} tasks each), filter job {ids[3]}")
     return 0
 
 

@@ -167,15 +167,19 @@ def render_filter(job: PrepJob, filter_args: tuple[str, ...]) -> str:
     )
 
 
-def render_dedup_array(job: PrepJob, work: str, task_ids: list[int] | None = None) -> str:
-    """The near-duplicate search's units as a job array over the prepared work folder `work`: task i runs the
-    i-th of num_tasks contiguous unit ranges (`data_prep.curate.clusters.task_units`)."""
-    units = f"{shlex.quote(job.python)} -m data_prep.curate.clusters units {shlex.quote(work)} --no-progress"
+def render_dedup_array(job: PrepJob, work: str, stage: str, task_ids: list[int] | None = None) -> str:
+    """A stage of the near-duplicate search ("assign" or "units") as a job array over the prepared work folder
+    `work`: task i runs the i-th of num_tasks contiguous ranges of its parts or units
+    (`data_prep.curate.clusters.task_units`)."""
+    if stage not in ("assign", "units"):
+        raise ValueError(f"dedup stage {stage!r}: expected assign or units")
+    command = f"{shlex.quote(job.python)} -m data_prep.curate.clusters {stage} {shlex.quote(work)} --no-progress"
     return _env.get_template("dedup_array.sbatch.j2").render(
         job=job,
         res=job.resources,
+        stage=stage,
         array_spec=array_spec(job.num_tasks, job.throttle, task_ids),
-        units_command=units,
+        units_command=command,
         command_prefix=command_prefix(job.container, job.run_dir, (job.output_dir, work)),
     )
 

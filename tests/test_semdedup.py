@@ -62,7 +62,7 @@ def test_a_pair_straddling_two_clusters_is_found_with_probe_2_only(tmp_path):
     for probe in (1, 2):
         work = tmp_path / f"probe{probe}"
         verdicts[probe] = _clustered(work, x, threshold=0.98, num_clusters=2, probe=probe)
-        home = np.load(work / "assign.npy")[:, 0]
+        home = clusters.assignment(work)[:, 0]
         assert home[0] != home[1], "the pair must sit in two clusters for this test to mean anything"
     assert verdicts[1][1] == -1  # within home clusters only, the pair is never compared
     assert verdicts[2][1] == 0  # the better-ranked row 0 is kept, row 1 named its duplicate
@@ -97,6 +97,7 @@ def test_a_killed_unit_task_reruns_to_the_same_verdicts(tmp_path):
     for w in (ref_work, work):
         clusters.write_embeddings(w, lambda a, b: x[a:b], len(x), x.shape[1])
         clusters.prepare(w, opts)
+    clusters.run_assign(work)
     ref = clusters.near_duplicates_clustered(ref_work, opts)
     task = subprocess.Popen([sys.executable, "-m", "data_prep.curate.clusters", "units", str(work),
                              "--task-index", "0", "--num-tasks", "1", "--no-progress"], cwd=REPO,
@@ -127,7 +128,6 @@ def test_non_finite_or_zero_embeddings_are_refused_in_one_line(tmp_path, damage)
     with pytest.raises(ValueError, match=r"embeddings.npy: row 17 is a (zero|non-finite) .*cannot be compared") as e:
         clusters.prepare(tmp_path, ClusterOptions())
     assert "\n" not in str(e.value)
-    assert not (tmp_path / clusters.PREPARED).exists()
 
 
 def test_embeddings_of_the_wrong_dimension_or_shape_are_refused_in_one_line(tmp_path):
@@ -177,17 +177,18 @@ def test_auto_picks_exact_below_the_size_and_both_methods_agree(tmp_path):
     np.testing.assert_allclose(cos, exact_cos, rtol=1e-5, atol=1e-5 * float(np.abs(exact_cos).max()))
 
 
-def test_plait_launch_dedup_renders_prepare_array_and_filter_and_its_array_script_runs_the_units(tmp_path, capsys):
+def test_plait_launch_dedup_renders_four_jobs_and_its_array_scripts_run_the_parts_and_units(tmp_path, capsys):
     from launch import cli
     assert cli.main(["dedup", "--tasks", "2", "--run-dir", str(tmp_path / "run"), "--dry-run", "--",
                      "/data/ds", "--output", "/data/kept", "--dedup-embeddings", "0.95", "--top-fraction", "0.5"]) == 0
     text = capsys.readouterr().out
-    prepare, array, final = text.split("# ---- ")[1:]
+    prepare, assign, array, final = text.split("# ---- ")[1:]
     filter_line = ("-m data_prep.cli filter /data/ds --output /data/kept --dedup-embeddings 0.95 --top-fraction 0.5 "
                    "--dedup-method clustered --dedup-units array --dedup-work /data/kept/_dedup")
     assert prepare.startswith("dedup_prepare.sbatch") and filter_line in prepare
     assert final.startswith("dedup_filter.sbatch") and filter_line in final  # the same command resolves
-    assert "#SBATCH --array=0-1" in array
+    assert "#SBATCH --array=0-1" in array and "clusters units /data/kept/_dedup" in array
+    assert "#SBATCH --array=0-1" in assign and "clusters assign /data/kept/_dedup" in assign
     with pytest.raises(SystemExit):  # --dedup-units local contradicts the array
         cli.main(["dedup", "--tasks", "2", "--run-dir", str(tmp_path / "run"), "--dry-run", "--", "/data/ds",
                   "--output", "/k", "--dedup-embeddings", "0.9", "--dedup-units", "local"])
@@ -198,14 +199,65 @@ def test_plait_launch_dedup_renders_prepare_array_and_filter_and_its_array_scrip
     x = blobs_with_copies(n=600, copies=60)
     work = tmp_path / "work"
     clusters.write_embeddings(work, lambda a, b: x[a:b], len(x), x.shape[1])
-    clusters.prepare(work, ClusterOptions(threshold=0.95, num_clusters=9))
+    clusters.prepare(work, ClusterOptions(threshold=0.95, num_clusters=9, part_rows=250))  # parts 0, 1, 2
     job = PrepJob(run_dir=tmp_path / "run", output_dir=str(tmp_path), prep_args=(), num_tasks=2, throttle=None,
                   resources=Resources(), job_name="t", python=sys.executable, container=None)
-    script = tmp_path / "units.sbatch"
-    script.write_text(render.render_dedup_array(job, str(work)))
-    for task in (0, 1):
-        done = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task)})
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert [clusters.unit_done(work, u) for u in range(9)] == [u < (4 if task == 0 else 9) for u in range(9)]
+    for stage, done_of, count in (("assign", clusters.part_done, 3), ("units", clusters.unit_done, 9)):
+        script = tmp_path / f"{stage}.sbatch"
+        script.write_text(render.render_dedup_array(job, str(work), stage))
+        for task in (0, 1):
+            done = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task)})
+            assert done.returncode == 0, done.stderr[-2000:]
+            first_share = len(clusters.task_units(count, 0, 2))
+            assert [done_of(work, u) for u in range(count)] == [u < (first_share if task == 0 else count)
+                                                                for u in range(count)]
     assert (clusters.resolve(work)[0] == _exact(x, 0.95)).all()
+
+
+@pytest.mark.slow
+def test_filter_clustered_and_array_flow_give_the_exact_search_s_verdicts(tmp_path):
+    """plait prep filter on real Fashion-MNIST shards scored with embeddings: --dedup-method clustered equals
+    exact, and --dedup-units array (prepare, the unit task CLI, the same command again) gives the same dataset."""
+    import itertools
+    import torch
+    import pyarrow.parquet as pq
+    from data_prep.curate.filter import DECISIONS, FilterOptions, filter_dataset
+    from data_prep.curate.score import ScoreOptions, score
+    from data_prep.input.sources import read_rows
+    from data_prep.job.run import run_task
+    from data_prep.maintenance import merge as merge_mod
+    from data_prep.options import JobOptions, SourceOptions
+    from pipeline.artifacts.export import export_open_clip
+    from pipeline.models.towers import build_clip
+    from tests.helpers.fmnist_fixture import FMNIST, TEST_MODEL_CFG
+
+    if not FMNIST.is_dir():
+        pytest.skip("Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+    source = SourceOptions(str(FMNIST), "fashion-mnist", split="test")
+    dataset = tmp_path / "ds"
+    rows = list(itertools.islice(read_rows(source), 400))
+    run_task(JobOptions(output=str(dataset), source=source, samples_per_shard=200), rows=iter(rows),
+             progress=False, log=lambda s: None)
+    merge_mod.merge(str(dataset))
+    torch.manual_seed(0)
+    export_open_clip(build_clip(TEST_MODEL_CFG).state_dict(), TEST_MODEL_CFG, tmp_path / "model")
+    score(ScoreOptions(str(dataset), str(tmp_path / "model"), out=str(tmp_path / "scores"), num_workers=0,
+                       embeddings=True, progress=False))
+    decisions = {}
+    for name, extra in (("exact", {"dedup_method": "exact"}), ("clustered", {"dedup_method": "clustered"}),
+                        ("array", {"dedup_method": "clustered", "dedup_units": "array"})):
+        opts = FilterOptions(str(dataset), str(tmp_path / name), scores=str(tmp_path / "scores"),
+                             dedup_embeddings=0.98, progress=False, **extra)
+        summary = filter_dataset(opts)
+        if name == "array":
+            assert "run them as a job array" in summary["dedup_pending"]
+            assert not (tmp_path / name / DECISIONS).exists()
+            for stage in ("assign", "units"):  # what the two arrays run
+                assert clusters.main([stage, str(tmp_path / name / "_dedup"), "--no-progress"]) == 0
+            summary = filter_dataset(opts)
+        assert summary["filter"]["dedup_method"] == extra["dedup_method"]
+        decisions[name] = pq.read_table(tmp_path / name / DECISIONS).column("reason").to_pylist()
+    dropped = [r for r in decisions["exact"] if r]
+    assert 20 < len(dropped) < 400 and all(r.startswith("near-duplicate (of ") for r in dropped)
+    assert decisions["clustered"] == decisions["exact"] == decisions["array"]

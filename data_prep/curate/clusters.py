@@ -5,15 +5,17 @@ in priority order, row 0 the best-scored. A row's number is its rank, so "better
 
 Stages, each a pure function of the work folder, each writing its files atomically with a done marker last:
   prepare   k-means (`faiss.Kmeans`, spherical, seeded) trained on a seeded sample of the L2-normalised rows
-            (`sample_per_cluster` x K rows), then every row's `probe` nearest centroids by inner product: the
-            first is its home cluster, all `probe` of them are its probe set P(i). Writes centroids, the
-            assignment and, per cluster c, its members M(c) = {i : home(i) = c} and visitors
-            V(c) = {i : c in P(i), home(i) != c}, both in rank order.
-  unit c    every pair of M(c) x M(c) and V(c) x M(c) with cosine >= threshold, as (worse row, better row,
-            cosine), to `units/c.pairs.npz`, then `units/c.done`. Reads only the embeddings of M(c) and V(c).
+            (`sample_per_cluster` x K rows): the plan and the centroids. The one step that is not split.
+  assign p  for each row of part p (`part_rows` rows), its `probe` nearest centroids by inner product: the first
+            is its home cluster, all `probe` of them its probe set P(i). A NaN, infinite or zero row is refused.
+  unit c    with M(c) = {i : home(i) = c} (members) and V(c) = {i : c in P(i), home(i) != c} (visitors), both in
+            rank order: every pair of M(c) x M(c) and V(c) x M(c) with cosine >= threshold, as (worse row, better
+            row, cosine), to `units/c.pairs.npz`, then `units/c.done`. A task running units a..b reads the
+            assignment once for their lists, and the embeddings of their members and visitors only.
   resolve   the union of the units' pairs, then the greedy of the exact search (`dedup.near_duplicates`):
             rows in rank order, a row is dropped when one of its pairs joins it to a better row that is kept;
             it is named the duplicate of the kept one of highest cosine (ties: the better-ranked one).
+Parts and units are the work units of job arrays (`plait launch dedup`), or of a local pool of processes.
 
 The boundary rule, exactly: rows i and j are compared iff home(j) is in P(i) or home(i) is in P(j). Unit home(j)
 finds the pair in M x M (same home) or with i a visitor. A near-duplicate pair on the boundary of two clusters has
@@ -22,16 +24,17 @@ home clusters only. The verdicts equal the exact search's whenever every pair at
 compared, and differ only through pairs whose rows' probe sets miss each other's home (`bench_dedup.py` counts
 them: the pair recall).
 
-Determinism: the centroids, assignment and unit lists are written once by `prepare` and only read afterwards; a
-unit's pairs depend on its own rows only, and `resolve` sorts the union before the greedy. So the verdicts do not
+Determinism: the centroids are written once by `prepare` and only read afterwards, a part's assignment and a
+unit's pairs depend on their own rows only, and `resolve` sorts the union before the greedy. So the verdicts do not
 depend on how units are spread over processes or array tasks, and a killed unit reruns to the same pairs.
 
 Memory: a unit holds its members' and visitors' embeddings (about `probe` x a cluster's rows, float32) and one
-block of cosines [block, |M(c)|]; prepare holds the centroids and one chunk of rows at a time; resolve holds the
-pairs (only those at or above the threshold) and one flag per row. Embeddings stay in `embeddings.npy`, read
+block of cosines [block, |M(c)|], its task the lists of its units (probe x their rows, int64); prepare holds the
+training sample, an assignment part the centroids and one chunk of rows; resolve holds the pairs (only those at
+or above the threshold) and one flag per row. Embeddings stay in `embeddings.npy`, read
 through short-lived memory maps.
 
-Cost: prepare is O(N K D) for the assignment; the units are O(probe N^2 D / K) in total, so the default
+Cost: the assignment is O(N K D); the units are O(probe N^2 D / K) in total, so the default
 K = sqrt(probe N) balances the two at O(sqrt(probe) N^1.5 D). A group of g copies of one image costs g^2 / 2
 pairs: exact copies are removed at prep time (sha256), and near-duplicate groups are small.
 """
@@ -75,6 +78,8 @@ class ClusterOptions:
     """seed of the training sample and of k-means"""
     block: int = option(2048, ge=1)
     """query rows per cosine block within a unit"""
+    part_rows: int = option(1 << 20, ge=1)
+    """rows per assignment part (the assignment's work unit: an array task assigns a range of parts)"""
 
     def __post_init__(self) -> None:
         from pipeline.options import validate
@@ -146,11 +151,11 @@ def write_embeddings(work: str | Path, rows: Callable[[int, int], np.ndarray], n
     return work / EMBEDDINGS
 
 
-# ------------------------------------------------------------------------------------------------ prepare
-def prepare(work: str | Path, opts: ClusterOptions, dim: int | None = None, threads: int | None = None,
-            progress: bool = False) -> dict:
-    """Checks the embeddings, trains k-means, assigns every row; writes the plan and unit lists. A work folder
-    already prepared with the same settings and input is reused; other settings are refused."""
+# ------------------------------------------------------------------------------------------------ train
+def prepare(work: str | Path, opts: ClusterOptions, dim: int | None = None, threads: int | None = None) -> dict:
+    """Trains k-means on a seeded sample and writes the plan and centroids (the one step that is not split over
+    tasks). A work folder already prepared with the same settings and input is reused; other settings are
+    refused."""
     import faiss
     work = Path(work)
     emb = _open_embeddings(work)
@@ -159,7 +164,8 @@ def prepare(work: str | Path, opts: ClusterOptions, dim: int | None = None, thre
     if dim is not None and d != dim:
         raise ValueError(f"{work / EMBEDDINGS}: embeddings of dimension {d}, expected {dim}")
     k = opts.clusters_for(n)
-    plan = {"format": FORMAT, "num_rows": n, "dim": d, **asdict(opts), "num_clusters": k}
+    plan = {"format": FORMAT, "num_rows": n, "dim": d, **asdict(opts), "num_clusters": k,
+            "num_parts": -(-n // opts.part_rows)}
     if (work / PREPARED).exists():
         have = json.loads((work / PLAN).read_text())
         diffs = [key for key in plan if have.get(key) != plan[key]]
@@ -168,85 +174,116 @@ def prepare(work: str | Path, opts: ClusterOptions, dim: int | None = None, thre
         return have
     if threads:
         faiss.omp_set_num_threads(threads)
-    _check_rows(work, n, progress)
     rng = np.random.default_rng(opts.seed)
     train_idx = np.sort(rng.choice(n, size=min(n, opts.sample_per_cluster * k), replace=False))
+    sample = _checked_rows(work, train_idx)
     km = faiss.Kmeans(d, k, niter=opts.niter, seed=opts.seed, spherical=True, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(opts.sample_per_cluster, 1))
-    km.train(np.ascontiguousarray(_rows(work, train_idx)))
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)  # [K, D]
-    index = faiss.IndexFlatIP(d)
-    index.add(centroids)
-    probe = min(opts.probe, k)
-    assign = np.empty((n, probe), np.int32)  # [N, probe]: home first
-    bar = _bar(progress, n, "assigning")
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
-        _, nearest = index.search(np.ascontiguousarray(_rows(work, slice(start, stop))), probe)
-        assign[start:stop] = nearest
-        if bar is not None:
-            bar.update(stop - start)
-    if bar is not None:
-        bar.close()
-    home = assign[:, 0]
-    members = np.argsort(home, kind="stable").astype(np.int64)  # rank order within each cluster
-    member_offsets = np.concatenate([[0], np.cumsum(np.bincount(home, minlength=k))]).astype(np.int64)
-    rows_v = np.repeat(np.arange(n, dtype=np.int64), probe - 1)
-    units_v = assign[:, 1:].reshape(-1).astype(np.int64)
-    order = np.lexsort((rows_v, units_v))
-    visitors = rows_v[order]
-    visitor_offsets = np.concatenate([[0], np.cumsum(np.bincount(units_v, minlength=k))]).astype(np.int64)
-    _save_npy(work / "centroids.npy", centroids)
-    _save_npy(work / "assign.npy", assign)
-    # separate .npy files, so that a unit maps them and reads only its own slice
-    for name, array in (("members", members), ("member_offsets", member_offsets), ("visitors", visitors),
-                        ("visitor_offsets", visitor_offsets)):
-        _save_npy(work / f"{name}.npy", array)
-    (work / "units").mkdir(exist_ok=True)
-    sizes = np.diff(member_offsets)
-    plan.update(largest_cluster=int(sizes.max()), empty_clusters=int((sizes == 0).sum()))
+    km.train(np.ascontiguousarray(sample))
+    del sample
+    _save_npy(work / "centroids.npy", np.ascontiguousarray(km.centroids, dtype=np.float32))  # [K, D]
+    for folder in ("assign", "units"):
+        (work / folder).mkdir(exist_ok=True)
     _write_text(work / PLAN, json.dumps(plan, indent=1))
     _write_text(work / PREPARED, "")
     return plan
 
 
-def _check_rows(work: Path, n: int, progress: bool) -> None:
-    """A NaN, infinite or all-zero embedding has no direction: refused, naming the first such row."""
-    for start in range(0, n, _CHUNK):
-        emb = _open_embeddings(work)
-        block = np.asarray(emb[start:start + _CHUNK], dtype=np.float32)
-        del emb
-        finite = np.isfinite(block).all(axis=1)
-        zero = finite & ~(np.abs(block) > 0).any(axis=1)
-        bad = np.flatnonzero(~finite | zero)
-        if len(bad):
-            row = start + int(bad[0])
-            what = "zero" if zero[bad[0]] else "non-finite (NaN or infinity)"
-            raise ValueError(f"{work / EMBEDDINGS}: row {row} is a {what} embedding ({len(bad)} such rows in "
-                             f"rows {start}..{start + len(block) - 1}): it cannot be compared")
+def _checked_rows(work: Path, index: np.ndarray | slice) -> np.ndarray:
+    """`_rows`, refusing a NaN, infinite or all-zero embedding (it has no direction), naming the first such row."""
+    emb = _open_embeddings(work)
+    raw = np.asarray(emb[index], dtype=np.float32)
+    del emb
+    finite = np.isfinite(raw).all(axis=1)
+    zero = finite & ~(np.abs(raw) > 0).any(axis=1)
+    bad = np.flatnonzero(~finite | zero)
+    if len(bad):
+        rows = np.arange(len(_open_embeddings(work)))[index]
+        what = "zero" if zero[bad[0]] else "non-finite (NaN or infinity)"
+        raise ValueError(f"{work / EMBEDDINGS}: row {int(rows[bad[0]])} is a {what} embedding ({len(bad)} such "
+                         f"rows among {len(raw)} read): it cannot be compared")
+    return raw / np.linalg.norm(raw, axis=1, keepdims=True)
 
 
-# ------------------------------------------------------------------------------------------------ units
 def _plan(work: Path) -> dict:
     if not (work / PREPARED).exists():
         raise ValueError(f"{work}: not a prepared dedup work folder (no {PREPARED}); run prepare first")
     return json.loads((work / PLAN).read_text())
 
 
+# ------------------------------------------------------------------------------------------------ assign
+def part_done(work: str | Path, part: int) -> bool:
+    return (Path(work) / "assign" / f"{part:07d}.done").exists()
+
+
+def assign_part(work: str | Path, part: int) -> None:
+    """Each row of part `part` (rows part x part_rows onwards): its `probe` nearest centroids, home first, checked
+    rows only; the part file, then its done marker."""
+    import faiss
+    work = Path(work)
+    plan = _plan(work)
+    if not 0 <= part < plan["num_parts"]:
+        raise ValueError(f"{work}: assignment part {part} is outside 0..{plan['num_parts'] - 1}")
+    index = faiss.IndexFlatIP(plan["dim"])
+    index.add(np.load(work / "centroids.npy", allow_pickle=False))
+    start, stop = part * plan["part_rows"], min(plan["num_rows"], (part + 1) * plan["part_rows"])
+    probe = min(plan["probe"], plan["num_clusters"])
+    assign = np.empty((stop - start, probe), np.int32)  # [rows, probe]
+    for s in range(start, stop, _CHUNK):
+        e = min(stop, s + _CHUNK)
+        _, nearest = index.search(np.ascontiguousarray(_checked_rows(work, slice(s, e))), probe)
+        assign[s - start:e - start] = nearest
+    _save_npy(work / "assign" / f"{part:07d}.npy", assign)
+    _write_text(work / "assign" / f"{part:07d}.done", "")
+
+
+def assignment(work: str | Path) -> np.ndarray:
+    """The whole assignment [N, probe] (home first), for measurements and tests; units read it part by part."""
+    work = Path(work)
+    plan = _plan(work)
+    return np.concatenate([np.load(work / "assign" / f"{p:07d}.npy") for p in range(plan["num_parts"])])
+
+
+def unit_lists(work: Path, plan: dict, first: int, stop: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """unit -> (members, visitors), rows in rank order, for the units first..stop-1, from one pass over the
+    assignment parts: a task holds the lists of its own units only."""
+    missing = [p for p in range(plan["num_parts"]) if not part_done(work, p)]
+    if missing:
+        raise ValueError(f"{work}: {len(missing)} of {plan['num_parts']} assignment parts not done (first: "
+                         f"{missing[0]}); run them (`python -m data_prep.curate.clusters assign {work}`)")
+    found: dict[str, list] = {"m_unit": [], "m_row": [], "v_unit": [], "v_row": []}
+    for p in range(plan["num_parts"]):
+        a = np.load(work / "assign" / f"{p:07d}.npy", mmap_mode="r", allow_pickle=False)
+        rows = p * plan["part_rows"] + np.arange(len(a), dtype=np.int64)
+        home = np.asarray(a[:, 0])
+        sel = (home >= first) & (home < stop)
+        found["m_unit"].append(home[sel]), found["m_row"].append(rows[sel])
+        for col in range(1, a.shape[1]):
+            unit = np.asarray(a[:, col])
+            sel = (unit >= first) & (unit < stop)
+            found["v_unit"].append(unit[sel]), found["v_row"].append(rows[sel])
+        del a
+    lists: dict[int, list[np.ndarray]] = {u: [] for u in range(first, stop)}
+    for kind in ("m", "v"):
+        unit = np.concatenate(found[f"{kind}_unit"]) if found[f"{kind}_unit"] else np.zeros(0, np.int32)
+        row = np.concatenate(found[f"{kind}_row"]) if found[f"{kind}_row"] else np.zeros(0, np.int64)
+        order = np.lexsort((row, unit))
+        unit, row = unit[order], row[order]
+        bounds = np.searchsorted(unit, np.arange(first, stop + 1))
+        for u in range(first, stop):
+            lists[u].append(row[bounds[u - first]:bounds[u - first + 1]])
+    return {u: (m, v) for u, (m, v) in lists.items()}
+
+
+# ------------------------------------------------------------------------------------------------ units
 def unit_done(work: str | Path, unit: int) -> bool:
     return (Path(work) / "units" / f"{unit:07d}.done").exists()
 
 
-def run_unit(work: str | Path, unit: int) -> int:
+def run_unit(work: str | Path, unit: int, members: np.ndarray, visitors: np.ndarray) -> int:
     """Writes unit `unit`'s pairs at or above the threshold, then its done marker; returns the pair count."""
     work = Path(work)
     plan = _plan(work)
-    if not 0 <= unit < plan["num_clusters"]:
-        raise ValueError(f"{work}: unit {unit} is outside 0..{plan['num_clusters'] - 1}")
-    load = lambda name: np.load(work / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-    mo, vo = load("member_offsets"), load("visitor_offsets")
-    members = np.array(load("members")[mo[unit]:mo[unit + 1]])
-    visitors = np.array(load("visitors")[vo[unit]:vo[unit + 1]])
     threshold = float(plan["threshold"])
     # a large cluster gets shorter blocks: one block of cosines stays under 2^25 floats (128 MiB)
     block = max(1, min(int(plan["block"]), (1 << 25) // max(1, len(members))))
@@ -276,42 +313,84 @@ def run_unit(work: str | Path, unit: int) -> int:
 
 
 def task_units(num_units: int, task_index: int, num_tasks: int) -> range:
-    """The contiguous range of units of array task `task_index` of `num_tasks` (sizes differ by at most one)."""
+    """The contiguous range of units (or assignment parts) of array task `task_index` of `num_tasks` (sizes
+    differ by at most one)."""
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"--task-index {task_index}: must be in 0..{num_tasks - 1}")
     return range(task_index * num_units // num_tasks, (task_index + 1) * num_units // num_tasks)
 
 
-def _run_units(work: str, units: list[int], threads: int | None) -> int:
+def _limit_threads(threads: int | None) -> None:
     if threads:
         from threadpoolctl import threadpool_limits
         threadpool_limits(threads)
-    return sum(run_unit(work, u) for u in units if not unit_done(work, u))
+        import faiss
+        faiss.omp_set_num_threads(threads)
+
+
+def _assign_parts(work: str, parts: list[int], threads: int | None) -> int:
+    _limit_threads(threads)
+    for p in parts:
+        if not part_done(work, p):
+            assign_part(work, p)
+    return len(parts)
+
+
+def _run_unit_range(work: str, first: int, stop: int, threads: int | None) -> int:
+    _limit_threads(threads)
+    todo = [u for u in range(first, stop) if not unit_done(work, u)]
+    if not todo:
+        return 0
+    lists = unit_lists(Path(work), _plan(Path(work)), todo[0], todo[-1] + 1)
+    return sum(run_unit(work, u, *lists[u]) for u in todo)
+
+
+def _pool(work: Path, fn, jobs: list[tuple], processes: int, bar) -> int:
+    """fn(str(work), *job, threads) for every job, here or in `processes` spawned processes (faiss and BLAS
+    threads do not survive a fork), one BLAS thread each in the pool; returns the sum of the results."""
+    total = 0
+    if processes <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            total += fn(str(work), *job, None)
+            if bar is not None:
+                bar.update(1)
+        return total
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for count in pool.map(fn, *zip(*[(str(work), *job, 1) for job in jobs])):
+            total += count
+            if bar is not None:
+                bar.update(1)
+    return total
+
+
+def run_assign(work: str | Path, processes: int = 1, parts: range | None = None, progress: bool = False) -> None:
+    """The assignment parts not done yet (all, or `parts`), in a pool of `processes`."""
+    work = Path(work)
+    plan = _plan(work)
+    todo = [p for p in (parts if parts is not None else range(plan["num_parts"])) if not part_done(work, p)]
+    bar = _bar(progress, len(todo), "dedup assignment")
+    _pool(work, _assign_parts, [([p],) for p in todo], processes, bar)
+    if bar is not None:
+        bar.close()
 
 
 def run_units(work: str | Path, processes: int = 1, units: range | None = None, progress: bool = False) -> int:
-    """Runs the units not done yet (all, or `units`) in a pool of `processes` (spawned: faiss and BLAS threads do
-    not survive a fork); returns the number of pairs written this run."""
+    """The units not done yet (all, or `units`) in a pool of `processes`, as contiguous ranges (each range reads
+    the assignment once); returns the number of pairs written this run."""
     work = Path(work)
     plan = _plan(work)
-    todo = [u for u in (units if units is not None else range(plan["num_clusters"])) if not unit_done(work, u)]
-    bar = _bar(progress, len(todo), "dedup units")
-    total = 0
-    batches = [todo[i:i + 16] for i in range(0, len(todo), 16)]  # 16 units per call: a cluster is small work
-    if processes <= 1:
-        for batch in batches:
-            total += _run_units(str(work), batch, None)
-            if bar is not None:
-                bar.update(len(batch))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for batch, count in zip(batches, pool.map(_run_units, [str(work)] * len(batches), batches,
-                                                      [1] * len(batches))):
-                total += count
-                if bar is not None:
-                    bar.update(len(batch))
+    units = units if units is not None else range(plan["num_clusters"])
+    todo = [u for u in units if not unit_done(work, u)]
+    if not todo:
+        return 0
+    # ranges of ~16 units at least (one pass over the assignment each), ~8 per process at most
+    size = max(16, -(-len(units) // (8 * max(1, processes))))
+    ranges = [(s, min(units.stop, s + size)) for s in range(units.start, units.stop, size)]
+    ranges = [r for r in ranges if any(not unit_done(work, u) for u in range(*r))]
+    bar = _bar(progress, len(ranges), "dedup units")
+    total = _pool(work, _run_unit_range, ranges, processes, bar)
     if bar is not None:
         bar.close()
     return total
@@ -366,13 +445,15 @@ def pairs(work: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def near_duplicates_clustered(work: str | Path, opts: ClusterOptions, processes: int = 1, run: bool = True,
                               dim: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
-    """prepare, the units (in a local pool when `run`, else only those already done by an array), resolve.
+    """prepare, the assignment and the units (in a local pool when `run`, else only what an array did), resolve.
     Returns (duplicate_of, cosine) over the rows of the work folder's embeddings, or None when `run` is False and
-    units are still to be done."""
-    plan = prepare(work, opts, dim=dim, progress=progress)
+    assignment parts or units are still to be done."""
+    plan = prepare(work, opts, dim=dim)
     if run:
+        run_assign(work, processes, progress=progress)
         run_units(work, processes, progress=progress)
-    elif not all(unit_done(work, u) for u in range(plan["num_clusters"])):
+    elif not (all(part_done(work, p) for p in range(plan["num_parts"]))
+              and all(unit_done(work, u) for u in range(plan["num_clusters"]))):
         return None
     return resolve(work)
 
@@ -386,25 +467,31 @@ def _bar(enabled: bool, total: int, desc: str):
 
 # ------------------------------------------------------------------------------------------------ array task
 def main(argv: list[str] | None = None) -> int:
-    """`python -m data_prep.curate.clusters units WORK [--task-index I --num-tasks T]`: one array task (or, with
-    neither, every unit) of a prepared work folder; reruns skip the units already done."""
+    """`python -m data_prep.curate.clusters {assign,units} WORK [--task-index I --num-tasks T]`: one array task
+    (or, with neither, all) of the assignment parts or of the units of a prepared work folder; a rerun skips the
+    parts and units already done. Every assignment part must be done before the units run."""
     p = argparse.ArgumentParser(prog="python -m data_prep.curate.clusters", description=main.__doc__)
-    p.add_argument("stage", choices=("units",))
+    p.add_argument("stage", choices=("assign", "units"))
     p.add_argument("work", help="the prepared work folder (the filter's --dedup-work)")
     p.add_argument("--task-index", type=int, help="this task's index (default: $SLURM_ARRAY_TASK_ID, else all)")
-    p.add_argument("--num-tasks", type=int, help="number of tasks the units are split over")
-    p.add_argument("--processes", type=int, default=1, help="local processes for this task's units")
+    p.add_argument("--num-tasks", type=int, help="number of tasks the parts or units are split over")
+    p.add_argument("--processes", type=int, default=1, help="local processes for this task's share")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
         plan = _plan(Path(a.work))
         index = a.task_index if a.task_index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
-        units = None
+        share = None
         if index is not None:
             if not a.num_tasks or a.num_tasks < 1:
                 raise ValueError("--num-tasks: needed (>= 1) with a task index")
-            units = task_units(plan["num_clusters"], int(index), a.num_tasks)
-        count = run_units(a.work, a.processes, units, progress=not a.no_progress)
+            total = plan["num_parts"] if a.stage == "assign" else plan["num_clusters"]
+            share = task_units(total, int(index), a.num_tasks)
+        if a.stage == "assign":
+            run_assign(a.work, a.processes, share, progress=not a.no_progress)
+            print(f"{a.work}: assignment parts {share or 'all'} done")
+            return 0
+        count = run_units(a.work, a.processes, share, progress=not a.no_progress)
     except (ValueError, FileNotFoundError) as exn:
         p.exit(2, f"plait: error: {exn}\n")
     print(f"{a.work}: {count} pairs at or above {plan['threshold']} written")
