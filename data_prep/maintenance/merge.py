@@ -138,21 +138,38 @@ def _hashes_of_shard(out: OutputDir, shard: int, ordinal: int) -> np.ndarray:
 
 
 class _Run:
-    """A run of entries sorted by one field (`hi`, or `ordinal` for removals), in memory or spilled to a file (read back by slices through a memmap)."""
+    """A run of entries sorted by one field (`hi`, or `ordinal` for removals), in memory or spilled to a file.
+
+    A spilled run is read back by plain reads of one slice at a time, not through a lasting memmap: the pages of
+    a mapped file count in the process's RSS once touched, so every run would end up resident."""
 
     def __init__(self, entries: np.ndarray, path: Path | None) -> None:
-        self.entries = entries
+        self.dtype, self.length, self.path = entries.dtype, len(entries), path
+        self.entries = entries if path is None else None
         if path is not None:
             entries.tofile(path)
-            self.entries = np.memmap(path, entries.dtype, "r", shape=entries.shape) if len(entries) else entries
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self.length
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.path is None:
+            return self.entries[start:stop]
+        with open(self.path, "rb") as f:
+            f.seek(start * self.dtype.itemsize)
+            return np.fromfile(f, self.dtype, stop - start)
 
     def bounds(self, field: str, inner_cuts: np.ndarray) -> np.ndarray:
         """[0, first index >= each cut..., len]: the run's slice for each interval between cuts."""
-        # a binary search on the memmap touches ~log2(n) pages per cut, not the whole run
-        return np.r_[0, np.searchsorted(self.entries[field], inner_cuts, side="left"), len(self)]
+        if not self.length:
+            found = np.zeros(len(inner_cuts), np.int64)
+        elif self.path is None:
+            found = np.searchsorted(self.entries[field], inner_cuts, side="left")
+        else:  # a binary search touches ~log2(n) pages per cut; unmapped again when `mapped` goes
+            mapped = np.memmap(self.path, self.dtype, "r", shape=(self.length,))
+            found = np.searchsorted(mapped[field], inner_cuts, side="left")
+            del mapped
+        return np.r_[0, found, self.length]
 
 
 def _spill_hashes(out: OutputDir, shards: list[int], entries_per_run: int, folder: Path,
@@ -190,7 +207,7 @@ def _find_duplicates(runs: list[_Run], num_entries: int, entries_per_bucket: int
     bounds = [r.bounds("hi", cuts) for r in runs]
     losers = []
     for k in range(num_buckets):
-        e = np.concatenate([r.entries[b[k]:b[k + 1]] for r, b in zip(runs, bounds)])
+        e = np.concatenate([r.read(b[k], b[k + 1]) for r, b in zip(runs, bounds)])
         e = e[np.lexsort((e["ordinal"], e["row"], e["lo"], e["hi"]))]
         same = np.r_[False, (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])]
         group_start = np.maximum.accumulate(np.where(~same, np.arange(len(same)), 0))
@@ -213,7 +230,7 @@ def _remove_duplicates(out: OutputDir, shards: list[int], losers: list[_Run], en
     bounds = [r.bounds("ordinal", cuts) for r in losers]
     with tqdm(total=num_losers, desc="dedup: rewrite shards", unit="sample", disable=not progress) as bar:
         for g in range(num_groups):
-            found = np.concatenate([r.entries[b[g]:b[g + 1]] for r, b in zip(losers, bounds)])
+            found = np.concatenate([r.read(b[g], b[g + 1]) for r, b in zip(losers, bounds)])
             if not len(found):
                 continue
             found = found[np.lexsort((found["row"], found["ordinal"]))]
