@@ -82,7 +82,8 @@ def test_a_record_with_a_bad_hash_is_named(unmerged, tmp_path):
     out = tmp_path / "bad"
     shutil.copytree(unmerged, out)
     t = pq.read_table(out / "00001.parquet")
-    pq.write_table(t.set_column(t.schema.get_field_index("sha256"), "sha256",
-                                [["zz" * 32] + t.column("sha256").to_pylist()[1:]]), out / "00001.parquet")
-    with pytest.raises(ValueError, match=r"^00001\.parquet: a record's sha256 is not hexadecimal$"):
-        merge.merge(str(out))
+    for bad in ("zz" * 32, "é" * 64):  # not hex digits; not even one byte each
+        pq.write_table(t.set_column(t.schema.get_field_index("sha256"), "sha256",
+                                    [[bad] + t.column("sha256").to_pylist()[1:]]), out / "00001.parquet")
+        with pytest.raises(ValueError, match=r"^00001\.parquet: a record's sha256 is not hexadecimal$"):
+            merge.merge(str(out))

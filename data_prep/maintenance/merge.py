@@ -95,8 +95,8 @@ def dedup_across_shards(out: OutputDir, shards: list[int], memory_bytes: int = D
                         temp_dir: str | None = None, progress: bool = False) -> int:
     """Removes every ok sample whose sha256 an ok sample at a lower input position also has; returns how many.
 
-    A partitioned sort, so that memory stays bounded as the record count grows (an in-memory sort holds ~60 bytes
-    per sample: ~350 GB at LAION-5B's 5.85B records): the first 128 bits of each sha256 (a collision is not a
+    A partitioned sort, so that memory stays bounded as the record count grows (the previous in-memory sort peaked
+    at ~76 bytes per sample, benchmarks/bench_scale.py: ~440 GB at LAION-5B's 5.85B records): the first 128 bits of each sha256 (a collision is not a
     practical concern) with the sample's row and shard are spilled to `temp_dir` (default: the system temp folder)
     in runs sorted by hash; the hash space is then cut into buckets of at most `memory_bytes`, each bucket sorted
     by (hash, row, shard position) so that the lowest input position wins, as before; the removals are spilled
@@ -125,6 +125,8 @@ def _hashes_of_shard(out: OutputDir, shard: int, ordinal: int) -> np.ndarray:
     head = pc.utf8_slice_codeunits(t.column("sha256"), 0, 32).combine_chunks()
     if pc.min(pc.utf8_length(head)).as_py() != 32:
         raise ValueError(f"{layout.records_name(shard)}: a record's sha256 is shorter than 32 hex digits")
+    if pc.max(pc.binary_length(head)).as_py() != 32:  # a non-ASCII character: more bytes than characters
+        raise ValueError(f"{layout.records_name(shard)}: a record's sha256 is not hexadecimal")
     start = int(np.frombuffer(head.buffers()[1], np.int32)[head.offset])  # every head is 32 bytes: contiguous
     data = np.frombuffer(head.buffers()[2], np.uint8)
     nibbles = _HEX[data[start:start + 32 * len(head)]].reshape(-1, 32)
