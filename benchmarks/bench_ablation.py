@@ -12,12 +12,16 @@ more steps, which is FLIP's point.
               steps, so that the machine's drift over the minutes of training hits them alike;
   zero-shot   top-1 over the 10 classes with prompts unlike the training captions (contrastive/SigLIP heads);
   probe       linear-probe top-1 on the frozen image embeddings (every configuration, the autoencoder too);
-  recon       MAE masked-patch loss / MLM token loss (whole vocabulary) / ITM matching loss / autoencoder
-              L_img + L_txt on held-out
-              training batches.
+  recon       MAE masked-patch loss / MLM token loss (whole vocabulary) / ITM matching loss / caption
+              next-token cross-entropy / autoencoder L_img + L_txt on held-out training batches;
+  captions    for the caption configurations, greedy captions of --caption-samples test images scored with
+              BLEU-4 and CIDEr (pycocoevalcap) against the class named in the evaluation templates, which the
+              training captions never use, and the share of captions that name the true class.
+--equal-steps NAME... adds a contrastive run with as many steps as each named configuration trained (the cost of
+its objective at equal steps rather than equal CPU).
 Ratios against the contrastive baseline (and masked objectives against contrastive + FLIP), paired round by
 round in the timing, are printed with the issue's targets.
-Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...]
+Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...] [--equal-steps NAME ...]
 
 The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all thirteen configurations in
 about thirteen minutes. That is far from convergence: the accuracy columns compare objectives at equal, small
@@ -45,6 +49,8 @@ from pipeline.config import DataConfig, ObjectiveConfig, OptimConfig, load_confi
 from pipeline.data.loader import TrainStream  # noqa: E402
 from pipeline.train.distributed import World  # noqa: E402
 from pipeline.eval.evaluate import class_embeddings, labelled_images, linear_probe  # noqa: E402
+from pipeline.eval.caption import caption_metrics  # noqa: E402
+from pipeline.models.caption_head import captioner_for, decode, greedy  # noqa: E402
 from pipeline.models.model import build_model  # noqa: E402
 from pipeline.models.sizes import model_config  # noqa: E402
 from pipeline.models.towers import tokenizer_for  # noqa: E402
@@ -82,6 +88,9 @@ CONFIGS = {
     "contrastive+adversarial-alt": {"adversarial": {"weight": 0.1, "mode": "alternating"}},
     "contrastive+itm": {"itm": {"weight": 1.0}},
     "flip50+itm": {**FLIP, "itm": {"weight": 1.0}},
+    # CoCa's weights: caption 2.0 against contrastive 1.0; the default 2-block decoder at the text tower's width
+    "contrastive+caption": {"caption": {"weight": 2.0}},
+    "flip50+caption": {**FLIP, "caption": {"weight": 2.0}},
 }
 
 
@@ -153,6 +162,8 @@ def reconstruction(model, objective, batches: list[dict]) -> dict[str, float]:
             parts["mlm"] = units["mlm"].loss(outputs, augmented, 0)[0]
         if "itm" in units:
             parts["itm"] = units["itm"].loss(outputs, augmented, 0)[0]
+        if "caption" in units:
+            parts["caption"] = units["caption"].loss(outputs, augmented, 0)[0]
         if "autoencoder" in units:
             _, parts["txt"], parts["img"] = units["autoencoder"].loss_fn(
                 outputs["ae_image_pred"], outputs["ae_image_target"], outputs["ae_text_logits"],
@@ -228,9 +239,30 @@ def evaluate(r: dict, data: dict, templates) -> dict:
     probe_x = image_embeddings(model, data["probe_images"]).double().numpy()
     result["probe_top1"] = linear_probe(probe_x, data["probe_labels"], test_x, data["test_labels"],
                                         cs=(0.1, 1.0, 10.0))["top1"]
+    if "caption" in objective.units:
+        result["captions"] = caption_scores(model, data, templates)
     model.train()
     result["recon"] = reconstruction(model, objective, data["val"])
     return result
+
+
+@torch.no_grad()
+def caption_scores(model, data: dict, templates) -> dict:
+    """Greedy captions (plait caption's defaults: at most the text context, no end before 5 tokens) of the first
+    test images, against references from the evaluation templates, which no training caption uses."""
+    images, labels = data["caption_images"], data["caption_labels"]
+    captioner = captioner_for(model)
+    context = model.clip.context_length
+    rows, cpu = [], time.process_time()
+    for i in range(0, len(images), 64):
+        ids = greedy(captioner, images[i:i + 64], max_length=context, min_length=5)
+        rows += [{"key": str(i + j), "caption": c, "label": int(labels[i + j]),
+                  "references": [t.format(FASHION_MNIST_CLASSES[int(labels[i + j])]) for t in templates]}
+                 for j, c in enumerate(decode(ids))]
+    cpu = time.process_time() - cpu
+    scores = caption_metrics(rows, FASHION_MNIST_CLASSES)
+    return {"bleu_4": scores["bleu_4"], "cider": scores["cider"], "names_true_class": scores["names_true_class"],
+            "captions_per_cpu_s": len(rows) / cpu, "examples": [r["caption"] for r in rows[:4]]}
 
 
 def interleaved_timing(runs: list[dict], batch: dict, rounds: int) -> None:
@@ -279,6 +311,10 @@ def print_table(results: list[dict], args) -> None:
     for r in results:
         ratio = 1 / paired_ratio(r, base) if base else None
         recon = ", ".join(f"{k} {v:.3f}" for k, v in r["recon"].items()) or "-"
+        if "captions" in r:
+            c = r["captions"]
+            recon += (f"; BLEU-4 {c['bleu_4']:.3f}, CIDEr {c['cider']:.3f}, names the class "
+                      f"{c['names_true_class']:.1%}")
         print(f"{r['config']:28s} {r['samples_per_s']:9.1f} {fmt(ratio, '.2f'):>7s} {r['run_samples_per_s']:6.0f} "
               f"{r['steps']:6d} {r['train_cpu_s']:6.0f} {fmt(r.get('zeroshot_top1')):>9s} {fmt(r['probe_top1']):>6s}"
               f"  {recon}")
@@ -289,7 +325,7 @@ def print_table(results: list[dict], args) -> None:
         print(f"\nFLIP 50%: {speed:.2f}x the samples/s of unmasked in the timing rounds, {run_speed:.2f}x over the "
               f"training runs (target >= 1.6x), at {acc:.1%} of its zero-shot top-1 (target >= 95%)")
         for r in results:
-            if r["config"].startswith("contrastive+"):
+            if r["config"].startswith("contrastive+") or r["config"].startswith("contrastive ("):
                 print(f"{r['config']}: step time {paired_ratio(r, base) - 1:+.0%} over contrastive in the timing "
                       f"rounds, {base['run_samples_per_s'] / r['run_samples_per_s'] - 1:+.0%} over the training runs")
             if r["config"].startswith("flip50+"):
@@ -317,11 +353,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(the others train the same share of theirs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="a subset of the configurations")
+    parser.add_argument("--equal-steps", nargs="*", default=[], choices=list(CONFIGS), metavar="NAME",
+                        help="also train contrastive for as many steps as each of these configurations")
+    parser.add_argument("--caption-samples", type=int, default=500,
+                        help="test images captioned for the caption configurations' BLEU-4 and CIDEr")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     names = args.only or list(CONFIGS)
+    names += [n for n in args.equal_steps if n not in names]
     if "contrastive" not in names:
         names = ["contrastive", *names]  # the baseline: its step time prices FLIP's unmasked tail
     train, test = ensure_shards(args.train_shards, args.test_shards)
@@ -331,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     test_images, test_labels = load_labelled(test, model_cfg, args.eval_samples)
     data = {"train": batches[: args.max_batches], "val": batches[args.max_batches:],
             "tokenize": tokenizer_for(model_cfg), "probe_images": probe_images, "probe_labels": probe_labels,
-            "test_images": test_images, "test_labels": test_labels}
+            "test_images": test_images, "test_labels": test_labels,
+            "caption_images": test_images[:args.caption_samples], "caption_labels": test_labels[:args.caption_samples]}
     templates = load_config("demo").eval.templates
     print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
 
@@ -345,7 +387,15 @@ def main(argv: list[str] | None = None) -> int:
         r.update({k: t[k] for k in ("step_s", "cpu_step_s", "samples_per_s", "round_step_s")},
                  steps=steps, unmasked_steps=unmasked)
         runs.append(r)
-    del timing
+    base_timing = next(t for t in timing if t["config"] == "contrastive")
+    for name in args.equal_steps:
+        steps = next(r["steps"] for r in runs if r["config"] == name)
+        r = fresh("contrastive", args, model_cfg, steps)
+        r.update({k: base_timing[k] for k in ("step_s", "cpu_step_s", "samples_per_s", "round_step_s")},
+                 steps=steps, unmasked_steps=0)
+        r["config"] = f"contrastive ({steps} steps)"
+        runs.append(r)
+    del timing, base_timing
     print(f"timing done at {time.perf_counter() - t0:.0f}s; planned steps: "
           + ", ".join(f"{r['config']} {r['steps']}" for r in runs), flush=True)
     train_lockstep(runs, data, args.chunk_steps)
