@@ -13,6 +13,7 @@ tower, context 16) with the default 2-block decoder, from fresh weights: such a 
 of text, so each caption runs to --max-length tokens, the most a caption of that length can cost (a trained model's
 captions end earlier and cost less). Medians over rounds of whole batches.
 Usage: .venv/bin/python benchmarks/bench_caption.py --generate [--batch 32] [--rounds 5] [--max-length 16 8]
+    [--threads 1]  (on a loaded 2-core machine one thread wastes less time waiting for the other)
 """
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, nargs="+", default=[16, 8],
                         help="--generate: tokens per caption, start and end included")
     parser.add_argument("--beams", type=int, default=3, help="--generate: beam width of the beam-search rows")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.generate:
         return generation_speed(args)
     torch.manual_seed(0)
