@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         rows, shards, ranks, merges, stream_s = [200_000], [2_000], 16, [50], 1.0
-        dedups = [300_000]
+        dedups, args.dedup_peer_max = [200_000], 0  # the partitioned dedup only: its peers cost a minute here
     else:
         rows = [r for r in (1_000_000, 10_000_000, 100_000_000) if r <= args.max_rows]
         # exact mode needs a shard per slot: 1,024 ranks x 16 workers = 16,384 shards at least
