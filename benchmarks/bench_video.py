@@ -192,9 +192,12 @@ def clips(a) -> None:
                 w = csv.writer(f)
                 w.writerow(["video", "start", "end", "caption"])
                 w.writerows([path.name, a0, b0, f"segment {i}"] for i, (a0, b0) in enumerate(segs))
-            # the bare loop splits the segments into one contiguous run per process, as plait's shards do
+            # the bare loop splits the segments into contiguous runs of plait's shard size, handed to the
+            # processes as they free up, as plait's shards are (one run per process would leave the slower half
+            # setting the time on a loaded machine)
             per = -(-len(segs) // a.processes)
-            work = [(str(path), segs[i:i + per], a.num_frames) for i in range(0, len(segs), per)]
+            shard = min(per, a.max_shard_rows)
+            work = [(str(path), segs[i:i + shard], a.num_frames) for i in range(0, len(segs), shard)]
             bare_s = plait_s = float("inf")
             peak_mb = 0.0
             with mp.get_context("spawn").Pool(a.processes) as pool:
@@ -207,7 +210,7 @@ def clips(a) -> None:
                     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(table), "--input-format",
                            "clips", "--output", str(out), "--processes", str(a.processes), "--num-frames",
                            str(a.num_frames), "--image-size", "256", "--encode-quality", "95", "--no-progress",
-                           "--samples-per-shard", str(min(per, a.max_shard_rows))]
+                           "--samples-per-shard", str(shard)]
                     t = time.perf_counter()
                     run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], cwd=REPO, check=True,
                                          capture_output=True, text=True)
