@@ -7,15 +7,18 @@ import pytest
 import torch
 
 import pipeline.artifacts.export as ex
-from pipeline.models.caption_head import beam_search, captioner_for, decode, greedy
+from pipeline.models.caption_head import beam_search, caption_logits, captioner_for, decode, greedy
+from pipeline.models.towers import encode_text_tokens
+from pipeline.objectives.caption import token_loss_sums
 from tests.helpers.captioner import batch_of, coca_model_cfg, exported, model_and_objective
 
 torch.set_num_threads(1)
 
 
 def test_caption_logits_equal_open_clip_coca_on_the_exported_weights(tmp_path):
-    """Teacher forcing on the trimmed, packed shared encoding equals open_clip CoCa's forward on the full,
-    padded context; the export self-check compares the same, here checked from outside."""
+    """Teacher forcing on the trimmed, packed shared encoding (its per-caption losses) and on the full padded
+    context (its logits) equals open_clip CoCa's forward; the export self-check compares the same, here checked
+    from outside."""
     model, objective = model_and_objective()
     model.eval()
     batch = objective.augment(batch_of(), 0)
@@ -28,9 +31,12 @@ def test_caption_logits_equal_open_clip_coca_on_the_exported_weights(tmp_path):
     assert isinstance(coca, open_clip.CoCa)
     with torch.no_grad():
         theirs = coca(batch["image"], batch["text"])
-    L = ours["caption_logits"].shape[1]
-    padding = batch["text"][:, 1:L + 1] != 0
-    assert torch.allclose(ours["caption_logits"][padding], theirs["logits"][:, :L][padding], atol=1e-4)
+        captioner = captioner_for(model)
+        logits = caption_logits(model.heads["caption"], captioner.image_context(batch["image"]),
+                                encode_text_tokens(model.clip, batch["text"])[1])   # [B, L - 1, V]
+    labels = batch["text"][:, 1:]
+    assert torch.allclose(logits[labels != 0], theirs["logits"][labels != 0], atol=1e-4)
+    assert torch.allclose(ours["caption_nll"], token_loss_sums(theirs["logits"], labels), rtol=1e-5)
     assert torch.allclose(ours["image_features"], theirs["image_features"], atol=1e-5)
 
 

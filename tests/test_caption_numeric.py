@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.models.caption_head import build_decoder, caption_logits, last_logits
-from pipeline.objectives.caption import Caption, CaptionConfig, caption_loss
+from pipeline.objectives.caption import Caption, CaptionConfig, caption_loss, caption_outputs
 from pipeline.train.distributed import World
 from tests.helpers.captioner import model_and_objective
 from tests.helpers.tolerance import close
@@ -132,16 +132,40 @@ def test_packed_trimmed_and_padded_captions_give_the_same_loss_and_gradients():
         out = model(objective.augment(b, 0))
         _, losses, _ = objective(out, b, 0)
         losses["caption"].backward()
-        runs.append((losses["caption"].detach(), out["caption_logits"].shape[1],
+        runs.append((losses["caption"].detach(),
                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    loss, positions, grads = runs[0]
-    assert positions == 11 and runs[2][1] == 15                   # trimmed to 12 tokens; the full context
+    loss, grads = runs[0]
     assert any(k.startswith("heads.caption.") for k in grads) and any(k.startswith("clip.visual.") for k in grads)
-    for other_loss, _, other_grads in runs[1:]:
+    for other_loss, other_grads in runs[1:]:
         assert close(other_loss, loss, rtol=1e-10)
         assert grads.keys() == other_grads.keys()
         for k in grads:
             assert close(other_grads[k], grads[k], rtol=1e-8), k
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Micro-batches trim their text to their own longest caption (here 3 and 12 tokens): the caption unit's
+    per-caption outputs concatenate across them, and the accumulated gradients are the whole batch's."""
+    from accelerate import Accelerator
+
+    from pipeline.train.accumulate import forward_backward
+    text = open_clip.SimpleTokenizer(context_length=16)(
+        ["a bag", "a dress", "a pair of black ankle boots on a white floor", "a shirt with long sleeves"])
+    batch = {"image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+             "text": text}
+    runs = []
+    for accum in (1, 2):
+        model, objective = model_and_objective()
+        model = model.double()
+        loss, losses, _ = forward_backward(model, objective, objective.augment(batch, 0), 0, accum,
+                                           Accelerator(cpu=True))
+        runs.append((losses["caption"], {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}))
+    (whole_loss, whole), (acc_loss, accumulated) = runs
+    assert close(acc_loss, whole_loss, rtol=1e-10)
+    assert whole.keys() == accumulated.keys() and any(k.startswith("heads.caption.") for k in whole)
+    for k in whole:
+        assert close(accumulated[k], whole[k], rtol=1e-8), k
 
 
 # ---- distributed: 2 gloo processes against one process on the whole batch -------------------------------------
@@ -155,7 +179,7 @@ def unit_loss_and_grads(world: World, image_tokens, text_tokens, ids):
     decoder = make_decoder()
     unit = Caption(CaptionConfig(weight=1.0), None)
     unit.bind(world, None)
-    outputs = {"caption_logits": caption_logits(decoder, image_tokens, text_tokens), "caption_labels": ids[:, 1:]}
+    outputs = caption_outputs(caption_logits(decoder, image_tokens, text_tokens), ids[:, 1:])
     loss, _ = unit.loss(outputs, {"text": ids}, 0)
     loss.backward()
     return {"loss": loss.detach(), "image": image_tokens.grad, "text": text_tokens.grad,

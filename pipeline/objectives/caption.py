@@ -47,23 +47,41 @@ class CaptionConfig:
                 f"must lie in [0, 1), got {self.label_smoothing}")
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                 world_size: int = 1) -> torch.Tensor:
-    """Mean next-token cross-entropy over the non-padding labels: logits [B, L, V], labels [B, L] (0 = padding,
-    ignored, as in open_clip's CoCaLoss).
-
-    With `world_size` > 1 the sum is divided by the mean count of labels per rank (all-reduced), not by this
-    rank's own count: captions differ in length, so per-rank means would weight a token of a rank with short
-    captions more, and DDP's average of the ranks' gradients would not be the gradient of the global batch's
-    mean (open_clip's CoCaLoss has that bias). This way the ranks' mean loss and averaged gradients are those of
-    one process on the whole batch."""
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per caption, the sum of its next-token cross-entropies [B]: logits [B, L, V], labels [B, L] (0 = padding,
+    ignored, as in open_clip's CoCaLoss)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
-                            label_smoothing=label_smoothing, reduction="sum")
-    count = (labels != PAD_ID).sum().to(total.dtype)
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
+                                label_smoothing=label_smoothing, reduction="none")  # [B L], 0 at padding
+    return per_token.view(labels.shape).sum(dim=1)
+
+
+def mean_over_tokens(sums: torch.Tensor, counts: torch.Tensor, world_size: int = 1) -> torch.Tensor:
+    """sum(sums) / the number of labels: with `world_size` > 1 divided by the mean count of labels per rank
+    (all-reduced), not by this rank's own count. Captions differ in length, so per-rank means would weight a token
+    of a rank with short captions more, and DDP's average of the ranks' gradients would not be the gradient of the
+    global batch's mean (open_clip's CoCaLoss has that bias). This way the ranks' mean loss and averaged gradients
+    are those of one process on the whole batch."""
+    count = counts.sum().to(sums.dtype)
     if world_size > 1:
         count = all_reduce_sum(count) / world_size
-    return total / count.clamp(min=1)
+    return sums.sum() / count.clamp(min=1)
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                 world_size: int = 1) -> torch.Tensor:
+    """Mean next-token cross-entropy over the non-padding labels (logits [B, L, V], labels [B, L])."""
+    return mean_over_tokens(token_loss_sums(logits, labels, label_smoothing), (labels != PAD_ID).sum(dim=1),
+                            world_size)
+
+
+def caption_outputs(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> dict:
+    """The unit's outputs: per caption [B], the sum of its token losses and its count of labels. Per-sample
+    scalars, not the logits: the micro-batches of gradient accumulation trim their text to different lengths,
+    and their outputs are cached and concatenated (pipeline/train/accumulate.py), which [B, L, 49408] logits of
+    differing L would neither allow nor afford."""
+    return {"caption_nll": token_loss_sums(logits, labels, label_smoothing),
+            "caption_tokens": (labels != PAD_ID).sum(dim=1)}
 
 
 class Caption(Unit):
@@ -106,14 +124,13 @@ class Caption(Unit):
         if not self.cfg.train_image:
             image_tokens = image_tokens.detach()
         logits = caption_logits(model.heads[self.name], image_tokens, enc.text_tokens)  # [B, L' - 1, V]
-        return {"caption_logits": logits, "caption_labels": enc.text_ids[:, 1:]}, []
+        return caption_outputs(logits, enc.text_ids[:, 1:], self.cfg.label_smoothing), []
 
     def bind(self, world, total_steps):
         self.world_size = world.world_size
 
     def loss(self, outputs, batch, step):
-        logits, labels = outputs["caption_logits"], outputs["caption_labels"]  # [B, L, V], [B, L]
-        loss = caption_loss(logits, labels, self.cfg.label_smoothing, getattr(self, "world_size", 1))
+        loss = mean_over_tokens(outputs["caption_nll"], outputs["caption_tokens"], getattr(self, "world_size", 1))
         text = batch["text"]
         # a caption whose end of text sits in the context's last slot was probably cut by the tokenizer
         truncated = float((text.argmax(dim=-1) == text.shape[1] - 1).float().mean())
