@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the memory cap the merge dedup must stay under (peak RSS of its process, MB)")
     parser.add_argument("--dedup-memory-mb", type=int, default=0,
                         help="the dedup's memory budget (MB; default: the merge's DEDUP_MEMORY_BYTES)")
+    parser.add_argument("--dedup-sizes", default="",
+                        help="record counts of the merge dedup, comma-separated (default: 1M, 10M, 100M up to "
+                             "--dedup-records)")
     parser.add_argument("--dedup-peer-max", type=int, default=10_000_000,
                         help="largest record count the in-memory dedups are run at")
     args = parser.parse_args(argv)
@@ -420,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in (1_000_000, 10_000_000, 100_000_000) if r <= args.max_rows]
         # exact mode needs a shard per slot: 1,024 ranks x 16 workers = 16,384 shards at least
         shards, ranks, merges, stream_s = [20_000, 100_000, 400_000], 1_024, [1_000, 10_000], args.stream_s
-        dedups = [n for n in (1_000_000, 10_000_000, 100_000_000) if n <= args.dedup_records]
+        dedups = [int(n) for n in args.dedup_sizes.split(",")] if args.dedup_sizes else [
+            n for n in (1_000_000, 10_000_000, 100_000_000) if n <= args.dedup_records]
+        if any(n < 20 * DEDUP_SHARD_RECORDS for n in dedups):
+            parser.error(f"--dedup-sizes {args.dedup_sizes}: at least {20 * DEDUP_SHARD_RECORDS:,} records each")
     parts = set(args.parts.split(","))
     if not parts or parts - {"prep", "loader", "merge", "dedup"}:
         parser.error(f"--parts {args.parts!r}: expected a comma-separated subset of prep,loader,merge,dedup")
