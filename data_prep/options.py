@@ -32,7 +32,8 @@ class SegmentOptions:
     """How videos are cut into segments, each one sample (see `data_prep.input.segments`)."""
     caption_json: str | None = option(None, metavar="FILE")
     """howto100m: the caption file, a JSON object mapping each video id to parallel lists start, end, text
-    (seconds, seconds, ASR text), one segment each; loaded whole (at most --max-caption-json-bytes)"""
+    (seconds, seconds, ASR text), one segment each; streamed (ijson) into a temporary index of the table's videos,
+    so memory holds one video's entry (at most --max-caption-json-bytes)"""
     video_id_col: str = "video_id"
     """howto100m: the video table's column with the id the caption file is keyed by"""
     subtitles: bool = False

@@ -105,6 +105,9 @@ def test_howto100m_segments_merge_drop_and_past_the_end(long_video, tmp_path):
                        "no frames in segment [30.000, 32.000]s (past the end of the video?)",
                        "no captions for video id 'vid_missing' in --caption-json",
                        "caption entry lists differ in length (start 1, end 2, text 1)"], reasons
+    # every segment's times are in samples.parquet, the ones dropped before decoding too
+    assert [(r["video_id"], r["segment_index"], r["start"]) for r in recs[:7]] == [
+        ("vid_a", n, start) for n, start in enumerate([0.5, 3.0, 5.0, 7.5, 12.0, 12.4, 30.0])]
     metas = _frames_inside(shard_members(out))
     assert [(m["start"], m["end"], m["caption"]) for m in metas] == [
         (0.5, 2.5, "we cut the bikes"), (7.5, 9.0, "now the wheel"), (12.0, 12.4, "then"), (12.4, 14.0, "the tree")]

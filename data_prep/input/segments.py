@@ -334,4 +334,4 @@ def scene_segments(path: str, threshold: float) -> list[tuple[float, float, None
         scenes = manager.get_scene_list(start_in_scene=True)
     except (av.error.FFmpegError, OSError) as e:
         raise Reject(f"not a video: {type(e).__name__}") from None
-    return [(round(a.get_seconds(), 6), round(b.get_seconds(), 6), None) for a, b in scenes]
+    return [(round(a.seconds, 6), round(b.seconds, 6), None) for a, b in scenes]

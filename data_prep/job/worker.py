@@ -112,6 +112,9 @@ class ShardBuild:
         """(row, url to fetch) for rows that passed admission; url None for inline media."""
         for row in rows:
             rec = manifest.record(sample_key(row.index), row.index, shard_id, redact(row.url))
+            if row.start_s is not None or row.end_s is not None:  # a segment: its times even when it is rejected
+                rec.update(video_id=row.extra.get("video_id"), segment_index=row.extra.get("segment_index"),
+                           start=row.start_s, end=row.end_s)
             self.records.append(rec)
             try:
                 if row.skip_reason:

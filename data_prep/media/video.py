@@ -322,9 +322,6 @@ def _resize_frame(frame, iopts: ImageOptions, rotation: int = 0):
 
 def video_samples(opts: JobOptions, row: Row, rec: dict[str, Any], data: bytes | LocalVideo | None, caption: str,
                   meta: dict[str, Any]) -> list[Sample]:
-    if row.start_s is not None or row.end_s is not None:  # a segment: its times in samples.parquet too
-        rec.update(video_id=row.extra.get("video_id"), segment_index=row.extra.get("segment_index"),
-                   start=row.start_s, end=row.end_s)
     fr = decode_frames(data, opts.video, opts.image, row.start_s, row.end_s)
     ext = opts.image.encode_format
     rec.update(width=fr.width, height=fr.height, original_width=fr.original_width,
