@@ -95,8 +95,9 @@ def dedup_across_shards(out: OutputDir, shards: list[int], memory_bytes: int = D
                         temp_dir: str | None = None, progress: bool = False) -> int:
     """Removes every ok sample whose sha256 an ok sample at a lower input position also has; returns how many.
 
-    A partitioned sort, so that memory stays bounded as the record count grows (the previous in-memory sort peaked
-    at ~76 bytes per sample, benchmarks/bench_scale.py: ~440 GB at LAION-5B's 5.85B records): the first 128 bits of each sha256 (a collision is not a
+    A partitioned sort, so that memory stays bounded as the record count grows (the previous in-memory sort held
+    ~80-120 bytes per sample at its peak, benchmarks/bench_scale.py: 2.1 GiB at 20M records, over half a TB at
+    LAION-5B's 5.85B): the first 128 bits of each sha256 (a collision is not a
     practical concern) with the sample's row and shard are spilled to `temp_dir` (default: the system temp folder)
     in runs sorted by hash; the hash space is then cut into buckets of at most `memory_bytes`, each bucket sorted
     by (hash, row, shard position) so that the lowest input position wins, as before; the removals are spilled
