@@ -137,7 +137,7 @@ def _cos(work: Path, pairs: np.ndarray) -> np.ndarray:
     out = np.empty(len(pairs), np.float32)
     for s in range(0, len(pairs), 65536):
         p = pairs[s:s + 65536]
-        a, b = clusters._rows(work, p[:, 0]), clusters._rows(work, p[:, 1])
+        a, b = clusters._rows(work, p[:, 0], normalise=False), clusters._rows(work, p[:, 1], normalise=False)
         out[s:s + len(p)] = (a * b).sum(axis=1)
     return out
 
@@ -169,11 +169,11 @@ def exact_pairs_of_queries(work: str, queries: np.ndarray, threshold: float) -> 
     from data_prep.curate import clusters
     from tqdm import tqdm
     n = np.load(Path(work) / clusters.EMBEDDINGS, mmap_mode="r").shape[0]
-    q = clusters._rows(Path(work), queries)  # [Q, D]
+    q = clusters._rows(Path(work), queries, normalise=False)  # [Q, D]: the cosines the search itself takes
     found = []
     t0 = time.perf_counter()
     for start in tqdm(range(0, n, 32768), desc="exact pairs", file=sys.stderr):
-        block = clusters._rows(Path(work), slice(start, start + 32768))  # [b, D]
+        block = clusters._rows(Path(work), slice(start, start + 32768), normalise=False)  # [b, D]
         for qs in range(0, len(q), 4096):
             sims = q[qs:qs + 4096] @ block.T  # [<=4096, b]
             r, c = np.nonzero(sims >= threshold)
@@ -188,7 +188,7 @@ def verdicts_on_subsample(work: str, sub: str, rows: int, threshold: float, prob
     """Today's exact greedy and the clustered search on the first `rows` rows (their own work folder)."""
     from data_prep.curate import clusters
     from data_prep.curate.dedup import near_duplicates
-    x = clusters._rows(Path(work), slice(0, rows))
+    x = clusters._rows(Path(work), slice(0, rows), normalise=False)
     t0 = time.perf_counter()
     dropped, dup_of, _ = near_duplicates(lambda idx: x[idx], np.arange(rows), threshold)
     exact_s = time.perf_counter() - t0

@@ -156,9 +156,13 @@ def _read(work: Path, index: np.ndarray | slice) -> np.ndarray:
         return out
 
 
-def _rows(work: Path, index: np.ndarray | slice) -> np.ndarray:
-    """Rows of embeddings.npy as float32, L2-normalised."""
+def _rows(work: Path, index: np.ndarray | slice, normalise: bool = True) -> np.ndarray:
+    """Rows of embeddings.npy as float32, L2-normalised (for k-means and the assignment) or as stored (for the
+    pairs' cosines: the rows are L2-normalised embeddings, and the exact search takes their dot products as they
+    are, so both searches give the same cosines)."""
     out = _read(work, index).astype(np.float32)
+    if not normalise:
+        return out
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-12)
 
@@ -317,7 +321,7 @@ def run_unit(work: str | Path, unit: int, members: np.ndarray, visitors: np.ndar
     block = max(1, min(int(plan["block"]), (1 << 25) // max(1, len(members))))
     worse, better, cosine = [], [], []
     if len(members):
-        m = _rows(work, members)  # [m, D]
+        m = _rows(work, members, normalise=False)  # [m, D]
         for start in range(0, len(members), block):
             sims = m[start:start + block] @ m[:start + block].T  # [b, start + b]: members against better ones
             r, c = np.nonzero(sims >= threshold)
@@ -327,7 +331,7 @@ def run_unit(work: str | Path, unit: int, members: np.ndarray, visitors: np.ndar
             cosine.append(sims[r[keep], c[keep]])
         for start in range(0, len(visitors), block):
             rows = visitors[start:start + block]
-            sims = _rows(work, rows) @ m.T  # [b, m]
+            sims = _rows(work, rows, normalise=False) @ m.T  # [b, m]
             r, c = np.nonzero(sims >= threshold)
             a, b = rows[r], members[c]
             worse.append(np.maximum(a, b))
