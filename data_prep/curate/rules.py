@@ -5,8 +5,8 @@ Caption rules (the caption the loader would read, `--caption-keys`):
   min-words=N, max-words=N   whitespace-separated words
   min-chars=N, max-chars=N   characters
   exclude=REGEX              case-insensitive search
-  lang=CODE[,CODE...]        the caption's most likely language (py3langid, ISO 639 codes such as en, de, zh; its model ships inside
-                             the wheel, nothing is downloaded) must be one of them
+  lang=CODE[,CODE...]        the caption's most likely language (py3langid, ISO 639 codes such as en, de, zh; its
+                             model ships inside the wheel, nothing is downloaded) must be one of them
   lang-min-prob=P            with lang: ... and its probability at least P (0..1; default 0)
 Image rules (the size in the shard's records, never decoded: the downloaded image's original_width/height, or the
 stored width/height where a record has no original size):
