@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.command == "filter":
         from data_prep.curate import filter as filter_mod
-        opts = from_args(filter_mod.FilterOptions, a, caption_rules=tuple(a.caption_rules or ()))
+        # a repeatable flag not given parses to None: the options hold ()
+        opts = from_args(filter_mod.FilterOptions, a, **{name: tuple(getattr(a, name) or ()) for name in (
+            "caption_rules", "image_rules", "decontaminate")})
         print(filter_mod.format_summary(filter_mod.filter_dataset(opts)))
         return 0
     if a.command == "repair":

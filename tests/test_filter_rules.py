@@ -78,6 +78,11 @@ def test_language_id_rejects_other_languages_with_the_reason(dataset, tmp_path):
 
 def test_datacomp_basic_filter(dataset, tmp_path):
     reasons = _filter(dataset, tmp_path, basic_filter="datacomp")
+    src, names = dataset  # the CLI decides the same
+    assert plait.main(["prep", "filter", str(src), "--output", str(tmp_path / "cli"), "--basic-filter", "datacomp",
+                       "--no-progress"]) == 0
+    cli = pq.read_table(tmp_path / "cli" / "samples.parquet").to_pylist()
+    assert {names[r["key"]]: r["reason"] for r in cli} == reasons
     assert reasons == {
         "en": None, "ratio3": None, "square": None, "huge": None,  # aspect exactly 3 and side exactly 200 pass
         "fr": reasons["fr"], "de": reasons["de"],
