@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "plait did not write: what `index` writes)",
                        formatter_class=fmt)
     p.add_argument("output", help="dataset folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars for the cross-shard dedup")
     _add_score_filter(sub)
     return parser
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.maintenance.index import IndexOptions, index
             print(f"{a.output}: not a plait dataset (no _plan.json): writing sizes.json with `plait prep index`")
             return 1 if any(s.error for s in index(IndexOptions(a.output, progress=False))) else 0
-        print(format_summary(merge(a.output)))
+        print(format_summary(merge(a.output, progress=not a.no_progress)))
         return 0
     if a.command == "index":
         from data_prep.maintenance.index import main_args

@@ -238,7 +238,7 @@ def run_local(opts: JobOptions, processes: int = 1, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything for a single machine: all shards, then merge, then a summary."""
     run_task(opts, processes, 0, 1, progress, log)
-    summary = merge_mod.merge(opts.output)
+    summary = merge_mod.merge(opts.output, progress=progress)
     log(format_summary(summary))
     return summary
 

@@ -109,7 +109,7 @@ def dedup_across_shards(out: OutputDir, shards: list[int], memory_bytes: int = D
         num_entries = sum(len(r) for r in runs)
         if not num_entries:
             return 0
-        losers = _find_duplicates(runs, num_entries, entries_per_sort, Path(tmp))
+        losers = _find_duplicates(runs, num_entries, entries_per_sort, Path(tmp), progress)
         num_losers = sum(len(r) for r in losers)
         _remove_duplicates(out, shards, losers, entries_per_sort, progress)
         return num_losers
@@ -199,7 +199,8 @@ def _spill_hashes(out: OutputDir, shards: list[int], entries_per_run: int, folde
     return runs
 
 
-def _find_duplicates(runs: list[_Run], num_entries: int, entries_per_bucket: int, folder: Path) -> list[_Run]:
+def _find_duplicates(runs: list[_Run], num_entries: int, entries_per_bucket: int, folder: Path,
+                     progress: bool) -> list[_Run]:
     """Each bucket (a slice of the hash space, from every run) sorted by (hash, row, shard position): every entry
     after the first of its hash is a duplicate of that first one. Returns runs of (shard position, row, winner row)
     sorted by shard position."""
@@ -209,7 +210,7 @@ def _find_duplicates(runs: list[_Run], num_entries: int, entries_per_bucket: int
     cuts = np.array([(b << 64) // num_buckets for b in range(1, num_buckets)], np.uint64)
     bounds = [r.bounds("hi", cuts) for r in runs]
     losers = []
-    for k in range(num_buckets):
+    for k in tqdm(range(num_buckets), desc="dedup: sort buckets", unit="bucket", disable=not progress):
         e = np.concatenate([r.read(b[k], b[k + 1]) for r, b in zip(runs, bounds)])
         e = e[np.lexsort((e["ordinal"], e["row"], e["lo"], e["hi"]))]
         same = np.r_[False, (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])]
