@@ -109,10 +109,9 @@ def dedup_across_shards(out: OutputDir, shards: list[int], memory_bytes: int = D
         num_entries = sum(len(r) for r in runs)
         if not num_entries:
             return 0
-        losers = _find_duplicates(runs, num_entries, entries_per_sort, Path(tmp), progress)
-        num_losers = sum(len(r) for r in losers)
-        _remove_duplicates(out, shards, losers, entries_per_sort, progress)
-        return num_losers
+        losers, per_shard = _find_duplicates(runs, num_entries, len(shards), entries_per_sort, Path(tmp), progress)
+        _remove_duplicates(out, shards, losers, per_shard, entries_per_sort, progress)
+        return int(per_shard.sum())
 
 
 def _hashes_of_shard(out: OutputDir, shard: int, ordinal: int) -> np.ndarray:
@@ -199,17 +198,17 @@ def _spill_hashes(out: OutputDir, shards: list[int], entries_per_run: int, folde
     return runs
 
 
-def _find_duplicates(runs: list[_Run], num_entries: int, entries_per_bucket: int, folder: Path,
-                     progress: bool) -> list[_Run]:
+def _find_duplicates(runs: list[_Run], num_entries: int, num_shards: int, entries_per_bucket: int, folder: Path,
+                     progress: bool) -> tuple[list[_Run], np.ndarray]:
     """Each bucket (a slice of the hash space, from every run) sorted by (hash, row, shard position): every entry
     after the first of its hash is a duplicate of that first one. Returns runs of (shard position, row, winner row)
-    sorted by shard position."""
+    sorted by shard position, and the duplicates per shard position."""
     # sha256 is uniform, so equal slices of the hash space hold about equal shares (10% slack for the spread);
     # one hash with more copies than a bucket holds is the one case this does not bound
     num_buckets = -(-num_entries * 11 // (10 * entries_per_bucket)) if len(runs) > 1 else 1
     cuts = np.array([(b << 64) // num_buckets for b in range(1, num_buckets)], np.uint64)
     bounds = [r.bounds("hi", cuts) for r in runs]
-    losers = []
+    losers, per_shard = [], np.zeros(num_shards, np.int64)
     for k in tqdm(range(num_buckets), desc="dedup: sort buckets", unit="bucket", disable=not progress):
         e = np.concatenate([r.read(b[k], b[k + 1]) for r, b in zip(runs, bounds)])
         e = e[np.lexsort((e["ordinal"], e["row"], e["lo"], e["hi"]))]
@@ -219,18 +218,22 @@ def _find_duplicates(runs: list[_Run], num_entries: int, entries_per_bucket: int
         found = np.empty(len(dup), _LOSER)
         found["ordinal"], found["row"], found["winner"] = e["ordinal"][dup], e["row"][dup], e["row"][group_start[dup]]
         found = found[np.argsort(found["ordinal"], kind="stable")]
+        per_shard += np.bincount(found["ordinal"], minlength=num_shards)
         losers.append(_Run(found, folder / f"duplicates-{k}.bin" if num_buckets > 1 else None))
-    return losers
+    return losers, per_shard
 
 
-def _remove_duplicates(out: OutputDir, shards: list[int], losers: list[_Run], entries_per_group: int,
-                       progress: bool) -> None:
-    """Rewrites the shards that hold duplicates, in groups of shard positions whose removals fit in memory."""
-    num_losers = sum(len(r) for r in losers)
+def _remove_duplicates(out: OutputDir, shards: list[int], losers: list[_Run], per_shard: np.ndarray,
+                       entries_per_group: int, progress: bool) -> None:
+    """Rewrites the shards that hold duplicates, in groups of consecutive shard positions holding at most
+    `entries_per_group` removals plus one shard's (cut by the counts, so duplicates crowded into a few shards
+    still come in groups that fit)."""
+    num_losers = int(per_shard.sum())
     if not num_losers:
         return
-    num_groups = -(-num_losers // entries_per_group)
-    cuts = np.linspace(0, len(shards), num_groups + 1)[1:-1].round().astype(np.int32)
+    group_of = (np.cumsum(per_shard) - per_shard) // entries_per_group  # by the removals before each shard
+    cuts = (np.flatnonzero(np.diff(group_of)) + 1).astype(np.int32)
+    num_groups = len(cuts) + 1
     bounds = [r.bounds("ordinal", cuts) for r in losers]
     with tqdm(total=num_losers, desc="dedup: rewrite shards", unit="sample", disable=not progress) as bar:
         for g in range(num_groups):
