@@ -3,6 +3,7 @@ spills its own run, the hash space splits into many buckets and the removals int
 with planted duplicates merges to the same files as with the whole set sorted in memory."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from data_prep.cli import main
 from data_prep.job.plan import sample_key
 from data_prep.maintenance import merge
-from data_prep.shards.writer import OutputDir
+from data_prep.shards import manifest
+from data_prep.shards.writer import OutputDir, Sample, write_shard
 from tests.helpers.prep_corpus import real_photos
 
 PHOTOS = "/usr/share/doc/opencv-doc"
@@ -87,3 +89,44 @@ def test_a_record_with_a_bad_hash_is_named(unmerged, tmp_path):
                                     [[bad] + t.column("sha256").to_pylist()[1:]]), out / "00001.parquet")
         with pytest.raises(ValueError, match=r"^00001\.parquet: a record's sha256 is not hexadecimal$"):
             merge.merge(str(out))
+
+
+def _crowded_dataset(folder: Path) -> dict[int, str]:
+    """6 finished shards of 6 samples as the shard writer leaves them before the merge; one sha256 on 31 of the 36
+    (5 in each shard, all 6 in the last, as a placeholder image would be), the others distinct. Returns
+    {row: sha256}."""
+    out = OutputDir(str(folder))
+    crowded = hashlib.sha256(b"placeholder").hexdigest()
+    shas = {}
+    for s in range(6):
+        records, samples = [], []
+        for i in range(6):
+            row = s * 6 + i
+            shas[row] = crowded if row % 6 != 5 or s == 5 else hashlib.sha256(str(row).encode()).hexdigest()
+            rec = manifest.record(sample_key(row), row, s, None)
+            rec.update(sha256=shas[row], num_samples=1, width=8, height=8, bytes=1)
+            records.append(rec)
+            samples.append(Sample(sample_key(row), [("txt", f"row {row}".encode())]))
+        write_shard(out, s, samples, records, 6)
+    return shas
+
+
+def test_one_hash_with_many_copies_is_read_in_slices(tmp_path):
+    outputs = {}
+    for name, memory in (("in-memory", 1 << 30), ("sliced", 4 * merge._SORT_BYTES_PER_ENTRY)):
+        folder = tmp_path / name
+        shas = _crowded_dataset(folder)
+        # 4 entries per sort: a run per shard, its copies of the crowded hash read back 4 at a time (the last
+        # shard's 5 in two slices)
+        assert merge.dedup_across_shards(OutputDir(str(folder)), list(range(6)), memory) == 30
+        outputs[name] = _files(folder)
+    assert outputs["sliced"] == outputs["in-memory"]
+    crowded = [row for row, sha in sorted(shas.items()) if sha == hashlib.sha256(b"placeholder").hexdigest()]
+    first = crowded[0]
+    assert len(crowded) == 31 and first == 0
+    reasons = {}
+    for s in range(6):
+        for r in pq.read_table(tmp_path / "sliced" / f"{s:05d}.parquet").to_pylist():
+            reasons[r["row"]] = r["reason"]
+    assert {row for row, reason in reasons.items() if reason} == {r for r in crowded if r != first}
+    assert set(reasons[r] for r in crowded if r != first) == {f"duplicate (of {sample_key(first)})"}

@@ -102,14 +102,17 @@ def dedup_across_shards(out: OutputDir, shards: list[int], memory_bytes: int = D
     in runs sorted by hash; the hash space is then cut into buckets of at most `memory_bytes`, each bucket sorted
     by (hash, row, shard position) so that the lowest input position wins, as before; the removals are spilled
     too, and applied shard by shard in groups that fit `memory_bytes`. When every sample fits in one run nothing
-    is spilled: the same code sorts in memory. Disk: ~28 bytes per ok sample plus 20 per duplicate."""
+    is spilled: the same code sorts in memory. Each run keeps one entry per hash and sets the others apart as
+    copies, read back in slices, so one hash with millions of copies does not swell its bucket. Disk: ~28 bytes
+    per ok sample plus 20 per duplicate."""
     entries_per_sort = max(1, memory_bytes // _SORT_BYTES_PER_ENTRY)
     with tempfile.TemporaryDirectory(prefix="plait-merge-dedup-", dir=temp_dir) as tmp:
-        runs = _spill_hashes(out, shards, entries_per_sort, Path(tmp), progress)
+        runs, copies = _spill_hashes(out, shards, entries_per_sort, Path(tmp), progress)
         num_entries = sum(len(r) for r in runs)
         if not num_entries:
             return 0
-        losers, per_shard = _find_duplicates(runs, num_entries, len(shards), entries_per_sort, Path(tmp), progress)
+        losers, per_shard = _find_duplicates(runs, copies, num_entries, len(shards), entries_per_sort, Path(tmp),
+                                             progress)
         _remove_duplicates(out, shards, losers, per_shard, entries_per_sort, progress)
         return int(per_shard.sum())
 
@@ -175,17 +178,25 @@ class _Run:
 
 
 def _spill_hashes(out: OutputDir, shards: list[int], entries_per_run: int, folder: Path,
-                  progress: bool) -> list[_Run]:
+                  progress: bool) -> tuple[list[_Run], list[_Run]]:
+    """(runs, copies): runs of the first entry of each hash within the run, and runs of the other entries, all
+    sorted by (hash, row, shard position). Keeping one entry per hash per run is what bounds a bucket when one
+    hash has millions of copies: they all go to the copies, which are read back in slices."""
     runs: list[_Run] = []
+    copies: list[_Run] = []
     pending: list[np.ndarray] = []
     num_pending = 0
 
     def flush(spill: bool) -> None:
         nonlocal pending, num_pending
         entries = np.concatenate(pending) if pending else np.empty(0, _ENTRY)
-        path = folder / f"hashes-{len(runs)}.bin" if spill else None
-        runs.append(_Run(entries[np.argsort(entries["hi"], kind="stable")], path))
         pending, num_pending = [], 0
+        entries = entries[np.lexsort((entries["ordinal"], entries["row"], entries["lo"], entries["hi"]))]
+        first = np.r_[True, (entries["hi"][1:] != entries["hi"][:-1]) | (entries["lo"][1:] != entries["lo"][:-1])]
+        first = first[:len(entries)]
+        runs.append(_Run(entries[first], folder / f"hashes-{len(runs)}.bin" if spill else None))
+        if not first.all():
+            copies.append(_Run(entries[~first], folder / f"copies-{len(copies)}.bin" if spill else None))
 
     for ordinal, shard in enumerate(tqdm(shards, desc="dedup: read hashes", unit="shard", disable=not progress)):
         entries = _hashes_of_shard(out, shard, ordinal)
@@ -195,31 +206,52 @@ def _spill_hashes(out: OutputDir, shards: list[int], entries_per_run: int, folde
             flush(spill=True)
     if pending or not runs:
         flush(spill=bool(runs))  # nothing spilled yet: the whole set is this one run, sorted in memory
-    return runs
+    return runs, copies
 
 
-def _find_duplicates(runs: list[_Run], num_entries: int, num_shards: int, entries_per_bucket: int, folder: Path,
-                     progress: bool) -> tuple[list[_Run], np.ndarray]:
+def _find_duplicates(runs: list[_Run], copies: list[_Run], num_entries: int, num_shards: int,
+                     entries_per_bucket: int, folder: Path, progress: bool) -> tuple[list[_Run], np.ndarray]:
     """Each bucket (a slice of the hash space, from every run) sorted by (hash, row, shard position): every entry
-    after the first of its hash is a duplicate of that first one. Returns runs of (shard position, row, winner row)
-    sorted by shard position, and the duplicates per shard position."""
+    after the first of its hash is a duplicate of that first one, and so is every entry of the copies (each came
+    after its run's first). Returns runs of (shard position, row, winner row) sorted by shard position, and the
+    duplicates per shard position."""
     # sha256 is uniform, so equal slices of the hash space hold about equal shares (10% slack for the spread);
-    # one hash with more copies than a bucket holds is the one case this does not bound
+    # a hash with many copies adds at most one entry per run here, its other copies are read in slices
     num_buckets = -(-num_entries * 11 // (10 * entries_per_bucket)) if len(runs) > 1 else 1
     cuts = np.array([(b << 64) // num_buckets for b in range(1, num_buckets)], np.uint64)
     bounds = [r.bounds("hi", cuts) for r in runs]
+    copy_bounds = [r.bounds("hi", cuts) for r in copies]
     losers, per_shard = [], np.zeros(num_shards, np.int64)
+    spill = len(runs) > 1
+
+    def add(found: np.ndarray) -> None:
+        nonlocal per_shard
+        found = found[np.argsort(found["ordinal"], kind="stable")]
+        per_shard += np.bincount(found["ordinal"], minlength=num_shards)
+        losers.append(_Run(found, folder / f"duplicates-{len(losers)}.bin" if spill else None))
+
     for k in tqdm(range(num_buckets), desc="dedup: sort buckets", unit="bucket", disable=not progress):
         e = np.concatenate([r.read(b[k], b[k + 1]) for r, b in zip(runs, bounds)])
         e = e[np.lexsort((e["ordinal"], e["row"], e["lo"], e["hi"]))]
-        same = np.r_[False, (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])]
+        same = np.r_[False, (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])][:len(e)]
         group_start = np.maximum.accumulate(np.where(~same, np.arange(len(same)), 0))
         dup = np.flatnonzero(same)
         found = np.empty(len(dup), _LOSER)
         found["ordinal"], found["row"], found["winner"] = e["ordinal"][dup], e["row"][dup], e["row"][group_start[dup]]
-        found = found[np.argsort(found["ordinal"], kind="stable")]
-        per_shard += np.bincount(found["ordinal"], minlength=num_shards)
-        losers.append(_Run(found, folder / f"duplicates-{k}.bin" if num_buckets > 1 else None))
+        add(found)
+        firsts = e[~same]  # one per hash, sorted by (hi, lo): the winners
+        del e, found
+        for r, b in zip(copies, copy_bounds):
+            for start in range(b[k], b[k + 1], entries_per_bucket):
+                c = r.read(start, min(start + entries_per_bucket, b[k + 1]))
+                at = np.searchsorted(firsts["hi"], c["hi"], side="left")  # every copy's hash is among the firsts
+                miss = firsts["lo"][at] != c["lo"]
+                while miss.any():  # two hashes sharing their first 64 bits: step on to the one that matches
+                    at[miss] += 1
+                    miss = firsts["lo"][at] != c["lo"]
+                found = np.empty(len(c), _LOSER)
+                found["ordinal"], found["row"], found["winner"] = c["ordinal"], c["row"], firsts["row"][at]
+                add(found)
     return losers, per_shard
 
 
