@@ -23,8 +23,8 @@ Ratios against the contrastive baseline (and masked objectives against contrasti
 round in the timing, are printed with the issue's targets.
 Usage: .venv/bin/python benchmarks/bench_ablation.py [--budget-cpu-s 80] [--only flip50 ...] [--equal-steps NAME ...]
 
-The defaults (80 CPU-seconds, ~40 s on 2 cores, per configuration; batch 64) run all thirteen configurations in
-about thirteen minutes. That is far from convergence: the accuracy columns compare objectives at equal, small
+The defaults (80 CPU-seconds, ~40 s on 2 quiet cores, per configuration; batch 64) take about a minute per
+configuration (under heavy load from other jobs, 2-3x that: the CPU budget holds, the wall time does not). That is far from convergence: the accuracy columns compare objectives at equal, small
 compute, not their final quality.
 """
 from __future__ import annotations
