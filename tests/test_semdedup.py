@@ -258,7 +258,7 @@ def test_filter_clustered_and_array_flow_give_the_exact_search_s_verdicts(tmp_pa
             for stage in ("assign", "units"):  # what the two arrays run
                 assert clusters.main([stage, str(tmp_path / name / "_dedup"), "--no-progress"]) == 0
             summary = filter_dataset(opts)
-        assert summary["filter"]["dedup_method"] == extra["dedup_method"]
+        assert summary["filter"]["dedup_method_used"] == extra["dedup_method"]
         decisions[name] = pq.read_table(tmp_path / name / DECISIONS).column("reason").to_pylist()
     dropped = [r for r in decisions["exact"] if r]
     assert 20 < len(dropped) < 400 and all(r.startswith("near-duplicate (of ") for r in dropped)

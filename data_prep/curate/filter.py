@@ -359,7 +359,7 @@ def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tupl
                 lambda idx: emb_f[idx], order, emb.shape[1], opts.dedup_embeddings, opts.dedup_method, work,
                 ClusterOptions(num_clusters=opts.dedup_clusters, probe=opts.dedup_probe), opts.dedup_processes,
                 opts.dedup_units, opts.device, opts.progress)
-            info["dedup_method"] = method
+            info["dedup_method_used"] = method  # --dedup-method auto resolved (not a setting: a rerun compares those)
             for p in np.flatnonzero(dup_of >= 0):
                 reasons[order[p]] = f"near-duplicate (of {keys[order[dup_of[p]]]}, cosine {cos[p]:.4f})"
     return reasons, info
