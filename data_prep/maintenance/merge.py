@@ -104,7 +104,12 @@ def dedup_across_shards(out: OutputDir, shards: list[int], memory_bytes: int = D
     too, and applied shard by shard in groups that fit `memory_bytes`. When every sample fits in one run nothing
     is spilled: the same code sorts in memory. Each run keeps one entry per hash and sets the others apart as
     copies, read back in slices, so one hash with millions of copies does not swell its bucket. Disk: ~28 bytes
-    per ok sample plus 20 per duplicate."""
+    per ok sample plus 20 per duplicate.
+
+    Not DuckDB, which also sorts parquet larger than memory: the winner rule and the removal lists stay in the
+    fixed-width numpy sort the in-memory version used (both give byte-identical shards: see
+    tests/test_merge_out_of_core.py), and no prep job needs a second query engine. DuckDB was not measured
+    against it."""
     entries_per_sort = max(1, memory_bytes // _SORT_BYTES_PER_ENTRY)
     with tempfile.TemporaryDirectory(prefix="plait-merge-dedup-", dir=temp_dir) as tmp:
         runs, copies = _spill_hashes(out, shards, entries_per_sort, Path(tmp), progress)
