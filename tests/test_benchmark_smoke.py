@@ -1,5 +1,5 @@
 """The benchmarks that this machine cannot run at full size still run, in their smoke modes, so they cannot rot:
-the GPU check (tiny model on CPU) and the internet-scale simulation (small sizes)."""
+the GPU check (tiny model on CPU), the internet-scale simulation (small sizes) and the clustered dedup (20k rows)."""
 from __future__ import annotations
 
 import json
@@ -45,3 +45,13 @@ def test_scale_simulation_smoke(tmp_path):
     assert loader["resume_state_bytes"] < 1000 and loader["pieces"] >= 16
     merge, = result["merge"]
     assert merge["records"] == 5000
+
+
+def test_dedup_quick(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/bench_dedup.py", "--quick", "--work", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = _last_json(out.stdout)
+    assert result["rows"] == 20_000 and result["clustered"]["total_s"] > 0
+    assert result["planted"]["at_or_above_threshold"] > 1000 and result["planted"]["recall"] >= 0.99
+    assert result["exact_queries"]["recall"] >= 0.99 and result["subsample"]["equal_verdicts"] >= 0.99
