@@ -5,11 +5,11 @@ generalisation, not recall (DataComp removed such near-duplicates from its pool)
 Two tests, either one is enough:
   pHash     imagehash's 64-bit DCT perceptual hash of each image, from the shard members; Hamming distance
             <= --decontaminate-hamming. Sees the picture's coarse luminance layout, so it survives re-encodes,
-            resizes, mild crops and colour shifts, whatever the model.
+            resizes and mild crops (a few % per side), whatever the model; flat images hash alike.
   embedding the score folder's image embeddings of the training set (`plait prep score --embeddings`) against the
             evaluation images' embeddings under the same model (the score plan names it, its fingerprint is
-            checked); cosine >= --decontaminate-cosine. Catches semantic near-copies (flips, larger crops,
-            overlays) that move the hash, as well as the model can tell them apart.
+            checked); cosine >= --decontaminate-cosine. Can catch what moves the hash (larger crops, flips,
+            overlays), as far as the model tells images apart; its threshold belongs to the model.
 Both searches are exact and blocked (each training chunk against the whole evaluation set), so memory is the
 evaluation set's hashes and embeddings plus one chunk: cost N_train x N_eval, fine for evaluation sets of
 10^4-10^5 images.
