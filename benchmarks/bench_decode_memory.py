@@ -8,7 +8,6 @@ large in pixels. Each measurement runs in a fresh interpreter; the figure is the
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Wall-clock rates swing with whatever else runs on the machine; the CPU time of the whole pipeline run
         # in this one process (workers=0) does not, and it is what bounds throughput on a busy node.
-        print(f"\nin-process (0 workers), CPU time of this process only: samples per CPU-second")
+        print("\nin-process (0 workers), CPU time of this process only: samples per CPU-second")
         cpu = {}
         for name, make in loaders.items():
             rates = [measure(lambda: make(spec, transform, tokenizer, workers=0), max(4, args.batches // 3),

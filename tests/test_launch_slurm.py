@@ -227,8 +227,6 @@ def local_reference(train_shards, tmp_path_factory) -> Path:
 
 
 def _assert_same_training(run_dir: Path, reference: Path) -> None:
-    import torch
-
     remote_metrics, local_metrics = _metrics(run_dir), _metrics(reference)
     # Each step exactly once (a resumed run appends to metrics.jsonl), 16 samples per step = world size 4.
     assert [m["step"] for m in remote_metrics] == list(range(1, TRAIN_STEPS + 1))

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.config import load_config
 from pipeline.models.model import build_model
-from pipeline.artifacts.pretrained import load_pretrained, resolved_model_config, start_from
+from pipeline.artifacts.pretrained import resolved_model_config, start_from
 from pipeline.models.towers import build_clip, tokenizer_for
 from tests.helpers.tolerance import assert_close
 
@@ -326,7 +326,7 @@ def test_continued_pretraining_starts_at_the_exported_models_loss(tmp_path, shar
         expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item() / 2
     got = first_loss(tmp_path / "lit")
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    scratch = train(tmp_path / "scratch", shards, "data.seed=3", "train.steps=1")
+    train(tmp_path / "scratch", shards, "data.seed=3", "train.steps=1")
     assert abs(first_loss(tmp_path / "scratch") - got) > 1e-2, "a random start would give another loss"
     # the locked image tower is bit-identical to the export after training
     from safetensors.torch import load_file

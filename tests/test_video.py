@@ -10,7 +10,6 @@ import wave
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 from PIL import Image
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import sys
 import time
 from collections import Counter
@@ -347,7 +346,6 @@ def decide(opts: FilterOptions, dataset, src: OutputDir, pool: pa.Table) -> tupl
             elif opts.top_fraction is not None and not in_top[i]:
                 reasons[i] = f"score not in top fraction ({scores[i]:.4f} < cutoff {cutoff:.4f})"
         if opts.dedup_embeddings is not None:
-            from data_prep.curate.dedup import near_duplicates
             alive = np.array([r is None for r in reasons])
             order = np.flatnonzero(alive)
             order = order[np.lexsort((order, -scores[order]))]  # best score first
