@@ -13,7 +13,7 @@ Measured, each in a fresh spawned child (its own peak RSS; pool workers as its c
   exact pairs --queries random rows against all N rows by brute force (float32 matmul in blocks, what
               faiss.IndexFlatIP computes): every pair at or above the threshold touching a query row; recall =
               the share the clustered search found.
-  verdicts    today's exact greedy (`dedup.near_duplicates`) and the clustered search on the first --subsample
+  verdicts    the exact greedy (`dedup.near_duplicates`) and the clustered search on the first --subsample
               rows: time of each and the share of equal verdicts.
 
     .venv/bin/python benchmarks/bench_dedup.py [--rows 1000000] [--work DIR] [--quick]
@@ -185,7 +185,7 @@ def exact_pairs_of_queries(work: str, queries: np.ndarray, threshold: float) -> 
 
 
 def verdicts_on_subsample(work: str, sub: str, rows: int, threshold: float, probe: int) -> dict:
-    """Today's exact greedy and the clustered search on the first `rows` rows (their own work folder)."""
+    """The exact greedy and the clustered search on the first `rows` rows (their own work folder)."""
     from data_prep.curate import clusters
     from data_prep.curate.dedup import near_duplicates
     x = clusters._rows(Path(work), slice(0, rows), normalise=False)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default sqrt(probe x rows))")
     p.add_argument("--processes", type=int, default=2, help="unit pool processes")
     p.add_argument("--queries", type=int, default=10_000, help="rows whose exact pairs are computed")
-    p.add_argument("--subsample", type=int, default=20_000, help="rows for today's greedy as the verdict peer")
+    p.add_argument("--subsample", type=int, default=20_000, help="rows for the exact greedy as the verdict peer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="folder for the embeddings (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="20k rows, 2k queries, 5k subsample: seconds")

@@ -1,4 +1,4 @@
-"""Clustered near-duplicate search: k-means units, pairs within each unit, then today's greedy over those pairs.
+"""Clustered near-duplicate search: k-means units, pairs within each unit, then the exact greedy over those pairs.
 
 The input is a work folder holding `embeddings.npy`: the candidates' image embeddings [N, D] (float16 or float32)
 in priority order, row 0 the best-scored. A row's number is its rank, so "better" means "smaller row".
