@@ -222,7 +222,7 @@ def load_scores(opts: FilterOptions, dataset, keys: list[str]) -> tuple[dict, np
         name = sdir.path(f"{s.removesuffix('.tar')}.parquet")
         try:
             with sdir.fs.open(name, "rb") as f:
-                t = pq.ParquetFile(f).read(columns=cols)
+                t = manifest.read_parquet(f, cols)
         except (OSError, ValueError, KeyError) as exn:  # pyarrow's errors are of these kinds (missing column too)
             raise ValueError(f"--scores {folder!r}: {name} is not a score file ({type(exn).__name__}: "
                              f"{str(exn).splitlines()[0] if str(exn) else ''})") from None
