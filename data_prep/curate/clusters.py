@@ -273,7 +273,8 @@ def assignment(work: str | Path) -> np.ndarray:
     """The whole assignment [N, probe] (home first), for measurements and tests; units read it part by part."""
     work = Path(work)
     plan = _plan(work)
-    return np.concatenate([np.load(work / "assign" / f"{p:07d}.npy") for p in range(plan["num_parts"])])
+    return np.concatenate([np.load(work / "assign" / f"{p:07d}.npy", allow_pickle=False)
+                           for p in range(plan["num_parts"])])
 
 
 def unit_lists(work: Path, plan: dict, first: int, stop: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
